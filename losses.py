@@ -1,0 +1,448 @@
+"""Token-level divergences, AKL weights and the chunked KD pass of ARKD.
+
+Implements ../shared/ARKD_SPEC.md sections 1 and 2 with torch and the standard library only, so this
+file can be copied into any trainer. Teacher p, student q, response position t:
+
+    p_t = softmax(z_teacher_t / tau)        q_t = softmax(z_student_t / tau)
+    FKL_t = sum_v p_t(v) (log p_t(v) - log q_t(v))      forward KL(p || q), mean-seeking
+    RKL_t = sum_v q_t(v) (log q_t(v) - log p_t(v))      reverse KL(q || p), mode-seeking
+    L_KD  = alpha * FKL + (1 - alpha) * RKL
+
+Public API:
+    forward_kl, reverse_kl   the plain definitions, for logits of shape [..., V] -> [...]
+    akl_alpha                the per-position Adaptive-KL weight (Wu et al. 2024), no gradient
+    kd_pass                  the one chunked pass training uses: per-token FKL / RKL / CE with
+                             closed-form gradients, plus the statistics the ARKD policy reads
+    Strategy                 fkl, rkl, fixed:A, linear:A0,A1, greedy, akl, arkd behind one interface
+    next_token_targets, stat_means, mix
+
+Our choices where the paper is vague (each is marked "Choice N" where it is made):
+1. Log-probabilities are floored at LOG_FLOOR = -1e4 (exp(-1e4) is 0 in every float format), so
+   0 * log 0 is 0 without a branch, and a token that one side rules out with a -inf logit while
+   the other does not costs a large finite penalty instead of inf / NaN. Nothing else is affected:
+   any log-probability of a finite row of logits in fp32 is far above the floor.
+2. The policy's entropies and the AKL weights use the same temperature tau as the divergences.
+3. The student cross-entropy (an optional extra loss term, and policy feature 7) is at tau = 1,
+   on the reference tokens.
+4. Statistics are summed in float64 together with a token count, so that they add exactly over
+   micro-batches and ranks; a mean over zero tokens is 0, never NaN.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+LOG_FLOOR = -1e4
+IGNORE_INDEX = -100
+# Sums returned by kd_pass, in this order ("tokens" is the count the others are divided by).
+STAT_NAMES = ("tokens", "fkl", "rkl", "teacher_entropy", "student_entropy",
+              "akl_head_share", "top1_agreement", "student_ce")
+STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "arkd")
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _check_tau(tau):
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+
+
+def _check_mu(mu):
+    if not (isinstance(mu, (int, float)) and 0 < mu < 1):
+        raise ValueError(f"mu must lie in (0, 1), got {mu!r}")
+
+
+def _cut_vocab(student_logits, teacher_logits, vocab_size=None):
+    """Checks the pair and drops padded vocabulary columns: [..., V_s], [..., V_t] -> [..., V]."""
+    s_shape, t_shape = tuple(student_logits.shape), tuple(teacher_logits.shape)
+    if vocab_size is None:
+        if s_shape != t_shape:
+            raise ValueError(f"student logits {s_shape} and teacher logits {t_shape} differ in shape; "
+                             "if only the vocabulary is padded, pass vocab_size=<real vocabulary>")
+        return student_logits, teacher_logits
+    if s_shape[:-1] != t_shape[:-1] or min(s_shape[-1], t_shape[-1]) < vocab_size or vocab_size < 1:
+        raise ValueError(f"student logits {s_shape} and teacher logits {t_shape} cannot be compared "
+                         f"on a vocabulary of {vocab_size}")
+    return student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
+
+
+def _compute_dtype(dtype):
+    """fp32 at least (bf16 / fp16 logits are upcast), fp64 stays fp64 (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain definitions (small inputs, autograd)
+
+
+def log_probs(logits, tau=1.0):
+    """log softmax(logits / tau) in at least fp32, floored at LOG_FLOOR (Choice 1). [..., V]."""
+    _check_tau(tau)
+    z = logits.to(_compute_dtype(logits.dtype)) / tau
+    return torch.log_softmax(z, dim=-1).clamp_min(LOG_FLOOR)
+
+
+def forward_kl(student_logits, teacher_logits, tau=1.0, vocab_size=None):
+    """FKL_t = tau^2 * sum_v p(v) (log p(v) - log q(v)), p teacher, q student.
+
+    [..., V] x [..., V] -> [...]; differentiable in student_logits; >= 0, and 0 only when p == q.
+    """
+    student_logits, teacher_logits = _cut_vocab(student_logits, teacher_logits, vocab_size)
+    log_q, log_p = log_probs(student_logits, tau), log_probs(teacher_logits, tau)
+    return tau ** 2 * (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def reverse_kl(student_logits, teacher_logits, tau=1.0, vocab_size=None):
+    """RKL_t = tau^2 * sum_v q(v) (log q(v) - log p(v)), p teacher, q student.
+
+    [..., V] x [..., V] -> [...]; differentiable in student_logits; >= 0, and 0 only when p == q.
+    """
+    student_logits, teacher_logits = _cut_vocab(student_logits, teacher_logits, vocab_size)
+    log_q, log_p = log_probs(student_logits, tau), log_probs(teacher_logits, tau)
+    return tau ** 2 * (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def _head_share_sorted(sorted_p, order, abs_err, mu):
+    """g_head / (g_head + g_tail) given each row's teacher probabilities in descending order.
+
+    sorted_p, order: [n, k] (k <= V) with the head inside the first k; abs_err = |p - q|: [n, V].
+    Head = every token before the cumulative mass first exceeds mu, plus always the top-1,
+    i.e. {j : cumsum_j <= mu} + {1}. 0/0 (p == q) gives 0.5.
+    """
+    in_head = sorted_p.cumsum(-1) <= mu
+    in_head[:, 0] = True
+    g_head = (abs_err.gather(-1, order) * in_head).sum(-1)
+    g_all = abs_err.sum(-1)
+    return torch.where(g_all > 0, g_head / g_all.clamp_min(torch.finfo(g_all.dtype).tiny),
+                       torch.full_like(g_all, 0.5))
+
+
+@torch.no_grad()
+def akl_head_share(p, q, mu=0.5, topk=64):
+    """Per-row AKL weight alpha_t = g_head / (g_head + g_tail) from probabilities p, q: [n, V] -> [n].
+
+    Sorting 50k columns per token is the slow part, so the head is searched in each row's top-k
+    teacher tokens, and only rows whose top-k mass does not exceed mu (the head may go further)
+    fall back to a full sort. topk=None sorts every row (the reference path).
+    """
+    _check_mu(mu)
+    abs_err = (p - q).abs()
+    share = torch.empty(p.shape[0], dtype=abs_err.dtype, device=p.device)
+    resolved = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
+    if topk is not None and topk < p.shape[-1]:
+        top_p, top_idx = p.topk(topk, dim=-1)          # [n, k], sorted descending
+        resolved = top_p.sum(-1) > mu                   # the head ends inside the top-k
+        rows = resolved.nonzero().squeeze(1)
+        share[rows] = _head_share_sorted(top_p[rows], top_idx[rows], abs_err[rows], mu)
+    rows = (~resolved).nonzero().squeeze(1)
+    if len(rows):
+        sorted_p, order = p[rows].sort(dim=-1, descending=True)
+        share[rows] = _head_share_sorted(sorted_p, order, abs_err[rows], mu)
+    return share
+
+
+@torch.no_grad()
+def akl_alpha(student_logits, teacher_logits, mu=0.5, tau=1.0, vocab_size=None):
+    """Per-position AKL weight on FKL (spec section 2): [..., V] x [..., V] -> [...], no gradient.
+
+    alpha_t = g_head / (g_head + g_tail), g_head = sum over the teacher's head |p - q|,
+    g_tail = the same over the rest; the head is every token (teacher probabilities in descending
+    order) before the cumulative mass first exceeds mu, and always the top-1:
+    p = [.4, .3, .2, .1], mu = .5 gives head {.4}.
+    """
+    student_logits, teacher_logits = _cut_vocab(student_logits, teacher_logits, vocab_size)
+    vocab = student_logits.shape[-1]
+    q = log_probs(student_logits, tau).exp().reshape(-1, vocab)
+    p = log_probs(teacher_logits, tau).exp().reshape(-1, vocab)
+    return akl_head_share(p, q, mu).reshape(student_logits.shape[:-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunked pass: one read of each logit row, closed-form gradients, nothing of size [N, V] kept
+
+
+def _softmax_parts_(z, tau):
+    """In place: z [n, V] (a private fp32 copy) becomes log softmax(z / tau), floored.
+
+    Returns (log_probs, probs, lse, argmax) with lse = logsumexp(z / tau) [n]; one exp per element
+    (probs = exp(z - max) / sum, log_probs = z - max - log sum, no second exp).
+    """
+    if tau != 1.0:
+        z.div_(tau)
+    z_max, argmax = z.max(dim=-1, keepdim=True)
+    z.sub_(z_max)
+    probs = torch.exp(z)
+    total = probs.sum(-1, keepdim=True)
+    probs.div_(total)
+    log_total = total.log_()
+    z.sub_(log_total).clamp_min_(LOG_FLOOR)              # Choice 1
+    return z, probs, (z_max + log_total).squeeze(1), argmax.squeeze(1)
+
+
+def _rowdot(a, b):
+    """sum_v a[i, v] * b[i, v] for [n, V] tensors -> [n], through BLAS without an [n, V] product."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _log_probs_from_lse(z, lse, tau):
+    """log softmax(z / tau) = z / tau - lse, in place on a private copy z [n, V], floored."""
+    if tau != 1.0:
+        z.div_(tau)
+    return z.sub_(lse.unsqueeze(1)).clamp_min_(LOG_FLOOR)
+
+
+def _default_chunk_tokens(vocab, device):
+    # CPU: ~1M elements (4 MB fp32 per buffer) stay in cache; GPU: big chunks amortise launches.
+    elements = 2 ** 25 if device.type == "cuda" else 2 ** 20
+    return max(1, elements // vocab)
+
+
+class _KDPassFunction(torch.autograd.Function):
+    """Per-token FKL, RKL and CE of the masked rows, with closed-form gradients.
+
+    With q = softmax(z / tau) and d log q(v) / d z(u) = (1[u = v] - q(u)) / tau:
+
+        dFKL/dz(u) = -sum_v p(v) (1[u = v] - q(u)) / tau              = (q(u) - p(u)) / tau
+        dRKL/dz(u) = sum_v dq(v)/dz(u) (log q(v) - log p(v)) + sum_v q(v) dlog q(v)/dz(u)
+                   = q(u) (log q(u) - log p(u) - RKL) / tau + 0
+        dCE/dz(u)  = softmax(z)(u) - 1[u = y]                          (tau = 1, Choice 3)
+
+    FKL and RKL carry the factor tau^2, so their gradients carry tau. Forward keeps only the
+    per-row log-normalisers [N]; backward recomputes p and q chunk by chunk from the saved logits
+    and writes each chunk's gradient into one buffer (or, with inplace_grad, into the student
+    logits themselves), so no [chunk, V] activation of any chunk survives the chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, rows, targets, tau, vocab, mu, chunk, inplace_grad):
+        # student [R, V_s], teacher [R, V_t] (padded columns beyond `vocab` are ignored),
+        # rows [N] indices of the masked rows, targets [N] reference token ids or empty.
+        cdtype = _compute_dtype(student.dtype)
+        n = len(rows)
+        def zeros(size):
+            return torch.zeros(size, dtype=cdtype, device=student.device)
+        fkl, rkl, share, lse_s, lse_t = (zeros(n) for _ in range(5))
+        ce, lse_ce = zeros(len(targets)), zeros(len(targets) if tau != 1.0 else 0)
+        stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=student.device)
+        stats[0] = n
+        s_view, t_view = student[:, :vocab], teacher[:, :vocab]
+        for lo in range(0, n, chunk):
+            idx, sl = rows[lo:lo + chunk], slice(lo, lo + chunk)
+            zs = s_view.index_select(0, idx).to(cdtype)                 # [n, V] private copies
+            zt = t_view.index_select(0, idx).to(cdtype)
+            if len(targets):                                           # CE at tau = 1 (Choice 3)
+                target_logit = zs.gather(1, targets[sl].unsqueeze(1)).squeeze(1)
+                if tau != 1.0:
+                    lse_ce[sl] = torch.logsumexp(zs, dim=-1)
+            log_q, q, lse_s[sl], top_s = _softmax_parts_(zs, tau)
+            log_p, p, lse_t[sl], top_t = _softmax_parts_(zt, tau)
+            if len(targets):                                           # floored like log q
+                ce[sl] = ((lse_s if tau == 1.0 else lse_ce)[sl] - target_logit).clamp_max(-LOG_FLOOR)
+            diff = log_p.sub_(log_q)                                   # log p - log q, reuses log_p
+            fkl[sl] = _rowdot(p, diff) * tau ** 2
+            rkl[sl] = _rowdot(q, diff).neg_() * tau ** 2
+            # H(p) = -p . log p, with log p = diff + log q (log p's buffer now holds diff).
+            h_p = -(fkl[sl] / tau ** 2) - _rowdot(p, log_q)
+            h_q = -_rowdot(q, log_q)
+            share[sl] = akl_head_share(p, q, mu)
+            stats[1:7] += torch.stack([fkl[sl].sum(), rkl[sl].sum(), h_p.sum(), h_q.sum(),
+                                       share[sl].sum(), (top_s == top_t).sum()]).double()
+        if len(targets):
+            stats[7] = ce.sum().double()
+        ctx.save_for_backward(student, teacher, rows, targets, rkl, lse_s, lse_t, lse_ce)
+        ctx.settings = (tau, vocab, chunk, inplace_grad)
+        ctx.mark_non_differentiable(share, stats)
+        return fkl, rkl, ce, share, stats
+
+    @staticmethod
+    def backward(ctx, g_fkl, g_rkl, g_ce, _g_share, _g_stats):
+        student, teacher, rows, targets, rkl, lse_s, lse_t, lse_ce = ctx.saved_tensors
+        tau, vocab, chunk, inplace_grad = ctx.settings
+        cdtype = _compute_dtype(student.dtype)
+        if inplace_grad:   # the rows outside the mask and the padded columns get no gradient
+            grad = student
+            unused = torch.ones(len(student), dtype=torch.bool, device=student.device)
+            unused[rows] = False
+            grad[unused] = 0
+            grad[:, vocab:] = 0
+        else:
+            grad = torch.zeros_like(student)
+        s_view, t_view, g_view = student[:, :vocab], teacher[:, :vocab], grad[:, :vocab]
+        rkl_unscaled = rkl / tau ** 2
+        for lo in range(0, len(rows), chunk):
+            idx, sl = rows[lo:lo + chunk], slice(lo, lo + chunk)
+            zs = s_view.index_select(0, idx).to(cdtype)
+            zt = t_view.index_select(0, idx).to(cdtype)
+            if len(targets) and tau != 1.0:
+                p_ce = torch.exp(zs - lse_ce[sl].unsqueeze(1))       # softmax(z) at tau = 1
+            log_q = _log_probs_from_lse(zs, lse_s[sl], tau)
+            log_p = _log_probs_from_lse(zt, lse_t[sl], tau)
+            q, p = log_q.exp(), log_p.exp()
+            # dRKL: q * (log q - log p - RKL), weighted per row by g_rkl; built in log_q's buffer.
+            g = log_q.sub_(log_p).sub_(rkl_unscaled[sl].unsqueeze(1)).mul_(q)
+            g.mul_(g_rkl[sl].unsqueeze(1))
+            g.add_(p.sub_(q).mul_(g_fkl[sl].unsqueeze(1)), alpha=-1.0)   # + g_fkl * (q - p)
+            if tau != 1.0:
+                g.mul_(tau)                                          # tau^2 / tau
+            if len(targets):                                         # + g_ce * (softmax - onehot)
+                g_ce_rows = g_ce[sl].unsqueeze(1)
+                g.add_((q if tau == 1.0 else p_ce).mul_(g_ce_rows))
+                g.scatter_add_(1, targets[sl].unsqueeze(1), -g_ce_rows)
+            g_view.index_copy_(0, idx, g.to(grad.dtype))
+        return grad, None, None, None, None, None, None, None, None
+
+
+@dataclass
+class KDPassResult:
+    """Output of kd_pass. N = number of masked tokens.
+
+    fkl, rkl: [N] per-token divergences (times tau^2), differentiable in the student logits.
+    ce: [N] student cross-entropy on target_ids at tau = 1, differentiable; None without targets.
+    akl_share: [N] per-token g_head / (g_head + g_tail): the AKL weight on FKL, no gradient.
+    stats: float64 [len(STAT_NAMES)]: the token count and the sums of every statistic; add them
+        over micro-batches and all-reduce them over ranks, then divide (stat_means).
+    """
+    fkl: torch.Tensor
+    rkl: torch.Tensor
+    ce: torch.Tensor | None
+    akl_share: torch.Tensor
+    stats: torch.Tensor
+
+
+def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chunk_tokens=None,
+            target_ids=None, mu=0.5, inplace_grad=False):
+    """The training pass: FKL, RKL (and CE) of every masked token plus the policy's statistics.
+
+    student_logits [..., V_s] (requires grad, any float dtype), teacher_logits [..., V_t],
+    mask [...] (bool: this position's next-token distribution is a response token),
+    target_ids [...] (optional, the reference next token of each position, see next_token_targets).
+    vocab_size cuts padded columns (GPT-2: 50304 -> 50257) before any softmax; without it the shapes
+    must match. Rows are processed chunk_tokens at a time (default: about 1M elements on CPU,
+    32M on CUDA) in at least fp32.
+
+    inplace_grad=True writes the gradient into student_logits' own storage during backward, saving
+    a [tokens, V] buffer. Use it only when nothing reads the logits after backward (autograd's
+    version check raises if another saved use or a second backward needs them).
+
+    Typical loss for an optimizer step with global response-token count n_global:
+        out = kd_pass(...); loss = mix(out.fkl, out.rkl, alpha).sum() / n_global
+    """
+    _check_tau(tau)
+    _check_mu(mu)
+    _cut_vocab(student_logits, teacher_logits, vocab_size)   # shape checks; the cut happens per chunk
+    vocab = vocab_size or student_logits.shape[-1]
+    if tuple(mask.shape) != tuple(student_logits.shape[:-1]):
+        raise ValueError(f"mask {tuple(mask.shape)} does not match logits {tuple(student_logits.shape)}")
+    student = student_logits.reshape(-1, student_logits.shape[-1])
+    teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    targets = torch.empty(0, dtype=torch.long, device=student.device)
+    if target_ids is not None:
+        if tuple(target_ids.shape) != tuple(mask.shape):
+            raise ValueError(f"target_ids {tuple(target_ids.shape)} does not match mask {tuple(mask.shape)}")
+        targets = target_ids.reshape(-1)[rows]
+        if len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < vocab:
+            raise ValueError(f"target_ids on masked positions must lie in [0, {vocab}), "
+                             f"got [{int(targets.min())}, {int(targets.max())}]")
+    # Overwriting the logits is only safe when they are a separate tensor from the teacher's.
+    inplace_grad = inplace_grad and student.is_contiguous() and \
+        student.untyped_storage().data_ptr() != teacher.untyped_storage().data_ptr()
+    chunk = chunk_tokens or _default_chunk_tokens(vocab, student.device)
+    if chunk < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    fkl, rkl, ce, share, stats = _KDPassFunction.apply(
+        student, teacher, rows, targets, float(tau), vocab, float(mu), int(chunk), inplace_grad)
+    return KDPassResult(fkl, rkl, ce if target_ids is not None else None, share, stats)
+
+
+def next_token_targets(labels, ignore_index=IGNORE_INDEX):
+    """Aligns Hugging Face labels [B, T] with the logits that predict them: [B, T] where
+    targets[:, t] = labels[:, t + 1] and the last position is ignore_index.
+
+    mask = targets != ignore_index selects the response positions for kd_pass. Keeping the full
+    length (rather than slicing logits[:, :-1]) lets inplace_grad reuse the logits' buffer.
+    """
+    targets = torch.full_like(labels, ignore_index)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def stat_means(stats):
+    """float64 [len(STAT_NAMES)] sums -> {name: mean over tokens} plus "tokens"; 0 tokens -> 0."""
+    tokens = float(stats[0])
+    means = {name: float(stats[i]) / tokens if tokens > 0 else 0.0
+             for i, name in enumerate(STAT_NAMES) if i > 0}
+    means["tokens"] = tokens
+    return means
+
+
+def mix(fkl, rkl, alpha):
+    """alpha * FKL + (1 - alpha) * RKL; alpha a float or a per-token tensor (AKL)."""
+    return alpha * fkl + (1 - alpha) * rkl
+
+
+# ----------------------------------------------------------------------------------------------
+# Weighting strategies (spec section 2)
+
+
+def _parse_weight(text, setting):
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"strategy {setting!r}: {text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"strategy {setting!r}: alpha {value} lies outside [0, 1]")
+    return value
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A weighting strategy, parsed once from its name, then asked for alpha every step.
+
+    alpha is the FKL weight. `fkl`: 1. `rkl`: 0. `fixed:A`: A. `linear:A0,A1`: A0 at step 0 to A1
+    at the last step. `greedy`: FKL / (FKL + RKL) of the step's batch (weight the direction that
+    is currently worse; 0/0 -> 0.5). `akl`: the per-token AKL weights. `arkd`: the policy's alpha.
+    """
+    kind: str
+    start: float = 0.5
+    end: float = 0.5
+
+    @classmethod
+    def parse(cls, text):
+        kind, _, args = str(text).strip().partition(":")
+        if kind in ("fkl", "rkl", "greedy", "akl", "arkd") and not args:
+            return cls(kind, *{"fkl": (1.0, 1.0), "rkl": (0.0, 0.0)}.get(kind, ()))
+        if kind == "fixed" and args:
+            value = _parse_weight(args, text)
+            return cls(kind, value, value)
+        if kind == "linear" and args.count(",") == 1:
+            return cls(kind, *(_parse_weight(a, text) for a in args.split(",")))
+        raise ValueError(f"unknown strategy {text!r}; valid: {', '.join(STRATEGY_NAMES)} "
+                         "(A, A0, A1 numbers in [0, 1])")
+
+    def __str__(self):
+        return {"fixed": f"fixed:{self.start:g}",
+                "linear": f"linear:{self.start:g},{self.end:g}"}.get(self.kind, self.kind)
+
+    def alpha(self, step, total_steps, stats=None, akl_share=None, policy_alpha=None):
+        """alpha for optimizer step `step` of `total_steps` (0-based).
+
+        stats: the step's kd_pass stats (summed over ranks) for greedy; akl_share: kd_pass's
+        per-token weights for akl; policy_alpha: the policy's action for arkd.
+        """
+        if self.kind in ("fkl", "rkl", "fixed"):
+            return self.start
+        if self.kind == "linear":
+            progress = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
+            return self.start + (self.end - self.start) * progress
+        needs = {"greedy": ("stats", stats), "akl": ("akl_share", akl_share),
+                 "arkd": ("policy_alpha", policy_alpha)}
+        input_name, value = needs[self.kind]
+        if value is None:
+            raise ValueError(f"strategy {self.kind!r} needs {input_name}")
+        if self.kind == "greedy":
+            fkl, rkl = float(stats[1]), float(stats[2])
+            return fkl / (fkl + rkl) if fkl + rkl > 0 else 0.5
+        return value

@@ -1,0 +1,584 @@
+"""Tests of the ARKD reference implementation (pytest, CPU, seconds).
+
+Every formula is checked against an independent computation: a plain Python loop over positions
+and vocabulary entries with math.exp / math.log, or the direct definition on small tensors.
+"""
+import ast
+import copy
+import io
+import math
+import os
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import losses
+import policy
+from losses import Strategy, akl_alpha, forward_kl, kd_pass, reverse_kl, stat_means
+from policy import ARKDPolicy, immediate_reward, make_state
+
+torch.set_num_threads(1)
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent references: plain loops in float64
+
+
+def ref_softmax(row, tau=1.0):
+    """Python floats; -inf entries get probability 0."""
+    z = [x / tau for x in row]
+    m = max(z)
+    e = [math.exp(x - m) if x != -math.inf else 0.0 for x in z]
+    s = sum(e)
+    return [x / s for x in e]
+
+
+def ref_kl(p, q):
+    """sum_v p log(p / q) with 0 log 0 = 0."""
+    return sum(pv * math.log(pv / qv) for pv, qv in zip(p, q) if pv > 0)
+
+
+def ref_entropy(p):
+    return -sum(pv * math.log(pv) for pv in p if pv > 0)
+
+
+def ref_akl_share(p, q, mu=0.5):
+    """Head by a full descending sort, walking the cumulative mass."""
+    order = sorted(range(len(p)), key=lambda v: -p[v])
+    head, cumulative = set(), 0.0
+    for rank, v in enumerate(order):
+        cumulative += p[v]
+        if rank > 0 and cumulative > mu:
+            break
+        head.add(v)
+        if cumulative > mu:
+            break
+    g_head = sum(abs(p[v] - q[v]) for v in head)
+    g_all = sum(abs(pv - qv) for pv, qv in zip(p, q))
+    return 0.5 if g_all == 0 else g_head / g_all
+
+
+def rows_of(logits):
+    return logits.detach().double().reshape(-1, logits.shape[-1]).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# losses.py: the definitions
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0, 0.5])
+def test_forward_and_reverse_kl_match_a_plain_loop(tau):
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 7, dtype=torch.float64) * 2, torch.randn(2, 3, 7, dtype=torch.float64) * 2
+    fkl, rkl = forward_kl(s, t, tau), reverse_kl(s, t, tau)
+    assert fkl.shape == rkl.shape == (2, 3)
+    for i, (srow, trow) in enumerate(zip(rows_of(s), rows_of(t))):
+        q, p = ref_softmax(srow, tau), ref_softmax(trow, tau)
+        assert fkl.flatten()[i].item() == pytest.approx(tau ** 2 * ref_kl(p, q), abs=1e-12)
+        assert rkl.flatten()[i].item() == pytest.approx(tau ** 2 * ref_kl(q, p), abs=1e-12)
+    assert not torch.allclose(fkl, rkl)     # the two directions really differ
+
+
+def test_kl_direction_is_named_right():
+    """FKL = KL(p || q) with p the TEACHER: a broad teacher and a peaked student give a large FKL."""
+    teacher = torch.zeros(1, 4, dtype=torch.float64)                  # uniform p
+    student = torch.tensor([[8.0, 0, 0, 0]], dtype=torch.float64)     # peaked q
+    p, q = ref_softmax([0.0] * 4), ref_softmax([8.0, 0, 0, 0])
+    assert forward_kl(student, teacher).item() == pytest.approx(ref_kl(p, q))
+    assert reverse_kl(student, teacher).item() == pytest.approx(ref_kl(q, p))
+    assert forward_kl(student, teacher).item() > reverse_kl(student, teacher).item()
+
+
+def test_bad_inputs_raise_clear_errors():
+    a, b = torch.randn(2, 5), torch.randn(2, 6)
+    with pytest.raises(ValueError, match=r"\(2, 5\).*\(2, 6\)"):
+        forward_kl(a, b)
+    with pytest.raises(ValueError, match=r"\(2, 5\).*\(2, 6\)"):
+        kd_pass(a, b, torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="vocabulary of 7"):
+        kd_pass(a, b, torch.ones(2, dtype=torch.bool), vocab_size=7)
+    for tau in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="tau"):
+            reverse_kl(a, a, tau=tau)
+    for mu in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="mu"):
+            akl_alpha(a, a, mu=mu)
+    with pytest.raises(ValueError, match="mask"):
+        kd_pass(a, a.clone(), torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="target_ids"):
+        kd_pass(a, a.clone(), torch.ones(2, dtype=torch.bool), target_ids=torch.tensor([0, 5]))
+
+
+# ----------------------------------------------------------------------------------------------
+# kd_pass: values, statistics, gradients
+
+
+def random_batch(seed=0, shape=(3, 6), vocab=11, padded=0, dtype=torch.float64, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(*shape, vocab + padded, generator=g, dtype=dtype) * scale).requires_grad_()
+    teacher = torch.randn(*shape, vocab + padded, generator=g, dtype=dtype) * scale
+    mask = torch.rand(*shape, generator=g) > 0.3
+    targets = torch.randint(0, vocab, shape, generator=g)
+    return student, teacher, mask, targets
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.7])
+def test_kd_pass_values_and_statistics_match_a_plain_loop(tau):
+    student, teacher, mask, targets = random_batch(padded=3)
+    out = kd_pass(student, teacher, mask, tau=tau, vocab_size=11, chunk_tokens=4, target_ids=targets)
+    n = int(mask.sum())
+    assert out.fkl.shape == out.rkl.shape == out.ce.shape == out.akl_share.shape == (n,)
+    srows, trows = rows_of(student[..., :11]), rows_of(teacher[..., :11])
+    picked = mask.flatten().nonzero().flatten().tolist()
+    sums = dict.fromkeys(losses.STAT_NAMES, 0.0)
+    for j, i in enumerate(picked):
+        q, p = ref_softmax(srows[i], tau), ref_softmax(trows[i], tau)
+        ce = -math.log(ref_softmax(srows[i])[targets.flatten()[i]])       # at tau = 1
+        assert out.fkl[j].item() == pytest.approx(tau ** 2 * ref_kl(p, q), abs=1e-10)
+        assert out.rkl[j].item() == pytest.approx(tau ** 2 * ref_kl(q, p), abs=1e-10)
+        assert out.ce[j].item() == pytest.approx(ce, abs=1e-10)
+        assert out.akl_share[j].item() == pytest.approx(ref_akl_share(p, q), abs=1e-10)
+        for name, value in (("fkl", tau ** 2 * ref_kl(p, q)), ("rkl", tau ** 2 * ref_kl(q, p)),
+                            ("teacher_entropy", ref_entropy(p)), ("student_entropy", ref_entropy(q)),
+                            ("akl_head_share", ref_akl_share(p, q)), ("student_ce", ce),
+                            ("top1_agreement", float(p.index(max(p)) == q.index(max(q))))):
+            sums[name] += value
+    sums["tokens"] = n
+    assert out.stats.dtype == torch.float64
+    for i, name in enumerate(losses.STAT_NAMES):
+        assert out.stats[i].item() == pytest.approx(sums[name], abs=1e-9), name
+    means = stat_means(out.stats)
+    assert means["tokens"] == n and means["fkl"] == pytest.approx(sums["fkl"] / n)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_gradcheck_of_the_custom_function(tau):
+    student, teacher, mask, targets = random_batch(shape=(2, 4), vocab=6, padded=2, scale=1.0)
+
+    def outputs(s):
+        out = kd_pass(s, teacher, mask, tau=tau, vocab_size=6, chunk_tokens=3, target_ids=targets)
+        return out.fkl, out.rkl, out.ce
+
+    assert torch.autograd.gradcheck(outputs, (student,))
+
+
+def test_closed_form_gradient_equals_autograd_of_the_definitions():
+    """Mixed loss with a per-token alpha, as AKL uses it: custom backward vs plain autograd."""
+    student, teacher, mask, targets = random_batch(seed=3, padded=2)
+    alpha = torch.rand(int(mask.sum()), dtype=torch.float64)
+    out = kd_pass(student, teacher, mask, tau=1.3, vocab_size=11, target_ids=targets)
+    (losses.mix(out.fkl, out.rkl, alpha).sum() + 0.3 * out.ce.sum()).backward()
+    ours, student.grad = student.grad.clone(), None
+
+    s, t = student[..., :11], teacher[..., :11]
+    ce = torch.nn.functional.cross_entropy(s[mask], targets[mask], reduction="sum")
+    (losses.mix(forward_kl(s, t, 1.3)[mask], reverse_kl(s, t, 1.3)[mask], alpha).sum() + 0.3 * ce).backward()
+    assert torch.allclose(ours, student.grad, atol=1e-12)
+    assert (ours[..., 11:] == 0).all() and (ours[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 13, 64])
+def test_chunked_equals_unchunked(chunk):
+    student, teacher, mask, targets = random_batch(seed=1, shape=(4, 13), vocab=50, dtype=torch.float32)
+    n = int(mask.sum())
+    assert n % 4 != 0 or n % 7 != 0                  # some chunk sizes do not divide the count
+
+    def run(chunk_tokens):
+        out = kd_pass(student, teacher, mask, chunk_tokens=chunk_tokens, target_ids=targets)
+        (0.4 * out.fkl.sum() + 0.6 * out.rkl.sum() + out.ce.sum()).backward()
+        grad, student.grad = student.grad.clone(), None
+        return out, grad
+
+    (whole, g_whole), (chunked, g_chunked) = run(n), run(chunk)
+    for name in ("fkl", "rkl", "ce", "akl_share", "stats"):
+        assert torch.allclose(getattr(whole, name).double(), getattr(chunked, name).double(), atol=1e-6)
+    assert torch.allclose(g_whole, g_chunked, atol=1e-6)
+
+
+def test_inplace_grad_gives_the_same_gradient_and_keeps_the_teacher():
+    student, teacher, mask, targets = random_batch(seed=2, padded=3, dtype=torch.float32)
+    expected = None
+    for inplace in (False, True):
+        s = student.detach().clone().requires_grad_()
+        hidden = s * 1.0                             # a non-leaf, as the LM head's output is
+        out = kd_pass(hidden, teacher, mask, vocab_size=11, target_ids=targets, inplace_grad=inplace)
+        (out.fkl.sum() + 0.5 * out.rkl.sum() + out.ce.sum()).backward()
+        expected = s.grad if expected is None else expected
+        assert torch.allclose(s.grad, expected, atol=1e-7)
+    # The same tensor as student and teacher (p == q): in-place is refused, the values stay right.
+    z = (student.detach() * 1.0).requires_grad_()
+    out = kd_pass(z, z, mask, vocab_size=11, inplace_grad=True)
+    out.rkl.sum().backward()
+    assert torch.count_nonzero(z.grad) == 0
+
+
+def test_p_equals_q_gives_zero_divergence_and_zero_gradient():
+    z = torch.randn(3, 5, 40).requires_grad_()
+    out = kd_pass(z, z.detach().clone(), torch.ones(3, 5, dtype=torch.bool))
+    assert (out.fkl == 0).all() and (out.rkl == 0).all()
+    assert (out.akl_share == 0.5).all()              # 0 / 0 -> 0.5
+    (out.fkl.sum() + out.rkl.sum()).backward()
+    assert z.grad.abs().max() < 1e-7
+    assert forward_kl(z, z).abs().max() == 0 and reverse_kl(z, z).abs().max() == 0
+
+
+def test_one_hot_teacher():
+    torch.manual_seed(0)
+    student = torch.randn(4, 9).requires_grad_()
+    labels = torch.tensor([0, 3, 8, 5])
+    teacher = torch.full((4, 9), -math.inf)
+    teacher[torch.arange(4), labels] = 0.0            # p is exactly one-hot
+    out = kd_pass(student, teacher, torch.ones(4, dtype=torch.bool), target_ids=labels)
+    # FKL against a one-hot p is the cross-entropy -log q(y).
+    ce = torch.nn.functional.cross_entropy(student.detach(), labels, reduction="none")
+    assert torch.allclose(out.fkl, ce, atol=1e-6) and torch.allclose(out.ce, ce, atol=1e-6)
+    assert (out.stats[3] == 0) and torch.isfinite(out.rkl).all()    # H(p) = 0; RKL finite (Choice 1)
+    # Head {y} holds |1 - q(y)|, the tail sum_v q(v) = 1 - q(y) as much: share 1/2.
+    assert torch.allclose(out.akl_share, torch.full((4,), 0.5), atol=1e-6)
+    out.fkl.sum().backward()
+    expected = torch.softmax(student.detach(), -1) - torch.nn.functional.one_hot(labels, 9)
+    assert torch.allclose(student.grad, expected, atol=1e-6)
+
+
+def test_minus_inf_logits_shared_by_both_sides_are_ignored():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 12), torch.randn(5, 12)
+    blocked = torch.tensor([1, 4, 11])
+    s_inf, t_inf = s.clone(), t.clone()
+    s_inf[:, blocked], t_inf[:, blocked] = -math.inf, -math.inf
+    kept = [v for v in range(12) if v not in blocked.tolist()]
+    s_inf.requires_grad_()
+    out = kd_pass(s_inf, t_inf, torch.ones(5, dtype=torch.bool))
+    assert torch.allclose(out.fkl, forward_kl(s[:, kept], t[:, kept]), atol=1e-6)
+    assert torch.allclose(out.rkl, reverse_kl(s[:, kept], t[:, kept]), atol=1e-6)
+    (out.fkl.sum() + out.rkl.sum()).backward()
+    assert torch.isfinite(s_inf.grad).all() and (s_inf.grad[:, blocked] == 0).all()
+    # One side alone rules a token out: a large finite penalty, never inf or NaN (Choice 1).
+    t_only = t.clone()
+    t_only[:, 0] = -math.inf
+    for fn in (forward_kl, reverse_kl):
+        assert torch.isfinite(fn(s, t_only)).all()
+
+
+def test_bf16_inputs():
+    student, teacher, mask, targets = random_batch(seed=4, shape=(2, 8), vocab=300, dtype=torch.bfloat16)
+    out = kd_pass(student, teacher, mask, target_ids=targets)
+    assert out.fkl.dtype == torch.float32 and torch.isfinite(out.fkl).all()
+    # The bf16 values, upcast, give the fp32 result: nothing is computed in bf16.
+    s32 = student.detach().float()
+    assert torch.allclose(out.fkl, forward_kl(s32, teacher.float())[mask], atol=1e-5)
+    assert torch.allclose(out.rkl, reverse_kl(s32, teacher.float())[mask], atol=1e-5)
+    (out.fkl.sum() + out.rkl.sum() + out.ce.sum()).backward()
+    assert student.grad.dtype == torch.bfloat16 and torch.isfinite(student.grad.float()).all()
+
+
+def test_empty_mask_gives_zero_loss_and_zero_count():
+    student, teacher, _, targets = random_batch(dtype=torch.float32)
+    out = kd_pass(student, teacher, torch.zeros(3, 6, dtype=torch.bool), target_ids=targets)
+    loss = losses.mix(out.fkl, out.rkl, 0.5).sum() + out.ce.sum()
+    assert loss.item() == 0 and out.stats[0] == 0 and not torch.isnan(out.stats).any()
+    assert all(v == 0 for v in stat_means(out.stats).values())
+    loss.backward()
+    assert (student.grad == 0).all()
+
+
+def test_logged_kls_are_never_negative_for_nearly_equal_distributions():
+    torch.manual_seed(0)
+    teacher = torch.randn(64, 2000) * 3
+    student = (teacher + 1e-3 * torch.randn_like(teacher)).requires_grad_()
+    out = kd_pass(student, teacher, torch.ones(64, dtype=torch.bool), chunk_tokens=16)
+    assert out.fkl.min() >= -1e-6 and out.rkl.min() >= -1e-6 and out.stats[1:3].min() >= -1e-6
+    assert out.fkl.max() > 0
+
+
+def test_padded_vocabulary_columns_are_cut_not_renormalised():
+    student, teacher, mask, _ = random_batch(seed=5, vocab=20, padded=0, dtype=torch.float32)
+    padded_s = torch.cat([student.detach(), torch.randn(3, 6, 4) + 5], -1).requires_grad_()
+    padded_t = torch.cat([teacher, torch.randn(3, 6, 7) + 5], -1)     # 24 vs 27 columns
+    out = kd_pass(padded_s, padded_t, mask, vocab_size=20)
+    ref = kd_pass(student, teacher, mask)
+    assert torch.allclose(out.fkl, ref.fkl) and torch.allclose(out.rkl, ref.rkl)
+    assert torch.allclose(forward_kl(padded_s, padded_t, vocab_size=20)[mask], ref.fkl, atol=1e-6)
+    out.rkl.sum().backward()
+    assert padded_s.grad.shape == padded_s.shape and (padded_s.grad[..., 20:] == 0).all()
+
+
+def test_next_token_targets_shift_labels():
+    labels = torch.tensor([[-100, -100, 5, 6, 7], [-100, 3, 4, -100, -100]])
+    targets = losses.next_token_targets(labels)
+    assert targets.tolist() == [[-100, 5, 6, 7, -100], [3, 4, -100, -100, -100]]
+
+
+# ----------------------------------------------------------------------------------------------
+# AKL
+
+
+def test_akl_head_of_the_spec_example():
+    p = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    alpha = akl_alpha(q.log(), p.log())
+    assert alpha.item() == pytest.approx(0.3 / (0.3 + 0.1 + 0.1 + 0.3))     # head = {.4} only
+    # Top-1 is in the head even when it alone exceeds mu.
+    p2 = torch.tensor([0.7, 0.2, 0.1])
+    q2 = torch.tensor([0.5, 0.25, 0.25])
+    assert akl_alpha(q2.log(), p2.log()).item() == pytest.approx(0.2 / 0.4)
+    # A head of two: cumulative .3, .55 -> {.3} ... mu = .6 makes it {.3, .25}.
+    p3 = torch.tensor([0.3, 0.25, 0.25, 0.2])
+    q3 = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    assert akl_alpha(q3.log(), p3.log(), mu=0.6).item() == pytest.approx(0.05 / 0.1)
+
+
+def test_akl_matches_a_plain_loop_and_topk_equals_full_sort():
+    torch.manual_seed(0)
+    # Peaked rows resolve inside the top-k, flat rows need the full-sort fallback.
+    teacher = torch.randn(40, 300, dtype=torch.float64) * torch.linspace(0.2, 6, 40, dtype=torch.float64)[:, None]
+    student = torch.randn(40, 300, dtype=torch.float64)
+    p, q = torch.softmax(teacher, -1), torch.softmax(student, -1)
+    full = losses.akl_head_share(p, q, topk=None)
+    fast = losses.akl_head_share(p, q, topk=4)
+    resolved = p.topk(4, -1).values.sum(-1) > 0.5
+    assert 0 < int(resolved.sum()) < 40                          # both paths were taken
+    assert torch.equal(full, fast)
+    for i in range(40):
+        assert full[i].item() == pytest.approx(ref_akl_share(p[i].tolist(), q[i].tolist()), abs=1e-12)
+    assert torch.allclose(akl_alpha(student, teacher), full)
+
+
+# ----------------------------------------------------------------------------------------------
+# Strategies
+
+
+def test_strategy_alphas_on_hand_made_statistics():
+    stats = torch.zeros(len(losses.STAT_NAMES), dtype=torch.float64)
+    stats[:3] = torch.tensor([10.0, 3.0, 1.0])                  # 10 tokens, FKL sum 3, RKL sum 1
+    assert Strategy.parse("fkl").alpha(5, 10) == 1.0
+    assert Strategy.parse("rkl").alpha(5, 10) == 0.0
+    assert Strategy.parse("fixed:0.3").alpha(7, 10) == 0.3
+    linear = Strategy.parse("linear:0.8,0.2")
+    assert linear.alpha(0, 11) == pytest.approx(0.8)
+    assert linear.alpha(5, 11) == pytest.approx(0.5)
+    assert linear.alpha(10, 11) == pytest.approx(0.2)
+    assert Strategy.parse("greedy").alpha(0, 10, stats=stats) == pytest.approx(0.75)
+    assert Strategy.parse("greedy").alpha(0, 10, stats=torch.zeros(8, dtype=torch.float64)) == 0.5
+    share = torch.tensor([0.1, 0.9])
+    assert Strategy.parse("akl").alpha(0, 10, akl_share=share) is share
+    assert Strategy.parse("arkd").alpha(0, 10, policy_alpha=0.42) == 0.42
+    with pytest.raises(ValueError, match="policy_alpha"):
+        Strategy.parse("arkd").alpha(0, 10)
+    for text in ("fkl", "rkl", "fixed:0.25", "linear:0.9,0.1", "greedy", "akl", "arkd"):
+        assert str(Strategy.parse(text)) == text
+
+
+@pytest.mark.parametrize("text", ["fixd:0.3", "fixed:1.5", "fixed:-0.1", "fixed:abc", "fixed:nan",
+                                  "linear:0.5", "linear:0.1,2", "fixed", "fkl:1", ""])
+def test_bad_strategy_names_fail_at_parse_time(text):
+    with pytest.raises(ValueError, match="strategy"):
+        Strategy.parse(text)
+
+
+def test_unknown_strategy_error_lists_the_valid_ones():
+    with pytest.raises(ValueError) as err:
+        Strategy.parse("bidirectional")
+    assert all(name in str(err.value) for name in losses.STRATEGY_NAMES)
+
+
+# ----------------------------------------------------------------------------------------------
+# policy.py
+
+
+def test_make_state_and_its_errors():
+    means = dict(fkl=0.5, rkl=2.0, teacher_entropy=1.5, student_entropy=2.5, akl_head_share=0.3,
+                 top1_agreement=0.6, student_ce=3.1)
+    state = make_state(means, 0.25, 0.4, -0.1)
+    expected = [math.log(0.5), math.log(2.0), 1.5, 2.5, 0.3, 0.6, 3.1, 0.25, 0.4, -0.1]
+    assert state.tolist() == pytest.approx(expected, abs=1e-6)
+    assert len(policy.FEATURE_NAMES) == 10
+    assert make_state({**means, "fkl": 0.0}, 0, 0, 0)[0].item() == pytest.approx(math.log(1e-8))
+    with pytest.raises(ValueError, match="student_ce"):
+        make_state({k: v for k, v in means.items() if k != "student_ce"}, 0, 0, 0)
+    with pytest.raises(ValueError, match="shape"):
+        ARKDPolicy().act(torch.zeros(9))
+
+
+def test_immediate_reward_formula():
+    assert immediate_reward(2.0, 4.0, 1.5, 3.0) == pytest.approx(0.5 / 2.0 + 1.0 / 4.0)
+    assert immediate_reward(1.0, 1.0, 1.2, 0.9) == pytest.approx(-0.2 + 0.1)
+    assert immediate_reward(0.0, 0.0, 0.0, 0.0) == 0.0             # student == teacher: no NaN
+
+
+def test_policy_starts_at_mean_half_with_wide_spread():
+    pol = ARKDPolicy(buffer_size=1000)
+    state = torch.randn(10)
+    assert pol.mean_alpha(state) == pytest.approx(0.5)
+    alphas = []
+    for _ in range(200):
+        alphas.append(pol.act(state))
+        pol.reward(0.0)
+    assert pol.last_beta == pytest.approx((1 + math.log(2), 1 + math.log(2)))
+    assert 0 < min(alphas) < 0.15 and 0.85 < max(alphas) < 1
+
+
+def test_running_normaliser_matches_the_direct_mean_and_variance():
+    norm = policy.RunningNorm(3)
+    xs = torch.randn(50, 3, dtype=torch.float64) * torch.tensor([1.0, 10.0, 100.0]) + 7
+    for x in xs:
+        norm.update(x)
+    z = norm.normalise(xs[-1])
+    expected = ((xs[-1] - xs.mean(0)) / torch.sqrt(xs.var(0, unbiased=False) + 1e-8)).clamp(-5, 5)
+    assert torch.allclose(z.double(), expected, atol=1e-5)
+    assert norm.normalise(torch.tensor([1e6, 1e6, 1e6])).tolist() == [5.0, 5.0, 5.0]
+
+
+def test_each_reward_is_paired_with_the_action_that_caused_it():
+    pol = ARKDPolicy(buffer_size=8)
+    with pytest.raises(RuntimeError, match="pending"):
+        pol.reward(1.0)
+    pol.act(torch.randn(10))
+    with pytest.raises(RuntimeError, match="twice"):
+        pol.act(torch.randn(10))
+    pol.reward(0.0)
+    for _ in range(5):
+        alpha = pol.act(torch.randn(10))
+        pol.reward(10 * alpha)                    # the reward reveals the action it belongs to
+    assert len(pol.transitions) == 6 and pol.transitions[0][2] == 0.0
+    assert [r for _, _, r in pol.transitions[1:]] == pytest.approx([10 * a for _, a, _ in pol.transitions[1:]])
+
+
+def beta_log_prob(x, a, b):
+    """log Beta(x; a, b) written out with lgamma: independent of torch.distributions."""
+    return ((a - 1) * torch.log(x) + (b - 1) * torch.log1p(-x)
+            - torch.lgamma(a) - torch.lgamma(b) + torch.lgamma(a + b))
+
+
+def beta_entropy(a, b):
+    dg = torch.digamma
+    return (torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b) - (a - 1) * dg(a)
+            - (b - 1) * dg(b) + (a + b - 2) * dg(a + b))
+
+
+def test_reinforce_update_matches_a_hand_written_step():
+    pol = ARKDPolicy(buffer_size=6, lr=1e-2, seed=3)
+    for _ in range(6):                               # a first update sets the EMA baseline and Adam's state
+        pol.act(torch.randn(10))
+        pol.reward(float(torch.randn(())))
+    baseline = pol.baseline
+    reference = copy.deepcopy(pol.net)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    ref_opt.load_state_dict(copy.deepcopy(pol.optimizer.state_dict()))
+    rewards = [0.3, -0.2, 0.5, 0.1, -0.4, 0.25]
+    actions = []
+    for r in rewards:
+        alpha = pol.act(torch.randn(10))
+        actions.append((pol.pending[0].clone(), alpha))
+        info = pol.reward(r)
+    assert info is not None and not pol.transitions and pol.updates == 2
+    # The same update, written out: advantages, whitening, log pi and entropy from lgamma.
+    s = torch.stack([st for st, _ in actions])
+    x = torch.tensor([a for _, a in actions])
+    adv = torch.tensor(rewards, dtype=torch.float64) - baseline
+    adv = ((adv - adv.mean()) / (adv.std() + 1e-8)).float()
+    out = reference(s)
+    a, b = 1 + torch.nn.functional.softplus(out[:, 0]), 1 + torch.nn.functional.softplus(out[:, 1])
+    loss = -(adv * beta_log_prob(x, a, b)).mean() - 0.01 * beta_entropy(a, b).mean()
+    ref_opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    ref_opt.step()
+    assert info["policy_loss"] == pytest.approx(loss.item(), abs=1e-5)
+    for p_ours, p_ref in zip(pol.net.parameters(), reference.parameters()):
+        assert torch.allclose(p_ours, p_ref, atol=1e-6)
+    expected_baseline = baseline
+    for r in rewards:
+        expected_baseline = 0.9 * expected_baseline + 0.1 * r
+    assert pol.baseline == pytest.approx(expected_baseline)
+
+
+@pytest.mark.parametrize("target", [0.2, 0.75])
+def test_policy_learns_the_optimum_of_a_bandit(target):
+    pol = ARKDPolicy(lr=1e-3, seed=1)
+    state = torch.randn(10)
+    for _ in range(4000):
+        alpha = pol.act(state)
+        pol.reward(-(alpha - target) ** 2)
+    assert abs(pol.mean_alpha(state) - target) < 0.05
+
+
+def run_policy(pol, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    alphas = []
+    for _ in range(steps):
+        if pol.pending is None:
+            pol.act(torch.randn(10, generator=g))
+        alphas.append(pol.last_alpha)
+        pol.reward(float(torch.rand((), generator=g)) - pol.last_alpha)
+    return alphas
+
+
+def test_state_dict_round_trip_continues_exactly():
+    straight = ARKDPolicy(buffer_size=8, lr=1e-3, seed=5)
+    first = run_policy(straight, 21, seed=0)
+    straight.act(torch.randn(10))                    # saved with a pending action
+    buffer = io.BytesIO()
+    torch.save(straight.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = ARKDPolicy(buffer_size=8, lr=1e-3, seed=99)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.manual_seed(123)                           # the global RNG plays no part
+    a = run_policy(straight, 30, seed=1)
+    torch.manual_seed(456)
+    b = run_policy(resumed, 30, seed=1)
+    assert len(first) == 21 and a == b and len(set(a)) == 30
+    assert straight.updates == resumed.updates > 2
+    for p, r in zip(straight.net.parameters(), resumed.net.parameters()):
+        assert torch.equal(p, r)
+
+
+def _two_rank_policy_worker(rank, store_path, out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    pol = ARKDPolicy(buffer_size=4, lr=1e-2, seed=rank)    # different seeds: only rank 0's sampling counts
+    g = torch.Generator().manual_seed(100 + rank)          # each rank sees different local statistics
+    alphas = []
+    for _ in range(24):
+        local = torch.rand(10, generator=g)
+        state = policy.all_reduce_sum(local) / 2
+        alphas.append(pol.act(state))
+        reward = policy.all_reduce_sum(torch.tensor(float(torch.rand((), generator=g)) - alphas[-1])) / 2
+        pol.reward(float(reward))
+    torch.save({"alphas": alphas, "params": [p.detach() for p in pol.net.parameters()]},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()                  # neither rank tears gloo down while the other still talks
+    dist.destroy_process_group()
+
+
+def test_two_processes_share_alpha_and_end_with_identical_policies():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_two_rank_policy_worker, args=(os.path.join(tmp, "store"), tmp), nprocs=2)
+        r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in (0, 1))
+    assert r0["alphas"] == r1["alphas"] and len(set(r0["alphas"])) == 24
+    for p0, p1 in zip(r0["params"], r1["params"]):
+        assert torch.equal(p0, p1)
+    assert r0["params"][-1].abs().sum() > 0                # the policy did learn something
+
+
+# ----------------------------------------------------------------------------------------------
+# Project rules
+
+
+@pytest.mark.parametrize("name", ["losses.py", "policy.py"])
+def test_core_files_import_only_torch_and_the_standard_library(name):
+    tree = ast.parse(open(os.path.join(HERE, name)).read())
+    allowed = set(sys.stdlib_module_names) | {"torch"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            modules = [node.module]
+        else:
+            continue
+        assert all(m.split(".")[0] in allowed for m in modules), (name, modules)
