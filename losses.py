@@ -37,6 +37,7 @@ IGNORE_INDEX = -100
 # Sums returned by kd_pass, in this order ("tokens" is the count the others are divided by).
 STAT_NAMES = ("tokens", "fkl", "rkl", "teacher_entropy", "student_entropy",
               "akl_head_share", "top1_agreement", "student_ce")
+AKL_TOPK = 64      # first top-k searched for the AKL head (then 16 x that, then a full sort)
 STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "arkd")
 
 
@@ -119,28 +120,41 @@ def _head_share_sorted(sorted_p, order, abs_err, mu):
                        torch.full_like(g_all, 0.5))
 
 
-@torch.no_grad()
-def akl_head_share(p, q, mu=0.5, topk=64):
-    """Per-row AKL weight alpha_t = g_head / (g_head + g_tail) from probabilities p, q: [n, V] -> [n].
+def _akl_share_and_top1(p, abs_err, mu, topk):
+    """(g_head / (g_head + g_tail) [n], teacher top-1 index [n]) for p, abs_err = |p - q|: [n, V].
 
     Sorting 50k columns per token is the slow part, so the head is searched in each row's top-k
-    teacher tokens, and only rows whose top-k mass does not exceed mu (the head may go further)
-    fall back to a full sort. topk=None sorts every row (the reference path).
+    teacher tokens, then in the top-16k for rows whose top-k mass does not exceed mu (the head may
+    go further), and only the rows left after that are fully sorted.
+    """
+    share = torch.empty(p.shape[0], dtype=abs_err.dtype, device=p.device)
+    top1 = torch.empty(p.shape[0], dtype=torch.long, device=p.device)
+    left = torch.arange(p.shape[0], device=p.device)                 # rows still to resolve
+    for k in ((topk, 16 * topk) if topk else ()):
+        if k >= p.shape[-1] or not len(left):
+            break
+        top_p, top_idx = p[left].topk(k, dim=-1)                      # [n, k], sorted descending
+        done = top_p.sum(-1) > mu                                     # the head ends inside
+        rows = left[done]
+        share[rows] = _head_share_sorted(top_p[done], top_idx[done], abs_err[rows], mu)
+        top1[rows] = top_idx[done, 0]
+        left = left[~done]
+    if len(left):
+        sorted_p, order = p[left].sort(dim=-1, descending=True)
+        share[left] = _head_share_sorted(sorted_p, order, abs_err[left], mu)
+        top1[left] = order[:, 0]
+    return share, top1
+
+
+@torch.no_grad()
+def akl_head_share(p, q, mu=0.5, topk=AKL_TOPK):
+    """Per-row AKL weight alpha_t = g_head / (g_head + g_tail) from probabilities p, q: [n, V] -> [n].
+
+    The head is searched among each row's top-k teacher tokens (falling back to larger k, then a
+    full sort, for rows whose head goes further); topk=None sorts every row (the reference path).
     """
     _check_mu(mu)
-    abs_err = (p - q).abs()
-    share = torch.empty(p.shape[0], dtype=abs_err.dtype, device=p.device)
-    resolved = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
-    if topk is not None and topk < p.shape[-1]:
-        top_p, top_idx = p.topk(topk, dim=-1)          # [n, k], sorted descending
-        resolved = top_p.sum(-1) > mu                   # the head ends inside the top-k
-        rows = resolved.nonzero().squeeze(1)
-        share[rows] = _head_share_sorted(top_p[rows], top_idx[rows], abs_err[rows], mu)
-    rows = (~resolved).nonzero().squeeze(1)
-    if len(rows):
-        sorted_p, order = p[rows].sort(dim=-1, descending=True)
-        share[rows] = _head_share_sorted(sorted_p, order, abs_err[rows], mu)
-    return share
+    return _akl_share_and_top1(p, (p - q).abs(), mu, topk)[0]
 
 
 @torch.no_grad()
@@ -163,34 +177,31 @@ def akl_alpha(student_logits, teacher_logits, mu=0.5, tau=1.0, vocab_size=None):
 # The chunked pass: one read of each logit row, closed-form gradients, nothing of size [N, V] kept
 
 
-def _softmax_parts_(z, tau):
-    """In place: z [n, V] (a private fp32 copy) becomes log softmax(z / tau), floored.
+def _softmax_parts_(z, probs, tau):
+    """In place: z [n, V] (a private fp32 copy) becomes log softmax(z / tau), floored; probs [n, V]
+    receives softmax(z / tau).
 
-    Returns (log_probs, probs, lse, argmax) with lse = logsumexp(z / tau) [n]; one exp per element
-    (probs = exp(z - max) / sum, log_probs = z - max - log sum, no second exp).
+    Returns (log_probs, probs, lse) with lse = logsumexp(z / tau) [n]; one exp per element
+    (probs = exp(z - max) / sum, log_probs = z - max - log sum, no second exp). At a row's maximum,
+    log_probs is exactly -log sum, which the top-1 agreement check uses.
     """
     if tau != 1.0:
         z.div_(tau)
-    z_max, argmax = z.max(dim=-1, keepdim=True)
+    z_max = z.amax(dim=-1, keepdim=True)
     z.sub_(z_max)
-    probs = torch.exp(z)
+    torch.exp(z, out=probs)
     total = probs.sum(-1, keepdim=True)
     probs.div_(total)
     log_total = total.log_()
     z.sub_(log_total).clamp_min_(LOG_FLOOR)              # Choice 1
-    return z, probs, (z_max + log_total).squeeze(1), argmax.squeeze(1)
+    return z, probs, (z_max + log_total).squeeze(1)
 
 
-def _rowdot(a, b):
-    """sum_v a[i, v] * b[i, v] for [n, V] tensors -> [n], through BLAS without an [n, V] product."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-
-
-def _log_probs_from_lse(z, lse, tau):
-    """log softmax(z / tau) = z / tau - lse, in place on a private copy z [n, V], floored."""
-    if tau != 1.0:
-        z.div_(tau)
-    return z.sub_(lse.unsqueeze(1)).clamp_min_(LOG_FLOOR)
+def _gather_rows(src, idx, out):
+    """out = src[idx] converted to out's dtype, into out's memory."""
+    if src.dtype == out.dtype:
+        return torch.index_select(src, 0, idx, out=out)
+    return out.copy_(src.index_select(0, idx))
 
 
 def _default_chunk_tokens(vocab, device):
@@ -212,43 +223,46 @@ class _KDPassFunction(torch.autograd.Function):
     FKL and RKL carry the factor tau^2, so their gradients carry tau. Forward keeps only the
     per-row log-normalisers [N]; backward recomputes p and q chunk by chunk from the saved logits
     and writes each chunk's gradient into one buffer (or, with inplace_grad, into the student
-    logits themselves), so no [chunk, V] activation of any chunk survives the chunk.
+    logits themselves). Four [chunk, V] work buffers are allocated once and reused by every chunk:
+    no activation of size [tokens, V] is kept, and no chunk pays for fresh memory.
     """
 
     @staticmethod
     def forward(ctx, student, teacher, rows, targets, tau, vocab, mu, chunk, inplace_grad):
         # student [R, V_s], teacher [R, V_t] (padded columns beyond `vocab` are ignored),
         # rows [N] indices of the masked rows, targets [N] reference token ids or empty.
-        cdtype = _compute_dtype(student.dtype)
-        n = len(rows)
-        def zeros(size):
-            return torch.zeros(size, dtype=cdtype, device=student.device)
-        fkl, rkl, share, lse_s, lse_t = (zeros(n) for _ in range(5))
-        ce, lse_ce = zeros(len(targets)), zeros(len(targets) if tau != 1.0 else 0)
-        stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=student.device)
+        cdtype, device, n = _compute_dtype(student.dtype), student.device, len(rows)
+        fkl, rkl, share, lse_s, lse_t = (torch.zeros(n, dtype=cdtype, device=device) for _ in range(5))
+        ce = torch.zeros(len(targets), dtype=cdtype, device=device)
+        lse_ce = torch.zeros(len(targets) if tau != 1.0 else 0, dtype=cdtype, device=device)
+        stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)
         stats[0] = n
+        work = torch.empty(4, min(chunk, n), vocab, dtype=cdtype, device=device)
         s_view, t_view = student[:, :vocab], teacher[:, :vocab]
         for lo in range(0, n, chunk):
             idx, sl = rows[lo:lo + chunk], slice(lo, lo + chunk)
-            zs = s_view.index_select(0, idx).to(cdtype)                 # [n, V] private copies
-            zt = t_view.index_select(0, idx).to(cdtype)
+            zs, zt, q, p = (w[:len(idx)] for w in work)
+            _gather_rows(s_view, idx, zs)
+            _gather_rows(t_view, idx, zt)
             if len(targets):                                           # CE at tau = 1 (Choice 3)
                 target_logit = zs.gather(1, targets[sl].unsqueeze(1)).squeeze(1)
                 if tau != 1.0:
                     lse_ce[sl] = torch.logsumexp(zs, dim=-1)
-            log_q, q, lse_s[sl], top_s = _softmax_parts_(zs, tau)
-            log_p, p, lse_t[sl], top_t = _softmax_parts_(zt, tau)
+            log_q, q, lse_s[sl] = _softmax_parts_(zs, q, tau)
+            log_p, p, lse_t[sl] = _softmax_parts_(zt, p, tau)
             if len(targets):                                           # floored like log q
                 ce[sl] = ((lse_s if tau == 1.0 else lse_ce)[sl] - target_logit).clamp_max(-LOG_FLOOR)
             diff = log_p.sub_(log_q)                                   # log p - log q, reuses log_p
-            fkl[sl] = _rowdot(p, diff) * tau ** 2
-            rkl[sl] = _rowdot(q, diff).neg_() * tau ** 2
-            # H(p) = -p . log p, with log p = diff + log q (log p's buffer now holds diff).
-            h_p = -(fkl[sl] / tau ** 2) - _rowdot(p, log_q)
-            h_q = -_rowdot(q, log_q)
-            share[sl] = akl_head_share(p, q, mu)
+            # All four row dot products in one BLAS call: (q, p) x (log q, diff) -> [n, 2, 2].
+            dots = torch.bmm(work[2:4, :len(idx)].transpose(0, 1), work[0:2, :len(idx)].permute(1, 2, 0))
+            q_log_q, q_diff, p_log_q, p_diff = dots.flatten(1).unbind(1)
+            fkl[sl], rkl[sl] = p_diff * tau ** 2, -q_diff * tau ** 2
+            h_p, h_q = -(p_diff + p_log_q), -q_log_q                  # log p = diff + log q
+            share[sl], top_t = _akl_share_and_top1(p, torch.sub(p, q, out=diff).abs_(), mu, AKL_TOPK)
+            # The student agrees when the teacher's top-1 is also its own maximum (ties count).
+            agree = log_q.gather(1, top_t.unsqueeze(1)) == log_q.amax(-1, keepdim=True)
             stats[1:7] += torch.stack([fkl[sl].sum(), rkl[sl].sum(), h_p.sum(), h_q.sum(),
-                                       share[sl].sum(), (top_s == top_t).sum()]).double()
+                                       share[sl].sum(), agree.sum()]).double()
         if len(targets):
             stats[7] = ce.sum().double()
         ctx.save_for_backward(student, teacher, rows, targets, rkl, lse_s, lse_t, lse_ce)
@@ -260,26 +274,28 @@ class _KDPassFunction(torch.autograd.Function):
     def backward(ctx, g_fkl, g_rkl, g_ce, _g_share, _g_stats):
         student, teacher, rows, targets, rkl, lse_s, lse_t, lse_ce = ctx.saved_tensors
         tau, vocab, chunk, inplace_grad = ctx.settings
-        cdtype = _compute_dtype(student.dtype)
-        if inplace_grad:   # the rows outside the mask and the padded columns get no gradient
-            grad = student
-            unused = torch.ones(len(student), dtype=torch.bool, device=student.device)
-            unused[rows] = False
-            grad[unused] = 0
-            grad[:, vocab:] = 0
-        else:
-            grad = torch.zeros_like(student)
+        cdtype, n = _compute_dtype(student.dtype), len(rows)
+        grad = student if inplace_grad else torch.empty_like(student)
+        unused = torch.ones(len(student), dtype=torch.bool, device=student.device)
+        unused[rows] = False
+        grad[unused] = 0                  # rows outside the mask and padded columns: no gradient
+        grad[:, vocab:] = 0
         s_view, t_view, g_view = student[:, :vocab], teacher[:, :vocab], grad[:, :vocab]
         rkl_unscaled = rkl / tau ** 2
-        for lo in range(0, len(rows), chunk):
+        work = torch.empty(4, min(chunk, n), vocab, dtype=cdtype, device=student.device)
+        for lo in range(0, n, chunk):
             idx, sl = rows[lo:lo + chunk], slice(lo, lo + chunk)
-            zs = s_view.index_select(0, idx).to(cdtype)
-            zt = t_view.index_select(0, idx).to(cdtype)
+            zs, zt, q, p = (w[:len(idx)] for w in work)
+            _gather_rows(s_view, idx, zs)
+            _gather_rows(t_view, idx, zt)
             if len(targets) and tau != 1.0:
                 p_ce = torch.exp(zs - lse_ce[sl].unsqueeze(1))       # softmax(z) at tau = 1
-            log_q = _log_probs_from_lse(zs, lse_s[sl], tau)
-            log_p = _log_probs_from_lse(zt, lse_t[sl], tau)
-            q, p = log_q.exp(), log_p.exp()
+            for z, lse in ((zs, lse_s), (zt, lse_t)):                 # log softmax = z / tau - lse
+                if tau != 1.0:
+                    z.div_(tau)
+                z.sub_(lse[sl].unsqueeze(1)).clamp_min_(LOG_FLOOR)
+            log_q, log_p = zs, zt
+            q, p = torch.exp(log_q, out=q), torch.exp(log_p, out=p)
             # dRKL: q * (log q - log p - RKL), weighted per row by g_rkl; built in log_q's buffer.
             g = log_q.sub_(log_p).sub_(rkl_unscaled[sl].unsqueeze(1)).mul_(q)
             g.mul_(g_rkl[sl].unsqueeze(1))
@@ -290,7 +306,7 @@ class _KDPassFunction(torch.autograd.Function):
                 g_ce_rows = g_ce[sl].unsqueeze(1)
                 g.add_((q if tau == 1.0 else p_ce).mul_(g_ce_rows))
                 g.scatter_add_(1, targets[sl].unsqueeze(1), -g_ce_rows)
-            g_view.index_copy_(0, idx, g.to(grad.dtype))
+            g_view.index_copy_(0, idx, g if g.dtype == grad.dtype else g.to(grad.dtype))
         return grad, None, None, None, None, None, None, None, None
 
 

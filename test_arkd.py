@@ -554,6 +554,9 @@ def _two_rank_policy_worker(rank, store_path, out_dir):
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()                  # neither rank tears gloo down while the other still talks
     dist.destroy_process_group()
+    # Gloo's worker threads can abort the interpreter's own teardown at exit (SIGABRT,
+    # "terminate called without an active exception", pytorch/pytorch#179291): leave at once.
+    os._exit(0)
 
 
 def test_two_processes_share_alpha_and_end_with_identical_policies():

@@ -1,0 +1,192 @@
+"""Benchmarks: losses.kd_pass against the naive way peers compute the same quantities.
+
+For N tokens and a vocabulary of V, every variant computes forward + backward of
+0.5 FKL + 0.5 RKL over all tokens together with the ARKD policy's statistics (both entropies,
+top-1 agreement, the AKL head share):
+
+    naive            separate full log_softmax / softmax calls, a full sort for the AKL head,
+                     autograd through all of it (what MiniLLM / DistiLLM-style code does)
+    kd_pass          losses.kd_pass: one chunked pass, closed-form gradients, a gradient buffer
+    kd_pass_inplace  the same, writing the gradient into the consumed logits (inplace_grad=True)
+    floor            a lower bound: read both logit tensors, two exp per element, write a gradient
+
+Each variant runs in its own subprocess (one thread by default, for stable timings); the parent
+prints the median time over --repeats runs, the peak extra memory over the inputs (max RSS on CPU,
+max_memory_allocated on CUDA) and the ratios to naive. --json prints one JSON object.
+
+The logits are synthetic but shaped like a trained LM's: Gaussian noise over the vocabulary plus
+8 boosted tokens per row whose top logit varies between rows (most rows peaked, some flat enough
+that the AKL head search needs its full-sort fallback; the share is printed).
+
+    python bench.py                          # N=4096, V=50257, fp32, CUDA when available
+    python bench.py --dtype bf16 --n 1024 --json
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import losses
+
+VARIANTS = ("naive", "kd_pass", "kd_pass_inplace", "floor")
+ALPHA, MU = 0.5, 0.5
+
+
+def make_logits(n, vocab, dtype, device, seed=0):
+    """Teacher and student logits [n, vocab] built in place (no temporaries inflate the baseline)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    teacher = torch.randn(n, vocab, generator=g, device=device)
+    top = 10 + 10 * torch.rand(n, 1, generator=g, device=device)          # top logit 10..20
+    decay = torch.tensor([1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2], device=device)
+    teacher.scatter_add_(1, torch.randint(0, vocab, (n, 8), generator=g, device=device), top * decay)
+    student = torch.randn(n, vocab, generator=g, device=device).mul_(0.7).add_(teacher, alpha=0.8)
+    return student.to(dtype), teacher.to(dtype)
+
+
+def naive_step(student, teacher):
+    """The unfused way: every quantity from its own full-size tensors, autograd through all."""
+    s, t = student.float(), teacher.float()
+    log_q, log_p = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    q, p = torch.softmax(s, -1), torch.softmax(t, -1)
+    fkl = (p * (log_p - log_q)).sum(-1)
+    rkl = (q * (log_q - log_p)).sum(-1)
+    with torch.no_grad():
+        entropies = (-(p * log_p).sum(-1), -(q * log_q).sum(-1))
+        top1 = (p.argmax(-1) == q.argmax(-1)).float()
+        sorted_p, order = p.sort(-1, descending=True)
+        in_head = sorted_p.cumsum(-1) <= MU
+        in_head[:, 0] = True
+        head = torch.zeros_like(in_head).scatter_(-1, order, in_head)
+        err = (p - q).abs()
+        share = (err * head).sum(-1) / err.sum(-1)
+    loss = (ALPHA * fkl + (1 - ALPHA) * rkl).mean()
+    loss.backward()
+    return loss, entropies, top1, share
+
+
+def kd_pass_step(student, teacher, inplace_grad=False):
+    mask = torch.ones(student.shape[0], dtype=torch.bool, device=student.device)
+    out = losses.kd_pass(student, teacher, mask, mu=MU, inplace_grad=inplace_grad)
+    loss = losses.mix(out.fkl, out.rkl, ALPHA).sum() / out.stats[0].item()
+    loss.backward()
+    return loss, out.stats
+
+
+def floor_step(student, teacher):
+    """Read both tensors, two exp per element, write one gradient: no real method does less."""
+    student, grad = student.detach(), torch.empty_like(student)
+    chunk = losses._default_chunk_tokens(student.shape[1], student.device)
+    for lo in range(0, student.shape[0], chunk):
+        rows = slice(lo, lo + chunk)
+        torch.add(torch.exp(student[rows].float()), torch.exp(teacher[rows].float()), out=grad[rows])
+    return grad
+
+
+def topk_resolved_share(teacher, k=64):
+    """Share of rows whose AKL head ends inside the top-k (the rest use the full sort)."""
+    resolved = 0
+    for lo in range(0, teacher.shape[0], 256):
+        p = torch.softmax(teacher[lo:lo + 256].float(), -1)
+        resolved += int((p.topk(k, -1).values.sum(-1) > MU).sum())
+    return resolved / teacher.shape[0]
+
+
+def max_rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024          # Linux: KiB
+
+
+def run_variant(args):
+    """Child process: time one variant; prints one JSON line."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    step = {"naive": naive_step, "floor": floor_step, "kd_pass": kd_pass_step,
+            "kd_pass_inplace": lambda s, t: kd_pass_step(s, t, inplace_grad=True)}[args.variant]
+    # A small warm-up run first: loading kernels and library pages is not the variant's memory.
+    step(*(x.requires_grad_(i == 0) for i, x in enumerate(make_logits(64, args.vocab, dtype, device))))
+    pristine, teacher = make_logits(args.n, args.vocab, dtype, device)
+    student = pristine.clone().requires_grad_()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = max_rss_bytes()
+    times = []
+    for _ in range(args.repeats):
+        with torch.no_grad():
+            student.copy_(pristine)                 # kd_pass_inplace consumed the last logits
+        student.grad = None
+        start = time.perf_counter()
+        step(student, teacher)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else max_rss_bytes()
+    result = {"variant": args.variant, "median_s": statistics.median(times), "times_s": times,
+              "peak_extra_bytes": peak - baseline, "input_bytes": 2 * pristine.numel() * pristine.element_size()}
+    if args.variant == "kd_pass":
+        result["topk_resolved_share"] = topk_resolved_share(teacher)
+    print(json.dumps(result))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=4096, help="tokens")
+    parser.add_argument("--vocab", type=int, default=50257, help="vocabulary size")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="logit dtype")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)                 # set in the child
+    args = parser.parse_args()
+    if args.variant:
+        return run_variant(args)
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or "naive" not in variants:
+        parser.error(f"--variants: unknown {unknown}; choose from {VARIANTS}, naive included")
+
+    results = {}
+    for variant in variants:
+        cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--n", str(args.n),
+               "--vocab", str(args.vocab), "--dtype", args.dtype, "--device", args.device,
+               "--repeats", str(args.repeats), "--threads", str(args.threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"bench: variant {variant} failed:\n{done.stderr[-2000:]}")
+        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    naive = results["naive"]
+    for r in results.values():
+        r["time_ratio"] = r["median_s"] / naive["median_s"]
+        r["peak_memory_ratio"] = r["peak_extra_bytes"] / naive["peak_extra_bytes"]
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
+    summary = {"n": args.n, "vocab": args.vocab, "dtype": args.dtype, "device": device_name,
+               "repeats": args.repeats, "variants": results}
+    if "kd_pass" in results:
+        summary["time_ratio"] = results["kd_pass"]["time_ratio"]
+        summary["peak_memory_ratio"] = results["kd_pass"]["peak_memory_ratio"]
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return
+    print(f"N={args.n} V={args.vocab} {args.dtype} on {device_name}; inputs "
+          f"{naive['input_bytes'] / 2**20:.0f} MiB; median of {args.repeats}")
+    print(f"{'variant':<16} {'time s':>8} {'x naive':>8} {'peak extra MiB':>15} {'x naive':>8}")
+    for name, r in results.items():
+        print(f"{name:<16} {r['median_s']:8.3f} {r['time_ratio']:8.3f} "
+              f"{r['peak_extra_bytes'] / 2**20:15.1f} {r['peak_memory_ratio']:8.3f}")
+    if "kd_pass" in results:
+        print(f"AKL head found in the top-64 for {100 * results['kd_pass']['topk_resolved_share']:.0f}% "
+              "of the rows (the rest: full sort)")
+
+
+if __name__ == "__main__":
+    main()
