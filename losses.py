@@ -133,7 +133,8 @@ def _akl_share_and_top1(p, abs_err, mu, topk):
     for k in ((topk, 16 * topk) if topk else ()):
         if k >= p.shape[-1] or not len(left):
             break
-        top_p, top_idx = p[left].topk(k, dim=-1)                      # [n, k], sorted descending
+        candidates = p if len(left) == p.shape[0] else p[left]          # no copy in the first round
+        top_p, top_idx = candidates.topk(k, dim=-1)                   # [n, k], sorted descending
         done = top_p.sum(-1) > mu                                     # the head ends inside
         rows = left[done]
         share[rows] = _head_share_sorted(top_p[done], top_idx[done], abs_err[rows], mu)
@@ -182,8 +183,7 @@ def _softmax_parts_(z, probs, tau):
     receives softmax(z / tau).
 
     Returns (log_probs, probs, lse) with lse = logsumexp(z / tau) [n]; one exp per element
-    (probs = exp(z - max) / sum, log_probs = z - max - log sum, no second exp). At a row's maximum,
-    log_probs is exactly -log sum, which the top-1 agreement check uses.
+    (probs = exp(z - max) / sum, log_probs = z - max - log sum, no second exp).
     """
     if tau != 1.0:
         z.div_(tau)

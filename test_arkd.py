@@ -334,16 +334,16 @@ def test_akl_head_of_the_spec_example():
 
 def test_akl_matches_a_plain_loop_and_topk_equals_full_sort():
     torch.manual_seed(0)
-    # Peaked rows resolve inside the top-k, flat rows need the full-sort fallback.
-    teacher = torch.randn(40, 300, dtype=torch.float64) * torch.linspace(0.2, 6, 40, dtype=torch.float64)[:, None]
-    student = torch.randn(40, 300, dtype=torch.float64)
+    # Rows from flat to peaked: heads end in the top-4, in the top-64, or need the full sort.
+    scale = torch.linspace(0.05, 6, 60, dtype=torch.float64)[:, None]
+    teacher, student = torch.randn(60, 300, dtype=torch.float64) * scale, torch.randn(60, 300, dtype=torch.float64)
     p, q = torch.softmax(teacher, -1), torch.softmax(student, -1)
+    top4, top64 = (p.topk(k, -1).values.sum(-1) > 0.5 for k in (4, 64))
+    paths = (int(top4.sum()), int((top64 & ~top4).sum()), int((~top64).sum()))
+    assert min(paths) > 0, paths                              # every path of the search is taken
     full = losses.akl_head_share(p, q, topk=None)
-    fast = losses.akl_head_share(p, q, topk=4)
-    resolved = p.topk(4, -1).values.sum(-1) > 0.5
-    assert 0 < int(resolved.sum()) < 40                          # both paths were taken
-    assert torch.equal(full, fast)
-    for i in range(40):
+    assert torch.equal(losses.akl_head_share(p, q, topk=4), full)
+    for i in range(60):
         assert full[i].item() == pytest.approx(ref_akl_share(p[i].tolist(), q[i].tolist()), abs=1e-12)
     assert torch.allclose(akl_alpha(student, teacher), full)
 
@@ -585,3 +585,15 @@ def test_core_files_import_only_torch_and_the_standard_library(name):
         else:
             continue
         assert all(m.split(".")[0] in allowed for m in modules), (name, modules)
+
+
+def test_bench_runs_and_reports_ratios():
+    import json
+    import subprocess
+    done = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--n", "48", "--vocab", "3000",
+                           "--repeats", "1", "--device", "cpu", "--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert set(report["variants"]) == {"naive", "kd_pass", "kd_pass_inplace", "floor"}
+    assert report["time_ratio"] > 0 and report["peak_memory_ratio"] > 0
+    assert report["variants"]["kd_pass"]["loss"] == pytest.approx(report["variants"]["naive"]["loss"], rel=1e-4)
