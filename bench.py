@@ -73,7 +73,7 @@ def naive_step(student, teacher):
         share = (err * head).sum(-1) / err.sum(-1)
     loss = (ALPHA * fkl + (1 - ALPHA) * rkl).mean()
     loss.backward()
-    return loss, entropies, top1, share
+    return float(loss)
 
 
 def kd_pass_step(student, teacher, inplace_grad=False):
@@ -81,7 +81,7 @@ def kd_pass_step(student, teacher, inplace_grad=False):
     out = losses.kd_pass(student, teacher, mask, mu=MU, inplace_grad=inplace_grad)
     loss = losses.mix(out.fkl, out.rkl, ALPHA).sum() / out.stats[0].item()
     loss.backward()
-    return loss, out.stats
+    return float(loss)
 
 
 def floor_step(student, teacher):
@@ -91,7 +91,6 @@ def floor_step(student, teacher):
     for lo in range(0, student.shape[0], chunk):
         rows = slice(lo, lo + chunk)
         torch.add(torch.exp(student[rows].float()), torch.exp(teacher[rows].float()), out=grad[rows])
-    return grad
 
 
 def topk_resolved_share(teacher, k=64):
@@ -103,19 +102,29 @@ def topk_resolved_share(teacher, k=64):
     return resolved / teacher.shape[0]
 
 
-def max_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024          # Linux: KiB
+def _proc_status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024                                # kB
+    raise OSError(f"no {field} in /proc/self/status")
 
 
 def start_rss_window():
-    """Current resident memory, after resetting the peak where Linux allows it (clear_refs 5)."""
+    """Current resident memory, after resetting the peak to it (Linux: clear_refs 5)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return _proc_status_bytes("VmRSS")
+    except OSError:                       # no reset possible: the peak so far is the baseline
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss_bytes():
+    try:
+        return _proc_status_bytes("VmHWM")
     except OSError:
-        return max_rss_bytes()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_variant(args):
@@ -141,14 +150,13 @@ def run_variant(args):
             student.copy_(pristine)                 # kd_pass_inplace consumed the last logits
         student.grad = None
         start = time.perf_counter()
-        result = step(student, teacher)
-        loss = float(result[0]) if isinstance(result, tuple) else None
+        loss = step(student, teacher)         # a float, or None for the floor
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else max_rss_bytes()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
     result = {"variant": args.variant, "median_s": statistics.median(times), "times_s": times,
-              "peak_extra_bytes": peak - baseline, "loss": loss, "input_bytes": 2 * pristine.numel() * pristine.element_size()}
+              "peak_extra_bytes": max(0, peak - baseline), "loss": loss, "input_bytes": 2 * pristine.numel() * pristine.element_size()}
     if args.variant == "kd_pass":
         result["topk_resolved_share"] = topk_resolved_share(teacher)
     print(json.dumps(result))
@@ -188,7 +196,7 @@ def main():
             sys.exit(f"bench: {name} loss {r['loss']} differs from naive {naive['loss']}")
     for r in results.values():
         r["time_ratio"] = r["median_s"] / naive["median_s"]
-        r["peak_memory_ratio"] = r["peak_extra_bytes"] / naive["peak_extra_bytes"]
+        r["peak_memory_ratio"] = r["peak_extra_bytes"] / naive["peak_extra_bytes"] if naive["peak_extra_bytes"] else None
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
     summary = {"n": args.n, "vocab": args.vocab, "dtype": args.dtype, "device": device_name,
                "repeats": args.repeats, "variants": results}
@@ -203,7 +211,7 @@ def main():
     print(f"{'variant':<16} {'time s':>8} {'x naive':>8} {'peak extra MiB':>15} {'x naive':>8}")
     for name, r in results.items():
         print(f"{name:<16} {r['median_s']:8.3f} {r['time_ratio']:8.3f} "
-              f"{r['peak_extra_bytes'] / 2**20:15.1f} {r['peak_memory_ratio']:8.3f}")
+              f"{r['peak_extra_bytes'] / 2**20:15.1f} {r['peak_memory_ratio'] or float('nan'):8.3f}")
     if "kd_pass" in results:
         print(f"AKL head found in the top-64 for {100 * results['kd_pass']['topk_resolved_share']:.0f}% "
               "of the rows (the rest: full sort)")

@@ -1,0 +1,253 @@
+"""MiniLLM-format instruction data: the sets, the prompt template, tokenisation and batching.
+
+Implements ../shared/ARKD_SPEC.md section 4, the protocol MiniLLM, DistiLLM, GKD and ARKD share.
+Every file is JSON lines with `instruction`, `input`, `output` (a string, or for S-NI a list of
+references) and usually `prompt`. The sets are read from a local directory with the Hugging Face
+Hub layout (DATA_DIR/dolly/raw.jsonl, DATA_DIR/sinst/11_/valid.jsonl, ...), or downloaded from the
+Hub dataset repos when no directory is given.
+
+Our choices where the paper is vague (each is marked "Choice N" where it is made):
+1. Over-long PROMPTS (> 256 tokens) are dropped and counted; a response that makes prompt + response
+   exceed 512 tokens is cut at 512 (the EOS is then lost) and counted. Nothing is dropped silently.
+2. Prompt and response are tokenised separately (the prompt ends in a newline, so no BPE merge
+   crosses the boundary) and the response's first reference is the training target.
+3. `selfinst` uses the first 242 records of MiniLLM/self-inst (the spec's count), `unni` the first
+   10,000 of MiniLLM/uinst, and `dolly_dev` the first 1000 lines of MiniLLM/dolly raw.jsonl
+   (`dolly_train` the rest).
+
+    python data.py synthetic --out DIR     # writes the offline toy task in the same layout
+"""
+import argparse
+import json
+import logging
+import os
+import random
+
+import torch
+
+log = logging.getLogger("data")
+
+PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that "
+                   "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+                   "### Response:\n")
+PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that "
+                     "provides further context. Write a response that appropriately completes the "
+                     "request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n"
+                     "### Response:\n")
+MAX_PROMPT_TOKENS, MAX_TOTAL_TOKENS = 256, 512
+IGNORE_INDEX = -100
+
+# name: (Hub dataset repo, file inside it, first record, end record or None)   (Choice 3)
+DATASETS = {
+    "dolly_train": ("MiniLLM/dolly", "raw.jsonl", 1000, None),
+    "dolly_dev": ("MiniLLM/dolly", "raw.jsonl", 0, 1000),
+    "dollyeval": ("MiniLLM/dolly", "valid.jsonl", 0, None),
+    "selfinst": ("MiniLLM/self-inst", "valid.jsonl", 0, 242),
+    "vicunaeval": ("MiniLLM/Vicuna", "valid.jsonl", 0, None),
+    "sni": ("MiniLLM/sinst", "11_/valid.jsonl", 0, None),
+    "unni": ("MiniLLM/uinst", "11_/valid.jsonl", 0, 10000),
+}
+EVAL_SETS = ("dollyeval", "selfinst", "vicunaeval", "sni", "unni")
+
+
+# ----------------------------------------------------------------------------------------------
+# Records
+
+
+def build_prompt(instruction, input_text=""):
+    """The MiniLLM / Alpaca template, with or without an input."""
+    if input_text:
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def read_jsonl(path):
+    """Records of a MiniLLM-format file: {instruction, input, references, prompt} dicts.
+
+    Raises ValueError naming the file and line for malformed JSON, a missing field or a bad
+    `output`; blank lines are skipped; an empty file is an error.
+    """
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+            if not isinstance(raw, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(raw).__name__}")
+            for field in ("instruction", "output"):
+                if field not in raw:
+                    raise ValueError(f"{path}:{line_no}: record has no '{field}' field")
+            output = raw["output"]
+            references = [output] if isinstance(output, str) else output
+            if not (isinstance(references, list) and references and all(isinstance(r, str) for r in references)):
+                raise ValueError(f"{path}:{line_no}: 'output' must be a string or a non-empty list of strings")
+            input_text = raw.get("input") or ""
+            records.append({"instruction": raw["instruction"], "input": input_text,
+                            "references": references,
+                            "prompt": build_prompt(raw["instruction"], input_text)})
+    if not records:
+        raise ValueError(f"{path}: the file holds no records")
+    return records
+
+
+def dataset_file(name, data_dir=None):
+    """Path of the file behind dataset `name`: DATA_DIR/<repo name>/<file>, else a Hub download."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    repo, filename, _, _ = DATASETS[name]
+    if data_dir is None:
+        from huggingface_hub import hf_hub_download   # only this path needs the network
+        return hf_hub_download(repo, filename, repo_type="dataset")
+    path = os.path.join(data_dir, repo.split("/")[1], filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset {name!r}: no file {path} (expected the Hub layout of {repo}: "
+                                f"<data_dir>/{repo.split('/')[1]}/{filename})")
+    return path
+
+
+def load_records(name, data_dir=None):
+    """The records of one set (spec section 4), sliced as DATASETS says."""
+    _, _, start, end = DATASETS.get(name, (None, None, 0, None))
+    path = dataset_file(name, data_dir)
+    records = read_jsonl(path)[start:end]
+    if not records:
+        raise ValueError(f"dataset {name!r}: {path} holds no records in [{start}:{end}]")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenisation and batching
+
+
+def encode_records(tokenizer, records, name="data", max_prompt=MAX_PROMPT_TOKENS, max_total=MAX_TOTAL_TOKENS):
+    """Tokenised examples {prompt_ids, input_ids, labels, index}: labels are -100 on the prompt.
+
+    Drops records whose prompt exceeds max_prompt tokens and cuts responses at max_total
+    (Choice 1); both counts are logged. The target is the first reference + EOS (Choice 2).
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token")
+    examples, dropped, cut = [], 0, 0
+    for index, record in enumerate(records):
+        prompt_ids = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) > max_prompt:
+            dropped += 1
+            continue
+        response_ids = tokenizer(record["references"][0], add_special_tokens=False)["input_ids"]
+        response_ids = response_ids + [tokenizer.eos_token_id]
+        if len(prompt_ids) + len(response_ids) > max_total:
+            cut += 1
+            response_ids = response_ids[:max_total - len(prompt_ids)]
+        examples.append({"index": index, "prompt_ids": prompt_ids, "input_ids": prompt_ids + response_ids,
+                         "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids})
+    if dropped or cut:
+        log.warning("%s: dropped %d of %d records whose prompt exceeds %d tokens; cut %d responses at "
+                    "%d tokens", name, dropped, len(records), max_prompt, cut, max_total)
+    if not examples:
+        raise ValueError(f"{name}: every record's prompt exceeds {max_prompt} tokens")
+    return examples, {"records": len(records), "dropped_long_prompt": dropped, "cut_long_response": cut}
+
+
+def collate_train(examples, pad_id):
+    """Right-padded training batch: input_ids, attention_mask [B, T]; labels -100 on padding."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_prompts(prompt_ids, pad_id):
+    """Left-padded generation batch from lists of prompt ids: input_ids, attention_mask [B, T]."""
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, p in enumerate(prompt_ids):
+        input_ids[row, width - len(p):] = torch.tensor(p)
+        attention_mask[row, width - len(p):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def epoch_order(n, seed, epoch):
+    """A deterministic permutation of range(n) for (seed, epoch), the same on every rank.
+
+    Each rank then takes every world-size-th element (as DistributedSampler does), so the order
+    depends on nothing but the seed and the epoch, and a resumed run can skip what it consumed.
+    """
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+# ----------------------------------------------------------------------------------------------
+# The offline toy task
+
+
+SYNTHETIC_WORDS = ("apple", "river", "stone", "cloud", "green", "table", "light", "horse", "music",
+                   "paper", "water", "night", "chair", "bread", "smile", "glass", "plant", "storm",
+                   "tiger", "house")
+SYNTHETIC_SPLITS = {   # file in the Hub layout: (records, tasks, list lengths)
+    "dolly/raw.jsonl": (3000, ("reverse", "sort", "next", "first"), (2, 3, 4)),
+    "dolly/valid.jsonl": (60, ("reverse", "sort", "next", "first"), (2, 3, 4)),
+    "self-inst/valid.jsonl": (40, ("reverse", "sort"), (5,)),
+    "Vicuna/valid.jsonl": (30, ("next", "first"), (5,)),
+    "sinst/11_/valid.jsonl": (40, ("reverse", "sort", "next", "first"), (4,)),
+    "uinst/11_/valid.jsonl": (40, ("sort", "first"), (2, 5)),
+}
+
+
+def synthetic_record(rng, task, length):
+    """One toy instruction with an exact answer: word and number manipulations."""
+    if task == "reverse":
+        words = rng.sample(SYNTHETIC_WORDS, length)
+        return {"instruction": "Reverse the order of the words.", "input": " ".join(words),
+                "output": " ".join(reversed(words))}
+    if task == "sort":
+        numbers = rng.sample(range(10, 100), length)
+        return {"instruction": "Sort the numbers from smallest to largest.",
+                "input": " ".join(map(str, numbers)), "output": " ".join(map(str, sorted(numbers)))}
+    if task == "next":
+        start = rng.randrange(10, 90)
+        return {"instruction": f"Count up from {start}, giving {length} numbers.", "input": "",
+                "output": " ".join(str(start + i) for i in range(length))}
+    words = rng.sample(SYNTHETIC_WORDS, length)
+    return {"instruction": "Repeat the first word three times.", "input": " ".join(words),
+            "output": " ".join([words[0]] * 3)}
+
+
+def write_synthetic(data_dir, seed=0):
+    """Writes the toy task in the MiniLLM Hub layout under data_dir, for offline end-to-end runs.
+
+    It exists so that the whole pipeline (training, every strategy, evaluation, report) runs in
+    minutes on any CPU with tiny models; its scores say nothing about the paper. The evaluation
+    files mix the training tasks with longer lists, so they are partly out of distribution.
+    """
+    rng = random.Random(seed)
+    for relative, (count, tasks, lengths) in SYNTHETIC_SPLITS.items():
+        path = os.path.join(data_dir, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            for _ in range(count):
+                record = synthetic_record(rng, rng.choice(tasks), rng.choice(lengths))
+                record["prompt"] = build_prompt(record["instruction"], record["input"])
+                f.write(json.dumps(record) + "\n")
+        os.replace(path + ".tmp", path)
+    return data_dir
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="MiniLLM-format data tools")
+    parser.add_argument("command", choices=("synthetic",), help="synthetic: write the offline toy task")
+    parser.add_argument("--out", required=True, help="directory to write the Hub layout into")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the toy task")
+    args = parser.parse_args()
+    print(write_synthetic(args.out, args.seed))

@@ -1,0 +1,395 @@
+"""Evaluation: sampling, Rouge-L, exact match and BERTScore per seed, reports and heatmaps.
+
+Implements ../shared/ARKD_SPEC.md section 5, as a library (arkd.py validates with it) and a CLI:
+
+    python evaluate.py --model PATH --data_dir DIR --datasets dollyeval,selfinst,vicunaeval,sni,unni \\
+        --seeds 10,20,30,40,50 --out DIR
+    torchrun --nproc_per_node=N evaluate.py ...            # the same predictions, N times faster
+    python evaluate.py report --runs DIR [DIR ...] --out DIR
+
+Our choices where the paper is vague (each is marked "Choice N" where it is made):
+1. Results do not depend on the number of processes: prompts are cut into batches of --batch_size
+   in dataset order, batch b is sampled with the torch seed seed * 1000003 + b on whichever rank
+   gets it (round robin), and predictions are gathered back into dataset order. (MiniLLM adds the
+   rank to the seed, so its numbers change with the GPU count.)
+2. Exact match compares lower-cased text with punctuation removed and whitespace collapsed.
+3. With several references (S-NI), Rouge-L and BERTScore take the best reference.
+4. An empty prediction scores 0 on every metric (bert_score itself crashes on one).
+5. The spread over seeds is the sample standard deviation (n - 1); one seed gives 0.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import statistics
+import string
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import data
+
+log = logging.getLogger("evaluate")
+
+GENERATION = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, no_repeat_ngram_size=6)
+MAX_NEW_TOKENS = 256
+METRICS = ("rougeL", "exact_match", "bertscore_f1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes: the same code runs with `python` and under torchrun
+
+
+def world():
+    """(rank, world size): (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier():
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def print0(*args):
+    if world()[0] == 0:
+        print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and generation
+
+
+def load_model(path, device, dtype=torch.float32):
+    """Tokenizer and causal LM from a local directory or a Hub id; a clear error before any work."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith(".") or os.path.exists(path)):
+        raise FileNotFoundError(f"model {path!r}: no such directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise FileNotFoundError(f"model {path!r}: not a local model directory and not loadable from "
+                                f"the Hugging Face Hub ({err})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model.to(device).eval()
+
+
+def batch_seed(seed, batch_index):
+    """The sampling seed of one batch: independent of the rank and the number of ranks (Choice 1)."""
+    return seed * 1_000_003 + batch_index
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_tokens=MAX_NEW_TOKENS, progress=True):
+    """Sampled responses (strings, in the order of prompt_ids) with the settings of spec section 5.
+
+    Whole batches are sharded over ranks and the predictions gathered on every rank.
+    """
+    from tqdm import tqdm
+    rank, world_size = world()
+    device = next(model.parameters()).device
+    batches = [prompt_ids[i:i + batch_size] for i in range(0, len(prompt_ids), batch_size)]
+    mine = {}
+    bar = tqdm(range(rank, len(batches), world_size), desc=f"generate seed {seed}", unit="batch",
+               disable=not progress or rank != 0, leave=False)
+    for b in bar:
+        batch = {k: v.to(device) for k, v in data.collate_prompts(batches[b], tokenizer.pad_token_id).items()}
+        torch.manual_seed(batch_seed(seed, b))
+        out = model.generate(**batch, **GENERATION, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new_tokens = out[:, batch["input_ids"].shape[1]:]
+        mine[b] = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    if world_size > 1:       # every rank needs every prediction, in dataset order
+        parts = [None] * world_size
+        dist.all_gather_object(parts, mine)
+        mine = {b: preds for part in parts for b, preds in part.items()}
+    return [p for b in range(len(batches)) for p in mine[b]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+_ROUGE = None
+
+
+def rouge_l(prediction, references):
+    """max over references of Rouge-L F-measure (rouge_score, stemmer on) x 100 (Choice 3)."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    if not prediction.strip():
+        return 0.0                                          # Choice 4
+    return 100 * max(_ROUGE.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+def _normalise(text):
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(text.split())
+
+
+def exact_match(prediction, references):
+    """100 if the prediction equals a reference after normalisation (Choice 2), else 0."""
+    return 100.0 * any(_normalise(prediction) == _normalise(ref) for ref in references) \
+        if prediction.strip() else 0.0
+
+
+class BERTScore:
+    """BERTScore F1 x 100 with the model loaded once (bert_score.BERTScorer).
+
+    model: a bert_score model name (default roberta-large, layer 17) or a local path, which needs
+    num_layers. idf and baseline rescaling are off unless asked. `settings` is recorded with
+    every result.
+    """
+
+    def __init__(self, model="roberta-large", num_layers=None, batch_size=64, idf=False,
+                 rescale_with_baseline=False, device=None):
+        model = str(model)
+        if os.path.sep in model and not os.path.isdir(model):
+            raise FileNotFoundError(f"BERTScore model {model!r}: no such directory")
+        if os.path.isdir(model) and num_layers is None:
+            raise ValueError(f"BERTScore model {model!r} is a local path: give its num_layers")
+        self.settings = {"model": model, "num_layers": num_layers, "idf": idf,
+                         "rescale_with_baseline": rescale_with_baseline, "batch_size": batch_size}
+        self._scorer = None
+        self._device = device
+
+    def __call__(self, predictions, references):
+        """predictions [n] strings, references [n] lists of strings -> [n] F1 x 100."""
+        keep = [i for i, p in enumerate(predictions) if p.strip()]     # Choice 4
+        scores = [0.0] * len(predictions)
+        if not keep:
+            return scores
+        if self._scorer is None:
+            from bert_score import BERTScorer
+            s = self.settings
+            self._scorer = BERTScorer(model_type=s["model"], num_layers=s["num_layers"], idf=s["idf"],
+                                      rescale_with_baseline=s["rescale_with_baseline"],
+                                      batch_size=s["batch_size"], lang="en", device=self._device)
+        if self.settings["idf"]:
+            self._scorer.compute_idf([r for refs in references for r in refs])
+        _, _, f1 = self._scorer.score([predictions[i] for i in keep], [references[i] for i in keep])
+        for i, value in zip(keep, f1.tolist()):
+            scores[i] = 100 * value
+        return scores
+
+
+def mean_std(values):
+    """(mean, sample std) (Choice 5)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# One model on many sets and seeds, resumable
+
+
+def _write_atomic(path, text):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def evaluate_dataset(model, tokenizer, name, records, seed, out_dir, batch_size, max_new_tokens,
+                     bertscore=None):
+    """Generates and scores one (dataset, seed); writes predictions jsonl and scores json.
+
+    Skips the pair when its scores file exists, so an interrupted evaluation resumes.
+    """
+    rank, _ = world()
+    scores_path = os.path.join(out_dir, name, f"seed{seed}.json")
+    if os.path.exists(scores_path):
+        with open(scores_path) as f:
+            return json.load(f)
+    examples, counts = data.encode_records(tokenizer, records, name)
+    start = time.perf_counter()
+    predictions = generate(model, tokenizer, [e["prompt_ids"] for e in examples], seed, batch_size, max_new_tokens)
+    elapsed = time.perf_counter() - start
+    kept = [records[e["index"]] for e in examples]
+    result = None
+    if rank == 0:
+        references = [r["references"] for r in kept]
+        per_example = {"rougeL": [rouge_l(p, refs) for p, refs in zip(predictions, references)],
+                       "exact_match": [exact_match(p, refs) for p, refs in zip(predictions, references)]}
+        if bertscore is not None:
+            per_example["bertscore_f1"] = bertscore(predictions, references)
+        os.makedirs(os.path.dirname(scores_path), exist_ok=True)
+        lines = [json.dumps({"prompt": r["prompt"], "references": r["references"], "prediction": p,
+                             "seed": seed, **{m: v[i] for m, v in per_example.items()}})
+                 for i, (r, p) in enumerate(zip(kept, predictions))]
+        _write_atomic(os.path.join(out_dir, name, f"seed{seed}.jsonl"), "\n".join(lines) + "\n")
+        result = {"dataset": name, "seed": seed, "n": len(predictions), **counts,
+                  **{m: statistics.fmean(v) for m, v in per_example.items()},
+                  "prompts_per_second": len(predictions) / elapsed,
+                  "bertscore": bertscore.settings if bertscore is not None else None}
+        _write_atomic(scores_path, json.dumps(result, indent=1))
+        print0(f"{name} seed {seed}: Rouge-L {result['rougeL']:.2f}"
+               + (f" BERTScore {result['bertscore_f1']:.2f}" if bertscore is not None else "")
+               + f" ({len(predictions)} prompts, {result['prompts_per_second']:.1f} prompts/s)")
+    barrier()
+    return result
+
+
+def summarise(results):
+    """{dataset: {metric: {mean, std, seeds}}} from per-(dataset, seed) results."""
+    summary = {}
+    for r in results:
+        for metric in METRICS:
+            if metric in r:
+                entry = summary.setdefault(r["dataset"], {}).setdefault(metric, {"seeds": {}})
+                entry["seeds"][str(r["seed"])] = r[metric]
+    for metrics in summary.values():
+        for entry in metrics.values():
+            entry["mean"], entry["std"] = mean_std(list(entry["seeds"].values()))
+    return summary
+
+
+def run_evaluation(args):
+    rank, _ = world()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    datasets = [d for d in args.datasets.split(",") if d]
+    unknown = [d for d in datasets if d not in data.DATASETS]
+    if unknown:
+        raise ValueError(f"--datasets: unknown {unknown}; known: {', '.join(data.DATASETS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    records = {name: data.load_records(name, args.data_dir) for name in datasets}   # fail before work
+    tokenizer, model = load_model(args.model, device, torch.bfloat16 if args.bf16 else torch.float32)
+    bertscore = None if args.no_bertscore else BERTScore(args.bertscore_model, args.bertscore_layers,
+                                                          args.bertscore_batch_size, args.bertscore_idf,
+                                                          args.bertscore_rescale, device=str(device))
+    results = [evaluate_dataset(model, tokenizer, name, records[name], seed, args.out, args.batch_size,
+                                args.max_new_tokens, bertscore)
+               for name in datasets for seed in seeds]
+    if rank == 0:
+        summary = {"label": args.label or os.path.basename(os.path.normpath(args.model)),
+                   "model": args.model, "generation": {**GENERATION, "max_new_tokens": args.max_new_tokens,
+                                                       "batch_size": args.batch_size},
+                   "bertscore": bertscore.settings if bertscore else None, "results": summarise(results)}
+        _write_atomic(os.path.join(args.out, "results.json"), json.dumps(summary, indent=1))
+        for name, metrics in summary["results"].items():
+            print0(f"{name}: " + ", ".join(f"{m} {v['mean']:.2f} +- {v['std']:.2f}" for m, v in metrics.items()))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports: many runs -> results.md, results.json, heatmaps
+
+
+def heatmap(values, row_labels, col_labels, title, path):
+    """strategy x dataset heatmap (the paper's figures 3, 4 and 7) as a PNG; NaN cells left blank."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(col_labels), 1.0 + 0.45 * len(row_labels)))
+    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(col_labels)), col_labels)
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white", fontsize=8)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(run_dirs, out_dir):
+    """Gathers the results.json of several runs into results.md, results.json and heatmaps."""
+    runs = {}
+    for run in run_dirs:
+        path = os.path.join(run, "results.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"report: {path} does not exist (run evaluate.py for {run} first)")
+        with open(path) as f:
+            summary = json.load(f)
+        runs[summary["label"]] = summary["results"]
+    datasets = [d for d in data.DATASETS if any(d in r for r in runs.values())]
+    datasets += sorted({d for r in runs.values() for d in r} - set(datasets))
+    os.makedirs(out_dir, exist_ok=True)
+    lines = ["# Results", "", "Mean +- sample std over seeds, x 100.", ""]
+    for metric, title in (("rougeL", "Rouge-L"), ("bertscore_f1", "BERTScore F1"), ("exact_match", "Exact match")):
+        if not any(metric in m for r in runs.values() for m in r.values()):
+            continue
+        lines += [f"## {title}", "", "| run | " + " | ".join(datasets) + " |",
+                  "| --- |" + " --- |" * len(datasets)]
+        grid = []
+        for label, results in runs.items():
+            cells = [results.get(d, {}).get(metric) for d in datasets]
+            grid.append([c["mean"] if c else float("nan") for c in cells])
+            lines.append(f"| {label} | " + " | ".join(f"{c['mean']:.2f} +- {c['std']:.2f}" if c else "-"
+                                                     for c in cells) + " |")
+        lines.append("")
+        if metric != "exact_match":
+            heatmap(grid, list(runs), datasets, title, os.path.join(out_dir, f"{metric}_heatmap.png"))
+    _write_atomic(os.path.join(out_dir, "results.md"), "\n".join(lines))
+    _write_atomic(os.path.join(out_dir, "results.json"), json.dumps(runs, indent=1))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate a causal LM on the MiniLLM sets, or report runs.")
+    # model and data
+    parser.add_argument("--model", help="model directory (save_pretrained) or Hub id")
+    parser.add_argument("--data_dir", default=None, help="local MiniLLM Hub layout; default: download from the Hub")
+    parser.add_argument("--datasets", default=",".join(data.EVAL_SETS), help="comma-separated, of " + ", ".join(data.DATASETS))
+    parser.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
+    parser.add_argument("--out", required=True, help="output directory (resumes what is there)")
+    parser.add_argument("--label", default=None, help="name of this run in reports (default: model directory name)")
+    # generation
+    parser.add_argument("--batch_size", type=int, default=16, help="prompts per generation batch (fixes the results)")
+    parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS, help="tokens to sample per prompt")
+    parser.add_argument("--bf16", action="store_true", help="run the model in bfloat16 (CUDA)")
+    # BERTScore
+    parser.add_argument("--bertscore_model", default="roberta-large", help="bert_score model name or local path")
+    parser.add_argument("--bertscore_layers", type=int, default=None, help="layer to use (required for a local path)")
+    parser.add_argument("--bertscore_batch_size", type=int, default=64, help="BERTScore batch size")
+    parser.add_argument("--bertscore_idf", action="store_true", help="idf weighting (off by default)")
+    parser.add_argument("--bertscore_rescale", action="store_true", help="rescale with baseline (off by default)")
+    parser.add_argument("--no_bertscore", action="store_true", help="skip BERTScore")
+    args = parser.parse_args(argv)
+    if not args.model:
+        parser.error("--model is required")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        parser.error("--batch_size and --max_new_tokens must be >= 1")
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if argv[:1] == ["report"]:
+        parser = argparse.ArgumentParser(description="Gather evaluated runs into tables and heatmaps.")
+        parser.add_argument("--runs", nargs="+", required=True, help="run directories holding results.json")
+        parser.add_argument("--out", required=True, help="where results.md, results.json and PNGs go")
+        args = parser.parse_args(argv[1:])
+        report(args.runs, args.out)
+        print(f"wrote {os.path.join(args.out, 'results.md')}")
+        return
+    args = parse_args(argv)
+    if "RANK" in os.environ:         # launched by torchrun
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    try:
+        run_evaluation(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
