@@ -101,9 +101,11 @@ def generate(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_tokens=M
                disable=not progress or rank != 0, leave=False)
     for b in bar:
         batch = {k: v.to(device) for k, v in data.collate_prompts(batches[b], tokenizer.pad_token_id).items()}
-        torch.manual_seed(batch_seed(seed, b))
-        out = model.generate(**batch, **GENERATION, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        # Seeded per batch, and the caller's random state (a training run's dropout) left alone.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(batch_seed(seed, b))
+            out = model.generate(**batch, **GENERATION, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         new_tokens = out[:, batch["input_ids"].shape[1]:]
         mine[b] = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     if world_size > 1:       # every rank needs every prediction, in dataset order
@@ -192,6 +194,7 @@ def mean_std(values):
 
 
 def _write_atomic(path, text):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
@@ -220,7 +223,6 @@ def evaluate_dataset(model, tokenizer, name, records, seed, out_dir, batch_size,
                        "exact_match": [exact_match(p, refs) for p, refs in zip(predictions, references)]}
         if bertscore is not None:
             per_example["bertscore_f1"] = bertscore(predictions, references)
-        os.makedirs(os.path.dirname(scores_path), exist_ok=True)
         lines = [json.dumps({"prompt": r["prompt"], "references": r["references"], "prediction": p,
                              "seed": seed, **{m: v[i] for m, v in per_example.items()}})
                  for i, (r, p) in enumerate(zip(kept, predictions))]

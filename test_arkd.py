@@ -872,3 +872,133 @@ def test_report_gathers_runs_into_tables_and_heatmaps(tmp_path):
         assert open(tmp_path / "report" / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(FileNotFoundError, match="results.json"):
         evaluate.report([str(tmp_path / "nowhere")], str(tmp_path / "r2"))
+
+
+# ----------------------------------------------------------------------------------------------
+# arkd.py: training on tiny models
+
+import arkd  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pair(toy, tmp_path_factory):
+    """A teacher (2 x 128) and a student (1 x 64) sharing the toy tokenizer, untrained."""
+    root = tmp_path_factory.mktemp("pair")
+    return {**toy, "teacher": save_tiny_gpt2(toy["tokenizer"], str(root / "teacher"), n_embd=128, n_layer=2, seed=1),
+            "student": save_tiny_gpt2(toy["tokenizer"], str(root / "student"), n_embd=64, n_layer=1, seed=2)}
+
+
+def train_argv(pair, out, *extra):
+    return ["--teacher", pair["teacher"], "--student", pair["student"], "--data_dir", pair["data_dir"],
+            "--out", str(out), "--batch_size", "4", "--grad_accum", "2", "--max_steps", "6", "--lr", "2e-3",
+            "--warmup_ratio", "0", "--eval_every", "0", "--val_examples", "4", "--max_new_tokens", "4",
+            "--train_examples", "160", "--policy_buffer", "4", *extra]
+
+
+@pytest.mark.parametrize("method,strategy", [("sft", "fkl"), ("kd", "fkl"), ("kd", "rkl"), ("kd", "fixed:0.3"),
+                                             ("kd", "linear:0.9,0.1"), ("kd", "greedy"), ("kd", "akl"), ("kd", "arkd")])
+def test_every_method_and_strategy_trains_and_lowers_its_loss(pair, tmp_path, method, strategy):
+    result = arkd.main(train_argv(pair, tmp_path, "--method", method, "--strategy", strategy, "--max_steps", "8"))
+    losses_seen = [r["loss"] for r in result["history"]]
+    assert len(losses_seen) == 8 and sum(losses_seen[-2:]) < sum(losses_seen[:2])
+    alphas = [r.get("alpha") for r in result["history"]]
+    if strategy == "linear:0.9,0.1":
+        assert alphas[0] == pytest.approx(0.9) and alphas[-1] == pytest.approx(0.1)
+    if strategy == "greedy":                                 # FKL / (FKL + RKL) of micro-batch 0
+        assert all(0 < a < 1 for a in alphas) and len(set(alphas)) > 1
+    if strategy == "arkd":
+        assert all(0 < a < 1 for a in alphas) and all("reward" in r for r in result["history"])
+        assert result["policy"].updates == 2                # 8 actions, M = 4
+        assert os.path.exists(tmp_path / "alpha.png") and os.path.exists(tmp_path / "reward.png")
+    from transformers import AutoModelForCausalLM
+    for directory in ("last", "best"):                       # plain Hugging Face checkpoints
+        assert AutoModelForCausalLM.from_pretrained(str(tmp_path / directory)).config.n_layer == 1
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(8)) and "val_rougeL" in rows[-1]
+
+
+def test_seqkd_samples_teacher_responses_then_trains(pair, tmp_path):
+    result = arkd.main(train_argv(pair, tmp_path, "--method", "seqkd", "--train_examples", "40", "--max_steps", "3"))
+    samples = data.load_records("dolly_train", str(tmp_path / "seqkd_data"))
+    originals = data.load_records("dolly_train", pair["data_dir"])[:40]
+    assert 0 < len(samples) <= 40 and len(result["history"]) == 3
+    assert [s["instruction"] for s in samples] == [o["instruction"] for o in originals][:len(samples)]
+    assert [s["references"] for s in samples] != [o["references"] for o in originals][:len(samples)]
+    assert data.load_records("dolly_dev", str(tmp_path / "seqkd_data"))[0] == data.load_records("dolly_dev", pair["data_dir"])[0]
+
+
+def test_exact_resume_continues_as_if_never_stopped(pair, tmp_path):
+    common = ("--method", "kd", "--strategy", "arkd", "--reward_every", "2", "--eval_every", "3", "--max_steps", "7")
+    straight = arkd.main(train_argv(pair, tmp_path / "straight", *common))
+    first = arkd.main(train_argv(pair, tmp_path / "resumed", *common, "--stop_after", "3"))
+    assert len(first["history"]) == 3
+    resumed = arkd.main(train_argv(pair, tmp_path / "resumed", *common, "--resume"))
+    assert [r["alpha"] for r in straight["history"][3:]] == [r["alpha"] for r in resumed["history"]]
+    for (name, a), b in zip(straight["student"].state_dict().items(), resumed["student"].state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    for a, b in zip(straight["policy"].net.parameters(), resumed["policy"].net.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl") if '"loss"' in line]
+    assert steps == list(range(7))
+
+
+def test_bad_settings_fail_before_training(pair, tmp_path):
+    with pytest.raises(ValueError, match="unknown strategy 'fkll'"):
+        arkd.main(train_argv(pair, tmp_path, "--strategy", "fkll"))
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        arkd.main(train_argv(pair, tmp_path, "--student", str(tmp_path / "no-such-model")))
+    with pytest.raises(FileNotFoundError, match="raw.jsonl"):
+        arkd.main(train_argv(pair, tmp_path, "--data_dir", str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        arkd.main(train_argv(pair, tmp_path / "fresh", "--resume"))
+    other = train_tokenizer(["completely different text for another vocabulary"] * 20, vocab_size=300)
+    stranger = save_tiny_gpt2(other, str(tmp_path / "stranger"))
+    with pytest.raises(ValueError, match=f"teacher {stranger}.*student {pair['student']}.*different tokenizers"):
+        arkd.main(train_argv(pair, tmp_path / "x", "--teacher", stranger))
+    assert not os.path.exists(tmp_path / "x" / "last")
+
+
+def test_resume_refuses_another_configuration_and_a_rerun_refuses_to_overwrite(pair, tmp_path):
+    arkd.main(train_argv(pair, tmp_path, "--strategy", "fkl", "--max_steps", "2"))
+    saved = open(tmp_path / "last" / "model.safetensors", "rb").read()
+    with pytest.raises(ValueError, match="strategy='fkl' \\(now 'rkl'\\)"):
+        arkd.main(train_argv(pair, tmp_path, "--strategy", "rkl", "--max_steps", "2", "--resume"))
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        arkd.main(train_argv(pair, tmp_path, "--strategy", "fkl", "--max_steps", "2"))
+    assert open(tmp_path / "last" / "model.safetensors", "rb").read() == saved
+
+
+def test_a_save_that_fails_halfway_leaves_the_last_checkpoint_loadable(pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+    arkd.main(train_argv(pair, tmp_path, "--strategy", "fkl", "--max_steps", "2"))
+    good = AutoModelForCausalLM.from_pretrained(str(tmp_path / "last")).state_dict()
+
+    def crash_halfway(tmp):
+        open(os.path.join(tmp, "model.safetensors"), "wb").write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        arkd.save_atomic(str(tmp_path / "last"), crash_halfway)
+    assert arkd.find_checkpoint(str(tmp_path)) == str(tmp_path / "last")
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "last")).state_dict()
+    assert all(torch.equal(good[k], reloaded[k]) for k in good)
+    os.replace(tmp_path / "last", tmp_path / "last.old")      # a crash between the two renames
+    assert arkd.find_checkpoint(str(tmp_path)) == str(tmp_path / "last.old")
+
+
+def test_padded_vocabulary_and_non_finite_losses(pair, tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    tokenizer = pair["tokenizer"]
+    config = AutoModelForCausalLM.from_pretrained(pair["student"]).config.to_dict()
+    padded = GPT2LMHeadModel(GPT2Config(**{**config, "vocab_size": len(tokenizer) + 7}))
+    padded.save_pretrained(tmp_path / "padded")
+    tokenizer.save_pretrained(tmp_path / "padded")
+    result = arkd.main(train_argv(pair, tmp_path / "run", "--student", str(tmp_path / "padded"), "--strategy", "rkl"))
+    assert all(math.isfinite(r["loss"]) for r in result["history"])
+    broken = AutoModelForCausalLM.from_pretrained(pair["teacher"])
+    with torch.no_grad():
+        broken.lm_head.weight.fill_(float("nan"))
+    broken.save_pretrained(tmp_path / "nan-teacher")
+    tokenizer.save_pretrained(tmp_path / "nan-teacher")
+    with pytest.raises(RuntimeError, match="10 steps in a row"):
+        arkd.main(train_argv(pair, tmp_path / "nan", "--teacher", str(tmp_path / "nan-teacher"), "--max_steps", "12"))
