@@ -450,7 +450,6 @@ def main(argv=None):
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, warmup))
     strategy = Strategy.parse(args.strategy) if args.method == "kd" else None
     policy = ARKDPolicy(buffer_size=args.policy_buffer, lr=args.policy_lr, entropy_coef=args.policy_entropy,
                         seed=args.seed) if args.strategy == "arkd" else None
@@ -458,7 +457,6 @@ def main(argv=None):
     if args.resume:
         state = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         if policy is not None:
             policy.load_state_dict(state["policy"])
         step, best, bad_steps, skipped, window = state["step"], state["best"], state["bad_steps"], state["skipped"], state["window"]
@@ -488,6 +486,9 @@ def main(argv=None):
     while step < total_steps:
         started = time.perf_counter()
         batches = micro_batches(examples, step, args, rank, world_size)
+        lr = args.lr * cosine_lr(step, total_steps, warmup)            # a pure function of the step
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         rng0 = rng_snapshot(device)                        # micro-batch 0's dropout masks (Choice 3)
         row = {"step": step}
 
@@ -516,7 +517,6 @@ def main(argv=None):
             if bad_steps >= MAX_BAD_STEPS:
                 raise RuntimeError(f"step {step}: {MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient")
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
 
         if policy is not None and window is not None and (step + 1 - window["step"] >= args.reward_every or step + 1 == total_steps):
             after = stat_means(reward_stats(student, window["batch"], window["teacher_logits"], window["rng"], args))
@@ -533,7 +533,7 @@ def main(argv=None):
             if policy is not None:
                 row["beta_a"], row["beta_b"] = policy.last_beta
         tokens = float(all_reduce_sum(torch.tensor([float(sum(int(b["attention_mask"].sum()) for b in batches))])))
-        row.update(loss=loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, skipped_steps=skipped,
+        row.update(loss=loss, lr=lr, grad_norm=grad_norm, skipped_steps=skipped,
                    tokens_per_second=tokens / (time.perf_counter() - started))
         history.append(row)
         if master:
@@ -565,7 +565,7 @@ def main(argv=None):
             if master:
                 saved_window = None if window is None else {k: window[k] for k in ("step", "before", "rng")}
                 save_checkpoint(args.out, student, tokenizer, {
-                    "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "step": step, "optimizer": optimizer.state_dict(),
                     "policy": policy.state_dict() if policy is not None else None, "rng": rngs,
                     "best": best, "bad_steps": bad_steps, "skipped": skipped, "window": saved_window}, args)
             evaluate.barrier()

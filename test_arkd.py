@@ -1002,3 +1002,80 @@ def test_padded_vocabulary_and_non_finite_losses(pair, tmp_path):
     tokenizer.save_pretrained(tmp_path / "nan-teacher")
     with pytest.raises(RuntimeError, match="10 steps in a row"):
         arkd.main(train_argv(pair, tmp_path / "nan", "--teacher", str(tmp_path / "nan-teacher"), "--max_steps", "12"))
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join_gloo(rank, world_size, port):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+
+def _step_gradients(rank, world_size, port, pair, grad_accum, out_file):
+    """One step's accumulated gradients through arkd.forward_backward, as training computes them."""
+    if world_size > 1:
+        _join_gloo(rank, world_size, port)
+        torch.distributed.init_process_group("gloo")
+    args = arkd.parse_args(train_argv(pair, os.path.dirname(out_file), "--strategy", "fixed:0.3",
+                                      "--lm_weight", "0.5", "--grad_accum", str(grad_accum)))
+    tokenizer = arkd.load_tokenizer_pair(args)
+    args.vocab_size, args.pad_id, args.world_size = len(tokenizer), tokenizer.pad_token_id, world_size
+    args.autocast = torch.autocast("cpu", enabled=False)
+    student = arkd.load_model(args.student, torch.device("cpu"), torch.float32, args.vocab_size).eval()
+    teacher = arkd.load_model(args.teacher, torch.device("cpu"), torch.float32, args.vocab_size).eval()
+    model = torch.nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
+    examples, _ = data.encode_records(tokenizer, data.load_records("dolly_train", args.data_dir)[:160])
+    batches = arkd.micro_batches(examples, 1, args, rank, world_size)
+    arkd.forward_backward(model, teacher, batches, args, lambda *_: 0.3, world_size)
+    if rank == 0:
+        torch.save({n: p.grad for n, p in student.named_parameters()}, out_file)
+    if world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        os._exit(0)                 # see _two_rank_policy_worker
+
+
+def test_one_process_accumulating_4_equals_two_processes_accumulating_2(pair, tmp_path):
+    plain = {k: v for k, v in pair.items() if k != "tokenizer"}
+    _step_gradients(0, 1, 0, plain, 4, str(tmp_path / "one.pt"))
+    mp.spawn(_step_gradients, args=(2, free_port(), plain, 2, str(tmp_path / "two.pt")), nprocs=2)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5), name
+    assert max(g.abs().max() for g in one.values()) > 1e-4
+
+
+def _two_rank_training(rank, port, argv, out_dir):
+    _join_gloo(rank, 2, port)
+    result = arkd.main(argv)
+    torch.save({"alphas": [r["alpha"] for r in result["history"]],
+                "policy": [p.detach() for p in result["policy"].net.parameters()],
+                "student": result["student"].state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    os._exit(0)                     # see _two_rank_policy_worker
+
+
+def test_two_ranks_train_with_the_same_alpha_and_end_identical(pair, tmp_path):
+    plain = {k: v for k, v in pair.items() if k != "tokenizer"}
+    argv = train_argv(plain, tmp_path / "run", "--strategy", "arkd", "--grad_accum", "1", "--max_steps", "8")
+    mp.spawn(_two_rank_training, args=(free_port(), argv, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["alphas"] == r1["alphas"] and len(set(r0["alphas"])) == 8
+    assert all(torch.equal(a, b) for a, b in zip(r0["policy"], r1["policy"]))
+    assert all(torch.equal(r0["student"][k], r1["student"][k]) for k in r0["student"])
+
+
+def test_torchrun_cli_trains_on_two_processes(pair, tmp_path):
+    argv = train_argv(pair, tmp_path, "--strategy", "greedy", "--grad_accum", "1", "--max_steps", "3")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "arkd.py", *argv], cwd=HERE, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
+    assert len(rows) == 3 and json.load(open(tmp_path / "last" / "info.json"))["world_size"] == 2
