@@ -286,8 +286,6 @@ def find_checkpoint(out):
 
 def save_model(directory, student, tokenizer, info):
     """Plain Hugging Face weights (safetensors) that AutoModelForCausalLM loads, plus info.json."""
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
     student.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     with open(os.path.join(directory, "info.json"), "w") as f:
@@ -401,6 +399,8 @@ def validate(model, tokenizer, val_examples, val_records, args):
 
 
 def main(argv=None):
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()      # one bar per run is enough: ours
     args = parse_args(argv)
     check_paths(args)
     rank, world_size, device = setup_distributed()
@@ -533,8 +533,9 @@ def main(argv=None):
             if policy is not None:
                 row["beta_a"], row["beta_b"] = policy.last_beta
         tokens = float(all_reduce_sum(torch.tensor([float(sum(int(b["attention_mask"].sum()) for b in batches))])))
-        row.update(loss=loss, lr=lr, grad_norm=grad_norm, skipped_steps=skipped,
-                   tokens_per_second=tokens / (time.perf_counter() - started))
+        seconds = time.perf_counter() - started
+        row.update(loss=loss, lr=lr, grad_norm=grad_norm, skipped_steps=skipped, step_seconds=seconds,
+                   tokens_per_second=tokens / seconds)
         history.append(row)
         if master:
             metrics.write(json.dumps(row) + "\n")
@@ -583,8 +584,29 @@ def main(argv=None):
     return {"student": student, "policy": policy, "history": history, "best": best}
 
 
+def tiny_model(tokenizer_dir, out, n_embd=64, n_layer=2, n_head=2, seed=0):
+    """A randomly initialised GPT-2 of the given size, saved with the tokenizer, for offline runs."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["plot"]:
         plot(sys.argv[2])
+    elif sys.argv[1:2] == ["tiny"]:
+        tiny = argparse.ArgumentParser(description="Build a random tiny GPT-2 for offline runs.")
+        tiny.add_argument("--tokenizer", required=True, help="tokenizer directory")
+        tiny.add_argument("--out", required=True, help="model directory to write")
+        for name, default in (("n_embd", 64), ("n_layer", 2), ("n_head", 2), ("seed", 0)):
+            tiny.add_argument(f"--{name}", type=int, default=default, help=f"GPT2Config {name}")
+        t = tiny.parse_args(sys.argv[2:])
+        tiny_model(t.tokenizer, t.out, t.n_embd, t.n_layer, t.n_head, t.seed)
     else:
         main()

@@ -20,6 +20,12 @@ that the AKL head search needs its full-sort fallback; the share is printed).
 
     python bench.py                          # N=4096, V=50257, fp32, CUDA when available
     python bench.py --dtype bf16 --n 1024 --json
+
+The step benchmark times whole optimizer steps of arkd.py on the offline toy task, ARKD (reward
+forward and policy update included) against plain FKL, on random GPT-2s built from configs:
+
+    python bench.py --step                   # CPU: teacher 3 x 240 (~4x the student 2 x 128), accumulation 4
+    python bench.py --step --teacher_size 24,1024 --student_size 12,768 --step_batch 8   # GPU, GPT-2 shapes
 """
 import argparse
 import json
@@ -28,6 +34,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -162,6 +169,55 @@ def run_variant(args):
     print(json.dumps(result))
 
 
+def step_benchmark(args):
+    """Median optimizer-step time of arkd.py for --strategy arkd over --strategy fkl, measured in
+    alternating subprocesses on the same data, models and batches."""
+    import arkd
+    import data
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = data.write_synthetic(os.path.join(tmp, "data"))
+        texts = [r["prompt"] + r["references"][0] for r in data.load_records("dolly_train", data_dir)]
+        data.train_tokenizer(texts).save_pretrained(os.path.join(tmp, "tok"))
+        sizes = {}
+        for role, spec in (("teacher", args.teacher_size), ("student", args.student_size)):
+            layers, width = map(int, spec.split(","))
+            arkd.tiny_model(os.path.join(tmp, "tok"), os.path.join(tmp, role), width, layers, n_head=max(1, width // 64))
+            sizes[role] = (layers, width)
+        from transformers import AutoModelForCausalLM
+        params = {role: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(os.path.join(tmp, role)).parameters())
+                  for role in sizes}
+        times = {"fkl": [], "arkd": []}
+        for round_ in range(args.repeats):
+            for strategy in times:
+                out = os.path.join(tmp, f"{strategy}{round_}")
+                cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "arkd.py"),
+                       "--method", "kd", "--strategy", strategy, "--teacher", os.path.join(tmp, "teacher"),
+                       "--student", os.path.join(tmp, "student"), "--data_dir", data_dir, "--out", out,
+                       "--max_steps", str(args.steps), "--batch_size", str(args.step_batch), "--grad_accum", "4",
+                       "--eval_every", "0", "--val_examples", "1", "--max_new_tokens", "1", "--warmup_ratio", "0"]
+                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if done.returncode != 0:
+                    sys.exit(f"bench: arkd.py --strategy {strategy} failed:\n{done.stderr[-2000:]}")
+                with open(os.path.join(out, "metrics.jsonl")) as f:
+                    rows = [json.loads(line) for line in f if '"step_seconds"' in line]
+                times[strategy] += [r["step_seconds"] for r in rows[3:]]      # the first steps warm up
+    medians = {s: statistics.median(t) for s, t in times.items()}
+    summary = {"teacher_params": params["teacher"], "student_params": params["student"],
+               "size_ratio": params["teacher"] / params["student"], "grad_accum": 4,
+               "median_step_s": medians, "step_time_ratio": medians["arkd"] / medians["fkl"],
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"teacher {params['teacher'] / 1e6:.2f}M params, student {params['student'] / 1e6:.2f}M "
+              f"({summary['size_ratio']:.1f}x), accumulation 4, {summary['device']}")
+        print(f"median step: fkl {medians['fkl'] * 1e3:.1f} ms, arkd {medians['arkd'] * 1e3:.1f} ms, "
+              f"ratio {summary['step_time_ratio']:.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=4096, help="tokens")
@@ -172,10 +228,17 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--step", action="store_true", help="step benchmark: ARKD step over FKL step in arkd.py")
+    parser.add_argument("--steps", type=int, default=43, help="--step: optimizer steps per run")
+    parser.add_argument("--teacher_size", default="3,240", help="--step: teacher layers,width")
+    parser.add_argument("--student_size", default="2,128", help="--step: student layers,width")
+    parser.add_argument("--step_batch", type=int, default=4, help="--step: sequences per micro-batch")
     parser.add_argument("--variant", help=argparse.SUPPRESS)                 # set in the child
     args = parser.parse_args()
     if args.variant:
         return run_variant(args)
+    if args.step:
+        return step_benchmark(args)
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or "naive" not in variants:

@@ -244,10 +244,28 @@ def write_synthetic(data_dir, seed=0):
     return data_dir
 
 
+def train_tokenizer(texts, vocab_size=700):
+    """A byte-level BPE (GPT-2 style, EOS = pad = <|endoftext|>) trained on `texts`, for tiny offline
+    models; returns a transformers PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    eot = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=eot, eos_token=eot, unk_token=eot, pad_token=eot)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="MiniLLM-format data tools")
-    parser.add_argument("command", choices=("synthetic",), help="synthetic: write the offline toy task")
+    parser.add_argument("command", choices=("synthetic",), help="synthetic: write the offline toy task and "
+                        "a tokenizer trained on it (OUT/tokenizer)")
     parser.add_argument("--out", required=True, help="directory to write the Hub layout into")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the toy task")
     args = parser.parse_args()
-    print(write_synthetic(args.out, args.seed))
+    write_synthetic(args.out, args.seed)
+    texts = [r["prompt"] + r["references"][0] for r in load_records("dolly_train", args.out)]
+    train_tokenizer(texts).save_pretrained(os.path.join(args.out, "tokenizer"))
+    print(args.out)

@@ -371,6 +371,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if argv[:1] == ["report"]:
         parser = argparse.ArgumentParser(description="Gather evaluated runs into tables and heatmaps.")

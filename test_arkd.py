@@ -605,6 +605,7 @@ def test_bench_runs_and_reports_ratios():
 import json  # noqa: E402
 import subprocess  # noqa: E402
 
+import arkd  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 
@@ -613,29 +614,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def train_tokenizer(texts, vocab_size=700):
-    """A byte-level BPE trained on `texts`, wrapped as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    eot = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=eot, eos_token=eot, unk_token=eot, pad_token=eot)
+train_tokenizer = data.train_tokenizer
 
 
 def save_tiny_gpt2(tokenizer, path, n_embd=64, n_layer=2, seed=0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=n_embd, n_layer=n_layer,
-                        n_head=2, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path
+    return arkd.tiny_model(path, path, n_embd=n_embd, n_layer=n_layer, seed=seed)
 
 
 @pytest.fixture(scope="session")
@@ -876,8 +860,6 @@ def test_report_gathers_runs_into_tables_and_heatmaps(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # arkd.py: training on tiny models
-
-import arkd  # noqa: E402
 
 
 @pytest.fixture(scope="session")
