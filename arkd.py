@@ -480,7 +480,8 @@ def main(argv=None):
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args) | {"autocast": None}, f, indent=1, default=str)
     from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=step, disable=not master, desc=f"{args.method} {args.strategy}")
+    bar = tqdm(total=total_steps, initial=step, disable=not master, desc=f"{args.method} {args.strategy}",
+               mininterval=0.1 if sys.stderr.isatty() else 30)      # a log file gets a line every 30 s
     first_step, history = step, []
 
     while step < total_steps:
@@ -541,7 +542,7 @@ def main(argv=None):
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", alpha=f"{row.get('alpha', float('nan')):.3f}")
+            bar.set_postfix(loss=f"{loss:.4f}", **({"alpha": f"{row['alpha']:.3f}"} if "alpha" in row else {}))
 
         scheduled = step == total_steps or (args.eval_every and step % args.eval_every == 0)
         stopping = bool(args.stop_after) and step - first_step >= args.stop_after

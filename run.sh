@@ -27,7 +27,7 @@ NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0
 EPOCHS=${EPOCHS:-10} LM_WEIGHT=${LM_WEIGHT:-0.0}
 if [[ $MODE == smoke ]]; then
   PAIR=smoke OUT=${OUT:-runs/smoke} SEEDS=${SEEDS:-10,20} NPROC=1
-  SMOKE_STEPS=${SMOKE_STEPS:-60}           # KD steps per strategy; the teacher gets 6x, the student 1x
+  SMOKE_STEPS=${SMOKE_STEPS:-60}           # KD steps per strategy; the teacher gets 10x, the student 1x
   TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-3e-3}
   TRAIN=(--batch_size 16 --grad_accum 1 --eval_every 0 --val_examples 32 --max_new_tokens 24 --gen_batch_size 32)
   EVAL=(--batch_size 40 --max_new_tokens 24)
@@ -105,7 +105,7 @@ if [[ $MODE == smoke ]]; then
   stage teacher-init $PY arkd.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/teacher-init" --n_embd 128 --n_layer 2 --seed 1
   stage student-init $PY arkd.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/student-init" --n_embd 64 --n_layer 1 --seed 2
   TEACHER_BASE=$OUT/teacher-init STUDENT_BASE=$OUT/student-init
-  TEACHER_SFT=(--max_steps $(( 6 * SMOKE_STEPS ))) STUDENT_SFT=(--max_steps "$SMOKE_STEPS") KD=(--max_steps "$SMOKE_STEPS")
+  TEACHER_SFT=(--max_steps $(( 10 * SMOKE_STEPS ))) STUDENT_SFT=(--max_steps "$SMOKE_STEPS") KD=(--max_steps "$SMOKE_STEPS")
 else
   stage data $PY data.py download --out "$DATA_DIR"
   TEACHER_SFT=(--lr 5e-5 --epochs 10) STUDENT_SFT=(--lr "$LR") KD=(--lr "$LR")

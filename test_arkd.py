@@ -1061,3 +1061,45 @@ def test_torchrun_cli_trains_on_two_processes(pair, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
     assert len(rows) == 3 and json.load(open(tmp_path / "last" / "info.json"))["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# run.sh
+
+
+def run_sh(out, *args, **env):
+    settings = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(["bash", "run.sh", *args], cwd=HERE, capture_output=True, text=True, env=settings, timeout=900)
+
+
+def test_smoke_pipeline_produces_the_report_and_a_rerun_skips_every_stage(tmp_path):
+    small = {"STRATEGIES": "sft fkl arkd", "SMOKE_STEPS": "20", "SEEDS": "10"}
+    done = run_sh(tmp_path, "smoke", **small)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = tmp_path / "report"
+    for name in ("results.md", "results.json", "rougeL_heatmap.png", "alpha.png", "reward.png"):
+        assert (report / name).stat().st_size > 0, name
+    results = json.load(open(report / "results.json"))
+    assert set(results) == {"teacher", "sft", "fkl", "arkd"}
+    assert set(results["arkd"]) == set(data.EVAL_SETS)
+    table = open(report / "results.md").read()
+    for label in results:
+        mean = results[label]["dollyeval"]["rougeL"]["mean"]
+        assert f"| {label} | {mean:.2f} +- " in table
+    again = run_sh(tmp_path, "smoke", **small)
+    assert again.returncode == 0 and "[run ]" not in again.stdout and again.stdout.count("[skip]") >= 10
+
+
+def test_run_sh_rejects_bad_settings_before_any_work(tmp_path):
+    done = run_sh(tmp_path / "a", "smoke", STRATEGIES="fkl bidirectional")
+    assert done.returncode != 0 and "unknown strategy 'bidirectional'" in done.stderr
+    assert not (tmp_path / "a" / "done" / "data").exists()
+    done = run_sh(tmp_path / "b", PAIR="gpt3")
+    assert done.returncode != 0 and "unknown PAIR 'gpt3'" in done.stderr
+    done = run_sh(tmp_path / "c", "smok")
+    assert done.returncode != 0 and "unknown mode 'smok'" in done.stderr
+    done = run_sh(tmp_path / "d")                          # a full run on this GPU-less machine
+    if not torch.cuda.is_available():
+        assert done.returncode != 0 and "needs CUDA GPUs" in done.stderr
+    done = run_sh("/proc/not-writable", "smoke")
+    assert done.returncode != 0 and "not writable" in done.stderr
