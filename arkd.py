@@ -333,7 +333,7 @@ def build_seqkd_data(teacher, tokenizer, args, part_size=256):
         if rank == 0:
             lines = [json.dumps({"instruction": train[e["index"]]["instruction"], "input": train[e["index"]]["input"],
                                  "output": s}) for e, s in zip(chunk, samples) if s.strip()]
-            evaluate._write_atomic(part, "\n".join(lines) + "\n")
+            evaluate.write_atomic(part, "\n".join(lines) + "\n")
         evaluate.barrier()
     if rank == 0:
         dev = data.load_records("dolly_dev", args.data_dir)
@@ -341,7 +341,7 @@ def build_seqkd_data(teacher, tokenizer, args, part_size=256):
         for name in sorted(os.listdir(parts_dir)):
             with open(os.path.join(parts_dir, name), encoding="utf-8") as f:
                 lines += [line.rstrip("\n") for line in f if line.strip()]
-        evaluate._write_atomic(target, "\n".join(lines) + "\n")
+        evaluate.write_atomic(target, "\n".join(lines) + "\n")
     evaluate.barrier()
 
 
@@ -405,7 +405,7 @@ def main(argv=None):
     check_paths(args)
     rank, world_size, device = setup_distributed()
     master = rank == 0                                    # logs, checkpoints, plots
-    print0 = print if master else (lambda *a, **k: None)
+    print0 = evaluate.print0
     args.world_size = world_size
     if args.grad_accum == 0:
         if 32 % (args.batch_size * world_size):
@@ -474,7 +474,7 @@ def main(argv=None):
     if master and args.resume and os.path.exists(metrics_path):   # drop what came after the checkpoint
         kept = [line for line in open(metrics_path) if line.strip() and json.loads(line)["step"] < step
                 or '"val_rougeL"' in line and json.loads(line)["step"] <= step]
-        evaluate._write_atomic(metrics_path, "".join(kept))
+        evaluate.write_atomic(metrics_path, "".join(kept))
     metrics = open(metrics_path, "a") if master else None
     if master and not args.resume:
         with open(os.path.join(args.out, "args.json"), "w") as f:

@@ -193,7 +193,8 @@ def mean_std(values):
 # One model on many sets and seeds, resumable
 
 
-def _write_atomic(path, text):
+def write_atomic(path, text):
+    """Writes text to path through a temporary file, so a crash never leaves half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)
@@ -226,12 +227,12 @@ def evaluate_dataset(model, tokenizer, name, records, seed, out_dir, batch_size,
         lines = [json.dumps({"prompt": r["prompt"], "references": r["references"], "prediction": p,
                              "seed": seed, **{m: v[i] for m, v in per_example.items()}})
                  for i, (r, p) in enumerate(zip(kept, predictions))]
-        _write_atomic(os.path.join(out_dir, name, f"seed{seed}.jsonl"), "\n".join(lines) + "\n")
+        write_atomic(os.path.join(out_dir, name, f"seed{seed}.jsonl"), "\n".join(lines) + "\n")
         result = {"dataset": name, "seed": seed, "n": len(predictions), **counts,
                   **{m: statistics.fmean(v) for m, v in per_example.items()},
                   "prompts_per_second": len(predictions) / elapsed,
                   "bertscore": bertscore.settings if bertscore is not None else None}
-        _write_atomic(scores_path, json.dumps(result, indent=1))
+        write_atomic(scores_path, json.dumps(result, indent=1))
         print0(f"{name} seed {seed}: Rouge-L {result['rougeL']:.2f}"
                + (f" BERTScore {result['bertscore_f1']:.2f}" if bertscore is not None else "")
                + f" ({len(predictions)} prompts, {result['prompts_per_second']:.1f} prompts/s)")
@@ -274,7 +275,7 @@ def run_evaluation(args):
                    "model": args.model, "generation": {**GENERATION, "max_new_tokens": args.max_new_tokens,
                                                        "batch_size": args.batch_size},
                    "bertscore": bertscore.settings if bertscore else None, "results": summarise(results)}
-        _write_atomic(os.path.join(args.out, "results.json"), json.dumps(summary, indent=1))
+        write_atomic(os.path.join(args.out, "results.json"), json.dumps(summary, indent=1))
         for name, metrics in summary["results"].items():
             print0(f"{name}: " + ", ".join(f"{m} {v['mean']:.2f} +- {v['std']:.2f}" for m, v in metrics.items()))
     return results
@@ -332,8 +333,8 @@ def report(run_dirs, out_dir):
         lines.append("")
         if metric != "exact_match":
             heatmap(grid, list(runs), datasets, title, os.path.join(out_dir, f"{metric}_heatmap.png"))
-    _write_atomic(os.path.join(out_dir, "results.md"), "\n".join(lines))
-    _write_atomic(os.path.join(out_dir, "results.json"), json.dumps(runs, indent=1))
+    write_atomic(os.path.join(out_dir, "results.md"), "\n".join(lines))
+    write_atomic(os.path.join(out_dir, "results.json"), json.dumps(runs, indent=1))
     return runs
 
 
