@@ -40,10 +40,9 @@ import torch.nn.functional as F
 
 import data
 import evaluate
-from losses import STAT_NAMES, Strategy, kd_pass, mix, next_token_targets, stat_means
+from losses import IGNORE_INDEX, STAT_NAMES, Strategy, kd_pass, mix, next_token_targets, stat_means
 from policy import ARKDPolicy, all_reduce_sum, immediate_reward, make_state
 
-IGNORE_INDEX = -100
 MAX_BAD_STEPS = 10
 # Settings that define a run: a checkpoint resumes only under the same values.
 RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "tau", "lm_weight", "lr",
@@ -113,8 +112,7 @@ def check_paths(args):
     """Missing model directories and data fail in seconds, before any model is loaded."""
     models = [args.student] + ([args.teacher] if args.method != "sft" else [])
     for path in models:
-        if (os.path.isabs(path) or path.startswith(".")) and not os.path.isdir(path):
-            raise FileNotFoundError(f"model {path!r}: no such directory")
+        evaluate.check_model_path(path)
     if args.data_dir is not None:
         data.dataset_file("dolly_train", args.data_dir)
 
@@ -234,7 +232,8 @@ def forward_backward(model, teacher, batches, args, choose_alpha, world_size):
                 loss = F.cross_entropy(logits[..., :args.vocab_size].flatten(0, 1).float(),
                                        targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
             (loss * world_size / max(n_global, 1.0)).backward()
-            total += float(loss.detach()) / max(n_global, 1.0)
+            total += float(loss.detach())
+    total /= max(n_global, 1.0)
     return alpha, all_reduce_sum(step_stats), float(all_reduce_sum(torch.tensor([total], device=device)))
 
 
@@ -294,9 +293,14 @@ def save_model(directory, student, tokenizer, info):
 
 def save_checkpoint(out, student, tokenizer, state, args):
     def write(tmp):
-        save_model(tmp, student, tokenizer, vars(args) | {"autocast": None})
+        save_model(tmp, student, tokenizer, settings(args))
         torch.save(state, os.path.join(tmp, "training_state.pt"))
     save_atomic(os.path.join(out, "last"), write)
+
+
+def settings(args):
+    """The run's flags as saved next to every checkpoint (the autocast context is not a setting)."""
+    return {k: v for k, v in vars(args).items() if k != "autocast"}
 
 
 def check_resumable(checkpoint, args):
@@ -478,7 +482,7 @@ def main(argv=None):
     metrics = open(metrics_path, "a") if master else None
     if master and not args.resume:
         with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args) | {"autocast": None}, f, indent=1, default=str)
+            json.dump(settings(args), f, indent=1, default=str)
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=step, disable=not master, desc=f"{args.method} {args.strategy}",
                mininterval=0.1 if sys.stderr.isatty() else 30)      # a log file gets a line every 30 s
@@ -500,7 +504,7 @@ def main(argv=None):
                 return None                                # per-token weights, from each micro-batch
             if policy is None:
                 return strategy.alpha(step, total_steps, stats=stats0)
-            if window is None and torch.isfinite(stats0).all():                             # a new action, held for --reward_every steps
+            if window is None and torch.isfinite(stats0).all():   # a new action, held --reward_every steps
                 means = stat_means(stats0)
                 state = make_state(means, step / total_steps, policy.last_alpha, policy.last_reward)
                 row.update(zip(("state_" + n for n in ("log_fkl", "log_rkl")), state[:2].tolist()))

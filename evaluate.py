@@ -65,11 +65,17 @@ def print0(*args):
 # Models and generation
 
 
+def check_model_path(path):
+    """A path-like model name (absolute, ./..., or an existing file) must be a directory; anything
+    else is taken as a Hub id."""
+    if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith(".") or os.path.exists(path)):
+        raise FileNotFoundError(f"model {path!r}: no such directory")
+
+
 def load_model(path, device, dtype=torch.float32):
     """Tokenizer and causal LM from a local directory or a Hub id; a clear error before any work."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith(".") or os.path.exists(path)):
-        raise FileNotFoundError(f"model {path!r}: no such directory")
+    check_model_path(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -197,11 +197,17 @@ def _softmax_parts_(z, probs, tau):
     return z, probs, (z_max + log_total).squeeze(1)
 
 
-def _gather_rows(src, idx, out):
-    """out = src[idx] converted to out's dtype, into out's memory."""
-    if src.dtype == out.dtype:
-        return torch.index_select(src, 0, idx, out=out)
-    return out.copy_(src.index_select(0, idx))
+def _load_chunk(work, student, teacher, idx):
+    """Views (zs, zt, q, p) of the reused work buffers [4, chunk, V] for the rows idx, with the
+    student's and teacher's logits of those rows (padded columns cut) copied into zs and zt."""
+    zs, zt, q, p = (w[:len(idx)] for w in work)
+    vocab = work.shape[-1]
+    for src, out in ((student[:, :vocab], zs), (teacher[:, :vocab], zt)):
+        if src.dtype == out.dtype:
+            torch.index_select(src, 0, idx, out=out)
+        else:
+            out.copy_(src.index_select(0, idx))
+    return zs, zt, q, p
 
 
 def _default_chunk_tokens(vocab, device):
@@ -238,12 +244,9 @@ class _KDPassFunction(torch.autograd.Function):
         stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)
         stats[0] = n
         work = torch.empty(4, min(chunk, n), vocab, dtype=cdtype, device=device)
-        s_view, t_view = student[:, :vocab], teacher[:, :vocab]
         for lo in range(0, n, chunk):
             idx, sl = rows[lo:lo + chunk], slice(lo, lo + chunk)
-            zs, zt, q, p = (w[:len(idx)] for w in work)
-            _gather_rows(s_view, idx, zs)
-            _gather_rows(t_view, idx, zt)
+            zs, zt, q, p = _load_chunk(work, student, teacher, idx)
             if len(targets):                                           # CE at tau = 1 (Choice 3)
                 target_logit = zs.gather(1, targets[sl].unsqueeze(1)).squeeze(1)
                 if tau != 1.0:
@@ -280,14 +283,11 @@ class _KDPassFunction(torch.autograd.Function):
         unused[rows] = False
         grad[unused] = 0                  # rows outside the mask and padded columns: no gradient
         grad[:, vocab:] = 0
-        s_view, t_view, g_view = student[:, :vocab], teacher[:, :vocab], grad[:, :vocab]
-        rkl_unscaled = rkl / tau ** 2
+        g_view, rkl_unscaled = grad[:, :vocab], rkl / tau ** 2
         work = torch.empty(4, min(chunk, n), vocab, dtype=cdtype, device=student.device)
         for lo in range(0, n, chunk):
             idx, sl = rows[lo:lo + chunk], slice(lo, lo + chunk)
-            zs, zt, q, p = (w[:len(idx)] for w in work)
-            _gather_rows(s_view, idx, zs)
-            _gather_rows(t_view, idx, zt)
+            zs, zt, q, p = _load_chunk(work, student, teacher, idx)
             if len(targets) and tau != 1.0:
                 p_ce = torch.exp(zs - lse_ce[sl].unsqueeze(1))       # softmax(z) at tau = 1
             for z, lse in ((zs, lse_s), (zt, lse_t)):                 # log softmax = z / tau - lse
@@ -306,7 +306,7 @@ class _KDPassFunction(torch.autograd.Function):
                 g_ce_rows = g_ce[sl].unsqueeze(1)
                 g.add_((q if tau == 1.0 else p_ce).mul_(g_ce_rows))
                 g.scatter_add_(1, targets[sl].unsqueeze(1), -g_ce_rows)
-            g_view.index_copy_(0, idx, g if g.dtype == grad.dtype else g.to(grad.dtype))
+            g_view.index_copy_(0, idx, g.to(grad.dtype))
         return grad, None, None, None, None, None, None, None, None
 
 
