@@ -1,38 +1,31 @@
 """ARKD training: SFT, SeqKD and KD with every alpha strategy (ARKD included), on one GPU or many.
 
-Implements ../shared/ARKD_SPEC.md sections 1 to 3 and 6 on top of losses.py, policy.py, data.py and
-evaluate.py. Every strategy is trained by the same loop, so the comparison is fair.
+The method, its equations and every choice made where the paper is vague are in docs/method.md;
+this file is its training loop, on top of losses.py, policy.py, data.py and evaluate.py. Every
+strategy is trained by the same loop, so the comparison is fair. Read train_step for one ARKD step:
+
+    token count -> micro-batch 0's statistics -> alpha (a strategy rule or policy.act)
+    -> alpha FKL + (1 - alpha) RKL -> backward over the micro-batches -> clip, optimizer step
+    -> reward: micro-batch 0 again after the step -> store the reward -> REINFORCE every M rewards
 
     python arkd.py --method kd --strategy arkd --teacher T --student S --data_dir D --out RUN
     torchrun --nproc_per_node=8 arkd.py ...          # DDP: nccl on CUDA, gloo on CPU
     python arkd.py --method kd --strategy arkd ... --out RUN --resume
     python arkd.py plot RUN                           # figures 5 and 6 of the paper as PNG
 
-Our choices where the paper is vague (each is marked "Choice N" where it is made):
-1. The objective is the sum over the step's response tokens of alpha FKL + (1 - alpha) RKL
-   (+ lm_weight CE), divided by the response-token count of the whole step, all micro-batches and
-   all ranks (all-reduced before the first backward). DDP averages gradients over ranks, so each
-   rank scales its loss by the world size: accumulation and GPU count do not change the gradient.
-2. Alpha must be known before the first backward of a step, so the policy's state (and greedy's
-   ratio) come from micro-batch 0's statistics summed over ranks, the micro-batch the reward is
-   measured on; the whole step's statistics are what gets logged.
-3. The reward forward reruns micro-batch 0 after the optimizer step with the random state of its
-   training forward: the same dropout masks, so FKL' and RKL' differ from FKL and RKL only by the
-   update. With --reward_every n the action holds for n steps and the window's first batch is rerun
-   at its end.
-4. A step whose gradient norm is not finite is skipped (no update) and counted; ten in a row abort.
-5. SeqKD: the teacher samples responses for the training prompts with the evaluation settings
-   (spec section 5, seed --seed), written in the MiniLLM layout, part by part, so it resumes.
-6. Warmup is --warmup_ratio of the steps (default 5%), then cosine decay to 0.
+Choices T1-T7 of docs/method.md are made here (each marked where it is made): the step's token
+count as the one denominator (T1), alpha from micro-batch 0 (T2), the reward forward replaying the
+training dropout masks (T3), skipped non-finite steps (T4), SeqKD by sampling (T5), warmup then
+cosine (T6), and what a checkpoint holds (T7).
 """
 import argparse
 import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -40,15 +33,14 @@ import torch.nn.functional as F
 
 import data
 import evaluate
-from losses import IGNORE_INDEX, STAT_NAMES, Strategy, kd_pass, mix, next_token_targets, stat_means
+from data import barrier, print0, write_atomic
+from losses import IGNORE_INDEX, STAT_NAMES, kd_pass, mix, next_token_targets, parse_strategy, stat_means, strategy_alpha
 from policy import ARKDPolicy, all_reduce_sum, immediate_reward, make_state
 
-MAX_BAD_STEPS = 10
-# Settings that define a run: a checkpoint resumes only under the same values.
+# Flags that define a run: a checkpoint resumes only under the same values (and world size).
 RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "tau", "lm_weight", "lr",
-                "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "world_size",
-                "seed", "reward_every", "policy_buffer", "policy_lr", "policy_entropy", "seqkd_data",
-                "train_examples")
+                "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "reward_every",
+                "policy_buffer", "policy_lr", "policy_entropy", "seqkd_data", "train_examples")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,94 +85,119 @@ def parse_args(argv=None):
     p.add_argument("--gen_batch_size", type=int, default=16, help="prompts per generation batch")
     p.add_argument("--train_examples", type=int, default=0, help="use the first N training records (0: all)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    p.add_argument("--resume_previous", action="store_true", help="continue from OUT/last.old, the checkpoint "
+                   "before the last one (when OUT/last does not load)")
     p.add_argument("--stop_after", type=int, default=0, help="leave after N steps of this run, "
                    "checkpointed, e.g. for a job time limit (0: run to the end)")
+    p.add_argument("--max_bad_steps", type=int, default=10, help="stop after N non-finite steps in a row")
     args = p.parse_args(argv)
-    Strategy.parse(args.strategy)                      # unknown names fail here, before any work
-    for name in ("lr", "batch_size", "epochs", "reward_every", "policy_buffer", "val_examples"):
+    if args.method == "kd":
+        parse_strategy(args.strategy)                  # unknown names fail here, before any work
+    for name in ("lr", "batch_size", "epochs", "reward_every", "policy_buffer", "val_examples", "max_bad_steps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be > 0")
     if args.tau <= 0 or args.lm_weight < 0 or not 0 <= args.warmup_ratio < 1:
         p.error("--tau must be > 0, --lm_weight >= 0, --warmup_ratio in [0, 1)")
-    if args.method != "kd":
-        args.strategy = "none"
-    args.seqkd_data = args.seqkd_data or (os.path.join(args.out, "seqkd_data") if args.method == "seqkd" else None)
     return args
 
 
-def check_paths(args):
-    """Missing model directories and data fail in seconds, before any model is loaded."""
+@dataclass
+class Run:
+    """What a run knows besides its flags: processes, device, numerics, vocabulary, schedule."""
+    rank: int
+    world_size: int
+    device: torch.device
+    bf16: bool
+    grad_accum: int
+    strategy: tuple = None          # parsed --strategy (kd only)
+    vocab_size: int = 0
+    pad_id: int = 0
+    total_steps: int = 0
+    warmup_steps: int = 0
+
+    @property
+    def master(self):               # rank 0 logs, checkpoints and plots
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+
+def start(args):
+    """Joins the other processes (torchrun) and fixes the run's device, precision and accumulation."""
     models = [args.student] + ([args.teacher] if args.method != "sft" else [])
-    for path in models:
+    for path in models:                            # missing paths fail in seconds, before any load
         evaluate.check_model_path(path)
     if args.data_dir is not None:
         data.dataset_file("dolly_train", args.data_dir)
-
-
-# ----------------------------------------------------------------------------------------------
-# Processes (nanoGPT pattern): the same script under `python` and under torchrun
-
-
-def setup_distributed():
-    """(rank, world size, device); initialises torch.distributed when torchrun set RANK."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    rank, world_size, device = data.init_processes()
+    grad_accum = args.grad_accum
+    if grad_accum == 0:
+        if 32 % (args.batch_size * world_size):
+            raise ValueError(f"global batch 32 is not a multiple of --batch_size {args.batch_size} x "
+                             f"{world_size} processes: set --grad_accum")
+        grad_accum = 32 // (args.batch_size * world_size)
+    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
+    strategy = parse_strategy(args.strategy) if args.method == "kd" else None
+    return Run(rank, world_size, device, bf16, grad_accum, strategy)
 
 
 # ----------------------------------------------------------------------------------------------
 # Models and data
 
 
-def load_tokenizer_pair(args):
-    """The student's tokenizer; refuses a teacher whose tokenizer differs (spec section 1)."""
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(args.student)
+def load_models(args, run, checkpoint=None):
+    """(tokenizer, student, teacher or None); refuses a teacher whose tokenizer differs (method.md 1)."""
+    tokenizer = evaluate.load_tokenizer(args.student)
+    run.vocab_size, run.pad_id = len(tokenizer), tokenizer.pad_token_id
+    teacher = None
     if args.method != "sft":
-        teacher_tok = AutoTokenizer.from_pretrained(args.teacher)
-        if teacher_tok.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"teacher {args.teacher} ({len(teacher_tok)} tokens) and student {args.student} "
+        teacher_tokenizer = evaluate.load_tokenizer(args.teacher)
+        if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"teacher {args.teacher} ({len(teacher_tokenizer)} tokens) and student {args.student} "
                              f"({len(tokenizer)} tokens) use different tokenizers: distillation needs one")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+        dtype = torch.bfloat16 if run.bf16 else torch.float32
+        teacher = evaluate.load_model(args.teacher, run.device, dtype, run.vocab_size).eval().requires_grad_(False)
+    student = evaluate.load_model(checkpoint or args.student, run.device, torch.float32, run.vocab_size).train()
+    return tokenizer, student, teacher
 
 
-def load_model(path, device, dtype, vocab_size):
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    width = model.get_output_embeddings().weight.shape[0]
-    if width < vocab_size:
-        raise ValueError(f"model {path}: {width} output columns, fewer than the {vocab_size} tokens of the tokenizer")
-    return model
+def load_training_data(args, run, tokenizer, train_dir):
+    """(training examples, dev examples, dev records); fixes run.total_steps and run.warmup_steps."""
+    records = data.load_records("dolly_train", train_dir)[:args.train_examples or None]
+    examples, _ = data.encode_records(tokenizer, records, "dolly_train")
+    val_records = data.load_records("dolly_dev", args.data_dir)[:args.val_examples]
+    val_examples, _ = data.encode_records(tokenizer, val_records, "dolly_dev")
+    steps_per_epoch = len(examples) // (args.batch_size * run.grad_accum * run.world_size)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(examples)} training examples are fewer than one global batch")
+    run.total_steps = args.max_steps or args.epochs * steps_per_epoch
+    run.warmup_steps = int(args.warmup_ratio * run.total_steps)
+    return examples, val_examples, val_records
 
 
-def micro_batches(examples, step, args, rank, world_size):
+def micro_batches(examples, step, args, run):
     """The micro-batches of optimizer step `step` on this rank (a pure function of the step).
 
     Every epoch has its own seeded order; rank r takes every world_size-th example of it, so
     1 process x accumulation 4 and 2 processes x accumulation 2 see the same examples in a step.
     """
-    per_step = args.batch_size * args.grad_accum
-    steps_per_epoch = len(examples) // (per_step * world_size)
+    per_step = args.batch_size * run.grad_accum
+    steps_per_epoch = len(examples) // (per_step * run.world_size)
     epoch, within = divmod(step, steps_per_epoch)
-    mine = data.epoch_order(len(examples), args.seed, epoch)[rank::world_size]
+    mine = data.epoch_order(len(examples), args.seed, epoch)[run.rank::run.world_size]
     chosen = mine[within * per_step:(within + 1) * per_step]
     batches = []
-    for i in range(args.grad_accum):
-        batch = data.collate_train([examples[j] for j in chosen[i * args.batch_size:(i + 1) * args.batch_size]], args.pad_id)
+    for i in range(run.grad_accum):
+        batch = data.collate_train([examples[j] for j in chosen[i * args.batch_size:(i + 1) * args.batch_size]], run.pad_id)
         batch["targets"] = next_token_targets(batch.pop("labels"))
         batches.append(batch)
     return batches
 
 
 def cosine_lr(step, total_steps, warmup_steps):
-    """Linear warmup to 1, then cosine decay to 0 (Choice 6); a multiplier of --lr."""
+    """Linear warmup over warmup_steps (step 0 gets 1 / warmup_steps, step warmup_steps - 1 gets 1),
+    then cosine decay toward 0 at total_steps (Choice T6); a multiplier of --lr."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -191,89 +208,129 @@ def cosine_lr(step, total_steps, warmup_steps):
 # One optimizer step
 
 
-def forward(model, batch, device, autocast):
-    with autocast:
-        return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                     use_cache=False).logits
-
-
-def forward_backward(model, teacher, batches, args, choose_alpha, world_size):
-    """Accumulates the gradient of the step's objective (Choice 1) over the micro-batches.
-
-    choose_alpha(stats0, batch0, teacher_logits0) is called once, after micro-batch 0's forward and
-    before its backward (Choice 2). Returns (alpha, the step's summed statistics, loss).
-    """
-    device = next(model.parameters()).device
-    local = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
-    # The denominator is the step's token count over all ranks, known before any backward.
-    n_global = float(all_reduce_sum(torch.tensor([float(local)], dtype=torch.float64, device=device)))
-    step_stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)
-    alpha, total = None, 0.0
-    for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        # Under DDP, gradients are synchronised on the last micro-batch only; no_sync must wrap
-        # the forward too, or DDP prepares a reduction anyway.
-        sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
-        with sync:
-            logits = forward(model, batch, device, args.autocast)                # (B, T, V')
-            targets = batch["targets"].to(device)
-            mask = targets != IGNORE_INDEX
-            if args.method == "kd":
-                with torch.no_grad():
-                    teacher_logits = forward(teacher, batch, device, args.autocast)
-                out = kd_pass(logits, teacher_logits, mask, args.tau, args.vocab_size, args.chunk_tokens,
-                              target_ids=targets, inplace_grad=True)
-                if i == 0:     # every rank needs the same state: sum micro-batch 0 over ranks
-                    alpha = choose_alpha(all_reduce_sum(out.stats), batch, teacher_logits)
-                weight = out.akl_share if args.strategy == "akl" else alpha
-                loss = mix(out.fkl, out.rkl, weight).sum() + args.lm_weight * out.ce.sum()
-                step_stats += out.stats
-            else:
-                loss = F.cross_entropy(logits[..., :args.vocab_size].flatten(0, 1).float(),
-                                       targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-            (loss * world_size / max(n_global, 1.0)).backward()
-            total += float(loss.detach())
-    total /= max(n_global, 1.0)
-    return alpha, all_reduce_sum(step_stats), float(all_reduce_sum(torch.tensor([total], device=device)))
-
-
-@torch.no_grad()
-def reward_stats(model, batch, teacher_logits, rng_state, args):
-    """FKL / RKL sums of the rerun of micro-batch 0 with its training dropout masks (Choice 3)."""
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.set_rng_state(rng_state["cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(rng_state["cuda"], device)
-        logits = forward(model, batch, device, args.autocast)
-    targets = batch["targets"].to(device)
-    return all_reduce_sum(kd_pass(logits, teacher_logits, targets != IGNORE_INDEX, args.tau, args.vocab_size,
-                                  args.chunk_tokens, target_ids=targets).stats)
+def forward(model, batch, run):
+    with run.autocast():
+        return model(input_ids=batch["input_ids"].to(run.device), attention_mask=batch["attention_mask"].to(run.device),
+                     use_cache=False).logits                                   # (B, T, V')
 
 
 def rng_snapshot(device):
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
+def restore_rng(snapshot, device):
+    torch.set_rng_state(snapshot["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(snapshot["cuda"], device)
+
+
+@dataclass
+class RewardWindow:
+    """An ARKD action awaiting its reward: the step that chose it, micro-batch 0 with its teacher
+    logits and this rank's random state before its forward (to replay its dropout masks), and the
+    mean statistics of micro-batch 0 (all ranks) before the update."""
+    step: int
+    before: dict
+    rng: dict
+    batch: dict
+    teacher_logits: torch.Tensor
+
+    def closes_after(self, step, args, run):
+        return step + 1 - self.step >= args.reward_every or step + 1 == run.total_steps
+
+
+def train_step(args, run, model, teacher, optimizer, policy, batches, step, window=None):
+    """One optimizer step of any method. Returns (the step's log row, the open reward window)."""
+    student = model.module if run.world_size > 1 else model
+    local_tokens = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
+    # The denominator is the step's response tokens on all ranks, known before any backward (T1).
+    n_tokens = max(float(all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64))), 1.0)
+    rng0 = rng_snapshot(run.device)                         # micro-batch 0's dropout masks (T3)
+    sums = torch.zeros(len(STAT_NAMES) + 2, dtype=torch.float64, device=run.device)   # stats, loss, tokens
+    teacher_finite, alpha, row = True, None, {"step": step}
+    for i, batch in enumerate(batches):
+        # DDP syncs gradients on the last micro-batch only; no_sync must wrap the forward too.
+        sync = model.no_sync() if run.world_size > 1 and i < len(batches) - 1 else contextlib.nullcontext()
+        with sync:
+            logits = forward(model, batch, run)
+            targets = batch["targets"].to(run.device)
+            if args.method != "kd":
+                loss = F.cross_entropy(logits[..., :run.vocab_size].flatten(0, 1).float(), targets.flatten(),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+            else:
+                with torch.no_grad():
+                    teacher_logits = forward(teacher, batch, run)
+                    teacher_finite = teacher_finite and bool(torch.isfinite(teacher_logits).all())
+                out = kd_pass(logits, teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size,
+                              args.chunk_tokens, target_ids=targets, inplace_grad=True)
+                if i == 0:                                  # alpha is needed before the first backward (T2)
+                    stats0 = all_reduce_sum(out.stats)      # every rank must choose the same alpha
+                    if policy is None:                      # a rule; akl weighs each token instead
+                        alpha = None if args.strategy == "akl" else strategy_alpha(run.strategy, step, run.total_steps, stats0)
+                    elif window is None and torch.isfinite(stats0).all():   # a new action for --reward_every steps
+                        state = make_state(stat_means(stats0), step / run.total_steps, policy.last_alpha, policy.last_reward)
+                        alpha = policy.act(state)
+                        window = RewardWindow(step, stat_means(stats0), rng0, batch, teacher_logits)
+                        row.update(state_log_fkl=float(state[0]), state_log_rkl=float(state[1]))
+                    else:
+                        alpha = policy.last_alpha           # the open action holds
+                loss = mix(out.fkl, out.rkl, out.akl_alpha if alpha is None else alpha).sum() + args.lm_weight * out.ce.sum()
+                sums[:len(STAT_NAMES)] += out.stats
+            (loss * run.world_size / n_tokens).backward()   # DDP averages over ranks: undo it (T1)
+            sums[-2] += float(loss.detach())
+            sums[-1] += float(batch["attention_mask"].sum())
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip))
+    if math.isfinite(grad_norm):                            # the same norm on every rank: grads are synced
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if window is not None and window.closes_after(step, args, run):
+        after = stat_means(reward_stats(student, window, args, run))
+        reward = immediate_reward(window.before["fkl"], window.before["rkl"], after["fkl"], after["rkl"])
+        row["reward"] = reward if math.isfinite(reward) else None
+        if not math.isfinite(reward):
+            policy.drop_action()                            # a non-finite step teaches nothing
+        elif policy.store_reward(reward):                   # M rewards stored: one REINFORCE update
+            row.update(policy.update())
+        window = None
+    sums = all_reduce_sum(sums)                             # one collective for the whole log row
+    row.update(loss=float(sums[-2]) / n_tokens, grad_norm=grad_norm, step_tokens=float(sums[-1]),
+               teacher_finite=teacher_finite)
+    if args.method == "kd":
+        means = stat_means(sums[:len(STAT_NAMES)])
+        row.update(alpha=means["akl_alpha"] if alpha is None else alpha, **{k: v for k, v in means.items() if k != "tokens"})
+        if policy is not None:
+            row["beta_a"], row["beta_b"] = policy.last_beta
+    return row, window
+
+
+@torch.no_grad()
+def reward_stats(student, window, args, run):
+    """Summed kd_pass stats of micro-batch 0 rerun after the update, with the dropout masks of its
+    training forward (T3): FKL' and RKL' differ from FKL and RKL only by the update."""
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        restore_rng(window.rng, run.device)
+        logits = forward(student, window.batch, run)
+    targets = window.batch["targets"].to(run.device)
+    # Summed over ranks: the reward, like the state, belongs to the whole micro-batch 0.
+    return all_reduce_sum(kd_pass(logits, window.teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size,
+                                  args.chunk_tokens, target_ids=targets).stats)
+
+
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary directory, renamed into place when complete
+# Checkpoints (Choice T7): OUT/last, written atomically; the one before it kept as OUT/last.old
 
 
-def save_atomic(path, write):
-    """write(tmp_dir) fills a fresh directory; it replaces `path` only once complete.
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed; the message names the file and what is wrong."""
 
-    A crash at any point leaves either the old `path` or, between the two renames, `path`.old:
-    find_checkpoint looks at both, so the last good checkpoint always survives.
-    """
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+
+@dataclass
+class Progress:
+    """The counters a checkpoint carries besides models, optimizers and random states."""
+    step: int = 0
+    best: float = -1.0
+    bad_steps: int = 0
+    skipped: int = 0
 
 
 def find_checkpoint(out):
@@ -288,104 +345,153 @@ def save_model(directory, student, tokenizer, info):
     student.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     with open(os.path.join(directory, "info.json"), "w") as f:
-        json.dump(info, f, indent=1, default=str)
+        json.dump(info, f, indent=1)
 
 
-def save_checkpoint(out, student, tokenizer, state, args):
-    def write(tmp):
-        save_model(tmp, student, tokenizer, settings(args))
-        torch.save(state, os.path.join(tmp, "training_state.pt"))
-    save_atomic(os.path.join(out, "last"), write)
+def save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, window):
+    """Every rank's random state (and its reward window's) is gathered, so any rank count resumes exactly."""
+    mine = {"rng": rng_snapshot(run.device), "window_rng": window.rng if window is not None else None}
+    ranks = [mine]
+    if run.world_size > 1:                  # rank 0 writes the file, so it needs every rank's state
+        ranks = [None] * run.world_size
+        dist.all_gather_object(ranks, mine)
+    if run.master:
+        state = {**vars(progress), "optimizer": optimizer.state_dict(), "ranks": ranks,
+                 "policy": policy.state_dict() if policy is not None else None,
+                 "window": None if window is None else {"step": window.step, "before": window.before}}
+
+        def write(tmp):
+            save_model(tmp, student, tokenizer, {**vars(args), "world_size": run.world_size})
+            torch.save(state, os.path.join(tmp, "training_state.pt"))
+        write_atomic(os.path.join(args.out, "last"), write, keep_old=True)
+    barrier()
 
 
-def settings(args):
-    """The run's flags as saved next to every checkpoint (the autocast context is not a setting)."""
-    return {k: v for k, v in vars(args).items() if k != "autocast"}
+def checkpoint_to_resume(args, run):
+    """The checkpoint directory to resume from (None for a fresh run), after checking that it loads."""
+    checkpoint = find_checkpoint(args.out)
+    if args.resume_previous:
+        checkpoint = os.path.join(args.out, "last.old")
+        if not os.path.isdir(checkpoint):
+            raise FileNotFoundError(f"--resume_previous: {checkpoint} does not exist")
+    elif not args.resume:
+        if checkpoint is not None:
+            raise FileExistsError(f"{args.out} already holds a checkpoint: pass --resume or choose another --out")
+        return None
+    elif checkpoint is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {args.out}")
+    problem = checkpoint_problem(checkpoint, args, run)
+    if problem:
+        previous = os.path.join(args.out, "last.old")
+        usable = not args.resume_previous and checkpoint != previous and os.path.isdir(previous) \
+            and not checkpoint_problem(previous, args, run)
+        raise CheckpointError(f"cannot resume: {problem}" + (
+            f". The checkpoint before it, {previous}, loads: pass --resume_previous to continue from it "
+            "(the steps since it are trained again)" if usable else ""))
+    return checkpoint
 
 
-def check_resumable(checkpoint, args):
-    with open(os.path.join(checkpoint, "info.json")) as f:
-        saved = json.load(f)
-    differ = [k for k in RUN_DEFINING if saved.get(k) != getattr(args, k)]
+def checkpoint_problem(checkpoint, args, run):
+    """None when `checkpoint` can be resumed under these flags, else what is wrong, naming the file."""
+    info_path = os.path.join(checkpoint, "info.json")
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        return f"{info_path} does not load ({err})"
+    saved_world = saved.get("world_size")
+    differ = [f"{k}={saved.get(k)!r} (now {getattr(args, k)!r})" for k in RUN_DEFINING if saved.get(k) != getattr(args, k)]
+    differ += [f"world_size={saved_world!r} (now {run.world_size})"] if saved_world != run.world_size else []
     if differ:
-        raise ValueError(f"--resume: {checkpoint} was written with other settings: "
-                         + ", ".join(f"{k}={saved.get(k)!r} (now {getattr(args, k)!r})" for k in differ))
+        return f"{checkpoint} was written with other settings: " + ", ".join(differ)
+    from safetensors import safe_open
+    for name, check in (("training_state.pt", lambda p: torch.load(p, map_location="cpu", weights_only=True)),
+                        ("model.safetensors", lambda p: safe_open(p, "pt").keys())):
+        path = os.path.join(checkpoint, name)
+        try:
+            check(path)
+        except Exception as err:             # truncated, corrupt, missing or not plain tensors
+            return f"{path} does not load ({type(err).__name__}: {str(err).splitlines()[0][:300]})"
+    return None
+
+
+def resume(checkpoint, args, run, examples, teacher, optimizer, policy):
+    """Progress and the open reward window of the checkpoint; restores optimizer, policy, random states."""
+    state = torch.load(os.path.join(checkpoint, "training_state.pt"), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if policy is not None:
+        policy.load_state_dict(state["policy"])
+    mine = state["ranks"][run.rank]
+    restore_rng(mine["rng"], run.device)
+    window = None
+    if state["window"] is not None:         # recompute the window's batch and teacher logits
+        batch0 = micro_batches(examples, state["window"]["step"], args, run)[0]
+        with torch.no_grad():
+            teacher_logits = forward(teacher, batch0, run)
+        window = RewardWindow(state["window"]["step"], state["window"]["before"], mine["window_rng"], batch0, teacher_logits)
+    print0(f"resumed from {checkpoint} at step {state['step']}")
+    return Progress(state["step"], state["best"], state["bad_steps"], state["skipped"]), window
 
 
 # ----------------------------------------------------------------------------------------------
-# SeqKD data: teacher samples for the training prompts, in the MiniLLM layout, resumable
+# Metrics: metrics.jsonl on rank 0, strict JSON, never ahead of the checkpoint it resumes from
 
 
-def build_seqkd_data(teacher, tokenizer, args, part_size=256):
-    """Writes SEQKD/dolly/raw.jsonl: the dev lines as they are, then the training prompts with the
-    teacher's sampled responses (Choice 5). Each part of part_size prompts is its own file."""
-    target = os.path.join(args.seqkd_data, "dolly", "raw.jsonl")
-    if os.path.exists(target):
-        return
-    parts_dir = os.path.join(args.seqkd_data, "parts")
-    os.makedirs(parts_dir, exist_ok=True)
-    train = data.load_records("dolly_train", args.data_dir)[:args.train_examples or None]
-    examples, _ = data.encode_records(tokenizer, train, "seqkd prompts")
-    rank = evaluate.world()[0]
-    for start in range(0, len(examples), part_size):
-        part = os.path.join(parts_dir, f"{start:07d}.jsonl")
-        if os.path.exists(part):
-            continue
-        chunk = examples[start:start + part_size]
-        samples = evaluate.generate(teacher, tokenizer, [e["prompt_ids"] for e in chunk],
-                                    args.seed * 7919 + start, args.gen_batch_size, args.max_new_tokens)
-        if rank == 0:
-            lines = [json.dumps({"instruction": train[e["index"]]["instruction"], "input": train[e["index"]]["input"],
-                                 "output": s}) for e, s in zip(chunk, samples) if s.strip()]
-            evaluate.write_atomic(part, "\n".join(lines) + "\n")
-        evaluate.barrier()
-    if rank == 0:
-        dev = data.load_records("dolly_dev", args.data_dir)
-        lines = [json.dumps({"instruction": r["instruction"], "input": r["input"], "output": r["references"][0]}) for r in dev]
-        for name in sorted(os.listdir(parts_dir)):
-            with open(os.path.join(parts_dir, name), encoding="utf-8") as f:
-                lines += [line.rstrip("\n") for line in f if line.strip()]
-        evaluate.write_atomic(target, "\n".join(lines) + "\n")
-    evaluate.barrier()
+class MetricsLog:
+    """One JSON row per step plus validation rows. Non-finite numbers are written as null (and
+    counted); on resume the rows after the checkpoint, and a torn last line, are dropped."""
+
+    def __init__(self, path, resume_step, master):
+        self.path, self.file, self.nonfinite_rows = path, None, 0
+        if not master:
+            return
+        kept = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+            for number, line in enumerate(lines, 1):
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    print0(f"warning: {path}:{number}: dropped a torn line (the run stopped while writing it)")
+                    continue
+                if row["step"] < resume_step or ("val_rougeL" in row and row["step"] <= resume_step):
+                    kept.append(line + "\n")
+        write_atomic(path, "".join(kept))   # a fresh run starts an empty log
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, row):
+        if self.file is None:
+            return
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}
+        self.nonfinite_rows += clean != row
+        self.file.write(json.dumps(clean, allow_nan=False) + "\n")
+
+    def flush(self):
+        """Rows written so far reach the disk: called before a checkpoint is declared done."""
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
 
 
-# ----------------------------------------------------------------------------------------------
-# Plots: the paper's figures 5 (alpha) and 6 (reward with FKL and RKL)
+class ProgressLine:
+    """A progress bar in a terminal; in a log file a plain line every 30 seconds."""
 
+    def __init__(self, run, start_step, label):
+        from tqdm import tqdm
+        self.run, self.label, self.last_print = run, label, 0.0
+        tty = run.master and sys.stderr.isatty()
+        self.bar = tqdm(total=run.total_steps, initial=start_step, desc=label, disable=not tty)
 
-def plot(run_dir):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"plot: {path} does not exist")
-    rows = [r for r in map(json.loads, filter(str.strip, open(path))) if "alpha" in r]   # training steps
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(steps, [r["alpha"] for r in rows], lw=0.8, label="alpha (FKL weight)")
-    if any(r.get("beta_a") for r in rows):
-        ax.plot(steps, [r["beta_a"] / (r["beta_a"] + r["beta_b"]) if r.get("beta_a") else None for r in rows],
-                lw=1.5, label="policy mean a / (a + b)")
-    ax.set(xlabel="step", ylabel="alpha", ylim=(0, 1), title="alpha trajectory")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "alpha.png"), dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(steps, [r["fkl"] for r in rows], label="FKL")
-    ax.plot(steps, [r["rkl"] for r in rows], label="RKL")
-    ax.set(xlabel="step", ylabel="divergence", title="reward, FKL and RKL")
-    rewarded = [(r["step"], r["reward"]) for r in rows if r.get("reward") is not None]
-    if rewarded:
-        twin = ax.twinx()
-        twin.plot(*zip(*rewarded), color="tab:green", lw=0.8, label="reward")
-        twin.set_ylabel("reward")
-        twin.legend(loc="upper center")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "reward.png"), dpi=120)
-    plt.close(fig)
+    def update(self, row):
+        text = f"loss {row['loss']:.4f}" + (f" alpha {row['alpha']:.3f}" if row.get("alpha") is not None else "")
+        if not self.bar.disable:
+            self.bar.update(1)
+            self.bar.set_postfix_str(text, refresh=False)
+        elif self.run.master and (time.time() - self.last_print >= 30 or row["step"] + 1 == self.run.total_steps):
+            self.last_print = time.time()
+            print(f"{self.label} step {row['step'] + 1}/{self.run.total_steps}: {text}, "
+                  f"{row['step_seconds']:.2f} s/step", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,216 +508,99 @@ def validate(model, tokenizer, val_examples, val_records, args):
                for p, e in zip(predictions, val_examples)) / len(val_examples)
 
 
+def on_bad_step(row, progress, args):
+    """Choice T4: a step whose gradient is not finite made no update; too many in a row stop the run."""
+    if math.isfinite(row["grad_norm"]):
+        progress.bad_steps = 0
+        return
+    progress.bad_steps, progress.skipped = progress.bad_steps + 1, progress.skipped + 1
+    cause = "" if row["teacher_finite"] else f": the teacher {args.teacher} produced non-finite logits"
+    print0(f"step {row['step']}: non-finite loss or gradient, step skipped{cause}")
+    if progress.bad_steps >= args.max_bad_steps:
+        raise RuntimeError(f"step {row['step']}: {args.max_bad_steps} steps in a row had a non-finite loss or "
+                           f"gradient{cause}")
+
+
 def main(argv=None):
     from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()      # one bar per run is enough: ours
+    hf_logging.disable_progress_bar()       # one bar per run is enough: ours
     args = parse_args(argv)
-    check_paths(args)
-    rank, world_size, device = setup_distributed()
-    master = rank == 0                                    # logs, checkpoints, plots
-    print0 = evaluate.print0
-    args.world_size = world_size
-    if args.grad_accum == 0:
-        if 32 % (args.batch_size * world_size):
-            raise ValueError(f"global batch 32 is not a multiple of --batch_size {args.batch_size} x "
-                             f"{world_size} processes: set --grad_accum")
-        args.grad_accum = 32 // (args.batch_size * world_size)
-    checkpoint = find_checkpoint(args.out)
-    if args.resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {args.out}")
-    if not args.resume and checkpoint is not None:
-        raise FileExistsError(f"{args.out} already holds a checkpoint: pass --resume or choose another --out")
-    if args.resume:
-        check_resumable(checkpoint, args)
-
-    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
-    args.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    torch.manual_seed(args.seed + rank)
-    tokenizer = load_tokenizer_pair(args)
-    args.vocab_size, args.pad_id = len(tokenizer), tokenizer.pad_token_id
-    teacher = None
-    if args.method != "sft":
-        teacher = load_model(args.teacher, device, torch.bfloat16 if bf16 else torch.float32, args.vocab_size).eval()
-        teacher.requires_grad_(False)
-    if args.method == "seqkd":
-        build_seqkd_data(teacher, tokenizer, args)
+    run = start(args)
+    checkpoint = checkpoint_to_resume(args, run)
+    torch.manual_seed(args.seed + run.rank)
+    tokenizer, student, teacher = load_models(args, run, checkpoint)
+    train_dir = args.data_dir
+    if args.method == "seqkd":              # SeqKD trains on the teacher's samples (T5)
+        train_dir = args.seqkd_data or os.path.join(args.out, "seqkd_data")
+        evaluate.build_seqkd_data(teacher, tokenizer, args.data_dir, train_dir, args.train_examples, args.seed,
+                                  args.gen_batch_size, args.max_new_tokens)
         teacher = None
-    student = load_model(checkpoint if args.resume else args.student, device, torch.float32, args.vocab_size)
-    student.train()
-
-    train_dir = args.seqkd_data if args.method == "seqkd" else args.data_dir
-    records = data.load_records("dolly_train", train_dir)[:args.train_examples or None]
-    examples, _ = data.encode_records(tokenizer, records, "dolly_train")
-    val_records = data.load_records("dolly_dev", args.data_dir)[:args.val_examples]
-    val_examples, _ = data.encode_records(tokenizer, val_records, "dolly_dev")
-    steps_per_epoch = len(examples) // (args.batch_size * args.grad_accum * world_size)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(examples)} training examples are fewer than one global batch")
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
-    warmup = int(args.warmup_ratio * total_steps)
-
-    model = student
-    if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    examples, val_examples, val_records = load_training_data(args, run, tokenizer, train_dir)
+    model = student if run.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+        student, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    strategy = Strategy.parse(args.strategy) if args.method == "kd" else None
     policy = ARKDPolicy(buffer_size=args.policy_buffer, lr=args.policy_lr, entropy_coef=args.policy_entropy,
-                        seed=args.seed) if args.strategy == "arkd" else None
-    step, best, bad_steps, skipped, window = 0, -1.0, 0, 0, None
-    if args.resume:
-        state = torch.load(os.path.join(checkpoint, "training_state.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        if policy is not None:
-            policy.load_state_dict(state["policy"])
-        step, best, bad_steps, skipped, window = state["step"], state["best"], state["bad_steps"], state["skipped"], state["window"]
-        torch.set_rng_state(state["rng"][rank]["cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
-        if window is not None:   # the open reward window's batch and teacher logits, recomputed
-            batch0 = micro_batches(examples, window["step"], args, rank, world_size)[0]
-            with torch.no_grad():
-                window["teacher_logits"] = forward(teacher, batch0, device, args.autocast)
-            window["batch"] = batch0
-        print0(f"resumed from {checkpoint} at step {step}")
-    os.makedirs(args.out, exist_ok=True)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if master and args.resume and os.path.exists(metrics_path):   # drop what came after the checkpoint
-        kept = [line for line in open(metrics_path) if line.strip() and json.loads(line)["step"] < step
-                or '"val_rougeL"' in line and json.loads(line)["step"] <= step]
-        evaluate.write_atomic(metrics_path, "".join(kept))
-    metrics = open(metrics_path, "a") if master else None
-    if master and not args.resume:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(settings(args), f, indent=1, default=str)
-    from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=step, disable=not master, desc=f"{args.method} {args.strategy}",
-               mininterval=0.1 if sys.stderr.isatty() else 30)      # a log file gets a line every 30 s
-    first_step, history = step, []
+                        seed=args.seed) if args.method == "kd" and args.strategy == "arkd" else None
+    progress, window = Progress(), None
+    if checkpoint:
+        progress, window = resume(checkpoint, args, run, examples, teacher, optimizer, policy)
+    metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master)
+    line, first_step, history = ProgressLine(run, progress.step, f"{args.method} {args.strategy}"), progress.step, []
 
-    while step < total_steps:
+    while progress.step < run.total_steps:
         started = time.perf_counter()
-        batches = micro_batches(examples, step, args, rank, world_size)
-        lr = args.lr * cosine_lr(step, total_steps, warmup)            # a pure function of the step
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        rng0 = rng_snapshot(device)                        # micro-batch 0's dropout masks (Choice 3)
-        row = {"step": step}
-
-        def choose_alpha(stats0, batch0, teacher_logits0):
-            """The ARKD step's decision: state -> alpha (other strategies: their rule)."""
-            nonlocal window
-            if args.strategy == "akl":
-                return None                                # per-token weights, from each micro-batch
-            if policy is None:
-                return strategy.alpha(step, total_steps, stats=stats0)
-            if window is None and torch.isfinite(stats0).all():   # a new action, held --reward_every steps
-                means = stat_means(stats0)
-                state = make_state(means, step / total_steps, policy.last_alpha, policy.last_reward)
-                row.update(zip(("state_" + n for n in ("log_fkl", "log_rkl")), state[:2].tolist()))
-                policy.act(state)
-                window = {"step": step, "before": means, "rng": rng0, "batch": batch0, "teacher_logits": teacher_logits0}
-            return policy.last_alpha
-
-        alpha, stats, loss = forward_backward(model, teacher, batches, args, choose_alpha, world_size)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip))
-        if math.isfinite(grad_norm):                         # the same norm on every rank: grads are synced
-            optimizer.step()
-            bad_steps = 0
-        else:                                                # Choice 4
-            bad_steps, skipped = bad_steps + 1, skipped + 1
-            if bad_steps >= MAX_BAD_STEPS:
-                raise RuntimeError(f"step {step}: {MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient")
-        optimizer.zero_grad(set_to_none=True)
-
-        if policy is not None and window is not None and (step + 1 - window["step"] >= args.reward_every or step + 1 == total_steps):
-            after = stat_means(reward_stats(student, window["batch"], window["teacher_logits"], window["rng"], args))
-            reward = immediate_reward(window["before"]["fkl"], window["before"]["rkl"], after["fkl"], after["rkl"])
-            row["reward"] = reward
-            row.update(policy.reward(reward) or {})
-            window = None
-
-        step += 1
-        if args.method == "kd":
-            means = stat_means(stats)
-            row.update(alpha=means["akl_head_share"] if alpha is None else alpha,   # akl: mean weight
-                       **{k: v for k, v in means.items() if k != "tokens"})
-            if policy is not None:
-                row["beta_a"], row["beta_b"] = policy.last_beta
-        tokens = float(all_reduce_sum(torch.tensor([float(sum(int(b["attention_mask"].sum()) for b in batches))])))
+        for group in optimizer.param_groups:               # the lr is a pure function of the step
+            group["lr"] = args.lr * cosine_lr(progress.step, run.total_steps, run.warmup_steps)
+        batches = micro_batches(examples, progress.step, args, run)
+        row, window = train_step(args, run, model, teacher, optimizer, policy, batches, progress.step, window)
+        on_bad_step(row, progress, args)
         seconds = time.perf_counter() - started
-        row.update(loss=loss, lr=lr, grad_norm=grad_norm, skipped_steps=skipped, step_seconds=seconds,
-                   tokens_per_second=tokens / seconds)
+        row.update(lr=optimizer.param_groups[0]["lr"], skipped_steps=progress.skipped, step_seconds=seconds,
+                   tokens_per_second=row.pop("step_tokens") / seconds)
         history.append(row)
-        if master:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", **({"alpha": f"{row['alpha']:.3f}"} if "alpha" in row else {}))
-
-        scheduled = step == total_steps or (args.eval_every and step % args.eval_every == 0)
-        stopping = bool(args.stop_after) and step - first_step >= args.stop_after
+        metrics.write(row)
+        line.update(row)
+        progress.step += 1
+        scheduled = progress.step == run.total_steps or (args.eval_every and progress.step % args.eval_every == 0)
+        stopping = bool(args.stop_after) and progress.step - first_step >= args.stop_after
         if scheduled:
             score = validate(student, tokenizer, val_examples, val_records, args)
             row["val_rougeL"] = score
-            if master:
-                print0(f"step {step}: validation Rouge-L {score:.2f}")
-                metrics.write(json.dumps({"step": step, "val_rougeL": score}) + "\n")
-            if score > best:
-                best = score
-                if master:
-                    save_atomic(os.path.join(args.out, "best"), lambda tmp: save_model(tmp, student, tokenizer,
-                                                                                      {"step": step, "val_rougeL": score}))
+            print0(f"step {progress.step}: validation Rouge-L {score:.2f}")
+            metrics.write({"step": progress.step, "val_rougeL": score})
+            if score > progress.best:
+                progress.best = score
+                if run.master:
+                    write_atomic(os.path.join(args.out, "best"), lambda tmp: save_model(
+                        tmp, student, tokenizer, {"step": progress.step, "val_rougeL": score}))
         if scheduled or stopping:
-            rngs = [None] * world_size     # every rank's random state, for an exact resume
-            snapshot = rng_snapshot(device)
-            if world_size > 1:
-                dist.all_gather_object(rngs, {k: v.cpu() if v is not None else None for k, v in snapshot.items()})
-            else:
-                rngs = [snapshot]
-            if master:
-                saved_window = None if window is None else {k: window[k] for k in ("step", "before", "rng")}
-                save_checkpoint(args.out, student, tokenizer, {
-                    "step": step, "optimizer": optimizer.state_dict(),
-                    "policy": policy.state_dict() if policy is not None else None, "rng": rngs,
-                    "best": best, "bad_steps": bad_steps, "skipped": skipped, "window": saved_window}, args)
-            evaluate.barrier()
+            metrics.flush()                                 # the log never lags its checkpoint
+            save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, window)
         if stopping:
-            print0(f"stopping after step {step} as asked (--stop_after): continue with --resume")
+            print0(f"stopping after step {progress.step} as asked (--stop_after): continue with --resume")
             break
-    bar.close()
-    if master:
-        metrics.close()
+    finish(args, run, metrics, progress)
+    return {"student": student, "policy": policy, "history": history, "best": progress.best}
+
+
+def finish(args, run, metrics, progress):
+    if run.master:
+        metrics.file.close()
+        if metrics.nonfinite_rows:
+            print0(f"warning: {metrics.nonfinite_rows} rows of {metrics.path} held non-finite values, written as null")
         if args.method == "kd":
-            plot(args.out)
-        print0(f"done: step {step} of {total_steps}, best validation Rouge-L {best:.2f}, {skipped} skipped steps")
-    if world_size > 1:
+            evaluate.plot_run(args.out)
+        print0(f"done: step {progress.step} of {run.total_steps}, best validation Rouge-L {progress.best:.2f}, "
+               f"{progress.skipped} skipped steps")
+    if run.world_size > 1:
         dist.destroy_process_group()
-    return {"student": student, "policy": policy, "history": history, "best": best}
-
-
-def tiny_model(tokenizer_dir, out, n_embd=64, n_layer=2, n_head=2, seed=0):
-    """A randomly initialised GPT-2 of the given size, saved with the tokenizer, for offline runs."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    GPT2LMHeadModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["plot"]:
-        plot(sys.argv[2])
-    elif sys.argv[1:2] == ["tiny"]:
-        tiny = argparse.ArgumentParser(description="Build a random tiny GPT-2 for offline runs.")
-        tiny.add_argument("--tokenizer", required=True, help="tokenizer directory")
-        tiny.add_argument("--out", required=True, help="model directory to write")
-        for name, default in (("n_embd", 64), ("n_layer", 2), ("n_head", 2), ("seed", 0)):
-            tiny.add_argument(f"--{name}", type=int, default=default, help=f"GPT2Config {name}")
-        t = tiny.parse_args(sys.argv[2:])
-        tiny_model(t.tokenizer, t.out, t.n_embd, t.n_layer, t.n_head, t.seed)
-    else:
-        main()
+    try:
+        if sys.argv[1:2] == ["plot"]:
+            evaluate.plot_run(sys.argv[2])
+        else:
+            main()
+    except (ValueError, OSError) as err:    # bad settings or files: the message, not a traceback
+        sys.exit(f"arkd.py: {err}")

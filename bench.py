@@ -172,7 +172,6 @@ def run_variant(args):
 def step_benchmark(args):
     """Median optimizer-step time of arkd.py for --strategy arkd over --strategy fkl, measured in
     alternating subprocesses on the same data, models and batches."""
-    import arkd
     import data
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -182,7 +181,7 @@ def step_benchmark(args):
         data.train_tokenizer(texts).save_pretrained(os.path.join(tmp, "tok"))
         for role, spec in (("teacher", args.teacher_size), ("student", args.student_size)):
             layers, width = map(int, spec.split(","))
-            arkd.tiny_model(os.path.join(tmp, "tok"), os.path.join(tmp, role), width, layers, n_head=max(1, width // 64))
+            data.tiny_model(os.path.join(tmp, "tok"), os.path.join(tmp, role), width, layers, n_head=max(1, width // 64))
         from transformers import AutoModelForCausalLM
         params = {role: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(os.path.join(tmp, role)).parameters())
                   for role in ("teacher", "student")}

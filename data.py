@@ -1,6 +1,6 @@
 """MiniLLM-format instruction data: the sets, the prompt template, tokenisation and batching.
 
-Implements ../shared/ARKD_SPEC.md section 4, the protocol MiniLLM, DistiLLM, GKD and ARKD share.
+Section 4 of docs/method.md: the protocol MiniLLM, DistiLLM, GKD and ARKD share.
 Every file is JSON lines with `instruction`, `input`, `output` (a string, or for S-NI a list of
 references) and usually `prompt`. The sets are read from a local directory with the Hugging Face
 Hub layout (DATA_DIR/dolly/raw.jsonl, DATA_DIR/sinst/11_/valid.jsonl, ...), or downloaded from the
@@ -16,6 +16,10 @@ Our choices where the paper is vague (each is marked "Choice N" where it is made
    (`dolly_train` the rest).
 
     python data.py synthetic --out DIR     # writes the offline toy task in the same layout
+    python data.py tiny --tokenizer DIR --out MODEL   # a random tiny GPT-2 for offline runs
+
+It is also the home of the small process and file helpers (rank, print0, barrier, atomic writes)
+that evaluate.py and arkd.py share.
 """
 import argparse
 import json
@@ -23,7 +27,10 @@ import logging
 import os
 import random
 
+import shutil
+
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger("data")
 
@@ -48,6 +55,67 @@ DATASETS = {
     "unni": ("MiniLLM/uinst", "11_/valid.jsonl", 0, 10000),
 }
 EVAL_SETS = ("dollyeval", "selfinst", "vicunaeval", "sni", "unni")
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes and files (nanoGPT pattern): the same code runs under `python` and under torchrun
+
+
+def world():
+    """(rank, world size): (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_processes():
+    """(rank, world size, device); joins torch.distributed when torchrun set RANK (nccl on CUDA, gloo on CPU)."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+def barrier():
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def print0(*args):
+    if world()[0] == 0:
+        print(*args, flush=True)
+
+
+def write_atomic(path, content, keep_old=False):
+    """Replaces `path` only once its new content is complete: a crash never leaves half of it.
+
+    content: a string (the text of a file) or a function write(tmp) that fills the directory tmp.
+    A directory goes through two renames (path -> path.old, tmp -> path); a crash between them
+    leaves path.old, which arkd.find_checkpoint also looks at. keep_old keeps path.old afterwards
+    (the previous checkpoint).
+    """
+    tmp, old = path + ".tmp", path + ".old"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if isinstance(content, str):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    content(tmp)
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if not keep_old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,14 +308,12 @@ def write_synthetic(data_dir, seed=0):
     """
     rng = random.Random(seed)
     for relative, (count, tasks, lengths) in SYNTHETIC_SPLITS.items():
-        path = os.path.join(data_dir, relative)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            for _ in range(count):
-                record = synthetic_record(rng, rng.choice(tasks), rng.choice(lengths))
-                record["prompt"] = build_prompt(record["instruction"], record["input"])
-                f.write(json.dumps(record) + "\n")
-        os.replace(path + ".tmp", path)
+        lines = []
+        for _ in range(count):
+            record = synthetic_record(rng, rng.choice(tasks), rng.choice(lengths))
+            record["prompt"] = build_prompt(record["instruction"], record["input"])
+            lines.append(json.dumps(record) + "\n")
+        write_atomic(os.path.join(data_dir, relative), "".join(lines))
     return data_dir
 
 
@@ -265,14 +331,36 @@ def train_tokenizer(texts, vocab_size=700):
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=eot, eos_token=eot, unk_token=eot, pad_token=eot)
 
 
+def tiny_model(tokenizer_dir, out, n_embd=64, n_layer=2, n_head=2, seed=0, dropout=0.1):
+    """A randomly initialised GPT-2 of the given size, saved with the tokenizer, for offline runs."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="MiniLLM-format data tools")
-    parser.add_argument("command", choices=("download", "synthetic"), help="download: the MiniLLM sets from "
-                        "the Hub into OUT; synthetic: the offline toy task and a tokenizer trained on it (OUT/tokenizer)")
-    parser.add_argument("--out", required=True, help="directory to write the Hub layout into")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the toy task")
+    parser.add_argument("command", choices=("download", "synthetic", "tiny"), help="download: the MiniLLM sets "
+                        "from the Hub into OUT; synthetic: the offline toy task and a tokenizer trained on it "
+                        "(OUT/tokenizer); tiny: a random GPT-2 with the tokenizer of --tokenizer, saved in OUT")
+    parser.add_argument("--out", required=True, help="directory to write into")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the toy task or the tiny model")
+    parser.add_argument("--tokenizer", help="tiny: tokenizer directory")
+    for name, default in (("n_embd", 64), ("n_layer", 2), ("n_head", 2)):
+        parser.add_argument(f"--{name}", type=int, default=default, help=f"tiny: GPT2Config {name}")
     args = parser.parse_args()
-    if args.command == "download":
+    if args.command == "tiny":
+        if not args.tokenizer:
+            parser.error("tiny needs --tokenizer")
+        tiny_model(args.tokenizer, args.out, args.n_embd, args.n_layer, args.n_head, args.seed)
+    elif args.command == "download":
         download(args.out)
     else:
         write_synthetic(args.out, args.seed)

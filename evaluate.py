@@ -1,6 +1,6 @@
 """Evaluation: sampling, Rouge-L, exact match and BERTScore per seed, reports and heatmaps.
 
-Implements ../shared/ARKD_SPEC.md section 5, as a library (arkd.py validates with it) and a CLI:
+Section 5 of docs/method.md, as a library (arkd.py validates and builds SeqKD data with it) and a CLI:
 
     python evaluate.py --model PATH --data_dir DIR --datasets dollyeval,selfinst,vicunaeval,sni,unni \\
         --seeds 10,20,30,40,50 --out DIR
@@ -32,33 +32,13 @@ import torch
 import torch.distributed as dist
 
 import data
+from data import barrier, print0, world, write_atomic   # the process and file helpers
 
 log = logging.getLogger("evaluate")
 
 GENERATION = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, no_repeat_ngram_size=6)
 MAX_NEW_TOKENS = 256
 METRICS = ("rougeL", "exact_match", "bertscore_f1")
-
-
-# ----------------------------------------------------------------------------------------------
-# Processes: the same code runs with `python` and under torchrun
-
-
-def world():
-    """(rank, world size): (0, 1) without torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def barrier():
-    if world()[1] > 1:
-        dist.barrier()
-
-
-def print0(*args):
-    if world()[0] == 0:
-        print(*args, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,19 +52,36 @@ def check_model_path(path):
         raise FileNotFoundError(f"model {path!r}: no such directory")
 
 
-def load_model(path, device, dtype=torch.float32):
-    """Tokenizer and causal LM from a local directory or a Hub id; a clear error before any work."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path):
+    """The tokenizer of a local model directory or Hub id, with pad = EOS when it has no pad token."""
+    from transformers import AutoTokenizer
     check_model_path(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise FileNotFoundError(f"model {path!r}: no tokenizer in a local directory or on the Hub ({err})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path, device, dtype=torch.float32, vocab_size=None):
+    """A causal LM from a local directory or a Hub id; a clear error before any work.
+
+    vocab_size: the tokenizer's size; a model with fewer output columns is refused (more is fine:
+    padded columns are cut by kd_pass).
+    """
+    from transformers import AutoModelForCausalLM
+    check_model_path(path)
+    try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as err:
         raise FileNotFoundError(f"model {path!r}: not a local model directory and not loadable from "
                                 f"the Hugging Face Hub ({err})") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, model.to(device).eval()
+    width = model.get_output_embeddings().weight.shape[0]
+    if vocab_size is not None and width < vocab_size:
+        raise ValueError(f"model {path}: {width} output columns, fewer than the {vocab_size} tokens of the tokenizer")
+    return model.to(device)
 
 
 def batch_seed(seed, batch_index):
@@ -119,6 +116,42 @@ def generate(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_tokens=M
         dist.all_gather_object(parts, mine)
         mine = {b: preds for part in parts for b, preds in part.items()}
     return [p for b in range(len(batches)) for p in mine[b]]
+
+
+def build_seqkd_data(teacher, tokenizer, data_dir, out_dir, train_examples, seed, batch_size, max_new_tokens,
+                     part_size=256):
+    """SeqKD data: OUT_DIR/dolly/raw.jsonl holds the dev lines as they are, then the training prompts with
+    the teacher's sampled responses (evaluation settings, docs/method.md Choice T5). Each part of
+    part_size prompts is its own file, so an interrupted run resumes where it stopped."""
+    target = os.path.join(out_dir, "dolly", "raw.jsonl")
+    if os.path.exists(target):
+        return target
+    parts_dir = os.path.join(out_dir, "parts")
+    os.makedirs(parts_dir, exist_ok=True)
+    train = data.load_records("dolly_train", data_dir)[:train_examples or None]
+    examples, _ = data.encode_records(tokenizer, train, "seqkd prompts")
+    rank = world()[0]
+    for start in range(0, len(examples), part_size):
+        part = os.path.join(parts_dir, f"{start:07d}.jsonl")
+        if os.path.exists(part):
+            continue
+        chunk = examples[start:start + part_size]
+        samples = generate(teacher, tokenizer, [e["prompt_ids"] for e in chunk], seed * 7919 + start,
+                           batch_size, max_new_tokens)
+        if rank == 0:
+            lines = [json.dumps({"instruction": train[e["index"]]["instruction"], "input": train[e["index"]]["input"],
+                                 "output": s}) for e, s in zip(chunk, samples) if s.strip()]
+            write_atomic(part, "\n".join(lines) + "\n")
+        barrier()
+    if rank == 0:
+        dev = data.load_records("dolly_dev", data_dir)
+        lines = [json.dumps({"instruction": r["instruction"], "input": r["input"], "output": r["references"][0]}) for r in dev]
+        for name in sorted(os.listdir(parts_dir)):
+            with open(os.path.join(parts_dir, name), encoding="utf-8") as f:
+                lines += [line.rstrip("\n") for line in f if line.strip()]
+        write_atomic(target, "\n".join(lines) + "\n")
+    barrier()
+    return target
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,14 +232,6 @@ def mean_std(values):
 # One model on many sets and seeds, resumable
 
 
-def write_atomic(path, text):
-    """Writes text to path through a temporary file, so a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def evaluate_dataset(model, tokenizer, name, records, seed, out_dir, batch_size, max_new_tokens,
                      bertscore=None):
     """Generates and scores one (dataset, seed); writes predictions jsonl and scores json.
@@ -260,16 +285,16 @@ def summarise(results):
     return summary
 
 
-def run_evaluation(args):
+def run_evaluation(args, device):
     rank, _ = world()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     datasets = [d for d in args.datasets.split(",") if d]
     unknown = [d for d in datasets if d not in data.DATASETS]
     if unknown:
         raise ValueError(f"--datasets: unknown {unknown}; known: {', '.join(data.DATASETS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     records = {name: data.load_records(name, args.data_dir) for name in datasets}   # fail before work
-    tokenizer, model = load_model(args.model, device, torch.bfloat16 if args.bf16 else torch.float32)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, device, torch.bfloat16 if args.bf16 else torch.float32, len(tokenizer)).eval()
     bertscore = None if args.no_bertscore else BERTScore(args.bertscore_model, args.bertscore_layers,
                                                           args.bertscore_batch_size, args.bertscore_idf,
                                                           args.bertscore_rescale, device=str(device))
@@ -291,27 +316,43 @@ def run_evaluation(args):
 # Reports: many runs -> results.md, results.json, heatmaps
 
 
-def heatmap(values, row_labels, col_labels, title, path):
-    """strategy x dataset heatmap (the paper's figures 3, 4 and 7) as a PNG; NaN cells left blank."""
+def heatmap(values, row_labels, col_labels, title, path, reference="teacher"):
+    """strategy x dataset heatmap (the paper's figures 3, 4 and 7) as a PNG.
+
+    Colours are scaled per column over the student rows, so that differences between students are
+    visible even when the teacher is far ahead; the `reference` row (the teacher) is drawn in grey
+    with its numbers, outside the colour scale. NaN cells are left blank.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(col_labels), 1.0 + 0.45 * len(row_labels)))
-    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    grid = torch.tensor(values, dtype=torch.float64).reshape(len(row_labels), len(col_labels))
+    students = torch.tensor([label != reference for label in row_labels])
+    scaled = torch.full_like(grid, float("nan"))
+    for j in range(grid.shape[1]):
+        column = grid[students, j]
+        column = column[~column.isnan()]
+        if len(column):
+            low, high = float(column.min()), float(column.max())
+            scaled[students, j] = (grid[students, j] - low) / (high - low) if high > low else 0.5
+    fig, ax = plt.subplots(figsize=(2.2 + 1.3 * len(col_labels), 1.2 + 0.45 * len(row_labels)))
+    ax.set_facecolor("0.85")                 # NaN cells are transparent: the reference row shows grey
+    image = ax.imshow(scaled.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(col_labels)), col_labels)
     ax.set_yticks(range(len(row_labels)), row_labels)
     for i, row in enumerate(values):
         for j, v in enumerate(row):
             if not math.isnan(v):
-                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white", fontsize=8)
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax)
+                colour = "black" if not students[i] or scaled[i, j] > 0.6 else "white"
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color=colour, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="per column: worst -> best student")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def report(run_dirs, out_dir):
+def report(run_dirs, out_dir, title="Results"):
     """Gathers the results.json of several runs into results.md, results.json and heatmaps."""
     runs = {}
     for run in run_dirs:
@@ -324,11 +365,11 @@ def report(run_dirs, out_dir):
     datasets = [d for d in data.DATASETS if any(d in r for r in runs.values())]
     datasets += sorted({d for r in runs.values() for d in r} - set(datasets))
     os.makedirs(out_dir, exist_ok=True)
-    lines = ["# Results", "", "Mean +- sample std over seeds, x 100.", ""]
-    for metric, title in (("rougeL", "Rouge-L"), ("bertscore_f1", "BERTScore F1"), ("exact_match", "Exact match")):
+    lines = [f"# {title}", "", "Mean +- sample std over seeds, x 100.", ""]
+    for metric, metric_title in (("rougeL", "Rouge-L"), ("bertscore_f1", "BERTScore F1"), ("exact_match", "Exact match")):
         if not any(metric in m for r in runs.values() for m in r.values()):
             continue
-        lines += [f"## {title}", "", "| run | " + " | ".join(datasets) + " |",
+        lines += [f"## {metric_title}", "", "| run | " + " | ".join(datasets) + " |",
                   "| --- |" + " --- |" * len(datasets)]
         grid = []
         for label, results in runs.items():
@@ -338,10 +379,54 @@ def report(run_dirs, out_dir):
                                                      for c in cells) + " |")
         lines.append("")
         if metric != "exact_match":
-            heatmap(grid, list(runs), datasets, title, os.path.join(out_dir, f"{metric}_heatmap.png"))
+            heatmap(grid, list(runs), datasets, f"{metric_title}: {title}" if title != "Results" else metric_title,
+                    os.path.join(out_dir, f"{metric}_heatmap.png"))
     write_atomic(os.path.join(out_dir, "results.md"), "\n".join(lines))
     write_atomic(os.path.join(out_dir, "results.json"), json.dumps(runs, indent=1))
     return runs
+
+
+def read_metrics(run_dir):
+    """The training rows (those with an alpha) of RUN_DIR/metrics.jsonl."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"plot: {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        return [r for r in map(json.loads, filter(str.strip, f)) if r.get("alpha") is not None]
+
+
+def plot_run(run_dir):
+    """The paper's figures 5 (alpha trajectory) and 6 (reward with FKL and RKL) as RUN_DIR/alpha.png
+    and RUN_DIR/reward.png, from its metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(run_dir)
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(steps, [r["alpha"] for r in rows], lw=0.8, label="alpha (FKL weight)")
+    if any(r.get("beta_a") for r in rows):
+        ax.plot(steps, [r["beta_a"] / (r["beta_a"] + r["beta_b"]) if r.get("beta_a") else None for r in rows],
+                lw=1.5, label="policy mean a / (a + b)")
+    ax.set(xlabel="step", ylabel="alpha", ylim=(0, 1), title="alpha trajectory")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "alpha.png"), dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(steps, [r.get("fkl") for r in rows], label="FKL")
+    ax.plot(steps, [r.get("rkl") for r in rows], label="RKL")
+    ax.set(xlabel="step", ylabel="divergence", title="reward, FKL and RKL")
+    rewarded = [(r["step"], r["reward"]) for r in rows if r.get("reward") is not None]
+    if rewarded:
+        twin = ax.twinx()
+        twin.plot(*zip(*rewarded), color="tab:green", lw=0.8, label="reward")
+        twin.set_ylabel("reward")
+        twin.legend(loc="upper center")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "reward.png"), dpi=120)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,18 +470,15 @@ def main(argv=None):
         parser = argparse.ArgumentParser(description="Gather evaluated runs into tables and heatmaps.")
         parser.add_argument("--runs", nargs="+", required=True, help="run directories holding results.json")
         parser.add_argument("--out", required=True, help="where results.md, results.json and PNGs go")
+        parser.add_argument("--title", default="Results", help="heading of results.md and the heatmaps")
         args = parser.parse_args(argv[1:])
-        report(args.runs, args.out)
+        report(args.runs, args.out, args.title)
         print(f"wrote {os.path.join(args.out, 'results.md')}")
         return
     args = parse_args(argv)
-    if "RANK" in os.environ:         # launched by torchrun
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    _, _, device = data.init_processes()
     try:
-        run_evaluation(args)
+        run_evaluation(args, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,7 +1,7 @@
 """Token-level divergences, AKL weights and the chunked KD pass of ARKD.
 
-Implements ../shared/ARKD_SPEC.md sections 1 and 2 with torch and the standard library only, so this
-file can be copied into any trainer. Teacher p, student q, response position t:
+Sections 1 and 2 of docs/method.md, with torch and the standard library only, so this file can be
+copied into any trainer. Teacher p, student q, response position t:
 
     p_t = softmax(z_teacher_t / tau)        q_t = softmax(z_student_t / tau)
     FKL_t = sum_v p_t(v) (log p_t(v) - log q_t(v))      forward KL(p || q), mean-seeking
@@ -13,7 +13,8 @@ Public API:
     akl_alpha                the per-position Adaptive-KL weight (Wu et al. 2024), no gradient
     kd_pass                  the one chunked pass training uses: per-token FKL / RKL / CE with
                              closed-form gradients, plus the statistics the ARKD policy reads
-    Strategy                 fkl, rkl, fixed:A, linear:A0,A1, greedy, akl, arkd behind one interface
+    parse_strategy, strategy_alpha, STEP_RULES
+                             fkl, rkl, fixed:A, linear:A0,A1, greedy as a table of alpha rules
     next_token_targets, stat_means, mix
 
 Our choices where the paper is vague (each is marked "Choice N" where it is made):
@@ -36,7 +37,7 @@ LOG_FLOOR = -1e4
 IGNORE_INDEX = -100
 # Sums returned by kd_pass, in this order ("tokens" is the count the others are divided by).
 STAT_NAMES = ("tokens", "fkl", "rkl", "teacher_entropy", "student_entropy",
-              "akl_head_share", "top1_agreement", "student_ce")
+              "akl_alpha", "top1_agreement", "student_ce")
 AKL_TOPK = 64      # first top-k searched for the AKL head (then 16 x that, then a full sort)
 STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "arkd")
 
@@ -105,7 +106,7 @@ def reverse_kl(student_logits, teacher_logits, tau=1.0, vocab_size=None):
     return tau ** 2 * (log_q.exp() * (log_q - log_p)).sum(-1)
 
 
-def _head_share_sorted(sorted_p, order, abs_err, mu):
+def _akl_alpha_sorted(sorted_p, order, abs_err, mu):
     """g_head / (g_head + g_tail) given each row's teacher probabilities in descending order.
 
     sorted_p, order: [n, k] (k <= V) with the head inside the first k; abs_err = |p - q|: [n, V].
@@ -120,14 +121,14 @@ def _head_share_sorted(sorted_p, order, abs_err, mu):
                        torch.full_like(g_all, 0.5))
 
 
-def _akl_share_and_top1(p, abs_err, mu, topk):
+def _akl_alpha_and_top1(p, abs_err, mu, topk):
     """(g_head / (g_head + g_tail) [n], teacher top-1 index [n]) for p, abs_err = |p - q|: [n, V].
 
     Sorting 50k columns per token is the slow part, so the head is searched in each row's top-k
     teacher tokens, then in the top-16k for rows whose top-k mass does not exceed mu (the head may
     go further), and only the rows left after that are fully sorted.
     """
-    share = torch.empty(p.shape[0], dtype=abs_err.dtype, device=p.device)
+    alpha = torch.empty(p.shape[0], dtype=abs_err.dtype, device=p.device)
     top1 = torch.empty(p.shape[0], dtype=torch.long, device=p.device)
     left = torch.arange(p.shape[0], device=p.device)                 # rows still to resolve
     for k in ((topk, 16 * topk) if topk else ()):
@@ -137,25 +138,25 @@ def _akl_share_and_top1(p, abs_err, mu, topk):
         top_p, top_idx = candidates.topk(k, dim=-1)                   # [n, k], sorted descending
         done = top_p.sum(-1) > mu                                     # the head ends inside
         rows = left[done]
-        share[rows] = _head_share_sorted(top_p[done], top_idx[done], abs_err[rows], mu)
+        alpha[rows] = _akl_alpha_sorted(top_p[done], top_idx[done], abs_err[rows], mu)
         top1[rows] = top_idx[done, 0]
         left = left[~done]
     if len(left):
         sorted_p, order = p[left].sort(dim=-1, descending=True)
-        share[left] = _head_share_sorted(sorted_p, order, abs_err[left], mu)
+        alpha[left] = _akl_alpha_sorted(sorted_p, order, abs_err[left], mu)
         top1[left] = order[:, 0]
-    return share, top1
+    return alpha, top1
 
 
 @torch.no_grad()
-def akl_head_share(p, q, mu=0.5, topk=AKL_TOPK):
+def akl_alpha_rows(p, q, mu=0.5, topk=AKL_TOPK):
     """Per-row AKL weight alpha_t = g_head / (g_head + g_tail) from probabilities p, q: [n, V] -> [n].
 
     The head is searched among each row's top-k teacher tokens (falling back to larger k, then a
     full sort, for rows whose head goes further); topk=None sorts every row (the reference path).
     """
     _check_mu(mu)
-    return _akl_share_and_top1(p, (p - q).abs(), mu, topk)[0]
+    return _akl_alpha_and_top1(p, (p - q).abs(), mu, topk)[0]
 
 
 @torch.no_grad()
@@ -171,7 +172,7 @@ def akl_alpha(student_logits, teacher_logits, mu=0.5, tau=1.0, vocab_size=None):
     vocab = student_logits.shape[-1]
     q = log_probs(student_logits, tau).exp().reshape(-1, vocab)
     p = log_probs(teacher_logits, tau).exp().reshape(-1, vocab)
-    return akl_head_share(p, q, mu).reshape(student_logits.shape[:-1])
+    return akl_alpha_rows(p, q, mu).reshape(student_logits.shape[:-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +239,7 @@ class _KDPassFunction(torch.autograd.Function):
         # student [R, V_s], teacher [R, V_t] (padded columns beyond `vocab` are ignored),
         # rows [N] indices of the masked rows, targets [N] reference token ids or empty.
         cdtype, device, n = _compute_dtype(student.dtype), student.device, len(rows)
-        fkl, rkl, share, lse_s, lse_t = (torch.zeros(n, dtype=cdtype, device=device) for _ in range(5))
+        fkl, rkl, akl, lse_s, lse_t = (torch.zeros(n, dtype=cdtype, device=device) for _ in range(5))
         ce = torch.zeros(len(targets), dtype=cdtype, device=device)
         lse_ce = torch.zeros(len(targets) if tau != 1.0 else 0, dtype=cdtype, device=device)
         stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)
@@ -261,20 +262,20 @@ class _KDPassFunction(torch.autograd.Function):
             q_log_q, q_diff, p_log_q, p_diff = dots.flatten(1).unbind(1)
             fkl[sl], rkl[sl] = p_diff * tau ** 2, -q_diff * tau ** 2
             h_p, h_q = -(p_diff + p_log_q), -q_log_q                  # log p = diff + log q
-            share[sl], top_t = _akl_share_and_top1(p, torch.sub(p, q, out=diff).abs_(), mu, AKL_TOPK)
+            akl[sl], top_t = _akl_alpha_and_top1(p, torch.sub(p, q, out=diff).abs_(), mu, AKL_TOPK)
             # The student agrees when the teacher's top-1 is also its own maximum (ties count).
             agree = log_q.gather(1, top_t.unsqueeze(1)) == log_q.amax(-1, keepdim=True)
             stats[1:7] += torch.stack([fkl[sl].sum(), rkl[sl].sum(), h_p.sum(), h_q.sum(),
-                                       share[sl].sum(), agree.sum()]).double()
+                                       akl[sl].sum(), agree.sum()]).double()
         if len(targets):
             stats[7] = ce.sum().double()
         ctx.save_for_backward(student, teacher, rows, targets, rkl, lse_s, lse_t, lse_ce)
         ctx.settings = (tau, vocab, chunk, inplace_grad)
-        ctx.mark_non_differentiable(share, stats)
-        return fkl, rkl, ce, share, stats
+        ctx.mark_non_differentiable(akl, stats)
+        return fkl, rkl, ce, akl, stats
 
     @staticmethod
-    def backward(ctx, g_fkl, g_rkl, g_ce, _g_share, _g_stats):
+    def backward(ctx, g_fkl, g_rkl, g_ce, _g_akl, _g_stats):
         student, teacher, rows, targets, rkl, lse_s, lse_t, lse_ce = ctx.saved_tensors
         tau, vocab, chunk, inplace_grad = ctx.settings
         cdtype, n = _compute_dtype(student.dtype), len(rows)
@@ -316,14 +317,14 @@ class KDPassResult:
 
     fkl, rkl: [N] per-token divergences (times tau^2), differentiable in the student logits.
     ce: [N] student cross-entropy on target_ids at tau = 1, differentiable; None without targets.
-    akl_share: [N] per-token g_head / (g_head + g_tail): the AKL weight on FKL, no gradient.
+    akl_alpha: [N] per-token g_head / (g_head + g_tail): the AKL weight on FKL, no gradient.
     stats: float64 [len(STAT_NAMES)]: the token count and the sums of every statistic; add them
         over micro-batches and all-reduce them over ranks, then divide (stat_means).
     """
     fkl: torch.Tensor
     rkl: torch.Tensor
     ce: torch.Tensor | None
-    akl_share: torch.Tensor
+    akl_alpha: torch.Tensor
     stats: torch.Tensor
 
 
@@ -368,9 +369,9 @@ def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chun
     chunk = chunk_tokens or _default_chunk_tokens(vocab, student.device)
     if chunk < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    fkl, rkl, ce, share, stats = _KDPassFunction.apply(
+    fkl, rkl, ce, akl, stats = _KDPassFunction.apply(
         student, teacher, rows, targets, float(tau), vocab, float(mu), int(chunk), inplace_grad)
-    return KDPassResult(fkl, rkl, ce if target_ids is not None else None, share, stats)
+    return KDPassResult(fkl, rkl, ce if target_ids is not None else None, akl, stats)
 
 
 def next_token_targets(labels, ignore_index=IGNORE_INDEX):
@@ -400,65 +401,58 @@ def mix(fkl, rkl, alpha):
 
 
 # ----------------------------------------------------------------------------------------------
-# Weighting strategies (spec section 2)
+# Weighting strategies: a name, its numbers, and a rule for the step's alpha (docs/method.md 2)
 
 
-def _parse_weight(text, setting):
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"strategy {setting!r}: {text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"strategy {setting!r}: alpha {value} lies outside [0, 1]")
-    return value
+def greedy_alpha(stats):
+    """FKL / (FKL + RKL) from summed kd_pass stats: weight the direction that is worse now; 0/0 -> 0.5."""
+    fkl, rkl = float(stats[1]), float(stats[2])
+    return fkl / (fkl + rkl) if fkl + rkl > 0 else 0.5
 
 
-@dataclass(frozen=True)
-class Strategy:
-    """A weighting strategy, parsed once from its name, then asked for alpha every step.
+# alpha for a whole step from (the strategy's numbers, progress in [0, 1], the step's summed stats).
+# `akl` has no step rule (kd_pass gives one alpha per token, akl_alpha) and `arkd` asks its policy.
+STEP_RULES = {
+    "fkl": lambda numbers, progress, stats: 1.0,
+    "rkl": lambda numbers, progress, stats: 0.0,
+    "fixed": lambda numbers, progress, stats: numbers[0],
+    "linear": lambda numbers, progress, stats: numbers[0] + (numbers[1] - numbers[0]) * progress,
+    "greedy": lambda numbers, progress, stats: greedy_alpha(stats),
+}
+STRATEGY_ARITY = {"fkl": 0, "rkl": 0, "fixed": 1, "linear": 2, "greedy": 0, "akl": 0, "arkd": 0}
 
-    alpha is the FKL weight. `fkl`: 1. `rkl`: 0. `fixed:A`: A. `linear:A0,A1`: A0 at step 0 to A1
-    at the last step. `greedy`: FKL / (FKL + RKL) of the step's batch (weight the direction that
-    is currently worse; 0/0 -> 0.5). `akl`: the per-token AKL weights. `arkd`: the policy's alpha.
+
+def parse_strategy(text):
+    """'linear:0.9,0.1' -> ('linear', (0.9, 0.1)); every alpha must lie in [0, 1].
+
+    Raises ValueError naming the valid strategies for an unknown name or a bad number.
     """
-    kind: str
-    start: float = 0.5
-    end: float = 0.5
-
-    @classmethod
-    def parse(cls, text):
-        kind, _, args = str(text).strip().partition(":")
-        if kind in ("fkl", "rkl", "greedy", "akl", "arkd") and not args:
-            return cls(kind, *{"fkl": (1.0, 1.0), "rkl": (0.0, 0.0)}.get(kind, ()))
-        if kind == "fixed" and args:
-            value = _parse_weight(args, text)
-            return cls(kind, value, value)
-        if kind == "linear" and args.count(",") == 1:
-            return cls(kind, *(_parse_weight(a, text) for a in args.split(",")))
+    kind, _, arguments = str(text).strip().partition(":")
+    numbers = tuple(arguments.split(",")) if arguments else ()
+    if kind not in STRATEGY_ARITY or len(numbers) != STRATEGY_ARITY[kind]:
         raise ValueError(f"unknown strategy {text!r}; valid: {', '.join(STRATEGY_NAMES)} "
                          "(A, A0, A1 numbers in [0, 1])")
+    values = []
+    for number in numbers:
+        try:
+            value = float(number)
+        except ValueError:
+            raise ValueError(f"strategy {text!r}: {number!r} is not a number") from None
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"strategy {text!r}: alpha {value} lies outside [0, 1]")
+        values.append(value)
+    return kind, tuple(values)
 
-    def __str__(self):
-        return {"fixed": f"fixed:{self.start:g}",
-                "linear": f"linear:{self.start:g},{self.end:g}"}.get(self.kind, self.kind)
 
-    def alpha(self, step, total_steps, stats=None, akl_share=None, policy_alpha=None):
-        """alpha for optimizer step `step` of `total_steps` (0-based).
+def strategy_alpha(strategy, step, total_steps, stats=None):
+    """alpha of optimizer step `step` (0-based) of `total_steps` for a parsed strategy with a step rule.
 
-        stats: the step's kd_pass stats (summed over ranks) for greedy; akl_share: kd_pass's
-        per-token weights for akl; policy_alpha: the policy's action for arkd.
-        """
-        if self.kind in ("fkl", "rkl", "fixed"):
-            return self.start
-        if self.kind == "linear":
-            progress = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
-            return self.start + (self.end - self.start) * progress
-        needs = {"greedy": ("stats", stats), "akl": ("akl_share", akl_share),
-                 "arkd": ("policy_alpha", policy_alpha)}
-        input_name, value = needs[self.kind]
-        if value is None:
-            raise ValueError(f"strategy {self.kind!r} needs {input_name}")
-        if self.kind == "greedy":
-            fkl, rkl = float(stats[1]), float(stats[2])
-            return fkl / (fkl + rkl) if fkl + rkl > 0 else 0.5
-        return value
+    linear moves from A0 at step 0 to A1 at the last step; greedy needs the step's summed stats.
+    """
+    kind, numbers = strategy
+    if kind not in STEP_RULES:
+        raise ValueError(f"strategy {kind!r} has no step rule: akl weights each token, arkd asks its policy")
+    if kind == "greedy" and stats is None:
+        raise ValueError("strategy 'greedy' needs the step's stats")
+    progress = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
+    return STEP_RULES[kind](numbers, progress, stats)

@@ -1,7 +1,7 @@
 """The ARKD policy: state features, Beta policy network, immediate reward, REINFORCE.
 
-Implements ../shared/ARKD_SPEC.md section 3 with torch and the standard library only, so this file
-can be copied into any trainer. At every optimizer step k (or every `reward_every` steps):
+Section 3 of docs/method.md, with torch and the standard library only, so this file can be copied
+into any trainer. At every optimizer step k (or every `reward_every` steps):
 
 1. the trainer builds the state s_k (make_state: 10 features of how teacher and student differ,
    from statistics it already has, summed over ranks so every rank sees the same vector);
@@ -9,7 +9,7 @@ can be copied into any trainer. At every optimizer step k (or every `reward_ever
    broadcasts) and the trainer minimises alpha_k FKL + (1 - alpha_k) RKL for one step;
 3. the trainer measures the immediate reward r_k = (FKL - FKL') / FKL + (RKL - RKL') / RKL, the
    relative progress of both directions on the same batch (immediate_reward), and hands it back
-   (reward), which pairs it with the action alpha_k that caused it;
+   (store_reward), which pairs it with the action alpha_k that caused it;
 4. every M actions REINFORCE updates the network: A_i = r_i - b with b an EMA of past rewards,
    whitened, loss = -mean(A_i log pi(alpha_i | s_i)) - c_H mean(entropy), one Adam step with the
    gradient norm clipped. log pi is recomputed for the stored (s_i, alpha_i) with the current
@@ -20,7 +20,8 @@ can be copied into any trainer. At every optimizer step k (or every `reward_ever
         state = make_state(stat_means(stats), step / total_steps, policy.last_alpha, policy.last_reward)
         alpha = policy.act(state)
         ...  # train one step with alpha, then measure fkl_after, rkl_after on the same batch
-        policy.reward(immediate_reward(fkl, rkl, fkl_after, rkl_after))
+        if policy.store_reward(immediate_reward(fkl, rkl, fkl_after, rkl_after)):
+            policy.update()                # every M rewards: one REINFORCE step
 
 Our choices where the paper is vague (each is marked "Choice N" where it is made):
 1. The running normaliser is updated with each new state before that state is normalised (the first
@@ -42,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-FEATURE_NAMES = ("log_fkl", "log_rkl", "teacher_entropy", "student_entropy", "akl_head_share",
+FEATURE_NAMES = ("log_fkl", "log_rkl", "teacher_entropy", "student_entropy", "akl_alpha",
                  "top1_agreement", "student_ce", "progress", "prev_alpha", "prev_reward")
 ALPHA_EPS = 1e-6
 KL_EPS = 1e-8
@@ -89,24 +90,24 @@ def _is_rank0():
 
 
 def make_state(means, progress, prev_alpha, prev_reward):
-    """The 10 state features of spec section 3 -> float32 [10] (order: FEATURE_NAMES).
+    """The 10 state features of docs/method.md section 3 -> float32 [10] (order: FEATURE_NAMES).
 
     means: token means of the step's statistics with the keys fkl, rkl, teacher_entropy,
-    student_entropy, akl_head_share, top1_agreement, student_ce (losses.stat_means gives them).
+    student_entropy, akl_alpha, top1_agreement, student_ce (losses.stat_means gives them).
     KLs enter as log(max(KL, 1e-8)): they span decades during training.
     """
-    missing = [k for k in ("fkl", "rkl", "teacher_entropy", "student_entropy", "akl_head_share",
+    missing = [k for k in ("fkl", "rkl", "teacher_entropy", "student_entropy", "akl_alpha",
                            "top1_agreement", "student_ce") if k not in means]
     if missing:
         raise ValueError(f"make_state: missing statistics {missing}")
     values = [math.log(max(means["fkl"], KL_EPS)), math.log(max(means["rkl"], KL_EPS)),
-              means["teacher_entropy"], means["student_entropy"], means["akl_head_share"],
+              means["teacher_entropy"], means["student_entropy"], means["akl_alpha"],
               means["top1_agreement"], means["student_ce"], progress, prev_alpha, prev_reward]
     return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
 
 def immediate_reward(fkl, rkl, fkl_after, rkl_after):
-    """r_k = (FKL - FKL') / FKL + (RKL - RKL') / RKL (spec section 3).
+    """r_k = (FKL - FKL') / FKL + (RKL - RKL') / RKL (docs/method.md section 3).
 
     FKL, RKL: mean divergences on micro-batch 0 before the optimizer step; FKL', RKL': the same
     batch and teacher logits after it. Relative progress on the long tail plus relative progress
@@ -192,7 +193,7 @@ class ARKDPolicy:
     def act(self, state):
         """Samples alpha for `state` [n_features] (the same on every rank) and remembers the pair."""
         if self.pending is not None:
-            raise RuntimeError("act() called twice without reward(): each action needs its reward")
+            raise RuntimeError("act() called twice without store_reward(): each action needs its reward")
         state = self._check(state)
         self.norm.update(state)                                  # Choice 1
         norm_state = self.norm.normalise(state)
@@ -214,22 +215,26 @@ class ARKDPolicy:
         """The deterministic alpha a / (a + b) for `state`, for evaluating the learned schedule."""
         return float(self.distribution(self.norm.normalise(self._check(state))).mean)
 
-    def reward(self, reward):
-        """Pairs `reward` (the same on every rank) with the pending action; every M pairs, updates.
+    def store_reward(self, reward):
+        """Pairs `reward` (the same on every rank) with the pending action.
 
-        Returns the update's diagnostics when one happened, else None.
+        Returns True when M transitions are stored: the caller then runs update().
         """
         if self.pending is None:
-            raise RuntimeError("reward() called without a pending act()")
+            raise RuntimeError("store_reward() called without a pending act()")
         if not math.isfinite(reward):
             raise ValueError(f"reward must be finite, got {reward}")
         norm_state, alpha = self.pending
         self.transitions.append((norm_state, alpha, float(reward)))
         self.pending, self.last_reward = None, float(reward)
-        return self.update() if len(self.transitions) >= self.buffer_size else None
+        return len(self.transitions) >= self.buffer_size
+
+    def drop_action(self):
+        """Forgets the pending action without a reward (its step was not finite)."""
+        self.pending = None
 
     def update(self):
-        """One REINFORCE step on the stored transitions (spec section 3)."""
+        """One REINFORCE step on the stored transitions; returns its diagnostics."""
         states = torch.stack([s for s, _, _ in self.transitions])                  # (M, n)
         alphas = torch.tensor([a for _, a, _ in self.transitions])                 # (M,)
         rewards = torch.tensor([r for _, _, r in self.transitions], dtype=torch.float64)

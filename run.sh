@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ARKD reproduction (../shared/ARKD_SPEC.md section 6): every stage, each skipped once done.
+# ARKD reproduction (docs/method.md section 6, the pairs): every stage, each skipped once done.
 #
 #   bash run.sh           full run: GPUs and the Hugging Face Hub. PAIR=gpt2-120M | gpt2-340M | llama
 #   bash run.sh smoke     the same stages offline on CPU with tiny models (about 5 minutes, 2 cores);
@@ -31,6 +31,7 @@ if [[ $MODE == smoke ]]; then
   TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-3e-3}
   TRAIN=(--batch_size 16 --grad_accum 1 --eval_every 0 --val_examples 32 --max_new_tokens 24 --gen_batch_size 32)
   EVAL=(--batch_size 40 --max_new_tokens 24)
+  TITLE="SMOKE RUN: tiny models on the offline toy task (columns are toy files in the layout of the named sets); says nothing about the paper"
 else
   PAIR=${PAIR:-gpt2-120M} OUT=${OUT:-runs/$PAIR} SEEDS=${SEEDS:-10,20,30,40,50}
   case $PAIR in
@@ -52,13 +53,14 @@ else
   BATCH=$(( 32 / WORLD < 8 ? 32 / WORLD : 8 ))
   TRAIN=(--batch_size "$BATCH" --epochs "$EPOCHS" --eval_every 500 --val_examples 500)
   EVAL=(--batch_size 32 --bf16)
+  TITLE="Results: $PAIR"
 fi
 DATA_DIR=${DATA_DIR:-$OUT/data}
 $PY -c "
 import sys, losses
 for s in sys.argv[1:]:
     if s not in ('sft', 'seqkd'):
-        try: losses.Strategy.parse(s)
+        try: losses.parse_strategy(s)
         except ValueError as e: sys.exit(f'run.sh: STRATEGIES: {e}')" $STRATEGIES
 mkdir -p "$OUT/logs" "$OUT/done" 2>/dev/null && touch "$OUT/done/.writable" 2>/dev/null || die "OUT=$OUT is not writable"
 if [[ $MODE == full && -d $DATA_DIR && ! -e $OUT/done/data ]]; then   # a DATA_DIR of the user's must be complete
@@ -83,9 +85,16 @@ echo "run.sh $MODE: PAIR=$PAIR OUT=$OUT DATA_DIR=$DATA_DIR STRATEGIES='$STRATEGI
 stage() {   # stage NAME COMMAND...: runs once; log in OUT/logs/NAME.log, marker in OUT/done/NAME
   local name=$1; shift
   if [[ -e $OUT/done/$name ]]; then echo "[skip] $name"; return; fi
-  local start=$SECONDS
-  echo "[run ] $name (log: $OUT/logs/$name.log)"
-  "$@" > "$OUT/logs/$name.log" 2>&1 || { tail -n 15 "$OUT/logs/$name.log" >&2; die "stage '$name' failed (log: $OUT/logs/$name.log)"; }
+  local start=$SECONDS log=$OUT/logs/$name.log shown=$SECONDS pid
+  echo "[run ] $name (log: $log)"
+  "$@" > "$log" 2>&1 & pid=$!
+  while kill -0 "$pid" 2>/dev/null; do     # every minute, how far the stage is: its log's last line
+    sleep 1
+    if (( SECONDS - shown >= 60 )); then
+      shown=$SECONDS; echo "       $name, $(( SECONDS - start )) s: $(tail -n 1 "$log" | tr '\r' '\n' | tail -n 1 | cut -c 1-110)"
+    fi
+  done
+  wait "$pid" || { tail -n 15 "$log" >&2; die "stage '$name' failed (log: $log)"; }
   touch "$OUT/done/$name"
   echo "[done] $name in $(( SECONDS - start )) s"
 }
@@ -102,8 +111,8 @@ train() {   # train RUN_DIR ARKD_ARGS...: resumes a run an interruption left beh
 
 if [[ $MODE == smoke ]]; then
   stage data $PY data.py synthetic --out "$DATA_DIR"
-  stage teacher-init $PY arkd.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/teacher-init" --n_embd 128 --n_layer 2 --seed 1
-  stage student-init $PY arkd.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/student-init" --n_embd 64 --n_layer 1 --seed 2
+  stage teacher-init $PY data.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/teacher-init" --n_embd 128 --n_layer 2 --seed 1
+  stage student-init $PY data.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/student-init" --n_embd 64 --n_layer 1 --seed 2
   TEACHER_BASE=$OUT/teacher-init STUDENT_BASE=$OUT/student-init
   TEACHER_SFT=(--max_steps $(( 10 * SMOKE_STEPS ))) STUDENT_SFT=(--max_steps "$SMOKE_STEPS") KD=(--max_steps "$SMOKE_STEPS")
 else
@@ -139,8 +148,11 @@ for strategy in $STRATEGIES; do
 done
 
 report() {
-  $PY evaluate.py report --runs "${runs[@]/#/$OUT/eval/}" --out "$OUT/report"
+  $PY evaluate.py report --runs "${runs[@]/#/$OUT/eval/}" --out "$OUT/report" --title "$TITLE"
   if [[ -e $OUT/runs/arkd/alpha.png ]]; then cp "$OUT/runs/arkd/alpha.png" "$OUT/runs/arkd/reward.png" "$OUT/report/"; fi
+  echo "${runs[*]}" > "$OUT/report/runs.txt"
 }
-stage "report-$(echo "${runs[*]}" | cksum | cut -d' ' -f1)" report
+# The report is rebuilt whenever the list of runs changed since it was made.
+[[ $(cat "$OUT/report/runs.txt" 2>/dev/null) == "${runs[*]}" ]] || rm -f "$OUT/done/report"
+stage report report
 echo "run.sh: done; results in $OUT/report/results.md"

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 import losses
 import policy
-from losses import Strategy, akl_alpha, forward_kl, kd_pass, reverse_kl, stat_means
+from losses import akl_alpha, forward_kl, kd_pass, parse_strategy, reverse_kl, stat_means, strategy_alpha
 from policy import ARKDPolicy, immediate_reward, make_state
 
 torch.set_num_threads(1)
@@ -131,7 +131,7 @@ def test_kd_pass_values_and_statistics_match_a_plain_loop(tau):
     student, teacher, mask, targets = random_batch(padded=3)
     out = kd_pass(student, teacher, mask, tau=tau, vocab_size=11, chunk_tokens=4, target_ids=targets)
     n = int(mask.sum())
-    assert out.fkl.shape == out.rkl.shape == out.ce.shape == out.akl_share.shape == (n,)
+    assert out.fkl.shape == out.rkl.shape == out.ce.shape == out.akl_alpha.shape == (n,)
     srows, trows = rows_of(student[..., :11]), rows_of(teacher[..., :11])
     picked = mask.flatten().nonzero().flatten().tolist()
     sums = dict.fromkeys(losses.STAT_NAMES, 0.0)
@@ -141,10 +141,10 @@ def test_kd_pass_values_and_statistics_match_a_plain_loop(tau):
         assert out.fkl[j].item() == pytest.approx(tau ** 2 * ref_kl(p, q), abs=1e-10)
         assert out.rkl[j].item() == pytest.approx(tau ** 2 * ref_kl(q, p), abs=1e-10)
         assert out.ce[j].item() == pytest.approx(ce, abs=1e-10)
-        assert out.akl_share[j].item() == pytest.approx(ref_akl_share(p, q), abs=1e-10)
+        assert out.akl_alpha[j].item() == pytest.approx(ref_akl_share(p, q), abs=1e-10)
         for name, value in (("fkl", tau ** 2 * ref_kl(p, q)), ("rkl", tau ** 2 * ref_kl(q, p)),
                             ("teacher_entropy", ref_entropy(p)), ("student_entropy", ref_entropy(q)),
-                            ("akl_head_share", ref_akl_share(p, q)), ("student_ce", ce),
+                            ("akl_alpha", ref_akl_share(p, q)), ("student_ce", ce),
                             ("top1_agreement", float(p.index(max(p)) == q.index(max(q))))):
             sums[name] += value
     sums["tokens"] = n
@@ -194,7 +194,7 @@ def test_chunked_equals_unchunked(chunk):
         return out, grad
 
     (whole, g_whole), (chunked, g_chunked) = run(n), run(chunk)
-    for name in ("fkl", "rkl", "ce", "akl_share", "stats"):
+    for name in ("fkl", "rkl", "ce", "akl_alpha", "stats"):
         assert torch.allclose(getattr(whole, name).double(), getattr(chunked, name).double(), atol=1e-6)
     assert torch.allclose(g_whole, g_chunked, atol=1e-6)
 
@@ -220,7 +220,7 @@ def test_p_equals_q_gives_zero_divergence_and_zero_gradient():
     z = torch.randn(3, 5, 40).requires_grad_()
     out = kd_pass(z, z.detach().clone(), torch.ones(3, 5, dtype=torch.bool))
     assert (out.fkl == 0).all() and (out.rkl == 0).all()
-    assert (out.akl_share == 0.5).all()              # 0 / 0 -> 0.5
+    assert (out.akl_alpha == 0.5).all()              # 0 / 0 -> 0.5
     (out.fkl.sum() + out.rkl.sum()).backward()
     assert z.grad.abs().max() < 1e-7
     assert forward_kl(z, z).abs().max() == 0 and reverse_kl(z, z).abs().max() == 0
@@ -238,7 +238,7 @@ def test_one_hot_teacher():
     assert torch.allclose(out.fkl, ce, atol=1e-6) and torch.allclose(out.ce, ce, atol=1e-6)
     assert (out.stats[3] == 0) and torch.isfinite(out.rkl).all()    # H(p) = 0; RKL finite (Choice 1)
     # Head {y} holds |1 - q(y)|, the tail sum_v q(v) = 1 - q(y) as much: share 1/2.
-    assert torch.allclose(out.akl_share, torch.full((4,), 0.5), atol=1e-6)
+    assert torch.allclose(out.akl_alpha, torch.full((4,), 0.5), atol=1e-6)
     out.fkl.sum().backward()
     expected = torch.softmax(student.detach(), -1) - torch.nn.functional.one_hot(labels, 9)
     assert torch.allclose(student.grad, expected, atol=1e-6)
@@ -341,8 +341,8 @@ def test_akl_matches_a_plain_loop_and_topk_equals_full_sort():
     top4, top64 = (p.topk(k, -1).values.sum(-1) > 0.5 for k in (4, 64))
     paths = (int(top4.sum()), int((top64 & ~top4).sum()), int((~top64).sum()))
     assert min(paths) > 0, paths                              # every path of the search is taken
-    full = losses.akl_head_share(p, q, topk=None)
-    assert torch.equal(losses.akl_head_share(p, q, topk=4), full)
+    full = losses.akl_alpha_rows(p, q, topk=None)
+    assert torch.equal(losses.akl_alpha_rows(p, q, topk=4), full)
     for i in range(60):
         assert full[i].item() == pytest.approx(ref_akl_share(p[i].tolist(), q[i].tolist()), abs=1e-12)
     assert torch.allclose(akl_alpha(student, teacher), full)
@@ -355,34 +355,38 @@ def test_akl_matches_a_plain_loop_and_topk_equals_full_sort():
 def test_strategy_alphas_on_hand_made_statistics():
     stats = torch.zeros(len(losses.STAT_NAMES), dtype=torch.float64)
     stats[:3] = torch.tensor([10.0, 3.0, 1.0])                  # 10 tokens, FKL sum 3, RKL sum 1
-    assert Strategy.parse("fkl").alpha(5, 10) == 1.0
-    assert Strategy.parse("rkl").alpha(5, 10) == 0.0
-    assert Strategy.parse("fixed:0.3").alpha(7, 10) == 0.3
-    linear = Strategy.parse("linear:0.8,0.2")
-    assert linear.alpha(0, 11) == pytest.approx(0.8)
-    assert linear.alpha(5, 11) == pytest.approx(0.5)
-    assert linear.alpha(10, 11) == pytest.approx(0.2)
-    assert Strategy.parse("greedy").alpha(0, 10, stats=stats) == pytest.approx(0.75)
-    assert Strategy.parse("greedy").alpha(0, 10, stats=torch.zeros(8, dtype=torch.float64)) == 0.5
-    share = torch.tensor([0.1, 0.9])
-    assert Strategy.parse("akl").alpha(0, 10, akl_share=share) is share
-    assert Strategy.parse("arkd").alpha(0, 10, policy_alpha=0.42) == 0.42
-    with pytest.raises(ValueError, match="policy_alpha"):
-        Strategy.parse("arkd").alpha(0, 10)
-    for text in ("fkl", "rkl", "fixed:0.25", "linear:0.9,0.1", "greedy", "akl", "arkd"):
-        assert str(Strategy.parse(text)) == text
+
+    def alpha(text, step, total, stats=None):
+        return strategy_alpha(parse_strategy(text), step, total, stats)
+
+    assert alpha("fkl", 5, 10) == 1.0
+    assert alpha("rkl", 5, 10) == 0.0
+    assert alpha("fixed:0.3", 7, 10) == 0.3
+    assert alpha("linear:0.8,0.2", 0, 11) == pytest.approx(0.8)
+    assert alpha("linear:0.8,0.2", 5, 11) == pytest.approx(0.5)
+    assert alpha("linear:0.8,0.2", 10, 11) == pytest.approx(0.2)
+    assert alpha("greedy", 0, 10, stats) == pytest.approx(0.75)
+    assert alpha("greedy", 0, 10, torch.zeros(8, dtype=torch.float64)) == 0.5
+    for text in ("akl", "arkd"):                                 # per-token weights / the policy's action
+        with pytest.raises(ValueError, match="no step rule"):
+            alpha(text, 0, 10, stats)
+    with pytest.raises(ValueError, match="needs the step's stats"):
+        alpha("greedy", 0, 10)
+    parsed = {text: parse_strategy(text) for text in ("fkl", "rkl", "fixed:0.25", "linear:0.9,0.1", "greedy", "akl", "arkd")}
+    assert parsed["fixed:0.25"] == ("fixed", (0.25,)) and parsed["linear:0.9,0.1"] == ("linear", (0.9, 0.1))
+    assert all(kind == text.split(":")[0] for text, (kind, _) in parsed.items())
 
 
 @pytest.mark.parametrize("text", ["fixd:0.3", "fixed:1.5", "fixed:-0.1", "fixed:abc", "fixed:nan",
                                   "linear:0.5", "linear:0.1,2", "fixed", "fkl:1", ""])
 def test_bad_strategy_names_fail_at_parse_time(text):
     with pytest.raises(ValueError, match="strategy"):
-        Strategy.parse(text)
+        parse_strategy(text)
 
 
 def test_unknown_strategy_error_lists_the_valid_ones():
     with pytest.raises(ValueError) as err:
-        Strategy.parse("bidirectional")
+        parse_strategy("bidirectional")
     assert all(name in str(err.value) for name in losses.STRATEGY_NAMES)
 
 
@@ -390,8 +394,13 @@ def test_unknown_strategy_error_lists_the_valid_ones():
 # policy.py
 
 
+def give_reward(pol, reward):
+    """store_reward, then the REINFORCE update when it is due; the update's diagnostics or None."""
+    return pol.update() if pol.store_reward(reward) else None
+
+
 def test_make_state_and_its_errors():
-    means = dict(fkl=0.5, rkl=2.0, teacher_entropy=1.5, student_entropy=2.5, akl_head_share=0.3,
+    means = dict(fkl=0.5, rkl=2.0, teacher_entropy=1.5, student_entropy=2.5, akl_alpha=0.3,
                  top1_agreement=0.6, student_ce=3.1)
     state = make_state(means, 0.25, 0.4, -0.1)
     expected = [math.log(0.5), math.log(2.0), 1.5, 2.5, 0.3, 0.6, 3.1, 0.25, 0.4, -0.1]
@@ -417,7 +426,7 @@ def test_policy_starts_at_mean_half_with_wide_spread():
     alphas = []
     for _ in range(200):
         alphas.append(pol.act(state))
-        pol.reward(0.0)
+        give_reward(pol, 0.0)
     assert pol.last_beta == pytest.approx((1 + math.log(2), 1 + math.log(2)))
     assert 0 < min(alphas) < 0.15 and 0.85 < max(alphas) < 1
 
@@ -436,14 +445,14 @@ def test_running_normaliser_matches_the_direct_mean_and_variance():
 def test_each_reward_is_paired_with_the_action_that_caused_it():
     pol = ARKDPolicy(buffer_size=8)
     with pytest.raises(RuntimeError, match="pending"):
-        pol.reward(1.0)
+        pol.store_reward(1.0)
     pol.act(torch.randn(10))
     with pytest.raises(RuntimeError, match="twice"):
         pol.act(torch.randn(10))
-    pol.reward(0.0)
+    give_reward(pol, 0.0)
     for _ in range(5):
         alpha = pol.act(torch.randn(10))
-        pol.reward(10 * alpha)                    # the reward reveals the action it belongs to
+        give_reward(pol, 10 * alpha)                    # the reward reveals the action it belongs to
     assert len(pol.transitions) == 6 and pol.transitions[0][2] == 0.0
     assert [r for _, _, r in pol.transitions[1:]] == pytest.approx([10 * a for _, a, _ in pol.transitions[1:]])
 
@@ -464,7 +473,7 @@ def test_reinforce_update_matches_a_hand_written_step():
     pol = ARKDPolicy(buffer_size=6, lr=1e-2, seed=3)
     for _ in range(6):                               # a first update sets the EMA baseline and Adam's state
         pol.act(torch.randn(10))
-        pol.reward(float(torch.randn(())))
+        give_reward(pol, float(torch.randn(())))
     baseline = pol.baseline
     reference = copy.deepcopy(pol.net)
     ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
@@ -474,7 +483,7 @@ def test_reinforce_update_matches_a_hand_written_step():
     for r in rewards:
         alpha = pol.act(torch.randn(10))
         actions.append((pol.pending[0].clone(), alpha))
-        info = pol.reward(r)
+        info = give_reward(pol, r)
     assert info is not None and not pol.transitions and pol.updates == 2
     # The same update, written out: advantages, whitening, log pi and entropy from lgamma.
     s = torch.stack([st for st, _ in actions])
@@ -503,7 +512,7 @@ def test_policy_learns_the_optimum_of_a_bandit(target):
     state = torch.randn(10)
     for _ in range(4000):
         alpha = pol.act(state)
-        pol.reward(-(alpha - target) ** 2)
+        give_reward(pol, -(alpha - target) ** 2)
     assert abs(pol.mean_alpha(state) - target) < 0.05
 
 
@@ -514,7 +523,7 @@ def run_policy(pol, steps, seed):
         if pol.pending is None:
             pol.act(torch.randn(10, generator=g))
         alphas.append(pol.last_alpha)
-        pol.reward(float(torch.rand((), generator=g)) - pol.last_alpha)
+        give_reward(pol, float(torch.rand((), generator=g)) - pol.last_alpha)
     return alphas
 
 
@@ -549,7 +558,7 @@ def _two_rank_policy_worker(rank, store_path, out_dir):
         state = policy.all_reduce_sum(local) / 2
         alphas.append(pol.act(state))
         reward = policy.all_reduce_sum(torch.tensor(float(torch.rand((), generator=g)) - alphas[-1])) / 2
-        pol.reward(float(reward))
+        give_reward(pol, float(reward))
     torch.save({"alphas": alphas, "params": [p.detach() for p in pol.net.parameters()]},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()                  # neither rank tears gloo down while the other still talks
@@ -619,7 +628,7 @@ train_tokenizer = data.train_tokenizer
 
 def save_tiny_gpt2(tokenizer, path, n_embd=64, n_layer=2, seed=0):
     tokenizer.save_pretrained(path)
-    return arkd.tiny_model(path, path, n_embd=n_embd, n_layer=n_layer, seed=seed)
+    return data.tiny_model(path, path, n_embd=n_embd, n_layer=n_layer, seed=seed)
 
 
 @pytest.fixture(scope="session")
@@ -794,7 +803,8 @@ def test_bertscore_with_a_real_local_model():
 
 
 def test_generation_is_seeded_and_batched(toy):
-    tokenizer, model = evaluate.load_model(toy["model"], torch.device("cpu"))
+    tokenizer = evaluate.load_tokenizer(toy["model"])
+    model = evaluate.load_model(toy["model"], torch.device("cpu"), vocab_size=len(tokenizer)).eval()
     examples, _ = data.encode_records(tokenizer, data.load_records("dollyeval", toy["data_dir"])[:10])
     prompts = [e["prompt_ids"] for e in examples]
     a = evaluate.generate(model, tokenizer, prompts, seed=10, batch_size=4, max_new_tokens=8, progress=False)
@@ -960,7 +970,7 @@ def test_a_save_that_fails_halfway_leaves_the_last_checkpoint_loadable(pair, tmp
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        arkd.save_atomic(str(tmp_path / "last"), crash_halfway)
+        data.write_atomic(str(tmp_path / "last"), crash_halfway)
     assert arkd.find_checkpoint(str(tmp_path)) == str(tmp_path / "last")
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "last")).state_dict()
     assert all(torch.equal(good[k], reloaded[k]) for k in good)
@@ -999,24 +1009,43 @@ def _join_gloo(rank, world_size, port):
     torch.set_num_threads(1)
 
 
+class GradientRecorder:
+    """Stands in for the optimizer in train_step: keeps the accumulated gradients instead of stepping."""
+
+    def __init__(self, params):
+        self.params, self.grads = list(params), None
+
+    def step(self):
+        self.grads = [p.grad.clone() for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def setup_run(argv, eval_mode=True):
+    """main()'s set-up through the same functions: (args, run, tokenizer, student, teacher, examples)."""
+    args = arkd.parse_args(argv)
+    run = arkd.start(args)
+    tokenizer, student, teacher = arkd.load_models(args, run)
+    examples, _, _ = arkd.load_training_data(args, run, tokenizer, args.data_dir)
+    if eval_mode:
+        student.eval()
+    return args, run, tokenizer, student, teacher, examples
+
+
 def _step_gradients(rank, world_size, port, pair, grad_accum, out_file):
-    """One step's accumulated gradients through arkd.forward_backward, as training computes them."""
+    """One step's accumulated gradients through arkd.train_step, as training computes them."""
     if world_size > 1:
         _join_gloo(rank, world_size, port)
-        torch.distributed.init_process_group("gloo")
-    args = arkd.parse_args(train_argv(pair, os.path.dirname(out_file), "--strategy", "fixed:0.3",
-                                      "--lm_weight", "0.5", "--grad_accum", str(grad_accum)))
-    tokenizer = arkd.load_tokenizer_pair(args)
-    args.vocab_size, args.pad_id, args.world_size = len(tokenizer), tokenizer.pad_token_id, world_size
-    args.autocast = torch.autocast("cpu", enabled=False)
-    student = arkd.load_model(args.student, torch.device("cpu"), torch.float32, args.vocab_size).eval()
-    teacher = arkd.load_model(args.teacher, torch.device("cpu"), torch.float32, args.vocab_size).eval()
+    args, run, _, student, teacher, examples = setup_run(train_argv(
+        pair, os.path.dirname(out_file), "--strategy", "fixed:0.3", "--lm_weight", "0.5", "--grad_accum",
+        str(grad_accum), "--grad_clip", "1e9"))
     model = torch.nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
-    examples, _ = data.encode_records(tokenizer, data.load_records("dolly_train", args.data_dir)[:160])
-    batches = arkd.micro_batches(examples, 1, args, rank, world_size)
-    arkd.forward_backward(model, teacher, batches, args, lambda *_: 0.3, world_size)
+    recorder = GradientRecorder(student.parameters())
+    arkd.train_step(args, run, model, teacher, recorder, None, arkd.micro_batches(examples, 1, args, run), 1)
     if rank == 0:
-        torch.save({n: p.grad for n, p in student.named_parameters()}, out_file)
+        torch.save(dict(zip([n for n, _ in student.named_parameters()], recorder.grads)), out_file)
     if world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
