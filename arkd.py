@@ -63,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--lm_weight", type=float, default=0.0, help="weight of the reference CE added to KD")
     p.add_argument("--chunk_tokens", type=int, default=None, help="kd_pass chunk (default: by device)")
     # optimisation
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (spec: 5e-4 for 120M, 1e-4 larger)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (5e-4 for 120M, 1e-4 larger: docs/method.md 7)")
     p.add_argument("--warmup_ratio", type=float, default=0.05, help="share of steps with linear warmup")
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip")

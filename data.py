@@ -6,12 +6,12 @@ references) and usually `prompt`. The sets are read from a local directory with 
 Hub layout (DATA_DIR/dolly/raw.jsonl, DATA_DIR/sinst/11_/valid.jsonl, ...), or downloaded from the
 Hub dataset repos when no directory is given.
 
-Our choices where the paper is vague (each is marked "Choice N" where it is made):
-1. Over-long PROMPTS (> 256 tokens) are dropped and counted; a response that makes prompt + response
+Our choices where the paper is vague (listed in docs/method.md; each marked "Choice X" where it is made):
+D1. Over-long PROMPTS (> 256 tokens) are dropped and counted; a response that makes prompt + response
    exceed 512 tokens is cut at 512 (the EOS is then lost) and counted. Nothing is dropped silently.
-2. Prompt and response are tokenised separately (the prompt ends in a newline, so no BPE merge
+D2. Prompt and response are tokenised separately (the prompt ends in a newline, so no BPE merge
    crosses the boundary) and the response's first reference is the training target.
-3. `selfinst` uses the first 242 records of MiniLLM/self-inst (the spec's count), `unni` the first
+D3. `selfinst` uses the first 242 records of MiniLLM/self-inst (the count the peers use), `unni` the first
    10,000 of MiniLLM/uinst, and `dolly_dev` the first 1000 lines of MiniLLM/dolly raw.jsonl
    (`dolly_train` the rest).
 
@@ -44,7 +44,7 @@ PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with
 MAX_PROMPT_TOKENS, MAX_TOTAL_TOKENS = 256, 512
 IGNORE_INDEX = -100
 
-# name: (Hub dataset repo, file inside it, first record, end record or None)   (Choice 3)
+# name: (Hub dataset repo, file inside it, first record, end record or None)   (Choice D3)
 DATASETS = {
     "dolly_train": ("MiniLLM/dolly", "raw.jsonl", 1000, None),
     "dolly_dev": ("MiniLLM/dolly", "raw.jsonl", 0, 1000),
@@ -185,7 +185,7 @@ def download(data_dir):
 
 
 def load_records(name, data_dir=None):
-    """The records of one set (spec section 4), sliced as DATASETS says."""
+    """The records of one set (docs/method.md 5), sliced as DATASETS says."""
     _, _, start, end = DATASETS.get(name, (None, None, 0, None))
     path = dataset_file(name, data_dir)
     records = read_jsonl(path)[start:end]
@@ -202,7 +202,7 @@ def encode_records(tokenizer, records, name="data", max_prompt=MAX_PROMPT_TOKENS
     """Tokenised examples {prompt_ids, input_ids, labels, index}: labels are -100 on the prompt.
 
     Drops records whose prompt exceeds max_prompt tokens and cuts responses at max_total
-    (Choice 1); both counts are logged. The target is the first reference + EOS (Choice 2).
+    (Choice D1); both counts are logged. The target is the first reference + EOS (Choice D2).
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token")

@@ -7,15 +7,15 @@ Section 5 of docs/method.md, as a library (arkd.py validates and builds SeqKD da
     torchrun --nproc_per_node=N evaluate.py ...            # the same predictions, N times faster
     python evaluate.py report --runs DIR [DIR ...] --out DIR
 
-Our choices where the paper is vague (each is marked "Choice N" where it is made):
-1. Results do not depend on the number of processes: prompts are cut into batches of --batch_size
+Our choices where the paper is vague (listed in docs/method.md; each marked "Choice X" where it is made):
+E1. Results do not depend on the number of processes: prompts are cut into batches of --batch_size
    in dataset order, batch b is sampled with the torch seed seed * 1000003 + b on whichever rank
    gets it (round robin), and predictions are gathered back into dataset order. (MiniLLM adds the
    rank to the seed, so its numbers change with the GPU count.)
-2. Exact match compares lower-cased text with punctuation removed and whitespace collapsed.
-3. With several references (S-NI), Rouge-L and BERTScore take the best reference.
-4. An empty prediction scores 0 on every metric (bert_score itself crashes on one).
-5. The spread over seeds is the sample standard deviation (n - 1); one seed gives 0.
+E2. Exact match compares lower-cased text with punctuation removed and whitespace collapsed.
+E3. With several references (S-NI), Rouge-L and BERTScore take the best reference.
+E4. An empty prediction scores 0 on every metric (bert_score itself crashes on one).
+E5. The spread over seeds is the sample standard deviation (n - 1); one seed gives 0.
 """
 import argparse
 import json
@@ -85,13 +85,13 @@ def load_model(path, device, dtype=torch.float32, vocab_size=None):
 
 
 def batch_seed(seed, batch_index):
-    """The sampling seed of one batch: independent of the rank and the number of ranks (Choice 1)."""
+    """The sampling seed of one batch: independent of the rank and the number of ranks (Choice E1)."""
     return seed * 1_000_003 + batch_index
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_tokens=MAX_NEW_TOKENS, progress=True):
-    """Sampled responses (strings, in the order of prompt_ids) with the settings of spec section 5.
+    """Sampled responses (strings, in the order of prompt_ids) with the settings of docs/method.md 6.
 
     Whole batches are sharded over ranks and the predictions gathered on every rank.
     """
@@ -162,13 +162,13 @@ _ROUGE = None
 
 
 def rouge_l(prediction, references):
-    """max over references of Rouge-L F-measure (rouge_score, stemmer on) x 100 (Choice 3)."""
+    """max over references of Rouge-L F-measure (rouge_score, stemmer on) x 100 (Choice E3)."""
     global _ROUGE
     if _ROUGE is None:
         from rouge_score import rouge_scorer
         _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     if not prediction.strip():
-        return 0.0                                          # Choice 4
+        return 0.0                                          # Choice E4
     return 100 * max(_ROUGE.score(ref, prediction)["rougeL"].fmeasure for ref in references)
 
 
@@ -178,7 +178,7 @@ def _normalise(text):
 
 
 def exact_match(prediction, references):
-    """100 if the prediction equals a reference after normalisation (Choice 2), else 0."""
+    """100 if the prediction equals a reference after normalisation (Choice E2), else 0."""
     return 100.0 * any(_normalise(prediction) == _normalise(ref) for ref in references) \
         if prediction.strip() else 0.0
 
@@ -205,7 +205,7 @@ class BERTScore:
 
     def __call__(self, predictions, references):
         """predictions [n] strings, references [n] lists of strings -> [n] F1 x 100."""
-        keep = [i for i, p in enumerate(predictions) if p.strip()]     # Choice 4
+        keep = [i for i, p in enumerate(predictions) if p.strip()]     # Choice E4
         scores = [0.0] * len(predictions)
         if not keep:
             return scores
@@ -224,7 +224,7 @@ class BERTScore:
 
 
 def mean_std(values):
-    """(mean, sample std) (Choice 5)."""
+    """(mean, sample std) (Choice E5)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 

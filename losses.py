@@ -17,15 +17,15 @@ Public API:
                              fkl, rkl, fixed:A, linear:A0,A1, greedy as a table of alpha rules
     next_token_targets, stat_means, mix
 
-Our choices where the paper is vague (each is marked "Choice N" where it is made):
-1. Log-probabilities are floored at LOG_FLOOR = -1e4 (exp(-1e4) is 0 in every float format), so
+Our choices where the paper is vague (listed in docs/method.md; each marked "Choice X" where it is made):
+L1. Log-probabilities are floored at LOG_FLOOR = -1e4 (exp(-1e4) is 0 in every float format), so
    0 * log 0 is 0 without a branch, and a token that one side rules out with a -inf logit while
    the other does not costs a large finite penalty instead of inf / NaN. Nothing else is affected:
    any log-probability of a finite row of logits in fp32 is far above the floor.
-2. The policy's entropies and the AKL weights use the same temperature tau as the divergences.
-3. The student cross-entropy (an optional extra loss term, and policy feature 7) is at tau = 1,
+L2. The policy's entropies and the AKL weights use the same temperature tau as the divergences.
+L3. The student cross-entropy (an optional extra loss term, and policy feature 7) is at tau = 1,
    on the reference tokens.
-4. Statistics are summed in float64 together with a token count, so that they add exactly over
+L4. Statistics are summed in float64 together with a token count, so that they add exactly over
    micro-batches and ranks; a mean over zero tokens is 0, never NaN.
 """
 import math
@@ -80,7 +80,7 @@ def _compute_dtype(dtype):
 
 
 def log_probs(logits, tau=1.0):
-    """log softmax(logits / tau) in at least fp32, floored at LOG_FLOOR (Choice 1). [..., V]."""
+    """log softmax(logits / tau) in at least fp32, floored at LOG_FLOOR (Choice L1). [..., V]."""
     _check_tau(tau)
     z = logits.to(_compute_dtype(logits.dtype)) / tau
     return torch.log_softmax(z, dim=-1).clamp_min(LOG_FLOOR)
@@ -161,7 +161,7 @@ def akl_alpha_rows(p, q, mu=0.5, topk=AKL_TOPK):
 
 @torch.no_grad()
 def akl_alpha(student_logits, teacher_logits, mu=0.5, tau=1.0, vocab_size=None):
-    """Per-position AKL weight on FKL (spec section 2): [..., V] x [..., V] -> [...], no gradient.
+    """Per-position AKL weight on FKL (docs/method.md 2): [..., V] x [..., V] -> [...], no gradient.
 
     alpha_t = g_head / (g_head + g_tail), g_head = sum over the teacher's head |p - q|,
     g_tail = the same over the rest; the head is every token (teacher probabilities in descending
@@ -194,7 +194,7 @@ def _softmax_parts_(z, probs, tau):
     total = probs.sum(-1, keepdim=True)
     probs.div_(total)
     log_total = total.log_()
-    z.sub_(log_total).clamp_min_(LOG_FLOOR)              # Choice 1
+    z.sub_(log_total).clamp_min_(LOG_FLOOR)              # Choice L1
     return z, probs, (z_max + log_total).squeeze(1)
 
 
@@ -225,7 +225,7 @@ class _KDPassFunction(torch.autograd.Function):
         dFKL/dz(u) = -sum_v p(v) (1[u = v] - q(u)) / tau              = (q(u) - p(u)) / tau
         dRKL/dz(u) = sum_v dq(v)/dz(u) (log q(v) - log p(v)) + sum_v q(v) dlog q(v)/dz(u)
                    = q(u) (log q(u) - log p(u) - RKL) / tau + 0
-        dCE/dz(u)  = softmax(z)(u) - 1[u = y]                          (tau = 1, Choice 3)
+        dCE/dz(u)  = softmax(z)(u) - 1[u = y]                          (tau = 1, Choice L3)
 
     FKL and RKL carry the factor tau^2, so their gradients carry tau. Forward keeps only the
     per-row log-normalisers [N]; backward recomputes p and q chunk by chunk from the saved logits
@@ -248,7 +248,7 @@ class _KDPassFunction(torch.autograd.Function):
         for lo in range(0, n, chunk):
             idx, sl = rows[lo:lo + chunk], slice(lo, lo + chunk)
             zs, zt, q, p = _load_chunk(work, student, teacher, idx)
-            if len(targets):                                           # CE at tau = 1 (Choice 3)
+            if len(targets):                                           # CE at tau = 1 (Choice L3)
                 target_logit = zs.gather(1, targets[sl].unsqueeze(1)).squeeze(1)
                 if tau != 1.0:
                     lse_ce[sl] = torch.logsumexp(zs, dim=-1)

@@ -23,16 +23,16 @@ into any trainer. At every optimizer step k (or every `reward_every` steps):
         if policy.store_reward(immediate_reward(fkl, rkl, fkl_after, rkl_after)):
             policy.update()                # every M rewards: one REINFORCE step
 
-Our choices where the paper is vague (each is marked "Choice N" where it is made):
-1. The running normaliser is updated with each new state before that state is normalised (the first
+Our choices where the paper is vague (listed in docs/method.md; each marked "Choice X" where it is made):
+P1. The running normaliser is updated with each new state before that state is normalised (the first
    state maps to 0), and the transition stores the normalised state, so the recomputed log pi sees
    exactly what the action saw.
-2. Before any reward is known, the baseline is the mean reward of the first batch.
-3. Sampled alpha is clipped to [1e-6, 1 - 1e-6], where log pi of the Beta is finite.
-4. The reward divides by max(KL, 1e-8), so a student equal to its teacher gives 0, not NaN.
-5. Sampling uses the policy's own random state (in its state_dict): the trainer's random streams
+P2. Before any reward is known, the baseline is the mean reward of the first batch.
+P3. Sampled alpha is clipped to [1e-6, 1 - 1e-6], where log pi of the Beta is finite.
+P4. The reward divides by max(KL, 1e-8), so a student equal to its teacher gives 0, not NaN.
+P5. Sampling uses the policy's own random state (in its state_dict): the trainer's random streams
    and the policy's do not disturb each other, and a resumed run samples the same alphas.
-6. All ranks run the same update on the same data; rank 0's parameters are then broadcast, so
+P6. All ranks run the same update on the same data; rank 0's parameters are then broadcast, so
    float differences between ranks can never make the policies drift apart.
 """
 import copy
@@ -111,7 +111,7 @@ def immediate_reward(fkl, rkl, fkl_after, rkl_after):
 
     FKL, RKL: mean divergences on micro-batch 0 before the optimizer step; FKL', RKL': the same
     batch and teacher logits after it. Relative progress on the long tail plus relative progress
-    on the principal modes: scale-free, high only when both directions improve. (Choice 4)
+    on the principal modes: scale-free, high only when both directions improve. (Choice P4)
     """
     return (fkl - fkl_after) / max(fkl, KL_EPS) + (rkl - rkl_after) / max(rkl, KL_EPS)
 
@@ -166,7 +166,7 @@ class ARKDPolicy:
                                      nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 2))
             nn.init.zeros_(self.net[-1].weight)
             nn.init.zeros_(self.net[-1].bias)
-            self.rng_state = torch.get_rng_state()  # Choice 5: the policy's own sampling stream
+            self.rng_state = torch.get_rng_state()  # Choice P5: the policy's own sampling stream
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
         self.norm = RunningNorm(n_features)
         self.transitions = []                      # [(normalised state, alpha, reward)], < M
@@ -195,7 +195,7 @@ class ARKDPolicy:
         if self.pending is not None:
             raise RuntimeError("act() called twice without store_reward(): each action needs its reward")
         state = self._check(state)
-        self.norm.update(state)                                  # Choice 1
+        self.norm.update(state)                                  # Choice P1
         norm_state = self.norm.normalise(state)
         beta = self.distribution(norm_state)
         alpha = torch.zeros(())
@@ -204,7 +204,7 @@ class ARKDPolicy:
                 torch.set_rng_state(self.rng_state)
                 alpha = beta.sample()
                 self.rng_state = torch.get_rng_state()
-        alpha = float(broadcast_from_rank0(alpha).clamp(ALPHA_EPS, 1 - ALPHA_EPS))   # Choice 3
+        alpha = float(broadcast_from_rank0(alpha).clamp(ALPHA_EPS, 1 - ALPHA_EPS))   # Choice P3
         self.pending = (norm_state, alpha)
         self.last_alpha = alpha
         self.last_beta = (float(beta.concentration1), float(beta.concentration0))
@@ -238,7 +238,7 @@ class ARKDPolicy:
         states = torch.stack([s for s, _, _ in self.transitions])                  # (M, n)
         alphas = torch.tensor([a for _, a, _ in self.transitions])                 # (M,)
         rewards = torch.tensor([r for _, _, r in self.transitions], dtype=torch.float64)
-        baseline = float(rewards.mean()) if self.baseline is None else self.baseline   # Choice 2
+        baseline = float(rewards.mean()) if self.baseline is None else self.baseline   # Choice P2
         advantages = rewards - baseline
         if len(rewards) >= 4:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
@@ -253,7 +253,7 @@ class ARKDPolicy:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.max_grad_norm)
         self.optimizer.step()
-        if _distributed():                  # Choice 6
+        if _distributed():                  # Choice P6
             with torch.no_grad():
                 for p in self.net.parameters():
                     p.copy_(broadcast_from_rank0(p))

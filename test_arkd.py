@@ -568,6 +568,7 @@ def _two_rank_policy_worker(rank, store_path, out_dir):
     os._exit(0)
 
 
+@pytest.mark.slow
 def test_two_processes_share_alpha_and_end_with_identical_policies():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_two_rank_policy_worker, args=(os.path.join(tmp, "store"), tmp), nprocs=2)
@@ -596,6 +597,44 @@ def test_core_files_import_only_torch_and_the_standard_library(name):
         assert all(m.split(".")[0] in allowed for m in modules), (name, modules)
 
 
+@pytest.mark.slow
+def test_readme_example_runs_with_only_the_two_files(tmp_path):
+    """The README's loop, copied as written into a folder holding only losses.py and policy.py."""
+    import re
+    import shutil
+    readme = open(os.path.join(HERE, "README.md")).read()
+    example = re.search(r"## Using losses.py and policy.py.*?```python\n(.*?)```", readme, re.S).group(1)
+    for name in ("losses.py", "policy.py"):
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    prelude = f"""
+import sys, torch
+sys.path = [p for p in sys.path if p != {HERE!r}]          # nothing of the project but the two files
+sys.path.insert(0, {str(tmp_path)!r})
+from transformers import GPT2Config, GPT2LMHeadModel
+torch.manual_seed(0)
+class Tok:
+    def __len__(self): return 50
+tokenizer = Tok()
+teacher = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2)).eval()
+student = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))   # padded vocabulary
+optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+labels = torch.randint(0, 50, (2, 12)); labels[:, :4] = -100
+loader = [dict(input_ids=torch.randint(0, 50, (2, 12)), attention_mask=torch.ones(2, 12, dtype=torch.long),
+               labels=labels) for _ in range(16)]
+total_steps = len(loader)
+"""
+    check = """
+assert loss.dtype == torch.float32 and policy.updates == 1, (loss.dtype, policy.updates)
+assert all(r != 0 for _, _, r in policy.transitions) or policy.last_reward != 0
+print("example ran", policy.updates)
+"""
+    script = tmp_path / "example.py"
+    script.write_text(prelude + example + check)
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "example ran 1" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_bench_runs_and_reports_ratios():
     import json
     import subprocess
@@ -826,6 +865,7 @@ def run_evaluate_cli(toy, out, nproc):
     return done
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_give_identical_predictions_and_resume(toy, tmp_path):
     run_evaluate_cli(toy, str(tmp_path / "one"), 1)
     run_evaluate_cli(toy, str(tmp_path / "two"), 2)
@@ -1052,6 +1092,86 @@ def _step_gradients(rank, world_size, port, pair, grad_accum, out_file):
         os._exit(0)                 # see _two_rank_policy_worker
 
 
+def test_cosine_lr_warmup_and_decay():
+    assert arkd.cosine_lr(0, 20, 4) == pytest.approx(0.25)          # the first warmup step
+    assert arkd.cosine_lr(3, 20, 4) == pytest.approx(1.0)           # the last warmup step
+    assert arkd.cosine_lr(4, 20, 4) == pytest.approx(1.0)           # the cosine starts at its peak
+    decay = [arkd.cosine_lr(s, 20, 4) for s in range(4, 20)]
+    assert all(a > b for a, b in zip(decay, decay[1:])) and 0 < decay[-1] < 0.02
+    assert arkd.cosine_lr(10, 20, 4) == pytest.approx(0.5 * (1 + math.cos(math.pi * 6 / 16)))
+    assert arkd.cosine_lr(0, 10, 0) == pytest.approx(1.0)           # no warmup
+
+
+def test_micro_batches_are_a_pure_function_of_the_step_and_split_over_ranks(pair):
+    args = arkd.parse_args(train_argv(pair, "unused"))
+    tokenizer = pair["tokenizer"]
+    examples, _ = data.encode_records(tokenizer, data.load_records("dolly_train", pair["data_dir"])[:160])
+
+    def ids(run, step):
+        return [tuple(row[row != tokenizer.pad_token_id].tolist()) for b in arkd.micro_batches(examples, step, args, run)
+                for row in b["input_ids"]]
+
+    def make(rank, world, accum):
+        return arkd.Run(rank, world, torch.device("cpu"), False, accum, pad_id=tokenizer.pad_token_id)
+    one = make(0, 1, 4)
+    assert ids(one, 3) == ids(one, 3) and len(ids(one, 3)) == 16
+    epoch = [i for step in range(10) for i in ids(one, step)]                  # 160 examples, 16 a step
+    assert len(set(epoch)) == len(set(tuple(e["input_ids"]) for e in examples))
+    assert ids(one, 10) != ids(one, 0)                                          # a new epoch, a new order
+    two = [ids(make(rank, 2, 2), 3) for rank in (0, 1)]
+    assert sorted(two[0] + two[1]) == sorted(ids(one, 3))
+    batch = arkd.micro_batches(examples, 0, args, one)[0]
+    assert "labels" not in batch and (batch["targets"][:, -1] == -100).all()
+
+
+def test_train_step_reward_is_the_relative_drop_on_micro_batch_0_after_the_step(pair, tmp_path):
+    args, run, _, student, teacher, examples = setup_run(train_argv(pair, tmp_path, "--strategy", "arkd"), eval_mode=False)
+    assert student.training and student.config.resid_pdrop > 0       # dropout on: the masks must be replayed
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
+    pol = ARKDPolicy(buffer_size=4, seed=1)
+    batches = arkd.micro_batches(examples, 0, args, run)
+    before_model, rng = copy.deepcopy(student), torch.get_rng_state()
+    row, window = arkd.train_step(args, run, student, teacher, optimizer, pol, batches, 0)
+
+    def kls(model):                                 # the plain definitions, micro-batch 0, the same masks
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.set_rng_state(rng)
+            logits = model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"]).logits
+            t_logits = teacher(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"]).logits
+        mask = batches[0]["targets"] != -100
+        return forward_kl(logits, t_logits)[mask].mean().item(), reverse_kl(logits, t_logits)[mask].mean().item()
+    (f0, r0), (f1, r1) = kls(before_model), kls(student)
+    assert window is None and row["reward"] == pytest.approx((f0 - f1) / f0 + (r0 - r1) / r0, rel=1e-4, abs=1e-7)
+    assert abs(row["reward"]) > 1e-4                # measured after the update, not before it
+    assert pol.transitions[0][1:] == (row["alpha"], row["reward"])
+
+
+def test_reward_every_2_pairs_each_reward_with_the_action_that_caused_it(pair, tmp_path):
+    args, run, _, student, teacher, examples = setup_run(
+        train_argv(pair, tmp_path, "--strategy", "arkd", "--reward_every", "2"), eval_mode=False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
+    pol, window, rows = ARKDPolicy(buffer_size=100, seed=1), None, []
+    for step in range(4):
+        row, window = arkd.train_step(args, run, student, teacher, optimizer, pol, arkd.micro_batches(examples, step, args, run),
+                                      step, window)
+        rows.append(row)
+    assert rows[0]["alpha"] == rows[1]["alpha"] != rows[2]["alpha"] == rows[3]["alpha"]   # held for 2 steps
+    assert "reward" not in rows[0] and "reward" not in rows[2]
+    assert [(a, r) for _, a, r in pol.transitions] == [(rows[0]["alpha"], rows[1]["reward"]),
+                                                       (rows[2]["alpha"], rows[3]["reward"])]
+
+
+def test_logged_loss_is_the_strategys_mix_and_the_gradient_is_clipped(pair, tmp_path):
+    args, run, _, student, teacher, examples = setup_run(
+        train_argv(pair, tmp_path, "--strategy", "fixed:0.3", "--grad_clip", "0.01"))
+    recorder = GradientRecorder(student.parameters())
+    row, _ = arkd.train_step(args, run, student, teacher, recorder, None, arkd.micro_batches(examples, 2, args, run), 2)
+    assert row["alpha"] == 0.3 and row["loss"] == pytest.approx(0.3 * row["fkl"] + 0.7 * row["rkl"], rel=1e-5)
+    assert row["grad_norm"] > 0.01                  # the norm before clipping, as logged
+    assert torch.sqrt(sum((g ** 2).sum() for g in recorder.grads)) <= 0.01 * (1 + 1e-5)
+
+
+@pytest.mark.slow
 def test_one_process_accumulating_4_equals_two_processes_accumulating_2(pair, tmp_path):
     plain = {k: v for k, v in pair.items() if k != "tokenizer"}
     _step_gradients(0, 1, 0, plain, 4, str(tmp_path / "one.pt"))
@@ -1072,6 +1192,7 @@ def _two_rank_training(rank, port, argv, out_dir):
     os._exit(0)                     # see _two_rank_policy_worker
 
 
+@pytest.mark.slow
 def test_two_ranks_train_with_the_same_alpha_and_end_identical(pair, tmp_path):
     plain = {k: v for k, v in pair.items() if k != "tokenizer"}
     argv = train_argv(plain, tmp_path / "run", "--strategy", "arkd", "--grad_accum", "1", "--max_steps", "8")
@@ -1082,6 +1203,7 @@ def test_two_ranks_train_with_the_same_alpha_and_end_identical(pair, tmp_path):
     assert all(torch.equal(r0["student"][k], r1["student"][k]) for k in r0["student"])
 
 
+@pytest.mark.slow
 def test_torchrun_cli_trains_on_two_processes(pair, tmp_path):
     argv = train_argv(pair, tmp_path, "--strategy", "greedy", "--grad_accum", "1", "--max_steps", "3")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -1101,6 +1223,7 @@ def run_sh(out, *args, **env):
     return subprocess.run(["bash", "run.sh", *args], cwd=HERE, capture_output=True, text=True, env=settings, timeout=900)
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_produces_the_report_and_a_rerun_skips_every_stage(tmp_path):
     small = {"STRATEGIES": "sft fkl arkd", "SMOKE_STEPS": "20", "SEEDS": "10"}
     done = run_sh(tmp_path, "smoke", **small)
@@ -1119,6 +1242,7 @@ def test_smoke_pipeline_produces_the_report_and_a_rerun_skips_every_stage(tmp_pa
     assert again.returncode == 0 and "[run ]" not in again.stdout and again.stdout.count("[skip]") >= 10
 
 
+@pytest.mark.slow
 def test_run_sh_rejects_bad_settings_before_any_work(tmp_path):
     done = run_sh(tmp_path / "a", "smoke", STRATEGIES="fkl bidirectional")
     assert done.returncode != 0 and "unknown strategy 'bidirectional'" in done.stderr
