@@ -442,6 +442,19 @@ def test_running_normaliser_matches_the_direct_mean_and_variance():
     assert norm.normalise(torch.tensor([1e6, 1e6, 1e6])).tolist() == [5.0, 5.0, 5.0]
 
 
+def test_the_policy_sees_normalised_states():
+    pol = ARKDPolicy(buffer_size=100)
+    g = torch.Generator().manual_seed(0)
+    raw = [torch.randn(10, generator=g) * 1000 + 500 for _ in range(12)]
+    for state in raw:
+        pol.act(state)
+        give_reward(pol, 0.0)
+    stacked = torch.stack(raw).double()
+    expected = ((stacked[-1] - stacked.mean(0)) / torch.sqrt(stacked.var(0, unbiased=False) + 1e-8)).clamp(-5, 5)
+    assert torch.allclose(pol.transitions[-1][0].double(), expected, atol=1e-5)
+    assert max(s.abs().max() for s, _, _ in pol.transitions) <= 5
+
+
 def test_each_reward_is_paired_with_the_action_that_caused_it():
     pol = ARKDPolicy(buffer_size=8)
     with pytest.raises(RuntimeError, match="pending"):
@@ -826,6 +839,14 @@ def test_rouge_l_against_an_independent_lcs():
     assert evaluate.rouge_l("", ["anything"]) == 0.0 and evaluate.rouge_l("   ", ["x"]) == 0.0
     assert evaluate.exact_match("The answer, 42.", ["the answer 42"]) == 100.0
     assert evaluate.exact_match("the answer 43", ["the answer 42"]) == 0.0 and evaluate.exact_match("", [""]) == 0.0
+    # Only the stemmer makes these match: "running dogs jumped" ~ "run dog jump" (Porter stems).
+    assert evaluate.rouge_l("running dogs jumped", ["run dog jump"]) == pytest.approx(100)
+
+
+def test_spread_over_seeds_is_the_sample_standard_deviation():
+    mean, std = evaluate.mean_std([10.0, 12.0, 17.0])           # mean 13, squares 9 + 1 + 16 = 26
+    assert mean == pytest.approx(13.0) and std == pytest.approx(math.sqrt(26 / 2))
+    assert evaluate.mean_std([5.0]) == (5.0, 0.0)
 
 
 def test_bertscore_with_a_real_local_model():
