@@ -132,34 +132,58 @@ def build_prompt(instruction, input_text=""):
 def read_jsonl(path):
     """Records of a MiniLLM-format file: {instruction, input, references, prompt} dicts.
 
-    Raises ValueError naming the file and line for malformed JSON, a missing field or a bad
-    `output`; blank lines are skipped; an empty file is an error.
+    Every bad line is one ValueError naming the file and the line: not UTF-8, not JSON (also numbers
+    too long to parse and nesting too deep), not an object, `instruction` missing or not a string,
+    `input` neither a string nor absent/null, `output` neither a string nor a non-empty list of
+    strings, or a string that is not valid Unicode (a lone surrogate escape). Nothing is converted
+    silently; blank lines are skipped; an empty file or a path that is not a file is an error.
     """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not a file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw_line in enumerate(f, 1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: not valid UTF-8 (byte {err.start})") from None
             if not line.strip():
                 continue
             try:
                 raw = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            if not isinstance(raw, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(raw).__name__}")
-            for field in ("instruction", "output"):
-                if field not in raw:
-                    raise ValueError(f"{path}:{line_no}: record has no '{field}' field")
-            output = raw["output"]
-            references = [output] if isinstance(output, str) else output
-            if not (isinstance(references, list) and references and all(isinstance(r, str) for r in references)):
-                raise ValueError(f"{path}:{line_no}: 'output' must be a string or a non-empty list of strings")
-            input_text = raw.get("input") or ""
-            records.append({"instruction": raw["instruction"], "input": input_text,
-                            "references": references,
-                            "prompt": build_prompt(raw["instruction"], input_text)})
+            except (ValueError, RecursionError) as err:      # also too many digits, too deep
+                raise ValueError(f"{where}: not valid JSON ({str(err)[:120]})") from None
+            records.append(_record(raw, where))
     if not records:
         raise ValueError(f"{path}: the file holds no records")
     return records
+
+
+def _record(raw, where):
+    """One checked record from a parsed JSON line (see read_jsonl)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    for field in ("instruction", "output"):
+        if field not in raw:
+            raise ValueError(f"{where}: record has no '{field}' field")
+    if not isinstance(raw["instruction"], str):
+        raise ValueError(f"{where}: 'instruction' must be a string, got {type(raw['instruction']).__name__}")
+    input_text = raw.get("input")
+    if input_text is not None and not isinstance(input_text, str):
+        raise ValueError(f"{where}: 'input' must be a string (or absent), got {type(input_text).__name__}")
+    output = raw["output"]
+    references = [output] if isinstance(output, str) else output
+    if not (isinstance(references, list) and references and all(isinstance(r, str) for r in references)):
+        raise ValueError(f"{where}: 'output' must be a string or a non-empty list of strings")
+    for text in [raw["instruction"], input_text or ""] + references:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: a field holds a lone surrogate escape, not valid Unicode") from None
+    input_text = input_text or ""
+    return {"instruction": raw["instruction"], "input": input_text, "references": references,
+            "prompt": build_prompt(raw["instruction"], input_text)}
 
 
 def dataset_file(name, data_dir=None):

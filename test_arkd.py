@@ -1207,10 +1207,24 @@ def test_one_process_accumulating_4_equals_two_processes_accumulating_2(pair, tm
 def _two_rank_training(rank, port, argv, out_dir):
     _join_gloo(rank, 2, port)
     result = arkd.main(argv)
-    torch.save({"alphas": [r["alpha"] for r in result["history"]],
-                "policy": [p.detach() for p in result["policy"].net.parameters()],
-                "student": result["student"].state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    save_result(result, os.path.join(out_dir, f"rank{rank}.pt"))
     os._exit(0)                     # see _two_rank_policy_worker
+
+
+def save_result(result, path):
+    torch.save({"alphas": [r["alpha"] for r in result["history"]],
+                "rows": [{k: r.get(k) for k in ("step", "alpha", "reward", "loss")} for r in result["history"]],
+                "policy": [p.detach() for p in result["policy"].net.parameters()] if result["policy"] else [],
+                "student": result["student"].state_dict()}, path)
+
+
+def assert_same_training(a, b, atol):
+    assert [r["step"] for r in a["rows"]] == [r["step"] for r in b["rows"]]
+    for ra, rb in zip(a["rows"], b["rows"]):
+        for key in ("alpha", "reward", "loss"):
+            assert (ra[key] is None) == (rb[key] is None) and (ra[key] is None or abs(ra[key] - rb[key]) <= atol), (ra, rb)
+    assert all(torch.allclose(x, y, atol=atol) for x, y in zip(a["policy"], b["policy"]))
+    assert all(torch.allclose(a["student"][k], b["student"][k], atol=atol) for k in a["student"])
 
 
 @pytest.mark.slow
@@ -1222,6 +1236,50 @@ def test_two_ranks_train_with_the_same_alpha_and_end_identical(pair, tmp_path):
     assert r0["alphas"] == r1["alphas"] and len(set(r0["alphas"])) == 8
     assert all(torch.equal(a, b) for a, b in zip(r0["policy"], r1["policy"]))
     assert all(torch.equal(r0["student"][k], r1["student"][k]) for k in r0["student"])
+
+
+@pytest.mark.slow
+def test_two_rank_resume_inside_an_open_reward_window_with_dropout_is_exact(pair, tmp_path):
+    plain = {k: v for k, v in pair.items() if k != "tokenizer"}
+    common = ("--strategy", "arkd", "--grad_accum", "1", "--max_steps", "7", "--reward_every", "2",
+              "--eval_every", "0")
+    runs = {"straight": [], "first": ["--stop_after", "3"], "resumed": ["--resume"]}   # stops with step 2's window open
+    for name, extra in runs.items():
+        out = tmp_path / ("straight" if name == "straight" else "resumed")
+        os.makedirs(tmp_path / name, exist_ok=True)
+        mp.spawn(_two_rank_training, args=(free_port(), train_argv(plain, out, *common, *extra), str(tmp_path / name)),
+                 nprocs=2)
+    straight, resumed = (torch.load(tmp_path / name / "rank1.pt") for name in ("straight", "resumed"))
+    assert torch.load(tmp_path / "first" / "rank1.pt")["rows"][-1]["reward"] is None     # the window was open
+    straight["rows"] = straight["rows"][3:]
+    assert_same_training(straight, resumed, atol=1e-6)
+    assert resumed["rows"][0]["reward"] is not None          # its reward replayed rank 1's dropout masks
+
+
+def _world_worker(rank, world_size, port, argv, out_file):
+    if world_size > 1:
+        _join_gloo(rank, world_size, port)
+    result = arkd.main(argv)
+    if rank == 0:
+        save_result(result, out_file)
+    if world_size > 1:
+        os._exit(0)                 # see _two_rank_policy_worker
+
+
+@pytest.mark.slow
+def test_arkd_on_two_ranks_with_batch_b_equals_one_process_with_batch_2b(pair, tmp_path):
+    tokenizer_dir = str(tmp_path / "tok")
+    pair["tokenizer"].save_pretrained(tokenizer_dir)
+    models = {role: data.tiny_model(tokenizer_dir, str(tmp_path / role), n_embd=width, n_layer=layers, seed=seed, dropout=0.0)
+              for role, width, layers, seed in (("teacher", 128, 2, 1), ("student", 64, 1, 2))}   # no dropout: same maths
+    plain = {"data_dir": pair["data_dir"], **models}
+    common = ("--strategy", "arkd", "--grad_accum", "1", "--max_steps", "6")        # M = 4: one REINFORCE update
+    _world_worker(0, 1, 0, train_argv(plain, tmp_path / "one", *common, "--batch_size", "4"), str(tmp_path / "one.pt"))
+    mp.spawn(_world_worker, args=(2, free_port(), train_argv(plain, tmp_path / "two", *common, "--batch_size", "2"),
+                                  str(tmp_path / "two.pt")), nprocs=2)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert_same_training(one, two, atol=2e-5)
+    assert any(p.abs().sum() > 0 for p in one["policy"][-2:])                # the policy's last layer moved
 
 
 @pytest.mark.slow
