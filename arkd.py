@@ -334,8 +334,9 @@ class Progress:
 
 
 def find_checkpoint(out):
+    """OUT/last, or OUT/last.old when a crash came between the two renames of a save."""
     for candidate in (os.path.join(out, "last"), os.path.join(out, "last.old")):
-        if os.path.isfile(os.path.join(candidate, "training_state.pt")):
+        if os.path.isdir(candidate):
             return candidate
     return None
 
@@ -508,17 +509,18 @@ def validate(model, tokenizer, val_examples, val_records, args):
                for p, e in zip(predictions, val_examples)) / len(val_examples)
 
 
-def on_bad_step(row, progress, args):
-    """Choice T4: a step whose gradient is not finite made no update; too many in a row stop the run."""
+def count_bad_step(row, progress, args):
+    """Choice T4: a step whose gradient is not finite made no update. Returns the error that stops
+    the run after --max_bad_steps of them in a row (None otherwise)."""
     if math.isfinite(row["grad_norm"]):
         progress.bad_steps = 0
-        return
+        return None
     progress.bad_steps, progress.skipped = progress.bad_steps + 1, progress.skipped + 1
     cause = "" if row["teacher_finite"] else f": the teacher {args.teacher} produced non-finite logits"
     print0(f"step {row['step']}: non-finite loss or gradient, step skipped{cause}")
     if progress.bad_steps >= args.max_bad_steps:
-        raise RuntimeError(f"step {row['step']}: {args.max_bad_steps} steps in a row had a non-finite loss or "
-                           f"gradient{cause}")
+        return f"step {row['step']}: {args.max_bad_steps} steps in a row had a non-finite loss or gradient{cause}"
+    return None
 
 
 def main(argv=None):
@@ -546,19 +548,20 @@ def main(argv=None):
         progress, window = resume(checkpoint, args, run, examples, teacher, optimizer, policy)
     metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master)
     line, first_step, history = ProgressLine(run, progress.step, f"{args.method} {args.strategy}"), progress.step, []
-
     while progress.step < run.total_steps:
         started = time.perf_counter()
         for group in optimizer.param_groups:               # the lr is a pure function of the step
             group["lr"] = args.lr * cosine_lr(progress.step, run.total_steps, run.warmup_steps)
         batches = micro_batches(examples, progress.step, args, run)
         row, window = train_step(args, run, model, teacher, optimizer, policy, batches, progress.step, window)
-        on_bad_step(row, progress, args)
-        seconds = time.perf_counter() - started
+        stop, seconds = count_bad_step(row, progress, args), time.perf_counter() - started
         row.update(lr=optimizer.param_groups[0]["lr"], skipped_steps=progress.skipped, step_seconds=seconds,
                    tokens_per_second=row.pop("step_tokens") / seconds)
         history.append(row)
         metrics.write(row)
+        if stop:
+            metrics.flush()
+            raise RuntimeError(stop)
         line.update(row)
         progress.step += 1
         scheduled = progress.step == run.total_steps or (args.eval_every and progress.step % args.eval_every == 0)

@@ -1057,6 +1057,151 @@ def test_padded_vocabulary_and_non_finite_losses(pair, tmp_path):
         arkd.main(train_argv(pair, tmp_path / "nan", "--teacher", str(tmp_path / "nan-teacher"), "--max_steps", "12"))
 
 
+class PicklePayload:
+    """Unpickling this runs code: it creates the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_refuses_a_pickle_payload_and_never_runs_it(pair, tmp_path):
+    arkd.main(train_argv(pair, tmp_path, "--strategy", "fkl", "--max_steps", "2"))
+    marker = tmp_path / "payload-ran"
+    torch.save({"step": 1, "payload": PicklePayload(str(marker))}, tmp_path / "last" / "training_state.pt")
+    with pytest.raises(arkd.CheckpointError, match="training_state.pt does not load.*Unpickl"):
+        arkd.main(train_argv(pair, tmp_path, "--strategy", "fkl", "--max_steps", "2", "--resume"))
+    assert not marker.exists()
+
+
+def test_a_checkpoint_that_does_not_load_names_the_file_and_offers_the_previous_one(pair, tmp_path):
+    common = ("--strategy", "arkd", "--eval_every", "2", "--max_steps", "4", "--reward_every", "1")
+    straight = arkd.main(train_argv(pair, tmp_path / "straight", *common))
+    out = tmp_path / "run"
+    arkd.main(train_argv(pair, out, *common))                   # checkpoints at 2 (last.old) and 4 (last)
+    good = {name: (out / "last" / name).read_bytes() for name in ("training_state.pt", "model.safetensors")}
+    for name, damage in (("training_state.pt", lambda b: b[:len(b) // 2]), ("model.safetensors", lambda b: b[:100]),
+                         ("model.safetensors", lambda b: b"\x00" * len(b)), ("training_state.pt", None)):
+        path = out / "last" / name
+        path.unlink() if damage is None else path.write_bytes(damage(good[name]))
+        with pytest.raises(arkd.CheckpointError) as err:
+            arkd.main(train_argv(pair, out, *common, "--resume"))
+        assert f"{path} does not load" in str(err.value) and "--resume_previous" in str(err.value)
+        path.write_bytes(good[name])
+    with pytest.raises(arkd.CheckpointError, match="other settings: lr=0.002 \\(now 0.001\\)"):
+        arkd.main(train_argv(pair, out, *common, "--resume", "--lr", "1e-3"))
+    (out / "last" / "training_state.pt").write_bytes(b"garbage")
+    resumed = arkd.main(train_argv(pair, out, *common, "--resume_previous"))   # only when asked
+    assert [r["step"] for r in resumed["history"]] == [2, 3]
+    assert [r["alpha"] for r in resumed["history"]] == [r["alpha"] for r in straight["history"][2:]]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(straight["student"].state_dict().values(),
+                                                               resumed["student"].state_dict().values()))
+
+
+def test_a_save_that_fails_inside_the_real_checkpoint_path_keeps_the_last_one(pair, tmp_path, monkeypatch):
+    common = ("--strategy", "fkl", "--eval_every", "2", "--max_steps", "4")
+    real_save = torch.save
+    calls = []
+
+    def failing_save(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:                              # the second checkpoint's training state
+            raise OSError("disk full")
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(arkd.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        arkd.main(train_argv(pair, tmp_path, *common))
+    monkeypatch.setattr(arkd.torch, "save", real_save)
+    assert arkd.find_checkpoint(str(tmp_path)) == str(tmp_path / "last")
+    assert torch.load(tmp_path / "last" / "training_state.pt", weights_only=True)["step"] == 2
+    resumed = arkd.main(train_argv(pair, tmp_path, *common, "--resume"))
+    assert [r["step"] for r in resumed["history"]] == [2, 3]
+
+
+def read_rows(path):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return [json.loads(line, parse_constant=refuse) for line in open(path)]
+
+
+def test_metrics_log_is_strict_json_and_never_ahead_of_its_checkpoint(pair, tmp_path, monkeypatch, capsys):
+    common = ("--strategy", "arkd", "--eval_every", "3", "--max_steps", "6")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text('{"step": 0, "loss": 9}\n{"step": 1, "lo')      # a run killed before its first checkpoint
+    on_disk = []
+    real_save = arkd.save_checkpoint
+
+    def save_and_look(*a, **k):                      # what a kill -9 right after the checkpoint leaves
+        real_save(*a, **k)
+        on_disk.append(read_rows(metrics))
+    monkeypatch.setattr(arkd, "save_checkpoint", save_and_look)
+    arkd.main(train_argv(pair, tmp_path, *common, "--stop_after", "3"))
+    assert [r["step"] for r in on_disk[0] if "loss" in r] == [0, 1, 2] and on_disk[0][-1] == {"step": 3, "val_rougeL": on_disk[0][-1]["val_rougeL"]}
+    with open(metrics, "a") as f:                    # steps the killed process logged past its checkpoint
+        f.write('{"step": 3, "loss": 1.0}\n{"step": 4, "loss": 1.0}\n{"step": 5, "lo')
+    arkd.main(train_argv(pair, tmp_path, *common, "--resume"))
+    rows = read_rows(metrics)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(6))
+    assert [r["step"] for r in rows if "val_rougeL" in r] == [3, 6]
+    assert "dropped a torn line" in capsys.readouterr().out
+
+
+def test_a_teacher_with_non_finite_logits_is_named_and_stops_the_run(pair, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+    broken = AutoModelForCausalLM.from_pretrained(pair["teacher"])
+    with torch.no_grad():
+        broken.lm_head.weight[:5].fill_(float("inf"))
+    broken.save_pretrained(tmp_path / "bad-teacher")
+    pair["tokenizer"].save_pretrained(tmp_path / "bad-teacher")
+    with pytest.raises(RuntimeError, match=f"3 steps in a row.*teacher {tmp_path / 'bad-teacher'} produced non-finite"):
+        arkd.main(train_argv(pair, tmp_path / "run", "--teacher", str(tmp_path / "bad-teacher"), "--strategy", "fkl",
+                             "--max_bad_steps", "3"))
+    assert "step 0: non-finite loss or gradient, step skipped: the teacher" in capsys.readouterr().out
+    rows = read_rows(tmp_path / "run" / "metrics.jsonl")           # strict JSON: NaN became null
+    assert len(rows) == 3 and rows[0]["fkl"] is None
+
+
+def test_fuzzed_data_files_end_in_a_record_list_or_one_clear_error(tmp_path):
+    import random
+    rng = random.Random(0)
+    good = {"instruction": "Say hi.", "input": "", "output": "hi"}
+    mutations = [lambda r: {**r, "instruction": None}, lambda r: {**r, "instruction": {"a": 1}},
+                 lambda r: {**r, "instruction": 5}, lambda r: {**r, "input": ["x"]}, lambda r: {**r, "output": []},
+                 lambda r: {**r, "output": [1, "a"]}, lambda r: {**r, "output": None},
+                 lambda r: {k: v for k, v in r.items() if k != "instruction"}, lambda r: [r], lambda r: "text",
+                 lambda r: {**r, "input": None}, lambda r: {**r, "output": ["a", "b"]}]
+    raw_lines = [b"\xff\xfe bad bytes", b'{"instruction": "\\ud800", "output": "x"}', b"1" * 5000,
+                 b"[" * 100000 + b"]" * 100000, b'{"instruction": "a", "output": "b"', b"", b"null", b"\x00"]
+    outcomes = {"ok": 0, "error": 0}
+    for case in range(300):
+        lines = [json.dumps(good).encode()] * rng.randrange(0, 3)
+        if rng.random() < 0.5:
+            lines.append(json.dumps(rng.choice(mutations)(dict(good))).encode())
+        else:
+            lines.append(rng.choice(raw_lines))
+        lines += [json.dumps(good).encode()] * rng.randrange(0, 2)
+        path = tmp_path / f"case{case}.jsonl"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        try:
+            records = data.read_jsonl(str(path))
+        except ValueError as err:
+            assert str(err).startswith(f"{path}"), err             # names the file (and line)
+            outcomes["error"] += 1
+            continue
+        assert all(isinstance(r[k], str) for r in records for k in ("instruction", "input", "prompt"))
+        assert all(isinstance(t, str) for r in records for t in r["references"])
+        outcomes["ok"] += 1
+    assert outcomes["ok"] > 20 and outcomes["error"] > 150
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        data.read_jsonl(str(tmp_path))                              # a directory where a file belongs
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "ok", "output": "x"}\n{"instruction": null, "output": "x"}\n')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'bad.jsonl'}:2: 'instruction' must be a string"):
+        data.read_jsonl(str(tmp_path / "bad.jsonl"))
+
+
 def free_port():
     import socket
     with socket.socket() as s:
