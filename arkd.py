@@ -20,6 +20,7 @@ cosine (T6), and what a checkpoint holds (T7).
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -125,6 +126,8 @@ class Run:
 
 def start(args):
     """Joins the other processes (torchrun) and fixes the run's device, precision and accumulation."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()       # one bar per run is enough: ours
     models = [args.student] + ([args.teacher] if args.method != "sft" else [])
     for path in models:                            # missing paths fail in seconds, before any load
         evaluate.check_model_path(path)
@@ -292,7 +295,7 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
         elif policy.store_reward(reward):                   # M rewards stored: one REINFORCE update
             row.update(policy.update())
         window = None
-    sums = all_reduce_sum(sums)                             # one collective for the whole log row
+    sums = all_reduce_sum(sums)                             # logging only: one small collective, not three
     row.update(loss=float(sums[-2]) / n_tokens, grad_norm=grad_norm, step_tokens=float(sums[-1]),
                teacher_finite=teacher_finite)
     if args.method == "kd":
@@ -341,12 +344,15 @@ def find_checkpoint(out):
     return None
 
 
-def save_model(directory, student, tokenizer, info):
-    """Plain Hugging Face weights (safetensors) that AutoModelForCausalLM loads, plus info.json."""
+def save_model(directory, student, tokenizer, info, training_state=None):
+    """Plain Hugging Face weights (safetensors) that AutoModelForCausalLM loads, info.json, and for a
+    checkpoint training_state.pt (plain tensors and numbers)."""
     student.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     with open(os.path.join(directory, "info.json"), "w") as f:
         json.dump(info, f, indent=1)
+    if training_state is not None:
+        torch.save(training_state, os.path.join(directory, "training_state.pt"))
 
 
 def save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, window):
@@ -360,12 +366,10 @@ def save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, 
         state = {**vars(progress), "optimizer": optimizer.state_dict(), "ranks": ranks,
                  "policy": policy.state_dict() if policy is not None else None,
                  "window": None if window is None else {"step": window.step, "before": window.before}}
-
-        def write(tmp):
-            save_model(tmp, student, tokenizer, {**vars(args), "world_size": run.world_size})
-            torch.save(state, os.path.join(tmp, "training_state.pt"))
-        write_atomic(os.path.join(args.out, "last"), write, keep_old=True)
-    barrier()
+        write_atomic(os.path.join(args.out, "last"), functools.partial(
+            save_model, student=student, tokenizer=tokenizer, info={**vars(args), "world_size": run.world_size},
+            training_state=state), keep_old=True)
+    barrier()                               # no rank runs on while the checkpoint is being written
 
 
 def checkpoint_to_resume(args, run):
@@ -406,11 +410,13 @@ def checkpoint_problem(checkpoint, args, run):
     if differ:
         return f"{checkpoint} was written with other settings: " + ", ".join(differ)
     from safetensors import safe_open
-    for name, check in (("training_state.pt", lambda p: torch.load(p, map_location="cpu", weights_only=True)),
-                        ("model.safetensors", lambda p: safe_open(p, "pt").keys())):
+    for name in ("training_state.pt", "model.safetensors"):
         path = os.path.join(checkpoint, name)
         try:
-            check(path)
+            if name == "training_state.pt":
+                torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                safe_open(path, "pt").keys()
         except Exception as err:             # truncated, corrupt, missing or not plain tensors
             return f"{path} does not load ({type(err).__name__}: {str(err).splitlines()[0][:300]})"
     return None
@@ -524,8 +530,6 @@ def count_bad_step(row, progress, args):
 
 
 def main(argv=None):
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()       # one bar per run is enough: ours
     args = parse_args(argv)
     run = start(args)
     checkpoint = checkpoint_to_resume(args, run)
@@ -574,8 +578,8 @@ def main(argv=None):
             if score > progress.best:
                 progress.best = score
                 if run.master:
-                    write_atomic(os.path.join(args.out, "best"), lambda tmp: save_model(
-                        tmp, student, tokenizer, {"step": progress.step, "val_rougeL": score}))
+                    write_atomic(os.path.join(args.out, "best"), functools.partial(
+                        save_model, student=student, tokenizer=tokenizer, info={"step": progress.step, "val_rougeL": score}))
         if scheduled or stopping:
             metrics.flush()                                 # the log never lags its checkpoint
             save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, window)

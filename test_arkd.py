@@ -714,7 +714,7 @@ def gpt2_tokenizer(tmp_path_factory):
 def shared_file(relative):
     path = os.path.join(SHARED_DATA, relative)
     if not os.path.isfile(path):
-        pytest.skip(f"{path} is not present (../shared/data is optional)")
+        pytest.skip(f"{path} is not present (the maintainers' sample records are optional)")
     return path
 
 
