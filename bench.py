@@ -26,6 +26,16 @@ forward and policy update included) against plain FKL, on random GPT-2s built fr
 
     python bench.py --step                   # CPU: teacher 3 x 240 (~4x the student 2 x 128), accumulation 4
     python bench.py --step --teacher_size 24,1024 --student_size 12,768 --step_batch 8   # GPU, GPT-2 shapes
+
+The reward probe asks whether ARKD's immediate reward carries information about alpha for a given
+student, teacher and step: from one identical start (weights, optimizer state, dropout masks) it
+takes ONE optimizer step with each alpha of a grid, for K batches, and reports the reward per alpha
+(on the batch trained on, as ARKD uses it, and on a held-out batch in eval mode), the FKL and RKL
+drops, the best alpha and the signal-to-noise ratio the policy sees; a PNG of reward against alpha.
+The training flags after `--` are arkd.py's (the student may be a checkpoint; its optimizer state
+is used when training_state.pt is beside it; --lr is the step's learning rate):
+
+    python bench.py --probe --probe_batches 16 -- --teacher T --student RUN/last --data_dir D --out PROBE
 """
 import argparse
 import json
@@ -215,8 +225,111 @@ def step_benchmark(args):
               f"ratio {summary['step_time_ratio']:.3f}")
 
 
+class FixedAction:
+    """Stands in for the ARKD policy in arkd.train_step: always the same alpha; keeps the reward."""
+
+    def __init__(self, alpha):
+        self.last_alpha, self.last_reward, self.last_beta, self.reward = alpha, 0.0, (None, None), None
+
+    def act(self, state):
+        return self.last_alpha
+
+    def store_reward(self, reward):
+        self.reward = reward
+        return False                            # never an update
+
+    def drop_action(self):
+        self.reward = float("nan")
+
+
+def reward_probe(args, train_argv):
+    """One step per alpha from an identical start, K batches; writes OUT/probe.json and probe.png."""
+    import copy
+    import arkd
+    from losses import IGNORE_INDEX, kd_pass, stat_means
+    targs = arkd.parse_args(train_argv + ["--strategy", "arkd", "--reward_every", "1"])
+    run = arkd.start(targs)
+    torch.manual_seed(targs.seed)                # the dropout masks, the same on a rerun
+    tokenizer, student, teacher = arkd.load_models(targs, run)
+    examples, _, _ = arkd.load_training_data(targs, run, tokenizer, targs.data_dir)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=targs.lr, weight_decay=targs.weight_decay)
+    state_path = os.path.join(targs.student, "training_state.pt")
+    if os.path.isfile(state_path):
+        optimizer.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True)["optimizer"])
+    start_model, start_optimizer = copy.deepcopy(student.state_dict()), copy.deepcopy(optimizer.state_dict())
+    alphas = [float(a) for a in args.probe_alphas.split(",")]
+
+    @torch.no_grad()
+    def heldout_kls(batch):                     # eval mode: no dropout, so before and after compare
+        student.eval()
+        targets = batch["targets"].to(run.device)
+        out = kd_pass(arkd.forward(student, batch, run), arkd.forward(teacher, batch, run),
+                      targets != IGNORE_INDEX, targs.tau, run.vocab_size, target_ids=targets)
+        student.train()
+        return stat_means(out.stats)
+
+    rows = []
+    for k in range(args.probe_batches):
+        batches = arkd.micro_batches(examples, args.probe_step + k, targs, run)
+        heldout = arkd.micro_batches(examples, args.probe_step + k + args.probe_batches, targs, run)[0]
+        rng = torch.get_rng_state()
+        for alpha in alphas:
+            student.load_state_dict(start_model)
+            optimizer.load_state_dict(copy.deepcopy(start_optimizer))   # step() changes the state in place
+            torch.set_rng_state(rng)                                     # the same dropout masks for every alpha
+            before, action = heldout_kls(heldout), FixedAction(alpha)
+            row, _ = arkd.train_step(targs, run, student, teacher, optimizer, action, batches, args.probe_step + k)
+            after = heldout_kls(heldout)
+            rows.append({"batch": k, "alpha": alpha, "reward": action.reward,
+                         "heldout_reward": (before["fkl"] - after["fkl"]) / before["fkl"] + (before["rkl"] - after["rkl"]) / before["rkl"],
+                         "heldout_fkl_drop": (before["fkl"] - after["fkl"]) / before["fkl"],
+                         "heldout_rkl_drop": (before["rkl"] - after["rkl"]) / before["rkl"]})
+    summary = summarise_probe(rows, alphas)
+    os.makedirs(targs.out, exist_ok=True)
+    with open(os.path.join(targs.out, "probe.json"), "w") as f:
+        json.dump({"student": targs.student, "teacher": targs.teacher, "lr": targs.lr, "batches": args.probe_batches,
+                   **summary, "rows": rows}, f, indent=1)
+    plot_probe(summary, alphas, os.path.join(targs.out, "probe.png"))
+    for name in ("reward", "heldout_reward"):
+        s = summary[name]
+        print(f"{name}: " + ", ".join(f"alpha {a:g}: {m:+.4f} +- {e:.4f}" for a, m, e in zip(alphas, s["mean"], s["stderr"]))
+              + f"; best alpha {s['best_alpha']:g}, signal-to-noise {s['snr']:.2f}")
+    return summary
+
+
+def summarise_probe(rows, alphas):
+    """Per alpha: mean and standard error over batches; the best alpha; SNR = (max - min over alpha of
+    the mean) / (the std across batches, averaged over alpha)."""
+    summary = {}
+    for name in ("reward", "heldout_reward", "heldout_fkl_drop", "heldout_rkl_drop"):
+        per_alpha = [[r[name] for r in rows if r["alpha"] == a] for a in alphas]
+        means = [statistics.fmean(v) for v in per_alpha]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_alpha]
+        spread = statistics.fmean(stds)
+        summary[name] = {"mean": means, "stderr": [s / len(v) ** 0.5 for s, v in zip(stds, per_alpha)],
+                         "best_alpha": alphas[means.index(max(means))],
+                         "snr": (max(means) - min(means)) / spread if spread > 0 else float("inf")}
+    return summary
+
+
+def plot_probe(summary, alphas, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, label in (("reward", "on the batch trained on (ARKD's reward)"), ("heldout_reward", "on a held-out batch")):
+        ax.errorbar(alphas, summary[name]["mean"], yerr=summary[name]["stderr"], marker="o", capsize=3,
+                    label=f"{label}, SNR {summary[name]['snr']:.2f}")
+    ax.set(xlabel="alpha (FKL weight) of the one step", ylabel="immediate reward", title="reward probe (mean +- s.e.)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--n", type=int, default=4096, help="tokens")
     parser.add_argument("--vocab", type=int, default=50257, help="vocabulary size")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="logit dtype")
@@ -230,8 +343,18 @@ def main():
     parser.add_argument("--teacher_size", default="3,240", help="--step: teacher layers,width")
     parser.add_argument("--student_size", default="2,128", help="--step: student layers,width")
     parser.add_argument("--step_batch", type=int, default=4, help="--step: sequences per micro-batch")
+    parser.add_argument("--probe", action="store_true", help="reward probe; arkd.py's training flags follow --")
+    parser.add_argument("--probe_batches", type=int, default=16, help="--probe: batches (K), each from the same start")
+    parser.add_argument("--probe_alphas", default="0,0.25,0.5,0.75,1", help="--probe: the alpha grid")
+    parser.add_argument("--probe_step", type=int, default=0, help="--probe: the data step the batches come from")
     parser.add_argument("--variant", help=argparse.SUPPRESS)                 # set in the child
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    train_argv = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.probe:
+        if args.probe_batches < 2:
+            parser.error("--probe_batches must be >= 2 (the noise is measured across batches)")
+        return reward_probe(args, train_argv)
     if args.variant:
         return run_variant(args)
     if args.step:

@@ -1428,6 +1428,27 @@ def test_arkd_on_two_ranks_with_batch_b_equals_one_process_with_batch_2b(pair, t
 
 
 @pytest.mark.slow
+def test_reward_probe_measures_each_alpha_from_one_identical_start(pair, tmp_path):
+    reports = []
+    for name in ("a", "b"):
+        argv = train_argv(pair, tmp_path / name, "--batch_size", "8", "--grad_accum", "1")
+        done = subprocess.run([sys.executable, "bench.py", "--probe", "--probe_batches", "3", "--probe_alphas", "0,0.5,1",
+                               "--", *argv], cwd=HERE, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        reports.append(json.load(open(tmp_path / name / "probe.json")))
+        assert (tmp_path / name / "probe.png").stat().st_size > 0 and "signal-to-noise" in done.stdout
+    assert reports[0]["rows"] == reports[1]["rows"]                  # identical starts: identical numbers
+    rows = reports[0]["rows"]
+    assert len(rows) == 9 and len({r["reward"] for r in rows if r["batch"] == 0}) == 3   # alpha changes the step
+    for name in ("reward", "heldout_reward"):
+        means = reports[0][name]["mean"]
+        assert reports[0][name]["best_alpha"] == [0, 0.5, 1][means.index(max(means))]
+        per_alpha = [[r[name] for r in rows if r["alpha"] == a] for a in (0, 0.5, 1)]
+        assert means == pytest.approx([sum(v) / 3 for v in per_alpha])
+
+
+@pytest.mark.slow
 def test_torchrun_cli_trains_on_two_processes(pair, tmp_path):
     argv = train_argv(pair, tmp_path, "--strategy", "greedy", "--grad_accum", "1", "--max_steps", "3")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
