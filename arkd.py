@@ -76,9 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1, help="seed of data order, dropout and the policy")
     # ARKD policy
     p.add_argument("--reward_every", type=int, default=1, help="steps one action spans (reward at the end)")
-    p.add_argument("--policy_buffer", type=int, default=16, help="actions per REINFORCE update (M)")
-    p.add_argument("--policy_lr", type=float, default=3e-4, help="policy Adam learning rate")
-    p.add_argument("--policy_entropy", type=float, default=0.01, help="entropy bonus c_H")
+    p.add_argument("--policy_buffer", type=int, default=8, help="actions per REINFORCE update (M)")
+    p.add_argument("--policy_lr", type=float, default=3e-3, help="policy Adam learning rate")
+    p.add_argument("--policy_entropy", type=float, default=0.1, help="entropy bonus c_H")
     # validation, checkpoints, logging
     p.add_argument("--eval_every", type=int, default=200, help="validate and checkpoint every N steps (0: at the end)")
     p.add_argument("--val_examples", type=int, default=500, help="dev prompts used for validation Rouge-L")

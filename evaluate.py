@@ -26,6 +26,7 @@ import re
 import statistics
 import string
 import sys
+import textwrap
 import time
 
 import torch
@@ -345,7 +346,7 @@ def heatmap(values, row_labels, col_labels, title, path, reference="teacher"):
             if not math.isnan(v):
                 colour = "black" if not students[i] or scaled[i, j] > 0.6 else "white"
                 ax.text(j, i, f"{v:.1f}", ha="center", va="center", color=colour, fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
     fig.colorbar(image, ax=ax, label="per column: worst -> best student")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

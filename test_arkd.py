@@ -484,10 +484,9 @@ def beta_entropy(a, b):
 
 def test_reinforce_update_matches_a_hand_written_step():
     pol = ARKDPolicy(buffer_size=6, lr=1e-2, seed=3)
-    for _ in range(6):                               # a first update sets the EMA baseline and Adam's state
+    for _ in range(6):                               # a first update sets Adam's state
         pol.act(torch.randn(10))
         give_reward(pol, float(torch.randn(())))
-    baseline = pol.baseline
     reference = copy.deepcopy(pol.net)
     ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
     ref_opt.load_state_dict(copy.deepcopy(pol.optimizer.state_dict()))
@@ -498,35 +497,47 @@ def test_reinforce_update_matches_a_hand_written_step():
         actions.append((pol.pending[0].clone(), alpha))
         info = give_reward(pol, r)
     assert info is not None and not pol.transitions and pol.updates == 2
-    # The same update, written out: advantages, whitening, log pi and entropy from lgamma.
+    # The same update, written out: advantages against the buffer mean, whitened; log pi and entropy from lgamma.
     s = torch.stack([st for st, _ in actions])
     x = torch.tensor([a for _, a in actions])
-    adv = torch.tensor(rewards, dtype=torch.float64) - baseline
-    adv = ((adv - adv.mean()) / (adv.std() + 1e-8)).float()
+    adv = torch.tensor(rewards, dtype=torch.float64) - sum(rewards) / 6
+    adv = (adv / (adv.std() + 1e-8)).float()
     out = reference(s)
     a, b = 1 + torch.nn.functional.softplus(out[:, 0]), 1 + torch.nn.functional.softplus(out[:, 1])
-    loss = -(adv * beta_log_prob(x, a, b)).mean() - 0.01 * beta_entropy(a, b).mean()
+    loss = -(adv * beta_log_prob(x, a, b)).mean() - 0.1 * beta_entropy(a, b).mean()
     ref_opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
     ref_opt.step()
     assert info["policy_loss"] == pytest.approx(loss.item(), abs=1e-5)
+    assert info["baseline"] == pytest.approx(sum(rewards) / 6)
     for p_ours, p_ref in zip(pol.net.parameters(), reference.parameters()):
         assert torch.allclose(p_ours, p_ref, atol=1e-6)
-    expected_baseline = baseline
-    for r in rewards:
-        expected_baseline = 0.9 * expected_baseline + 0.1 * r
-    assert pol.baseline == pytest.approx(expected_baseline)
 
 
-@pytest.mark.parametrize("target", [0.2, 0.75])
-def test_policy_learns_the_optimum_of_a_bandit(target):
-    pol = ARKDPolicy(lr=1e-3, seed=1)
-    state = torch.randn(10)
-    for _ in range(4000):
+def bandit_run(targets, snr, seed, actions=1000):
+    """The default policy on a bandit: reward -(alpha - t)^2 scaled to a range of 1 over [0, 1], plus
+    Gaussian noise of std 1 / snr, with noisy, realistic state features. Returns the mean alpha
+    taken over the 50 actions before action 500 and over the last 50."""
+    import random
+    pol, g, taken = ARKDPolicy(seed=seed), random.Random(seed), []
+    for k in range(actions):
+        t = targets(k, actions)
+        state = torch.tensor([0.3 + g.gauss(0, 0.1), 0.1, 1, 1, 0.5, 0.5, 2, k / actions, pol.last_alpha, pol.last_reward])
         alpha = pol.act(state)
-        give_reward(pol, -(alpha - target) ** 2)
-    assert abs(pol.mean_alpha(state) - target) < 0.05
+        give_reward(pol, -(alpha - t) ** 2 / max(t, 1 - t) ** 2 + g.gauss(0, 1 / snr))
+        taken.append(alpha)
+    return sum(taken[450:500]) / 50, sum(taken[-50:]) / 50
+
+
+def test_default_policy_finds_a_fixed_optimum_and_follows_one_that_moves_in_1000_actions():
+    """Choice P7: at a reward signal-to-noise ratio of 2 (range over alpha / noise std), in at least
+    7 of 8 seeds: the fixed optimum 0.2 reached within 0.1 by action 1000, and an optimum that moves
+    from 0.75 to 0.2 at action 500 tracked to within 0.1 before and after the move."""
+    fixed = [bandit_run(lambda k, n: 0.2, 2.0, seed)[1] for seed in range(8)]
+    moving = [bandit_run(lambda k, n: 0.75 if k < n // 2 else 0.2, 2.0, seed) for seed in range(8)]
+    assert sum(abs(a - 0.2) < 0.1 for a in fixed) >= 7, fixed
+    assert sum(abs(a - 0.75) < 0.1 and abs(b - 0.2) < 0.1 for a, b in moving) >= 7, moving
 
 
 def run_policy(pol, steps, seed):
