@@ -35,13 +35,16 @@ import torch.nn.functional as F
 import data
 import evaluate
 from data import barrier, print0, write_atomic
-from losses import IGNORE_INDEX, STAT_NAMES, kd_pass, mix, next_token_targets, parse_strategy, stat_means, strategy_alpha
+from lora import add_lora, lora_parameters, lora_state_dict
+from losses import (IGNORE_INDEX, STAT_NAMES, atkd_easy, atkd_loss, kd_pass, mix, next_token_targets, parse_strategy,
+                    stat_means, strategy_alpha)
 from policy import ARKDPolicy, all_reduce_sum, immediate_reward, make_state
 
 # Flags that define a run: a checkpoint resumes only under the same values (and world size).
 RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "tau", "lm_weight", "lr",
                 "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "reward_every",
-                "policy_buffer", "policy_lr", "policy_entropy", "seqkd_data", "train_examples")
+                "policy_buffer", "policy_lr", "policy_entropy", "seqkd_data", "train_examples", "atkd_lam",
+                "okd_rank", "okd_scale", "okd_lr", "okd_a_t")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,9 +54,10 @@ RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "tau", "
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="ARKD / KD / SFT training (see the module docstring).")
     # what to train
-    p.add_argument("--method", default="kd", choices=("sft", "seqkd", "kd"), help="sft: CE on references; "
-                   "seqkd: CE on teacher samples; kd: alpha FKL + (1 - alpha) RKL")
-    p.add_argument("--strategy", default="arkd", help="kd only: fkl, rkl, fixed:A, linear:A0,A1, greedy, akl, arkd")
+    p.add_argument("--method", default="kd", choices=("sft", "seqkd", "kd", "okd"), help="sft: CE on references; "
+                   "seqkd: CE on teacher samples; kd: alpha FKL + (1 - alpha) RKL; okd: FKL against a teacher "
+                   "whose LoRA trains alongside")
+    p.add_argument("--strategy", default="arkd", help="kd only: fkl, rkl, fixed:A, linear:A0,A1, greedy, akl, arkd, atkd")
     p.add_argument("--teacher", default="MiniLLM/teacher-gpt2-1.5B", help="teacher model (kd, seqkd)")
     p.add_argument("--student", default="MiniLLM/init-gpt2-120M", help="student initialisation")
     p.add_argument("--data_dir", default=None, help="MiniLLM Hub layout on disk; default: the Hub")
@@ -63,6 +67,12 @@ def parse_args(argv=None):
     p.add_argument("--tau", type=float, default=1.0, help="temperature; the KD loss is scaled by tau^2")
     p.add_argument("--lm_weight", type=float, default=0.0, help="weight of the reference CE added to KD")
     p.add_argument("--chunk_tokens", type=int, default=None, help="kd_pass chunk (default: by device)")
+    p.add_argument("--atkd_lam", type=float, default=0.2, help="atkd: weight of the easy tokens' NCKD (lambda)")
+    # OKD: the teacher's LoRA
+    p.add_argument("--okd_rank", type=int, default=32, help="okd: LoRA rank on the teacher's W_q and W_v")
+    p.add_argument("--okd_scale", type=float, default=1.0, help="okd: LoRA scale s (Choice O2)")
+    p.add_argument("--okd_lr", type=float, default=None, help="okd: LoRA learning rate (default: --lr)")
+    p.add_argument("--okd_a_t", type=float, default=0.5, help="okd: the LoRA's loss a_t KL(q || p) + (1 - a_t) CE (Choice O3)")
     # optimisation
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (5e-4 for 120M, 1e-4 larger: docs/method.md 7)")
     p.add_argument("--warmup_ratio", type=float, default=0.05, help="share of steps with linear warmup")
@@ -99,6 +109,10 @@ def parse_args(argv=None):
             p.error(f"--{name} must be > 0")
     if args.tau <= 0 or args.lm_weight < 0 or not 0 <= args.warmup_ratio < 1:
         p.error("--tau must be > 0, --lm_weight >= 0, --warmup_ratio in [0, 1)")
+    if not (0 <= args.atkd_lam <= 1 and 0 <= args.okd_a_t <= 1) or args.okd_rank < 1:
+        p.error("--atkd_lam and --okd_a_t must lie in [0, 1], --okd_rank must be >= 1")
+    if args.method == "kd" and args.strategy == "atkd" and args.tau != 1:
+        p.error("--strategy atkd is defined at temperature 1: drop --tau")
     return args
 
 
@@ -141,7 +155,8 @@ def start(args):
                              f"{world_size} processes: set --grad_accum")
         grad_accum = 32 // (args.batch_size * world_size)
     bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
-    strategy = parse_strategy(args.strategy) if args.method == "kd" else None
+    # OKD's student learns by FKL alone (method.md 8); SFT and SeqKD have no strategy.
+    strategy = parse_strategy(args.strategy) if args.method == "kd" else ("fkl", ()) if args.method == "okd" else None
     return Run(rank, world_size, device, bf16, grad_accum, strategy)
 
 
@@ -161,6 +176,8 @@ def load_models(args, run, checkpoint=None):
                              f"({len(tokenizer)} tokens) use different tokenizers: distillation needs one")
         dtype = torch.bfloat16 if run.bf16 else torch.float32
         teacher = evaluate.load_model(args.teacher, run.device, dtype, run.vocab_size).eval().requires_grad_(False)
+        if args.method == "okd":                   # the teacher's LoRA trains with the student (method.md 8)
+            add_lora(teacher, args.okd_rank, args.okd_scale)
     student = evaluate.load_model(checkpoint or args.student, run.device, torch.float32, run.vocab_size).train()
     return tokenizer, student, teacher
 
@@ -242,14 +259,14 @@ class RewardWindow:
         return step + 1 - self.step >= args.reward_every or step + 1 == run.total_steps
 
 
-def train_step(args, run, model, teacher, optimizer, policy, batches, step, window=None):
+def train_step(args, run, model, teacher, optimizer, policy, batches, step, window=None, teacher_optimizer=None):
     """One optimizer step of any method. Returns (the step's log row, the open reward window)."""
     student = model.module if run.world_size > 1 else model
     local_tokens = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
     # The denominator is the step's response tokens on all ranks, known before any backward (T1).
     n_tokens = max(float(all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64))), 1.0)
     rng0 = rng_snapshot(run.device)                         # micro-batch 0's dropout masks (T3)
-    sums = torch.zeros(len(STAT_NAMES) + 2, dtype=torch.float64, device=run.device)   # stats, loss, tokens
+    sums = torch.zeros(len(STAT_NAMES) + 3, dtype=torch.float64, device=run.device)   # stats, losses, tokens
     teacher_finite, alpha, row = True, None, {"step": step}
     for i, batch in enumerate(batches):
         # DDP syncs gradients on the last micro-batch only; no_sync must wrap the forward too.
@@ -257,19 +274,19 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
         with sync:
             logits = forward(model, batch, run)
             targets = batch["targets"].to(run.device)
-            if args.method != "kd":
+            if args.method in ("sft", "seqkd"):
                 loss = F.cross_entropy(logits[..., :run.vocab_size].flatten(0, 1).float(), targets.flatten(),
                                        ignore_index=IGNORE_INDEX, reduction="sum")
             else:
-                with torch.no_grad():
+                with torch.no_grad() if teacher_optimizer is None else contextlib.nullcontext():   # OKD: LoRA learns
                     teacher_logits = forward(teacher, batch, run)
-                    teacher_finite = teacher_finite and bool(torch.isfinite(teacher_logits).all())
-                out = kd_pass(logits, teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size,
-                              args.chunk_tokens, target_ids=targets, inplace_grad=True)
+                teacher_finite = teacher_finite and bool(torch.isfinite(teacher_logits.detach()).all())
+                out = kd_pass(logits, teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size, args.chunk_tokens,
+                              target_ids=targets, inplace_grad=teacher_optimizer is None, atkd=run.strategy[0] == "atkd")
                 if i == 0:                                  # alpha is needed before the first backward (T2)
                     stats0 = all_reduce_sum(out.stats)      # every rank must choose the same alpha
-                    if policy is None:                      # a rule; akl weighs each token instead
-                        alpha = None if args.strategy == "akl" else strategy_alpha(run.strategy, step, run.total_steps, stats0)
+                    if policy is None:                      # a rule; akl and atkd weigh each token instead
+                        alpha = None if run.strategy[0] in ("akl", "atkd") else strategy_alpha(run.strategy, step, run.total_steps, stats0)
                     elif window is None and torch.isfinite(stats0).all():   # a new action for --reward_every steps
                         state = make_state(stat_means(stats0), step / run.total_steps, policy.last_alpha, policy.last_reward)
                         alpha = policy.act(state)
@@ -277,15 +294,27 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
                         row.update(state_log_fkl=float(state[0]), state_log_rkl=float(state[1]))
                     else:
                         alpha = policy.last_alpha           # the open action holds
-                loss = mix(out.fkl, out.rkl, out.akl_alpha if alpha is None else alpha).sum() + args.lm_weight * out.ce.sum()
+                if run.strategy[0] == "atkd":
+                    per_token = atkd_loss(out.tckd, out.nckd, atkd_easy(out.unc), args.atkd_lam)
+                else:
+                    per_token = mix(out.fkl, out.rkl, out.akl_alpha if alpha is None else alpha)
+                loss = per_token.sum() + args.lm_weight * out.ce.sum()
+                if teacher_optimizer is not None:           # OKD: the LoRA's own loss, from the same forward
+                    teacher_loss = okd_teacher_loss(logits, teacher_logits, targets, args, run)
+                    (teacher_loss * run.world_size / n_tokens).backward()
+                    sums[-2] += float(teacher_loss.detach())
                 sums[:len(STAT_NAMES)] += out.stats
             (loss * run.world_size / n_tokens).backward()   # DDP averages over ranks: undo it (T1)
-            sums[-2] += float(loss.detach())
+            sums[-3] += float(loss.detach())
             sums[-1] += float(batch["attention_mask"].sum())
     grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip))
     if math.isfinite(grad_norm):                            # the same norm on every rank: grads are synced
         optimizer.step()
+        if teacher_optimizer is not None:
+            step_lora(teacher, teacher_optimizer, args, run)
     optimizer.zero_grad(set_to_none=True)
+    if teacher_optimizer is not None:
+        teacher_optimizer.zero_grad(set_to_none=True)
     if window is not None and window.closes_after(step, args, run):
         after = stat_means(reward_stats(student, window, args, run))
         reward = immediate_reward(window.before["fkl"], window.before["rkl"], after["fkl"], after["rkl"])
@@ -296,14 +325,42 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
             row.update(policy.update())
         window = None
     sums = all_reduce_sum(sums)                             # logging only: one small collective, not three
-    row.update(loss=float(sums[-2]) / n_tokens, grad_norm=grad_norm, step_tokens=float(sums[-1]),
-               teacher_finite=teacher_finite)
-    if args.method == "kd":
-        means = stat_means(sums[:len(STAT_NAMES)])
-        row.update(alpha=means["akl_alpha"] if alpha is None else alpha, **{k: v for k, v in means.items() if k != "tokens"})
-        if policy is not None:
-            row["beta_a"], row["beta_b"] = policy.last_beta
+    row.update(loss=float(sums[-3]) / n_tokens, grad_norm=grad_norm, step_tokens=float(sums[-1]), teacher_finite=teacher_finite)
+    if args.method in ("kd", "okd"):
+        log_kd(row, sums, n_tokens, alpha, policy, run.strategy[0] == "akl", teacher_optimizer is not None)
     return row, window
+
+
+def log_kd(row, sums, n_tokens, alpha, policy, akl, okd):
+    """The KD part of a step's log row: alpha (AKL: its mean weight; ATKD: none), every statistic's
+    token mean, the LoRA's loss (OKD) and the policy's Beta (ARKD)."""
+    means = stat_means(sums[:len(STAT_NAMES)])
+    row.update(alpha=means["akl_alpha"] if akl else alpha, **{k: v for k, v in means.items() if k != "tokens"})
+    if okd:
+        row["teacher_loss"] = float(sums[-2]) / n_tokens
+    if policy is not None:
+        row["beta_a"], row["beta_b"] = policy.last_beta
+
+
+def okd_teacher_loss(logits, teacher_logits, targets, args, run):
+    """OKD's loss for the teacher's LoRA, summed over the response tokens (method.md 8):
+    a_t KL(q || p) + (1 - a_t) CE(p, reference), p the adapted teacher, q the student (detached).
+    kd_pass with the roles swapped computes KL(q || p) as its "FKL", with the closed-form gradient
+    tau (p - q) for the teacher's logits, and the teacher's CE: the same memory bound as the rest."""
+    back = kd_pass(teacher_logits, logits.detach(), targets != IGNORE_INDEX, args.tau, run.vocab_size,
+                   args.chunk_tokens, target_ids=targets)
+    return (args.okd_a_t * back.fkl + (1 - args.okd_a_t) * back.ce).sum()
+
+
+def step_lora(teacher, teacher_optimizer, args, run):
+    """OKD: one step of the teacher's LoRA, its gradients averaged over ranks and clipped like the student's."""
+    params = lora_parameters(teacher)
+    if run.world_size > 1:                  # the teacher is not DDP-wrapped: average as DDP does, so ranks agree
+        flat = all_reduce_sum(torch.cat([p.grad.flatten() for p in params])) / run.world_size
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
+    torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    teacher_optimizer.step()
 
 
 @torch.no_grad()
@@ -355,7 +412,7 @@ def save_model(directory, student, tokenizer, info, training_state=None):
         torch.save(training_state, os.path.join(directory, "training_state.pt"))
 
 
-def save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, window):
+def save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, window, teacher=None, teacher_optimizer=None):
     """Every rank's random state (and its reward window's) is gathered, so any rank count resumes exactly."""
     mine = {"rng": rng_snapshot(run.device), "window_rng": window.rng if window is not None else None}
     ranks = [mine]
@@ -363,8 +420,11 @@ def save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, 
         ranks = [None] * run.world_size
         dist.all_gather_object(ranks, mine)
     if run.master:
+        okd = teacher_optimizer is not None          # OKD: the teacher's LoRA and its optimizer too
         state = {**vars(progress), "optimizer": optimizer.state_dict(), "ranks": ranks,
                  "policy": policy.state_dict() if policy is not None else None,
+                 "lora": lora_state_dict(teacher) if okd else None,
+                 "teacher_optimizer": teacher_optimizer.state_dict() if okd else None,
                  "window": None if window is None else {"step": window.step, "before": window.before}}
         write_atomic(os.path.join(args.out, "last"), functools.partial(
             save_model, student=student, tokenizer=tokenizer, info={**vars(args), "world_size": run.world_size},
@@ -422,10 +482,16 @@ def checkpoint_problem(checkpoint, args, run):
     return None
 
 
-def resume(checkpoint, args, run, examples, teacher, optimizer, policy):
-    """Progress and the open reward window of the checkpoint; restores optimizer, policy, random states."""
+def resume(checkpoint, args, run, examples, teacher, optimizer, policy, teacher_optimizer=None):
+    """Progress and the open reward window of the checkpoint; restores optimizers, policy, LoRA, random states."""
     state = torch.load(os.path.join(checkpoint, "training_state.pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
+    if teacher_optimizer is not None:
+        with torch.no_grad():
+            for name, p in teacher.named_parameters():
+                if name in state["lora"]:
+                    p.copy_(state["lora"][name])
+        teacher_optimizer.load_state_dict(state["teacher_optimizer"])
     if policy is not None:
         policy.load_state_dict(state["policy"])
     mine = state["ranks"][run.rank]
@@ -505,14 +571,34 @@ class ProgressLine:
 # Training
 
 
-def validate(model, tokenizer, val_examples, val_records, args):
-    """Mean Rouge-L of sampled responses to the dev prompts (the same on every rank)."""
-    model.eval()
-    predictions = evaluate.generate(model, tokenizer, [e["prompt_ids"] for e in val_examples], args.seed,
+def build_training(args, run, student, teacher):
+    """(the model to train, possibly DDP-wrapped; its optimizer; OKD's LoRA optimizer; ARKD's policy)."""
+    model = student if run.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+        student, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    teacher_optimizer = torch.optim.AdamW(lora_parameters(teacher), lr=args.okd_lr or args.lr, weight_decay=0.0) \
+        if args.method == "okd" else None                   # its own state: other parameters (Choice O4)
+    policy = ARKDPolicy(buffer_size=args.policy_buffer, lr=args.policy_lr, entropy_coef=args.policy_entropy,
+                        seed=args.seed) if args.method == "kd" and args.strategy == "arkd" else None
+    return model, optimizer, teacher_optimizer, policy
+
+
+def validate(args, run, student, tokenizer, val_examples, val_records, progress, metrics):
+    """Mean Rouge-L of sampled responses to the dev prompts (the same on every rank); keeps OUT/best."""
+    student.eval()
+    predictions = evaluate.generate(student, tokenizer, [e["prompt_ids"] for e in val_examples], args.seed,
                                     args.gen_batch_size, args.max_new_tokens, progress=False)
-    model.train()
-    return sum(evaluate.rouge_l(p, val_records[e["index"]]["references"])
-               for p, e in zip(predictions, val_examples)) / len(val_examples)
+    student.train()
+    score = sum(evaluate.rouge_l(p, val_records[e["index"]]["references"])
+                for p, e in zip(predictions, val_examples)) / len(val_examples)
+    print0(f"step {progress.step}: validation Rouge-L {score:.2f}")
+    metrics.write({"step": progress.step, "val_rougeL": score})
+    if score > progress.best:
+        progress.best = score
+        if run.master:
+            write_atomic(os.path.join(args.out, "best"), functools.partial(
+                save_model, student=student, tokenizer=tokenizer, info={"step": progress.step, "val_rougeL": score}))
+    return score
 
 
 def count_bad_step(row, progress, args):
@@ -542,22 +628,20 @@ def main(argv=None):
                                   args.gen_batch_size, args.max_new_tokens)
         teacher = None
     examples, val_examples, val_records = load_training_data(args, run, tokenizer, train_dir)
-    model = student if run.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
-        student, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    policy = ARKDPolicy(buffer_size=args.policy_buffer, lr=args.policy_lr, entropy_coef=args.policy_entropy,
-                        seed=args.seed) if args.method == "kd" and args.strategy == "arkd" else None
+    model, optimizer, teacher_optimizer, policy = build_training(args, run, student, teacher)
     progress, window = Progress(), None
     if checkpoint:
-        progress, window = resume(checkpoint, args, run, examples, teacher, optimizer, policy)
+        progress, window = resume(checkpoint, args, run, examples, teacher, optimizer, policy, teacher_optimizer)
     metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master)
     line, first_step, history = ProgressLine(run, progress.step, f"{args.method} {args.strategy}"), progress.step, []
     while progress.step < run.total_steps:
         started = time.perf_counter()
-        for group in optimizer.param_groups:               # the lr is a pure function of the step
-            group["lr"] = args.lr * cosine_lr(progress.step, run.total_steps, run.warmup_steps)
+        for opt, peak in ((optimizer, args.lr), (teacher_optimizer, args.okd_lr or args.lr)):
+            for group in opt.param_groups if opt else ():  # the lr is a pure function of the step
+                group["lr"] = peak * cosine_lr(progress.step, run.total_steps, run.warmup_steps)
         batches = micro_batches(examples, progress.step, args, run)
-        row, window = train_step(args, run, model, teacher, optimizer, policy, batches, progress.step, window)
+        row, window = train_step(args, run, model, teacher, optimizer, policy, batches, progress.step, window,
+                                 teacher_optimizer)
         stop, seconds = count_bad_step(row, progress, args), time.perf_counter() - started
         row.update(lr=optimizer.param_groups[0]["lr"], skipped_steps=progress.skipped, step_seconds=seconds,
                    tokens_per_second=row.pop("step_tokens") / seconds)
@@ -571,23 +655,15 @@ def main(argv=None):
         scheduled = progress.step == run.total_steps or (args.eval_every and progress.step % args.eval_every == 0)
         stopping = bool(args.stop_after) and progress.step - first_step >= args.stop_after
         if scheduled:
-            score = validate(student, tokenizer, val_examples, val_records, args)
-            row["val_rougeL"] = score
-            print0(f"step {progress.step}: validation Rouge-L {score:.2f}")
-            metrics.write({"step": progress.step, "val_rougeL": score})
-            if score > progress.best:
-                progress.best = score
-                if run.master:
-                    write_atomic(os.path.join(args.out, "best"), functools.partial(
-                        save_model, student=student, tokenizer=tokenizer, info={"step": progress.step, "val_rougeL": score}))
+            row["val_rougeL"] = validate(args, run, student, tokenizer, val_examples, val_records, progress, metrics)
         if scheduled or stopping:
             metrics.flush()                                 # the log never lags its checkpoint
-            save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, window)
+            save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, window, teacher, teacher_optimizer)
         if stopping:
             print0(f"stopping after step {progress.step} as asked (--stop_after): continue with --resume")
             break
     finish(args, run, metrics, progress)
-    return {"student": student, "policy": policy, "history": history, "best": progress.best}
+    return {"student": student, "teacher": teacher, "policy": policy, "history": history, "best": progress.best}
 
 
 def finish(args, run, metrics, progress):

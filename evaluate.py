@@ -388,12 +388,12 @@ def report(run_dirs, out_dir, title="Results"):
 
 
 def read_metrics(run_dir):
-    """The training rows (those with an alpha) of RUN_DIR/metrics.jsonl."""
+    """The KD training rows (those with FKL) of RUN_DIR/metrics.jsonl."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"plot: {path} does not exist")
     with open(path, encoding="utf-8") as f:
-        return [r for r in map(json.loads, filter(str.strip, f)) if r.get("alpha") is not None]
+        return [r for r in map(json.loads, filter(str.strip, f)) if "fkl" in r]
 
 
 def plot_run(run_dir):
@@ -405,7 +405,7 @@ def plot_run(run_dir):
     rows = read_metrics(run_dir)
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(steps, [r["alpha"] for r in rows], lw=0.8, label="alpha (FKL weight)")
+    ax.plot(steps, [r.get("alpha") for r in rows], lw=0.8, label="alpha (FKL weight)")
     if any(r.get("beta_a") for r in rows):
         ax.plot(steps, [r["beta_a"] / (r["beta_a"] + r["beta_b"]) if r.get("beta_a") else None for r in rows],
                 lw=1.5, label="policy mean a / (a + b)")

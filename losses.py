@@ -11,6 +11,8 @@ copied into any trainer. Teacher p, student q, response position t:
 Public API:
     forward_kl, reverse_kl   the plain definitions, for logits of shape [..., V] -> [...]
     akl_alpha                the per-position Adaptive-KL weight (Wu et al. 2024), no gradient
+    tckd, nckd, atkd_easy, atkd_loss
+                             ATKD's terms and loss (Zhong et al. 2024)
     kd_pass                  the one chunked pass training uses: per-token FKL / RKL / CE with
                              closed-form gradients, plus the statistics the ARKD policy reads
     parse_strategy, strategy_alpha, STEP_RULES
@@ -39,7 +41,7 @@ IGNORE_INDEX = -100
 STAT_NAMES = ("tokens", "fkl", "rkl", "teacher_entropy", "student_entropy",
               "akl_alpha", "top1_agreement", "student_ce")
 AKL_TOPK = 64      # first top-k searched for the AKL head (then 16 x that, then a full sort)
-STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "arkd")
+STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "arkd", "atkd")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,6 +106,45 @@ def reverse_kl(student_logits, teacher_logits, tau=1.0, vocab_size=None):
     student_logits, teacher_logits = _cut_vocab(student_logits, teacher_logits, vocab_size)
     log_q, log_p = log_probs(student_logits, tau), log_probs(teacher_logits, tau)
     return tau ** 2 * (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def tckd(student_logits, teacher_logits, target_ids, vocab_size=None):
+    """ATKD's target-oriented term at tau = 1, g the reference token of each position:
+    TCKD_t = KL([p(g), 1 - p(g)] || [q(g), 1 - q(g)]). [..., V] x [..., V] x [...] -> [...]."""
+    student_logits, teacher_logits = _cut_vocab(student_logits, teacher_logits, vocab_size)
+    log_q, log_p, rows = _rows(student_logits), _rows(teacher_logits), target_ids.reshape(-1)
+    value = _tckd_from_logs(log_p, log_q, rows, _non_target_lse(log_p, rows), _non_target_lse(log_q, rows))
+    return value.reshape(target_ids.shape)
+
+
+def nckd(student_logits, teacher_logits, target_ids, vocab_size=None):
+    """ATKD's diversity term at tau = 1: NCKD_t = KL(p_hat || q_hat), p_hat and q_hat = p and q
+    renormalised over the non-target tokens, computed from the non-target logits directly (finite and
+    non-zero as p(g) -> 1; 0 only when every non-target teacher logit is -inf). FKL = TCKD + (1 - p(g)) NCKD.
+    [..., V] x [..., V] x [...] -> [...]."""
+    student_logits, teacher_logits = _cut_vocab(student_logits, teacher_logits, vocab_size)
+    log_q, log_p, rows = _rows(student_logits), _rows(teacher_logits), target_ids.reshape(-1)
+    value = _nckd_from_logs(log_p - log_q, log_q, rows, _non_target_lse(log_p, rows), _non_target_lse(log_q, rows))
+    return value.reshape(target_ids.shape)
+
+
+def _rows(logits):
+    return log_probs(logits).reshape(-1, logits.shape[-1])
+
+
+def atkd_easy(unc):
+    """ATKD's easy tokens of one micro-batch: the teacher's uncertainty UNC = 1 - p(g) below the LOWER
+    median of its response tokens (torch.median, as the authors; the hard group keeps the middle one)."""
+    return unc < unc.median() if len(unc) else torch.zeros_like(unc, dtype=torch.bool)
+
+
+def atkd_loss(tckd_t, nckd_t, easy, lam=0.2):
+    """Per-token ATKD loss: 2 lam NCKD on easy tokens, 2 (1 - lam) (TCKD + NCKD) on hard ones.
+
+    Summed and divided by the step's token count (Choice T1), this equals the authors' group-mean form
+    lam mean_easy(NCKD) + (1 - lam) mean_hard(TCKD + NCKD) when the two groups are equal in size.
+    """
+    return torch.where(easy, 2 * lam * nckd_t, 2 * (1 - lam) * (tckd_t + nckd_t))
 
 
 def _akl_alpha_sorted(sorted_p, order, abs_err, mu):
@@ -211,6 +252,41 @@ def _load_chunk(work, student, teacher, idx):
     return zs, zt, q, p
 
 
+def _non_target_lse(log_p, targets):
+    """log sum_{v != g} exp(log_p(v)) = log(1 - p(g)) per row [n], summed over the non-target
+    columns directly: subtracting p(g) from 1 loses every digit when p(g) -> 1 in fp32."""
+    return torch.logsumexp(log_p.scatter(1, targets.unsqueeze(1), float("-inf")), dim=-1)
+
+
+def _has_mass(nt_log):
+    """Rows whose non-target probability is not 0 (below LOG_FLOOR / 2 every column is floored)."""
+    return nt_log > LOG_FLOOR / 2
+
+
+def _tckd_from_logs(log_p, log_q, targets, nt_p, nt_q):
+    """TCKD = p(g) (log p(g) - log q(g)) + (1 - p(g)) (log(1 - p(g)) - log(1 - q(g))), per row."""
+    lp_g, lq_g = log_p.gather(1, targets.unsqueeze(1)).squeeze(1), log_q.gather(1, targets.unsqueeze(1)).squeeze(1)
+    return lp_g.exp() * (lp_g - lq_g) + torch.where(_has_mass(nt_p), nt_p.exp() * (nt_p - nt_q), 0.0)
+
+
+def _nckd_from_logs(diff, log_q, targets, nt_p, nt_q):
+    """NCKD = sum_{v != g} p_hat(v) (log p_hat(v) - log q_hat(v)), p_hat = p / (1 - p(g)), q_hat the
+    same for q; diff = log p - log q. Since sum p_hat = 1 it is sum p_hat diff - nt_p + nt_q."""
+    p_hat = torch.exp(diff + log_q - nt_p.unsqueeze(1)).scatter(1, targets.unsqueeze(1), 0.0)
+    return torch.where(_has_mass(nt_p), (p_hat * diff).sum(-1) - nt_p + nt_q, 0.0)
+
+
+def _atkd_grad(log_p, log_q, targets, nt_p, nt_q, g_tckd, g_nckd):
+    """d(g_tckd TCKD + g_nckd NCKD) / dz_q, per row (derivation in _KDPassFunction's docstring)."""
+    t = targets.unsqueeze(1)
+    q_hat = torch.exp(log_q - nt_q.unsqueeze(1)).scatter_(1, t, 0.0)
+    p_hat = torch.exp(log_p - nt_p.unsqueeze(1)).scatter_(1, t, 0.0)
+    gap = (log_q.gather(1, t).exp() - log_p.gather(1, t).exp()).squeeze(1)           # q(g) - p(g)
+    w_nckd = torch.where(_has_mass(nt_p), g_nckd, 0.0).unsqueeze(1)                  # NCKD = 0 there
+    out = (q_hat - p_hat).mul_(w_nckd).sub_(q_hat.mul_((g_tckd * gap).unsqueeze(1)))
+    return out.scatter_add_(1, t, (g_tckd * gap).unsqueeze(1))
+
+
 def _default_chunk_tokens(vocab, device):
     # CPU: ~1M elements (4 MB fp32 per buffer) stay in cache; GPU: big chunks amortise launches.
     elements = 2 ** 25 if device.type == "cuda" else 2 ** 20
@@ -227,6 +303,16 @@ class _KDPassFunction(torch.autograd.Function):
                    = q(u) (log q(u) - log p(u) - RKL) / tau + 0
         dCE/dz(u)  = softmax(z)(u) - 1[u = y]                          (tau = 1, Choice L3)
 
+    ATKD's terms (tau = 1, reference token g, q_hat = q renormalised over v != g, p_hat the same):
+    TCKD = KL([p(g), 1 - p(g)] || [q(g), 1 - q(g)]) depends on z only through q(g), and
+    dq(g)/dz(u) = q(g) (1[u = g] - q(u)), so
+
+        dTCKD/dz(g) = q(g) - p(g)          dTCKD/dz(u != g) = -q_hat(u) (q(g) - p(g))
+
+    NCKD = KL(p_hat || q_hat) is a forward KL over the non-target columns, and q_hat is a softmax
+    of z over them, so dNCKD/dz(u != g) = q_hat(u) - p_hat(u) and dNCKD/dz(g) = 0. (Check: with
+    FKL = TCKD + (1 - p(g)) NCKD the two give q(u) - p(u), the FKL gradient.)
+
     FKL and RKL carry the factor tau^2, so their gradients carry tau. Forward keeps only the
     per-row log-normalisers [N]; backward recomputes p and q chunk by chunk from the saved logits
     and writes each chunk's gradient into one buffer (or, with inplace_grad, into the student
@@ -235,11 +321,13 @@ class _KDPassFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, rows, targets, tau, vocab, mu, chunk, inplace_grad):
+    def forward(ctx, student, teacher, rows, targets, tau, vocab, mu, chunk, inplace_grad, atkd):
         # student [R, V_s], teacher [R, V_t] (padded columns beyond `vocab` are ignored),
         # rows [N] indices of the masked rows, targets [N] reference token ids or empty.
         cdtype, device, n = _compute_dtype(student.dtype), student.device, len(rows)
         fkl, rkl, akl, lse_s, lse_t = (torch.zeros(n, dtype=cdtype, device=device) for _ in range(5))
+        # ATKD (only when asked): TCKD, NCKD and log(1 - p(g)), log(1 - q(g)) per token
+        tckd, nckd, nt_p, nt_q = (torch.zeros(n if atkd else 0, dtype=cdtype, device=device) for _ in range(4))
         ce = torch.zeros(len(targets), dtype=cdtype, device=device)
         lse_ce = torch.zeros(len(targets) if tau != 1.0 else 0, dtype=cdtype, device=device)
         stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)
@@ -256,7 +344,12 @@ class _KDPassFunction(torch.autograd.Function):
             log_p, p, lse_t[sl] = _softmax_parts_(zt, p, tau)
             if len(targets):                                           # floored like log q
                 ce[sl] = ((lse_s if tau == 1.0 else lse_ce)[sl] - target_logit).clamp_max(-LOG_FLOOR)
+            if atkd:
+                nt_p[sl], nt_q[sl] = _non_target_lse(log_p, targets[sl]), _non_target_lse(log_q, targets[sl])
+                tckd[sl] = _tckd_from_logs(log_p, log_q, targets[sl], nt_p[sl], nt_q[sl])
             diff = log_p.sub_(log_q)                                   # log p - log q, reuses log_p
+            if atkd:                                                   # p_hat = exp(diff + log q - nt_p)
+                nckd[sl] = _nckd_from_logs(diff, log_q, targets[sl], nt_p[sl], nt_q[sl])
             # All four row dot products in one BLAS call: (q, p) x (log q, diff) -> [n, 2, 2].
             dots = torch.bmm(work[2:4, :len(idx)].transpose(0, 1), work[0:2, :len(idx)].permute(1, 2, 0))
             q_log_q, q_diff, p_log_q, p_diff = dots.flatten(1).unbind(1)
@@ -269,15 +362,16 @@ class _KDPassFunction(torch.autograd.Function):
                                        akl[sl].sum(), agree.sum()]).double()
         if len(targets):
             stats[7] = ce.sum().double()
-        ctx.save_for_backward(student, teacher, rows, targets, rkl, lse_s, lse_t, lse_ce)
-        ctx.settings = (tau, vocab, chunk, inplace_grad)
-        ctx.mark_non_differentiable(akl, stats)
-        return fkl, rkl, ce, akl, stats
+        unc = nt_p.exp()                                               # 1 - p(g), without a subtraction
+        ctx.save_for_backward(student, teacher, rows, targets, rkl, lse_s, lse_t, lse_ce, nt_p, nt_q)
+        ctx.settings = (tau, vocab, chunk, inplace_grad, atkd)
+        ctx.mark_non_differentiable(akl, stats, unc)
+        return fkl, rkl, ce, akl, stats, tckd, nckd, unc
 
     @staticmethod
-    def backward(ctx, g_fkl, g_rkl, g_ce, _g_akl, _g_stats):
-        student, teacher, rows, targets, rkl, lse_s, lse_t, lse_ce = ctx.saved_tensors
-        tau, vocab, chunk, inplace_grad = ctx.settings
+    def backward(ctx, g_fkl, g_rkl, g_ce, _g_akl, _g_stats, g_tckd, g_nckd, _g_unc):
+        student, teacher, rows, targets, rkl, lse_s, lse_t, lse_ce, nt_p, nt_q = ctx.saved_tensors
+        tau, vocab, chunk, inplace_grad, atkd = ctx.settings
         cdtype, n = _compute_dtype(student.dtype), len(rows)
         grad = student if inplace_grad else torch.empty_like(student)
         unused = torch.ones(len(student), dtype=torch.bool, device=student.device)
@@ -296,6 +390,7 @@ class _KDPassFunction(torch.autograd.Function):
                     z.div_(tau)
                 z.sub_(lse[sl].unsqueeze(1)).clamp_min_(LOG_FLOOR)
             log_q, log_p = zs, zt
+            extra = _atkd_grad(log_p, log_q, targets[sl], nt_p[sl], nt_q[sl], g_tckd[sl], g_nckd[sl]) if atkd else None
             q, p = torch.exp(log_q, out=q), torch.exp(log_p, out=p)
             # dRKL: q * (log q - log p - RKL), weighted per row by g_rkl; built in log_q's buffer.
             g = log_q.sub_(log_p).sub_(rkl_unscaled[sl].unsqueeze(1)).mul_(q)
@@ -307,8 +402,10 @@ class _KDPassFunction(torch.autograd.Function):
                 g_ce_rows = g_ce[sl].unsqueeze(1)
                 g.add_((q if tau == 1.0 else p_ce).mul_(g_ce_rows))
                 g.scatter_add_(1, targets[sl].unsqueeze(1), -g_ce_rows)
+            if extra is not None:
+                g.add_(extra)
             g_view.index_copy_(0, idx, g.to(grad.dtype))
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 @dataclass
@@ -318,6 +415,8 @@ class KDPassResult:
     fkl, rkl: [N] per-token divergences (times tau^2), differentiable in the student logits.
     ce: [N] student cross-entropy on target_ids at tau = 1, differentiable; None without targets.
     akl_alpha: [N] per-token g_head / (g_head + g_tail): the AKL weight on FKL, no gradient.
+    tckd, nckd: [N] ATKD's target and non-target terms (atkd=True only, else None), differentiable.
+    unc: [N] 1 - p(g), the teacher's mass off the reference token (atkd=True only), no gradient.
     stats: float64 [len(STAT_NAMES)]: the token count and the sums of every statistic; add them
         over micro-batches and all-reduce them over ranks, then divide (stat_means).
     """
@@ -326,10 +425,13 @@ class KDPassResult:
     ce: torch.Tensor | None
     akl_alpha: torch.Tensor
     stats: torch.Tensor
+    tckd: torch.Tensor | None = None
+    nckd: torch.Tensor | None = None
+    unc: torch.Tensor | None = None
 
 
 def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chunk_tokens=None,
-            target_ids=None, mu=0.5, inplace_grad=False):
+            target_ids=None, mu=0.5, inplace_grad=False, atkd=False):
     """The training pass: FKL, RKL (and CE) of every masked token plus the policy's statistics.
 
     student_logits [..., V_s] (requires grad, any float dtype), teacher_logits [..., V_t],
@@ -338,6 +440,9 @@ def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chun
     vocab_size cuts padded columns (GPT-2: 50304 -> 50257) before any softmax; without it the shapes
     must match. Rows are processed chunk_tokens at a time (default: about 1M elements on CPU,
     32M on CUDA) in at least fp32.
+
+    atkd=True also returns ATKD's per-token TCKD and NCKD (differentiable, closed-form gradients) and
+    the teacher's uncertainty 1 - p(g); it needs target_ids and tau = 1, and costs nothing when off.
 
     inplace_grad=True writes the gradient into student_logits' own storage during backward, saving
     a [tokens, V] buffer. Use it only when nothing reads the logits after backward (autograd's
@@ -369,9 +474,12 @@ def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chun
     chunk = chunk_tokens or _default_chunk_tokens(vocab, student.device)
     if chunk < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    fkl, rkl, ce, akl, stats = _KDPassFunction.apply(
-        student, teacher, rows, targets, float(tau), vocab, float(mu), int(chunk), inplace_grad)
-    return KDPassResult(fkl, rkl, ce if target_ids is not None else None, akl, stats)
+    if atkd and (target_ids is None or tau != 1.0):
+        raise ValueError("atkd=True needs target_ids and tau = 1 (ATKD is defined at temperature 1)")
+    fkl, rkl, ce, akl, stats, tckd, nckd, unc = _KDPassFunction.apply(
+        student, teacher, rows, targets, float(tau), vocab, float(mu), int(chunk), inplace_grad, bool(atkd))
+    return KDPassResult(fkl, rkl, ce if target_ids is not None else None, akl, stats,
+                        *((tckd, nckd, unc) if atkd else ()))
 
 
 def next_token_targets(labels, ignore_index=IGNORE_INDEX):
@@ -411,7 +519,8 @@ def greedy_alpha(stats):
 
 
 # alpha for a whole step from (the strategy's numbers, progress in [0, 1], the step's summed stats).
-# `akl` has no step rule (kd_pass gives one alpha per token, akl_alpha) and `arkd` asks its policy.
+# `akl` has no step rule (kd_pass gives one alpha per token, akl_alpha), `arkd` asks its policy, and
+# `atkd` weighs TCKD and NCKD per token (atkd_loss) instead of FKL and RKL.
 STEP_RULES = {
     "fkl": lambda numbers, progress, stats: 1.0,
     "rkl": lambda numbers, progress, stats: 0.0,
@@ -419,7 +528,7 @@ STEP_RULES = {
     "linear": lambda numbers, progress, stats: numbers[0] + (numbers[1] - numbers[0]) * progress,
     "greedy": lambda numbers, progress, stats: greedy_alpha(stats),
 }
-STRATEGY_ARITY = {"fkl": 0, "rkl": 0, "fixed": 1, "linear": 2, "greedy": 0, "akl": 0, "arkd": 0}
+STRATEGY_ARITY = {"fkl": 0, "rkl": 0, "fixed": 1, "linear": 2, "greedy": 0, "akl": 0, "arkd": 0, "atkd": 0}
 
 
 def parse_strategy(text):
@@ -451,7 +560,7 @@ def strategy_alpha(strategy, step, total_steps, stats=None):
     """
     kind, numbers = strategy
     if kind not in STEP_RULES:
-        raise ValueError(f"strategy {kind!r} has no step rule: akl weights each token, arkd asks its policy")
+        raise ValueError(f"strategy {kind!r} has no step rule: akl and atkd weigh each token, arkd asks its policy")
     if kind == "greedy" and stats is None:
         raise ValueError("strategy 'greedy' needs the step's stats")
     progress = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)

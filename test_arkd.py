@@ -314,6 +314,99 @@ def test_next_token_targets_shift_labels():
 
 
 # ----------------------------------------------------------------------------------------------
+# ATKD: TCKD and NCKD
+
+
+def ref_tckd_nckd(p, q, g):
+    """Plain loops: TCKD = KL([p_g, 1 - p_g] || [q_g, 1 - q_g]), NCKD = KL(p_hat || q_hat) over v != g."""
+    rest_p, rest_q = 1 - p[g], 1 - q[g]
+    tckd_value = ref_kl([p[g], rest_p], [q[g], rest_q])
+    p_hat = [0.0 if v == g else p[v] / rest_p for v in range(len(p))] if rest_p > 0 else None
+    q_hat = [0.0 if v == g else q[v] / rest_q for v in range(len(q))]
+    return tckd_value, (ref_kl(p_hat, q_hat) if p_hat else 0.0)
+
+
+def test_tckd_and_nckd_match_plain_loops_and_decompose_fkl():
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 4, 11, dtype=torch.float64) * 2, torch.randn(3, 4, 11, dtype=torch.float64) * 2
+    targets = torch.randint(0, 11, (3, 4))
+    tc, nc, fk = losses.tckd(s, t, targets), losses.nckd(s, t, targets), forward_kl(s, t)
+    for j, (ps, pt) in enumerate(zip(rows_of(s), rows_of(t))):
+        p, q, g = ref_softmax(pt), ref_softmax(ps), int(targets.reshape(-1)[j])
+        ref_t, ref_n = ref_tckd_nckd(p, q, g)
+        assert tc.reshape(-1)[j].item() == pytest.approx(ref_t, abs=1e-12)
+        assert nc.reshape(-1)[j].item() == pytest.approx(ref_n, abs=1e-12)
+        assert fk.reshape(-1)[j].item() == pytest.approx(ref_t + (1 - p[g]) * ref_n, abs=1e-12)   # FKL = TCKD + (1 - p_g) NCKD
+
+
+def test_nckd_stays_exact_on_confident_teacher_rows_where_the_quotient_fails():
+    torch.manual_seed(1)
+    t = torch.randn(4, 50)
+    t[:, 7] += torch.tensor([12.0, 16.0, 20.0, 30.0])          # p(g) -> 1: UNC from ~1e-4 down to ~1e-11
+    s = torch.randn(4, 50)
+    targets = torch.full((4,), 7)
+    exact = losses.nckd(s.double(), t.double(), targets)        # float64 reference
+    ours = losses.nckd(s, t, targets)                           # float32, from the non-target logits
+    assert torch.allclose(ours.double(), exact, rtol=1e-4) and (ours > 0.1).all()
+    quotient = (forward_kl(s, t) - losses.tckd(s, t, targets)) / (1 - torch.softmax(t, -1)[:, 7])
+    assert not torch.allclose(quotient.double(), exact, rtol=1e-2)   # the form ATKD must not use
+    out = kd_pass(s.clone().requires_grad_(), t, torch.ones(4, dtype=torch.bool), target_ids=targets, atkd=True)
+    assert torch.allclose(out.nckd.double(), exact, rtol=1e-4)
+    assert torch.allclose(out.unc.double(), 1 - torch.softmax(t.double(), -1)[:, 7], rtol=1e-4)
+
+
+def test_atkd_terms_on_one_hot_teachers_and_minus_inf_columns():
+    s = torch.randn(3, 6, dtype=torch.float64)
+    t = torch.full((3, 6), -math.inf, dtype=torch.float64)
+    t[:, 2] = 0.0                                                # one-hot teacher on the target
+    targets = torch.full((3,), 2)
+    assert torch.equal(losses.nckd(s, t, targets), torch.zeros(3, dtype=torch.float64))   # no non-target mass
+    assert torch.allclose(losses.tckd(s, t, targets), -torch.log_softmax(s, -1)[:, 2])   # KL([1, 0] || [q_g, .])
+    t2 = torch.randn(3, 6, dtype=torch.float64)
+    s2, t2[:, 4], = s.clone(), -math.inf                        # a column both sides rule out
+    s2[:, 4] = -math.inf
+    for fn in (losses.tckd, losses.nckd):
+        full, cut = fn(s2, t2, targets), fn(s2[:, [0, 1, 2, 3, 5]], t2[:, [0, 1, 2, 3, 5]], targets)
+        assert torch.isfinite(full).all() and torch.allclose(full, cut)
+
+
+def test_kd_pass_atkd_terms_and_gradients_match_the_definitions():
+    torch.manual_seed(2)
+    s = (torch.randn(2, 5, 13, dtype=torch.float64) * 2).requires_grad_()
+    t = torch.randn(2, 5, 13, dtype=torch.float64) * 2
+    t[0, 0, 3] = 25.0                                            # one confident teacher row
+    mask = torch.rand(2, 5) > 0.3
+    targets = torch.randint(0, 13, (2, 5))
+    targets[0, 0] = 3
+    w_t, w_n = torch.rand(int(mask.sum()), dtype=torch.float64), torch.rand(int(mask.sum()), dtype=torch.float64)
+    out = kd_pass(s, t, mask, target_ids=targets, atkd=True, chunk_tokens=3)
+    ref_t, ref_n = losses.tckd(s, t, targets)[mask], losses.nckd(s, t, targets)[mask]
+    assert torch.allclose(out.tckd, ref_t, atol=1e-12) and torch.allclose(out.nckd, ref_n, atol=1e-12)
+    ours, = torch.autograd.grad((w_t * out.tckd + w_n * out.nckd).sum(), s)
+    ref, = torch.autograd.grad((w_t * ref_t + w_n * ref_n).sum(), s)
+    assert torch.allclose(ours, ref, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda x: [o for o in (lambda r: (r.tckd, r.nckd))(
+        kd_pass(x, t, mask, target_ids=targets, atkd=True))], (s,))
+    plain = kd_pass(s, t, mask, target_ids=targets)
+    assert plain.tckd is None and plain.unc is None            # off by default
+    with pytest.raises(ValueError, match="temperature 1"):
+        kd_pass(s, t, mask, target_ids=targets, atkd=True, tau=2.0)
+
+
+def test_atkd_loss_equals_the_authors_group_means_and_splits_at_the_lower_median():
+    torch.manual_seed(3)
+    tc, nc = torch.rand(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64)
+    easy = torch.tensor([True, False] * 4)                      # equal groups
+    ours = losses.atkd_loss(tc, nc, easy, lam=0.2).sum() / 8
+    authors = 0.2 * nc[easy].mean() + 0.8 * (tc[~easy] + nc[~easy]).mean()
+    assert ours.item() == pytest.approx(authors.item(), abs=1e-12)
+    unc = torch.tensor([0.4, 0.1, 0.3, 0.2])
+    assert losses.atkd_easy(unc).tolist() == [False, True, False, False]   # lower median 0.2; unc < 0.2
+    assert losses.atkd_easy(unc).tolist() == (unc < torch.median(unc)).tolist()
+    assert losses.atkd_easy(torch.tensor([0.5, 0.1, 0.9])).tolist() == [False, True, False]
+
+
+# ----------------------------------------------------------------------------------------------
 # AKL
 
 
