@@ -773,6 +773,7 @@ import subprocess  # noqa: E402
 import arkd  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import lora  # noqa: E402
 
 SHARED_DATA = os.path.join(HERE, "..", "shared", "data", "minillm-format")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -1053,7 +1054,8 @@ def train_argv(pair, out, *extra):
 
 
 @pytest.mark.parametrize("method,strategy", [("sft", "fkl"), ("kd", "fkl"), ("kd", "rkl"), ("kd", "fixed:0.3"),
-                                             ("kd", "linear:0.9,0.1"), ("kd", "greedy"), ("kd", "akl"), ("kd", "arkd")])
+                                             ("kd", "linear:0.9,0.1"), ("kd", "greedy"), ("kd", "akl"), ("kd", "arkd"),
+                                             ("kd", "atkd"), ("okd", "fkl")])
 def test_every_method_and_strategy_trains_and_lowers_its_loss(pair, tmp_path, method, strategy):
     result = arkd.main(train_argv(pair, tmp_path, "--method", method, "--strategy", strategy, "--max_steps", "8"))
     losses_seen = [r["loss"] for r in result["history"]]
@@ -1159,6 +1161,79 @@ def test_padded_vocabulary_and_non_finite_losses(pair, tmp_path):
     tokenizer.save_pretrained(tmp_path / "nan-teacher")
     with pytest.raises(RuntimeError, match="10 steps in a row"):
         arkd.main(train_argv(pair, tmp_path / "nan", "--teacher", str(tmp_path / "nan-teacher"), "--max_steps", "12"))
+
+
+def test_lora_starts_as_the_frozen_teacher_on_gpt2_and_llama_and_refuses_other_layouts(pair):
+    from transformers import AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+    gpt2 = AutoModelForCausalLM.from_pretrained(pair["teacher"]).eval()
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 100, (2, 9))
+    for model, expected in ((gpt2, 2 * 2 * 2), (llama, 2 * 2 * 2)):     # layers x (q, v) x (down, up)
+        before = model(input_ids=ids).logits
+        params = lora.add_lora(model, rank=4)
+        assert torch.equal(model(input_ids=ids).logits, before)         # W_up = 0: step 0 is the frozen teacher
+        assert len(params) == expected
+        assert [n for n, p in model.named_parameters() if p.requires_grad] == [n for n in lora.lora_state_dict(model)]
+    fused = gpt2.transformer.h[0].attn.c_attn                            # only the q and v thirds move
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        fused.q.up.normal_()
+        shift = fused(x) - fused.base(x)
+    assert shift[:, :128].abs().sum() > 0 and shift[:, 128:].abs().sum() == 0
+    with torch.no_grad():
+        fused.v.up.normal_()
+        shift = fused(x) - fused.base(x)
+    assert shift[:, 128:256].abs().sum() == 0 and shift[:, 256:].abs().sum() > 0
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    with pytest.raises(ValueError, match="BertModel.*module names found: .*query"):
+        lora.add_lora(bert)
+    with pytest.raises(ValueError, match="rank"):
+        lora.add_lora(gpt2, rank=0)
+
+
+def test_okd_teacher_gradient_is_the_closed_form_of_its_definition():
+    from types import SimpleNamespace
+    torch.manual_seed(4)
+    student = torch.randn(2, 6, 17, dtype=torch.float64)
+    teacher = (torch.randn(2, 6, 17, dtype=torch.float64) * 2).requires_grad_()
+    targets = torch.randint(0, 17, (2, 6))
+    targets[0, :2] = -100
+    args, run = SimpleNamespace(okd_a_t=0.3, tau=1.0, chunk_tokens=4), SimpleNamespace(vocab_size=17)
+    ours, = torch.autograd.grad(arkd.okd_teacher_loss(student, teacher, targets, args, run), teacher)
+    mask = targets != -100
+    definition = (0.3 * reverse_kl(student, teacher)[mask]                # KL(q_student || p_teacher)
+                  + 0.7 * torch.nn.functional.cross_entropy(teacher[mask], targets[mask], reduction="none")).sum()
+    ref, = torch.autograd.grad(definition, teacher)
+    assert torch.allclose(ours, ref, atol=1e-10) and ref.abs().max() > 1e-3
+
+
+def test_okd_trains_only_the_lora_of_the_teacher_and_resumes_exactly(pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+    common = ("--method", "okd", "--okd_rank", "4", "--eval_every", "3", "--max_steps", "6")
+    straight = arkd.main(train_argv(pair, tmp_path / "straight", *common))
+    frozen = AutoModelForCausalLM.from_pretrained(pair["teacher"]).state_dict()
+    trained = straight["teacher"].state_dict()
+    lora_names = set(lora.lora_state_dict(straight["teacher"]))
+    for name, value in frozen.items():                       # the frozen weights did not move
+        base = name.replace("attn.c_attn.", "attn.c_attn.base.")
+        assert torch.equal(trained[base].cpu(), value), name
+    assert all(trained[n].abs().sum() > 0 for n in lora_names if n.endswith(".up"))   # the LoRA did
+    arkd.main(train_argv(pair, tmp_path / "resumed", *common, "--stop_after", "3"))
+    resumed = arkd.main(train_argv(pair, tmp_path / "resumed", *common, "--resume"))
+    assert [r["loss"] for r in resumed["history"]] == pytest.approx([r["loss"] for r in straight["history"][3:]], abs=1e-6)
+    assert [r["teacher_loss"] for r in resumed["history"]] == pytest.approx(
+        [r["teacher_loss"] for r in straight["history"][3:]], abs=1e-6)
+    a, b = lora.lora_state_dict(straight["teacher"]), lora.lora_state_dict(resumed["teacher"])
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(straight["student"].state_dict().values(),
+                                                               resumed["student"].state_dict().values()))
+    with pytest.raises(SystemExit):                            # bad OKD / ATKD settings fail at parse time
+        arkd.parse_args(train_argv(pair, tmp_path / "x", "--okd_a_t", "1.5"))
+    with pytest.raises(SystemExit):
+        arkd.parse_args(train_argv(pair, tmp_path / "x", "--atkd_lam", "-0.1"))
+    with pytest.raises(SystemExit):
+        arkd.parse_args(train_argv(pair, tmp_path / "x", "--okd_rank", "0"))
 
 
 class PicklePayload:
@@ -1344,113 +1419,46 @@ def setup_run(argv, eval_mode=True):
     return args, run, tokenizer, student, teacher, examples
 
 
-def _step_gradients(rank, world_size, port, pair, grad_accum, out_file):
-    """One step's accumulated gradients through arkd.train_step, as training computes them."""
+def _step_gradients(rank, world_size, port, pair, grad_accum, out_file, method="kd"):
+    """One step's accumulated gradients through arkd.train_step, as training computes them (OKD: the
+    LoRA's too)."""
     if world_size > 1:
         _join_gloo(rank, world_size, port)
     args, run, _, student, teacher, examples = setup_run(train_argv(
-        pair, os.path.dirname(out_file), "--strategy", "fixed:0.3", "--lm_weight", "0.5", "--grad_accum",
-        str(grad_accum), "--grad_clip", "1e9"))
+        pair, os.path.dirname(out_file), "--method", method, "--strategy", "fixed:0.3", "--lm_weight", "0.5",
+        "--grad_accum", str(grad_accum), "--grad_clip", "1e9", "--okd_rank", "4"))
     model = torch.nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
     recorder = GradientRecorder(student.parameters())
-    arkd.train_step(args, run, model, teacher, recorder, None, arkd.micro_batches(examples, 1, args, run), 1)
+    lora_recorder = GradientRecorder(lora.lora_parameters(teacher)) if method == "okd" else None
+    if lora_recorder:                                       # a LoRA that has moved, so that its gradient flows
+        torch.manual_seed(5)
+        for p in lora_recorder.params:
+            p.data.normal_(0, 0.05)
+    arkd.train_step(args, run, model, teacher, recorder, None, arkd.micro_batches(examples, 1, args, run), 1,
+                    teacher_optimizer=lora_recorder)
     if rank == 0:
-        torch.save(dict(zip([n for n, _ in student.named_parameters()], recorder.grads)), out_file)
+        grads = dict(zip([n for n, _ in student.named_parameters()], recorder.grads))
+        grads.update({f"lora{i}": g for i, g in enumerate(lora_recorder.grads if lora_recorder else [])})
+        torch.save(grads, out_file)
     if world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
         os._exit(0)                 # see _two_rank_policy_worker
 
 
-def test_cosine_lr_warmup_and_decay():
-    assert arkd.cosine_lr(0, 20, 4) == pytest.approx(0.25)          # the first warmup step
-    assert arkd.cosine_lr(3, 20, 4) == pytest.approx(1.0)           # the last warmup step
-    assert arkd.cosine_lr(4, 20, 4) == pytest.approx(1.0)           # the cosine starts at its peak
-    decay = [arkd.cosine_lr(s, 20, 4) for s in range(4, 20)]
-    assert all(a > b for a, b in zip(decay, decay[1:])) and 0 < decay[-1] < 0.02
-    assert arkd.cosine_lr(10, 20, 4) == pytest.approx(0.5 * (1 + math.cos(math.pi * 6 / 16)))
-    assert arkd.cosine_lr(0, 10, 0) == pytest.approx(1.0)           # no warmup
-
-
-def test_micro_batches_are_a_pure_function_of_the_step_and_split_over_ranks(pair):
-    args = arkd.parse_args(train_argv(pair, "unused"))
-    tokenizer = pair["tokenizer"]
-    examples, _ = data.encode_records(tokenizer, data.load_records("dolly_train", pair["data_dir"])[:160])
-
-    def ids(run, step):
-        return [tuple(row[row != tokenizer.pad_token_id].tolist()) for b in arkd.micro_batches(examples, step, args, run)
-                for row in b["input_ids"]]
-
-    def make(rank, world, accum):
-        return arkd.Run(rank, world, torch.device("cpu"), False, accum, pad_id=tokenizer.pad_token_id)
-    one = make(0, 1, 4)
-    assert ids(one, 3) == ids(one, 3) and len(ids(one, 3)) == 16
-    epoch = [i for step in range(10) for i in ids(one, step)]                  # 160 examples, 16 a step
-    assert len(set(epoch)) == len(set(tuple(e["input_ids"]) for e in examples))
-    assert ids(one, 10) != ids(one, 0)                                          # a new epoch, a new order
-    two = [ids(make(rank, 2, 2), 3) for rank in (0, 1)]
-    assert sorted(two[0] + two[1]) == sorted(ids(one, 3))
-    batch = arkd.micro_batches(examples, 0, args, one)[0]
-    assert "labels" not in batch and (batch["targets"][:, -1] == -100).all()
-
-
-def test_train_step_reward_is_the_relative_drop_on_micro_batch_0_after_the_step(pair, tmp_path):
-    args, run, _, student, teacher, examples = setup_run(train_argv(pair, tmp_path, "--strategy", "arkd"), eval_mode=False)
-    assert student.training and student.config.resid_pdrop > 0       # dropout on: the masks must be replayed
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
-    pol = ARKDPolicy(buffer_size=4, seed=1)
-    batches = arkd.micro_batches(examples, 0, args, run)
-    before_model, rng = copy.deepcopy(student), torch.get_rng_state()
-    row, window = arkd.train_step(args, run, student, teacher, optimizer, pol, batches, 0)
-
-    def kls(model):                                 # the plain definitions, micro-batch 0, the same masks
-        with torch.no_grad(), torch.random.fork_rng():
-            torch.set_rng_state(rng)
-            logits = model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"]).logits
-            t_logits = teacher(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"]).logits
-        mask = batches[0]["targets"] != -100
-        return forward_kl(logits, t_logits)[mask].mean().item(), reverse_kl(logits, t_logits)[mask].mean().item()
-    (f0, r0), (f1, r1) = kls(before_model), kls(student)
-    assert window is None and row["reward"] == pytest.approx((f0 - f1) / f0 + (r0 - r1) / r0, rel=1e-4, abs=1e-7)
-    assert abs(row["reward"]) > 1e-4                # measured after the update, not before it
-    assert pol.transitions[0][1:] == (row["alpha"], row["reward"])
-
-
-def test_reward_every_2_pairs_each_reward_with_the_action_that_caused_it(pair, tmp_path):
-    args, run, _, student, teacher, examples = setup_run(
-        train_argv(pair, tmp_path, "--strategy", "arkd", "--reward_every", "2"), eval_mode=False)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
-    pol, window, rows = ARKDPolicy(buffer_size=100, seed=1), None, []
-    for step in range(4):
-        row, window = arkd.train_step(args, run, student, teacher, optimizer, pol, arkd.micro_batches(examples, step, args, run),
-                                      step, window)
-        rows.append(row)
-    assert rows[0]["alpha"] == rows[1]["alpha"] != rows[2]["alpha"] == rows[3]["alpha"]   # held for 2 steps
-    assert "reward" not in rows[0] and "reward" not in rows[2]
-    assert [(a, r) for _, a, r in pol.transitions] == [(rows[0]["alpha"], rows[1]["reward"]),
-                                                       (rows[2]["alpha"], rows[3]["reward"])]
-
-
-def test_logged_loss_is_the_strategys_mix_and_the_gradient_is_clipped(pair, tmp_path):
-    args, run, _, student, teacher, examples = setup_run(
-        train_argv(pair, tmp_path, "--strategy", "fixed:0.3", "--grad_clip", "0.01"))
-    recorder = GradientRecorder(student.parameters())
-    row, _ = arkd.train_step(args, run, student, teacher, recorder, None, arkd.micro_batches(examples, 2, args, run), 2)
-    assert row["alpha"] == 0.3 and row["loss"] == pytest.approx(0.3 * row["fkl"] + 0.7 * row["rkl"], rel=1e-5)
-    assert row["grad_norm"] > 0.01                  # the norm before clipping, as logged
-    assert torch.sqrt(sum((g ** 2).sum() for g in recorder.grads)) <= 0.01 * (1 + 1e-5)
-
-
 @pytest.mark.slow
-def test_one_process_accumulating_4_equals_two_processes_accumulating_2(pair, tmp_path):
+@pytest.mark.parametrize("method", ["kd", "okd"])
+def test_one_process_accumulating_4_equals_two_processes_accumulating_2(pair, tmp_path, method):
     plain = {k: v for k, v in pair.items() if k != "tokenizer"}
-    _step_gradients(0, 1, 0, plain, 4, str(tmp_path / "one.pt"))
-    mp.spawn(_step_gradients, args=(2, free_port(), plain, 2, str(tmp_path / "two.pt")), nprocs=2)
+    _step_gradients(0, 1, 0, plain, 4, str(tmp_path / "one.pt"), method)
+    mp.spawn(_step_gradients, args=(2, free_port(), plain, 2, str(tmp_path / "two.pt"), method), nprocs=2)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert one.keys() == two.keys()
+    assert one.keys() == two.keys() and (method == "kd" or "lora0" in one)
     for name in one:
         assert torch.allclose(one[name], two[name], atol=1e-5), name
     assert max(g.abs().max() for g in one.values()) > 1e-4
+    if method == "okd":
+        assert max(one[k].abs().max() for k in one if k.startswith("lora")) > 1e-6
 
 
 def _two_rank_training(rank, port, argv, out_dir):
