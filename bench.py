@@ -225,6 +225,82 @@ def step_benchmark(args):
               f"ratio {summary['step_time_ratio']:.3f}")
 
 
+def modes_experiment(args):
+    """Figure 1 of the paper made real: FKL (mean-seeking), RKL (mode-seeking) and ARKD students of a
+    teacher whose answers have several valid modes (data.write_modes). For each dev prompt every
+    model samples --modes_samples answers; coverage = share of the listed words it produces at least
+    once, precision = share of its samples that are one of them. Writes OUT/modes.json and modes.png."""
+    import arkd
+    import data
+    import evaluate
+    out = args.out
+    data_dir = data.write_modes(os.path.join(out, "data"))
+    texts = [r["prompt"] + r["references"][0] for r in data.load_records("dolly_train", data_dir)]
+    data.train_tokenizer(texts).save_pretrained(os.path.join(out, "tokenizer"))
+    for role, width, layers, seed in (("teacher", 128, 2, 1), ("student", 32, 1, 2)):
+        data.tiny_model(os.path.join(out, "tokenizer"), os.path.join(out, f"{role}-init"), width, layers, seed=seed)
+    common = ["--data_dir", data_dir, "--batch_size", "16", "--grad_accum", "1", "--eval_every", "0",
+              "--val_examples", "16", "--max_new_tokens", "6", "--warmup_ratio", "0.05"]
+
+    def train(name, *flags):
+        if not os.path.isdir(os.path.join(out, name, "best")):
+            arkd.main(common + ["--out", os.path.join(out, name), *flags])
+        return os.path.join(out, name, "best")
+    models = {"teacher": train("teacher", "--method", "sft", "--student", os.path.join(out, "teacher-init"),
+                               "--max_steps", str(4 * args.modes_steps), "--lr", "3e-3")}
+    student = train("student", "--method", "sft", "--student", os.path.join(out, "student-init"), "--max_steps",
+                    str(args.modes_steps // 4), "--lr", "3e-3")
+    for strategy in ("fkl", "rkl", "arkd"):
+        for seed in args.modes_seeds.split():
+            models[f"{strategy}-s{seed}"] = train(f"{strategy}-s{seed}", "--method", "kd", "--strategy", strategy,
+                                                  "--teacher", models["teacher"], "--student", student, "--seed", seed,
+                                                  "--max_steps", str(args.modes_steps), "--lr", "1e-3")
+    records = data.load_records("dolly_dev", data_dir)[:args.modes_prompts]
+    results = {}
+    for name, path in models.items():
+        tokenizer = evaluate.load_tokenizer(path)
+        model = evaluate.load_model(path, torch.device("cpu"), vocab_size=len(tokenizer)).eval()
+        examples, _ = data.encode_records(tokenizer, records, "modes")
+        samples = [evaluate.generate(model, tokenizer, [e["prompt_ids"] for e in examples], seed, 64, 6, progress=False)
+                   for seed in range(args.modes_samples)]
+        results[name] = coverage_and_precision(records, samples)
+    with open(os.path.join(out, "modes.json"), "w") as f:
+        json.dump({"samples": args.modes_samples, "prompts": len(records), "results": results}, f, indent=1)
+    plot_modes(results, os.path.join(out, "modes.png"))
+    for name, r in results.items():
+        print(f"{name:>10}: coverage {r['coverage']:.3f}, precision {r['precision']:.3f}")
+    return results
+
+
+def coverage_and_precision(records, samples):
+    """samples[s][i]: sample s for record i. Coverage: mean over prompts of the share of the listed words
+    produced at least once; precision: the share of all samples that are exactly one listed word."""
+    coverage, valid = 0.0, 0
+    for i, record in enumerate(records):
+        listed = set(record["input"].split())
+        answers = [s[i].strip() for s in samples]
+        coverage += len(listed & set(answers)) / len(listed)
+        valid += sum(a in listed for a in answers)
+    return {"coverage": coverage / len(records), "precision": valid / (len(records) * len(samples))}
+
+
+def plot_modes(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    colours = {"teacher": "black", "fkl": "tab:blue", "rkl": "tab:red", "arkd": "tab:green"}
+    for name, r in results.items():
+        kind = name.split("-")[0]
+        ax.scatter(r["coverage"], r["precision"], color=colours[kind], label=kind if name.endswith(("s1", "teacher")) else None)
+    ax.set(xlabel="coverage: share of the valid answers produced", ylabel="precision: share of samples valid",
+           title="mean- vs mode-seeking on multi-modal answers", xlim=(0, 1.02), ylim=(0, 1.02))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 class FixedAction:
     """Stands in for the ARKD policy in arkd.train_step: always the same alpha; keeps the reward."""
 
@@ -347,10 +423,18 @@ def main():
     parser.add_argument("--probe_batches", type=int, default=16, help="--probe: batches (K), each from the same start")
     parser.add_argument("--probe_alphas", default="0,0.25,0.5,0.75,1", help="--probe: the alpha grid")
     parser.add_argument("--probe_step", type=int, default=0, help="--probe: the data step the batches come from")
+    parser.add_argument("--modes", action="store_true", help="the Figure-1 experiment (coverage and precision)")
+    parser.add_argument("--out", default="runs/modes", help="--modes: output directory")
+    parser.add_argument("--modes_steps", type=int, default=400, help="--modes: KD steps per student")
+    parser.add_argument("--modes_seeds", default="1 2 3", help="--modes: training seeds per strategy")
+    parser.add_argument("--modes_samples", type=int, default=16, help="--modes: answers sampled per prompt")
+    parser.add_argument("--modes_prompts", type=int, default=60, help="--modes: dev prompts")
     parser.add_argument("--variant", help=argparse.SUPPRESS)                 # set in the child
     argv = sys.argv[1:]
     train_argv = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.modes:
+        return modes_experiment(args)
     if args.probe:
         if args.probe_batches < 2:
             parser.error("--probe_batches must be >= 2 (the noise is measured across batches)")

