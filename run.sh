@@ -74,7 +74,7 @@ DATA_DIR=${DATA_DIR:-$OUT/data}
 $PY -c "
 import sys, losses
 for s in sys.argv[1:]:
-    if s not in ('sft', 'seqkd'):
+    if s not in ('sft', 'seqkd', 'okd'):
         try: losses.parse_strategy(s)
         except ValueError as e: sys.exit(f'run.sh: STRATEGIES: {e}')" $STRATEGIES
 mkdir -p "$OUT/logs" "$OUT/done" 2>/dev/null && touch "$OUT/done/.writable" 2>/dev/null || die "OUT=$OUT is not writable"
