@@ -28,11 +28,10 @@ die() { echo "run.sh: $*" >&2; exit 1; }
 # ---------------------------------------------------------------------------------------------
 # Settings, each checked before any work
 STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.25 fixed:0.5 fixed:0.75 linear:0.9,0.1 linear:0.1,0.9 greedy akl atkd okd arkd}
-TRAIN_SEEDS=${TRAIN_SEEDS:-1}
 NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-29500}
 EPOCHS=${EPOCHS:-10} LM_WEIGHT=${LM_WEIGHT:-0.0}
 if [[ $MODE == smoke ]]; then
-  PAIR=smoke OUT=${OUT:-runs/smoke} SEEDS=${SEEDS:-10,20} NPROC=1
+  PAIR=smoke OUT=${OUT:-runs/smoke} SEEDS=${SEEDS:-10,20} NPROC=1 TRAIN_SEEDS=${TRAIN_SEEDS:-1}
   SMOKE_STEPS=${SMOKE_STEPS:-60}           # KD steps per strategy; the teacher gets 10x, the student 1x
   TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-3e-3} KD_LR=${LR:-3e-3}
   TEACHER_STEPS=$(( 10 * SMOKE_STEPS )) STUDENT_STEPS=$SMOKE_STEPS KD_STEPS=$SMOKE_STEPS
@@ -48,7 +47,7 @@ elif [[ $MODE == study ]]; then
   EVAL=(--batch_size 64 --max_new_tokens 24 --no_bertscore)
   TITLE="MINIATURE STUDY on the offline toy task (tiny models; columns are toy files in the layout of the named sets)"
 else
-  PAIR=${PAIR:-gpt2-120M} OUT=${OUT:-runs/$PAIR} SEEDS=${SEEDS:-10,20,30,40,50}
+  PAIR=${PAIR:-gpt2-120M} OUT=${OUT:-runs/$PAIR} SEEDS=${SEEDS:-10,20,30,40,50} TRAIN_SEEDS=${TRAIN_SEEDS:-1}
   case $PAIR in
     gpt2-120M) TEACHER=${TEACHER-MiniLLM/teacher-gpt2-1.5B} TEACHER_BASE=gpt2-xl
                STUDENT=${STUDENT-MiniLLM/init-gpt2-120M} STUDENT_BASE=gpt2 LR=${LR:-5e-4} ;;
