@@ -263,25 +263,13 @@ def modes_experiment(args):
         examples, _ = data.encode_records(tokenizer, records, "modes")
         samples = [evaluate.generate(model, tokenizer, [e["prompt_ids"] for e in examples], seed, 64, 6, progress=False)
                    for seed in range(args.modes_samples)]
-        results[name] = coverage_and_precision(records, samples)
+        results[name] = evaluate.coverage_and_precision(records, samples)
     with open(os.path.join(out, "modes.json"), "w") as f:
         json.dump({"samples": args.modes_samples, "prompts": len(records), "results": results}, f, indent=1)
     plot_modes(results, os.path.join(out, "modes.png"))
     for name, r in results.items():
         print(f"{name:>10}: coverage {r['coverage']:.3f}, precision {r['precision']:.3f}")
     return results
-
-
-def coverage_and_precision(records, samples):
-    """samples[s][i]: sample s for record i. Coverage: mean over prompts of the share of the listed words
-    produced at least once; precision: the share of all samples that are exactly one listed word."""
-    coverage, valid = 0.0, 0
-    for i, record in enumerate(records):
-        listed = set(record["input"].split())
-        answers = [s[i].strip() for s in samples]
-        coverage += len(listed & set(answers)) / len(listed)
-        valid += sum(a in listed for a in answers)
-    return {"coverage": coverage / len(records), "precision": valid / (len(records) * len(samples))}
 
 
 def plot_modes(results, path):

@@ -225,6 +225,18 @@ class BERTScore:
         return scores
 
 
+def coverage_and_precision(records, samples):
+    """samples[s][i]: sample s for record i. Coverage: mean over prompts of the share of the listed words
+    produced at least once; precision: the share of all samples that are exactly one listed word."""
+    coverage, valid = 0.0, 0
+    for i, record in enumerate(records):
+        listed = set(record["input"].split())
+        answers = [s[i].strip() for s in samples]
+        coverage += len(listed & set(answers)) / len(listed)
+        valid += sum(a in listed for a in answers)
+    return {"coverage": coverage / len(records), "precision": valid / (len(records) * len(samples))}
+
+
 def mean_std(values):
     """(mean, sample std) (Choice E5)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
