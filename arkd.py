@@ -282,7 +282,8 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
                     teacher_logits = forward(teacher, batch, run)
                 teacher_finite = teacher_finite and bool(torch.isfinite(teacher_logits.detach()).all())
                 out = kd_pass(logits, teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size, args.chunk_tokens,
-                              target_ids=targets, inplace_grad=teacher_optimizer is None, atkd=run.strategy[0] == "atkd")
+                              target_ids=targets, inplace_grad=teacher_optimizer is None, atkd=run.strategy[0] == "atkd",
+                              akl=run.strategy[0] == "akl" or policy is not None)   # the head search only when read
                 if i == 0:                                  # alpha is needed before the first backward (T2)
                     stats0 = all_reduce_sum(out.stats)      # every rank must choose the same alpha
                     if policy is None:                      # a rule; akl and atkd weigh each token instead
@@ -335,6 +336,8 @@ def log_kd(row, sums, n_tokens, alpha, policy, akl, okd):
     """The KD part of a step's log row: alpha (AKL: its mean weight; ATKD: none), every statistic's
     token mean, the LoRA's loss (OKD) and the policy's Beta (ARKD)."""
     means = stat_means(sums[:len(STAT_NAMES)])
+    if not (akl or policy is not None):     # the AKL head search did not run (kd_pass akl=False)
+        del means["akl_alpha"]
     row.update(alpha=means["akl_alpha"] if akl else alpha, **{k: v for k, v in means.items() if k != "tokens"})
     if okd:
         row["teacher_loss"] = float(sums[-2]) / n_tokens
@@ -348,7 +351,7 @@ def okd_teacher_loss(logits, teacher_logits, targets, args, run):
     kd_pass with the roles swapped computes KL(q || p) as its "FKL", with the closed-form gradient
     tau (p - q) for the teacher's logits, and the teacher's CE: the same memory bound as the rest."""
     back = kd_pass(teacher_logits, logits.detach(), targets != IGNORE_INDEX, args.tau, run.vocab_size,
-                   args.chunk_tokens, target_ids=targets)
+                   args.chunk_tokens, target_ids=targets, akl=False)
     return (args.okd_a_t * back.fkl + (1 - args.okd_a_t) * back.ce).sum()
 
 
@@ -373,7 +376,7 @@ def reward_stats(student, window, args, run):
     targets = window.batch["targets"].to(run.device)
     # Summed over ranks: the reward, like the state, belongs to the whole micro-batch 0.
     return all_reduce_sum(kd_pass(logits, window.teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size,
-                                  args.chunk_tokens, target_ids=targets).stats)
+                                  args.chunk_tokens, target_ids=targets, akl=False).stats)   # FKL' and RKL' only
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,13 +1,19 @@
-"""Benchmarks: losses.kd_pass against the naive way peers compute the same quantities.
+"""Benchmarks and measurements: losses.kd_pass against unfused formulations, the ARKD step against
+the FKL step, the reward probe and the Figure-1 experiment.
 
-For N tokens and a vocabulary of V, every variant computes forward + backward of
-0.5 FKL + 0.5 RKL over all tokens together with the ARKD policy's statistics (both entropies,
-top-1 agreement, the AKL head share):
+For N tokens and a vocabulary of V, each variant computes forward + backward of a KD loss:
 
-    naive            separate full log_softmax / softmax calls, a full sort for the AKL head,
-                     autograd through all of it (what MiniLLM / DistiLLM-style code does)
-    kd_pass          losses.kd_pass: one chunked pass, closed-form gradients, a gradient buffer
-    kd_pass_inplace  the same, writing the gradient into the consumed logits (inplace_grad=True)
+    naive            0.5 FKL + 0.5 RKL with every ARKD policy statistic (entropies, top-1
+                     agreement, AKL head share by a full sort), separate full-size softmax /
+                     log_softmax tensors, autograd through all of it: the same quantities as kd_pass
+    trl_gjsd         TRL's generalized JSD loss (beta 0.5) from its published equation, full
+                     tensors, autograd: a peer's loss alone, no statistics (time and memory only)
+    distillm         DistiLLM-style 0.5 FKL (as a cross-entropy) + 0.5 RKL, full tensors, autograd,
+                     no statistics (time and memory only)
+    kd_pass          losses.kd_pass: one chunked pass, closed-form gradients, every statistic
+    kd_pass_no_akl   the same without the AKL head search (akl=False: what every strategy but akl
+                     and arkd runs)
+    kd_pass_inplace  kd_pass writing the gradient into the consumed logits (inplace_grad=True)
     floor            a lower bound: read both logit tensors, two exp per element, write a gradient
 
 Each variant runs in its own subprocess (one thread by default, for stable timings); the parent
@@ -16,10 +22,12 @@ max_memory_allocated on CUDA) and the ratios to naive. --json prints one JSON ob
 
 The logits are synthetic but shaped like a trained LM's: Gaussian noise over the vocabulary plus
 8 boosted tokens per row whose top logit varies between rows (most rows peaked, some flat enough
-that the AKL head search needs its full-sort fallback; the share is printed).
+that the AKL head search needs its full-sort fallback; the share is printed). --flat makes the
+teacher flat (entropy near 9 nats, as early in training): the AKL search's hard case.
 
     python bench.py                          # N=4096, V=50257, fp32, CUDA when available
     python bench.py --dtype bf16 --n 1024 --json
+    python bench.py --flat
 
 The step benchmark times whole optimizer steps of arkd.py on the offline toy task, ARKD (reward
 forward and policy update included) against plain FKL, on random GPT-2s built from configs:
@@ -39,6 +47,7 @@ is used when training_state.pt is beside it; --lr is the step's learning rate):
 """
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -48,16 +57,19 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 import losses
 
-VARIANTS = ("naive", "kd_pass", "kd_pass_inplace", "floor")
+VARIANTS = ("naive", "trl_gjsd", "distillm", "kd_pass", "kd_pass_no_akl", "kd_pass_inplace", "floor")
+REFERENCE_ONLY = ("trl_gjsd", "distillm")     # other quantities: compared for time and memory, not for the loss
 ALPHA, MU = 0.5, 0.5
 
 
-def make_logits(n, vocab, dtype, device, seed=0, rows_per_chunk=16):
+def make_logits(n, vocab, dtype, device, seed=0, rows_per_chunk=16, flat=False):
     """Teacher and student logits [n, vocab], generated a few rows at a time straight into tensors
-    of the target dtype, so that no full-size temporary inflates the memory baseline."""
+    of the target dtype, so that no full-size temporary inflates the memory baseline. flat: a teacher
+    of high entropy (top logits 2..4 above the noise instead of 10..20), as early in training."""
     g = torch.Generator(device=device).manual_seed(seed)
     student = torch.empty(n, vocab, dtype=dtype, device=device)
     teacher = torch.empty(n, vocab, dtype=dtype, device=device)
@@ -65,7 +77,8 @@ def make_logits(n, vocab, dtype, device, seed=0, rows_per_chunk=16):
     for lo in range(0, n, rows_per_chunk):
         rows = min(rows_per_chunk, n - lo)
         t = torch.randn(rows, vocab, generator=g, device=device)
-        top = 10 + 10 * torch.rand(rows, 1, generator=g, device=device)      # top logit 10..20
+        top = (2 + 2 * torch.rand(rows, 1, generator=g, device=device)) if flat else \
+            (10 + 10 * torch.rand(rows, 1, generator=g, device=device))         # top logit 2..4 or 10..20
         t.scatter_add_(1, torch.randint(0, vocab, (rows, 8), generator=g, device=device), top * decay)
         teacher[lo:lo + rows] = t
         student[lo:lo + rows] = torch.randn(rows, vocab, generator=g, device=device).mul_(0.7).add_(t, alpha=0.8)
@@ -93,9 +106,34 @@ def naive_step(student, teacher):
     return float(loss)
 
 
-def kd_pass_step(student, teacher, inplace_grad=False):
+def trl_gjsd_step(student, teacher, beta=0.5):
+    """TRL's generalized JSD loss as its published equation reads (full tensors, autograd): the
+    mixture m = beta p + (1 - beta) q in log space, then beta KL(p || m) + (1 - beta) KL(q || m)."""
+    log_q, log_p = torch.log_softmax(student.float(), -1), torch.log_softmax(teacher.float(), -1)
+    log_m = torch.logsumexp(torch.stack([log_q + math.log(1 - beta), log_p + math.log(beta)]), dim=0)
+    kl_p = F.kl_div(log_m, log_p, reduction="none", log_target=True)           # p (log p - log m)
+    kl_q = F.kl_div(log_m, log_q, reduction="none", log_target=True)           # q (log q - log m)
+    loss = (beta * kl_p + (1 - beta) * kl_q).sum() / student.shape[0]
+    loss.backward()
+    return float(loss)
+
+
+def distillm_step(student, teacher):
+    """DistiLLM-style 0.5 FKL + 0.5 RKL (full tensors, autograd, no statistics): the FKL as the
+    cross-entropy -sum p log q, the RKL as sum q (log q - log p)."""
+    s, t = student.float(), teacher.float()
+    p, log_p = torch.softmax(t, -1), torch.log_softmax(t, -1)
+    q, log_q = torch.softmax(s, -1), torch.log_softmax(s, -1)
+    fkl = -(p * log_q).sum(-1)
+    rkl = (q * (log_q - log_p)).sum(-1)
+    loss = (ALPHA * fkl + (1 - ALPHA) * rkl).mean()
+    loss.backward()
+    return float(loss)
+
+
+def kd_pass_step(student, teacher, inplace_grad=False, akl=True):
     mask = torch.ones(student.shape[0], dtype=torch.bool, device=student.device)
-    out = losses.kd_pass(student, teacher, mask, mu=MU, inplace_grad=inplace_grad)
+    out = losses.kd_pass(student, teacher, mask, mu=MU, inplace_grad=inplace_grad, akl=akl)
     loss = losses.mix(out.fkl, out.rkl, ALPHA).sum() / out.stats[0].item()
     loss.backward()
     return float(loss)
@@ -149,11 +187,12 @@ def run_variant(args):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    step = {"naive": naive_step, "floor": floor_step, "kd_pass": kd_pass_step,
+    step = {"naive": naive_step, "floor": floor_step, "kd_pass": kd_pass_step, "trl_gjsd": trl_gjsd_step,
+            "distillm": distillm_step, "kd_pass_no_akl": lambda s, t: kd_pass_step(s, t, akl=False),
             "kd_pass_inplace": lambda s, t: kd_pass_step(s, t, inplace_grad=True)}[args.variant]
     # A small warm-up run first: loading kernels and library pages is not the variant's memory.
     step(*(x.requires_grad_(i == 0) for i, x in enumerate(make_logits(64, args.vocab, dtype, device))))
-    pristine, teacher = make_logits(args.n, args.vocab, dtype, device)
+    pristine, teacher = make_logits(args.n, args.vocab, dtype, device, flat=args.flat)
     student = pristine.clone().requires_grad_()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -176,6 +215,8 @@ def run_variant(args):
               "peak_extra_bytes": max(0, peak - baseline), "loss": loss, "input_bytes": 2 * pristine.numel() * pristine.element_size()}
     if args.variant == "kd_pass":
         result["topk_resolved_share"] = topk_resolved_share(teacher)
+        p = torch.softmax(teacher[:256].float(), -1)
+        result["teacher_entropy"] = float(-(p * torch.log_softmax(teacher[:256].float(), -1)).sum(-1).mean())
     print(json.dumps(result))
 
 
@@ -414,6 +455,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--flat", action="store_true", help="a high-entropy teacher (the AKL head search's hard case)")
     parser.add_argument("--step", action="store_true", help="step benchmark: ARKD step over FKL step in arkd.py")
     parser.add_argument("--steps", type=int, default=43, help="--step: optimizer steps per run")
     parser.add_argument("--teacher_size", default="3,240", help="--step: teacher layers,width")
@@ -452,21 +494,26 @@ def main():
     for variant in variants:
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--n", str(args.n),
                "--vocab", str(args.vocab), "--dtype", args.dtype, "--device", args.device,
-               "--repeats", str(args.repeats), "--threads", str(args.threads)]
+               "--repeats", str(args.repeats), "--threads", str(args.threads)] + (["--flat"] if args.flat else [])
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"bench: variant {variant} failed:\n{done.stderr[-2000:]}")
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     naive = results["naive"]
     for name, r in results.items():     # a fast variant that computes something else is no result
-        if r["loss"] is not None and abs(r["loss"] - naive["loss"]) > 1e-4 * abs(naive["loss"]) + 1e-6:
+        if name not in REFERENCE_ONLY and r["loss"] is not None and abs(r["loss"] - naive["loss"]) > 1e-4 * abs(naive["loss"]) + 1e-6:
             sys.exit(f"bench: {name} loss {r['loss']} differs from naive {naive['loss']}")
     for r in results.values():
         r["time_ratio"] = r["median_s"] / naive["median_s"]
         r["peak_memory_ratio"] = r["peak_extra_bytes"] / naive["peak_extra_bytes"] if naive["peak_extra_bytes"] else None
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
-    summary = {"n": args.n, "vocab": args.vocab, "dtype": args.dtype, "device": device_name,
+    summary = {"n": args.n, "vocab": args.vocab, "dtype": args.dtype, "device": device_name, "flat": args.flat,
                "repeats": args.repeats, "variants": results}
+    for peer in REFERENCE_ONLY:        # kd_pass against each peer formulation, measured in the same run
+        if peer in results and "kd_pass" in results:
+            summary[f"kd_pass_over_{peer}"] = {
+                "time": results["kd_pass"]["median_s"] / results[peer]["median_s"],
+                "memory": results["kd_pass"]["peak_extra_bytes"] / max(results[peer]["peak_extra_bytes"], 1)}
     if "kd_pass" in results:
         summary["time_ratio"] = results["kd_pass"]["time_ratio"]
         summary["peak_memory_ratio"] = results["kd_pass"]["peak_memory_ratio"]
@@ -480,8 +527,12 @@ def main():
         print(f"{name:<16} {r['median_s']:8.3f} {r['time_ratio']:8.3f} "
               f"{r['peak_extra_bytes'] / 2**20:15.1f} {r['peak_memory_ratio'] or float('nan'):8.3f}")
     if "kd_pass" in results:
-        print(f"AKL head found in the top-64 for {100 * results['kd_pass']['topk_resolved_share']:.0f}% "
-              "of the rows (the rest: full sort)")
+        print(f"teacher entropy {results['kd_pass']['teacher_entropy']:.1f} nats; AKL head found in the top-64 for "
+              f"{100 * results['kd_pass']['topk_resolved_share']:.0f}% of the rows (the rest: top 1024, then a full sort)")
+    for peer in REFERENCE_ONLY:
+        if f"kd_pass_over_{peer}" in summary:
+            r = summary[f"kd_pass_over_{peer}"]
+            print(f"kd_pass (all policy statistics) over {peer} (its loss only): time {r['time']:.3f}x, peak memory {r['memory']:.3f}x")
 
 
 if __name__ == "__main__":
