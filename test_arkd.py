@@ -613,6 +613,7 @@ def beta_entropy(a, b):
 
 
 def test_reinforce_update_matches_a_hand_written_step():
+    torch.manual_seed(0)     # fixed inputs: a parameter whose gradient is ~0 makes Adam's step sign-sensitive
     pol = ARKDPolicy(buffer_size=6, lr=1e-2, seed=3)
     for _ in range(6):                               # a first update sets Adam's state
         pol.act(torch.randn(10))
