@@ -220,6 +220,38 @@ def run_variant(args):
     print(json.dumps(result))
 
 
+def compare_variants(args):
+    """Each variant of args.variants in its own subprocess; their times, peak memories and ratios."""
+    results = {}
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--n", str(args.n),
+               "--vocab", str(args.vocab), "--dtype", args.dtype, "--device", args.device,
+               "--repeats", str(args.repeats), "--threads", str(args.threads)] + (["--flat"] if args.flat else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"bench: variant {variant} failed:\n{done.stderr[-2000:]}")
+        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    naive = results["naive"]
+    for name, r in results.items():     # a fast variant that computes something else is no result
+        if name not in REFERENCE_ONLY and r["loss"] is not None and abs(r["loss"] - naive["loss"]) > 1e-4 * abs(naive["loss"]) + 1e-6:
+            sys.exit(f"bench: {name} loss {r['loss']} differs from naive {naive['loss']}")
+    for r in results.values():
+        r["time_ratio"] = r["median_s"] / naive["median_s"]
+        r["peak_memory_ratio"] = r["peak_extra_bytes"] / naive["peak_extra_bytes"] if naive["peak_extra_bytes"] else None
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
+    summary = {"n": args.n, "vocab": args.vocab, "dtype": args.dtype, "device": device_name, "flat": args.flat,
+               "repeats": args.repeats, "variants": results}
+    for peer in REFERENCE_ONLY:        # kd_pass against each peer formulation, measured in the same run
+        if peer in results and "kd_pass" in results:
+            summary[f"kd_pass_over_{peer}"] = {
+                "time": results["kd_pass"]["median_s"] / results[peer]["median_s"],
+                "memory": results["kd_pass"]["peak_extra_bytes"] / max(results[peer]["peak_extra_bytes"], 1)}
+    if "kd_pass" in results:
+        summary["time_ratio"] = results["kd_pass"]["time_ratio"]
+        summary["peak_memory_ratio"] = results["kd_pass"]["peak_memory_ratio"]
+    return summary
+
+
 def step_benchmark(args):
     """Median optimizer-step time of arkd.py for --strategy arkd over --strategy fkl, measured in
     alternating subprocesses on the same data, models and batches."""
@@ -236,7 +268,7 @@ def step_benchmark(args):
         from transformers import AutoModelForCausalLM
         params = {role: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(os.path.join(tmp, role)).parameters())
                   for role in ("teacher", "student")}
-        times = {"fkl": [], "arkd": []}
+        times, tokens = {"fkl": [], "arkd": []}, {"fkl": [], "arkd": []}
         for round_ in range(args.repeats):
             for strategy in times:
                 out = os.path.join(tmp, f"{strategy}{round_}")
@@ -252,18 +284,86 @@ def step_benchmark(args):
                 with open(os.path.join(out, "metrics.jsonl")) as f:
                     rows = [json.loads(line) for line in f if '"step_seconds"' in line]
                 times[strategy] += [r["step_seconds"] for r in rows[3:]]      # the first steps warm up
+                tokens[strategy] += [r["tokens_per_second"] for r in rows[3:]]
     medians = {s: statistics.median(t) for s, t in times.items()}
-    summary = {"teacher_params": params["teacher"], "student_params": params["student"],
-               "size_ratio": params["teacher"] / params["student"], "grad_accum": 4,
-               "median_step_s": medians, "step_time_ratio": medians["arkd"] / medians["fkl"],
-               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"}
-    if args.json:
-        print(json.dumps(summary, indent=1))
-    else:
-        print(f"teacher {params['teacher'] / 1e6:.2f}M params, student {params['student'] / 1e6:.2f}M "
-              f"({summary['size_ratio']:.1f}x), accumulation 4, {summary['device']}")
-        print(f"median step: fkl {medians['fkl'] * 1e3:.1f} ms, arkd {medians['arkd'] * 1e3:.1f} ms, "
-              f"ratio {summary['step_time_ratio']:.3f}")
+    return {"teacher_params": params["teacher"], "student_params": params["student"],
+            "size_ratio": params["teacher"] / params["student"], "grad_accum": 4, "batch": args.step_batch,
+            "median_step_s": medians, "step_time_ratio": medians["arkd"] / medians["fkl"],
+            "tokens_per_second": {s: statistics.median(t) for s, t in tokens.items()},
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"}
+
+
+def print_step(summary):
+    print(f"teacher {summary['teacher_params'] / 1e6:.2f}M params, student {summary['student_params'] / 1e6:.2f}M "
+          f"({summary['size_ratio']:.1f}x), accumulation 4, {summary['device']}")
+    medians = summary["median_step_s"]
+    print(f"median step: fkl {medians['fkl'] * 1e3:.1f} ms, arkd {medians['arkd'] * 1e3:.1f} ms, "
+          f"ratio {summary['step_time_ratio']:.3f} (baseline: the FKL step)")
+
+
+def generation_speed(layers, width, new_tokens, prompts=64, batch=32):
+    """Prompts per second of evaluate.generate for a random GPT-2 of the given shape (vocabulary 50257),
+    100-token prompts, `new_tokens` sampled (no EOS stops a random model early: the worst case)."""
+    import evaluate
+    from transformers import GPT2Config, GPT2LMHeadModel
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=layers, n_head=max(1, width // 64),
+                                       bos_token_id=50256, eos_token_id=50256)).to(device).eval()
+
+    class Tokenizer:                                   # what generate needs of a tokenizer
+        pad_token_id = eos_token_id = 50256
+
+        @staticmethod
+        def batch_decode(ids, skip_special_tokens=True):
+            return [" ".join(map(str, row.tolist())) for row in ids]
+    prompt_ids = torch.randint(0, 50000, (prompts, 100)).tolist()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    evaluate.generate(model, Tokenizer(), prompt_ids, 10, batch, new_tokens, progress=False)
+    seconds = time.perf_counter() - start
+    return {"layers": layers, "width": width, "new_tokens": new_tokens, "prompts": prompts, "batch": batch,
+            "prompts_per_second": prompts / seconds,
+            "peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()}
+
+
+def gpu_check(args):
+    """The GPU checklist in one command: kd_pass against the unfused formulations at real sizes (fp32 and
+    bf16), the ARKD step against the FKL step at GPT-2 120M / XL shapes, training tokens per second,
+    evaluation prompts per second at 256 new tokens, peak memory of each; OUT/gpu_check.json and .md.
+    Without CUDA it runs the same checks at reduced sizes, to show that it works."""
+    cuda = torch.cuda.is_available()
+    n, vocab = (4096, 50257) if cuda else (256, 50257)
+    steps = dict(teacher_size="48,1600", student_size="12,768", step_batch=8, steps=13) if cuda else \
+        dict(teacher_size="2,128", student_size="1,64", step_batch=4, steps=8)
+    report = {"device": torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} thread(s) (reduced sizes)",
+              "kd_pass": {}, "generation": None, "step": None}
+    for dtype in ("fp32", "bf16"):
+        report["kd_pass"][dtype] = compare_variants(argparse.Namespace(**{**vars(args), "n": n, "vocab": vocab, "dtype": dtype,
+                                                                          "device": "cuda" if cuda else "cpu",
+                                                                          "variants": ",".join(VARIANTS)}))
+    report["step"] = step_benchmark(argparse.Namespace(**{**vars(args), **steps, "repeats": 1}))
+    report["generation"] = generation_speed(12, 768, 256) if cuda else generation_speed(1, 64, 16, prompts=8, batch=8)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    lines = [f"# GPU check: {report['device']}", "", "| check | value | baseline |", "| --- | --- | --- |"]
+    for dtype, summary in report["kd_pass"].items():
+        for name, r in summary["variants"].items():
+            lines.append(f"| kd loss {dtype} N={n} V={vocab}: {name} | {r['median_s']:.4f} s, "
+                         f"{r['peak_extra_bytes'] / 2**20:.0f} MiB | {r['time_ratio']:.3f}x time of naive |")
+    s = report["step"]
+    lines += [f"| ARKD step / FKL step (teacher {s['teacher_params'] / 1e6:.0f}M, student {s['student_params'] / 1e6:.0f}M) "
+              f"| {s['step_time_ratio']:.3f}x | the FKL step, {s['median_step_s']['fkl'] * 1e3:.1f} ms |",
+              f"| training tokens per second (FKL, ARKD) | {s['tokens_per_second']['fkl']:.0f}, "
+              f"{s['tokens_per_second']['arkd']:.0f} | |",
+              f"| evaluation, {report['generation']['new_tokens']} new tokens | "
+              f"{report['generation']['prompts_per_second']:.2f} prompts/s, "
+              f"{report['generation']['peak_bytes'] / 2**20:.0f} MiB peak | |"]
+    with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return report
 
 
 def modes_experiment(args):
@@ -456,6 +556,8 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--flat", action="store_true", help="a high-entropy teacher (the AKL head search's hard case)")
+    parser.add_argument("--gpu_check", action="store_true", help="the GPU checklist (reduced sizes without CUDA); "
+                        "writes --out/gpu_check.json and .md")
     parser.add_argument("--step", action="store_true", help="step benchmark: ARKD step over FKL step in arkd.py")
     parser.add_argument("--steps", type=int, default=43, help="--step: optimizer steps per run")
     parser.add_argument("--teacher_size", default="3,240", help="--step: teacher layers,width")
@@ -466,7 +568,7 @@ def main():
     parser.add_argument("--probe_alphas", default="0,0.25,0.5,0.75,1", help="--probe: the alpha grid")
     parser.add_argument("--probe_step", type=int, default=0, help="--probe: the data step the batches come from")
     parser.add_argument("--modes", action="store_true", help="the Figure-1 experiment (coverage and precision)")
-    parser.add_argument("--out", default="runs/modes", help="--modes: output directory")
+    parser.add_argument("--out", default="runs/bench", help="--modes, --gpu_check: output directory")
     parser.add_argument("--modes_steps", type=int, default=400, help="--modes: KD steps per student")
     parser.add_argument("--modes_seeds", default="1 2 3", help="--modes: training seeds per strategy")
     parser.add_argument("--modes_samples", type=int, default=16, help="--modes: answers sampled per prompt")
@@ -484,39 +586,16 @@ def main():
     if args.variant:
         return run_variant(args)
     if args.step:
-        return step_benchmark(args)
+        summary = step_benchmark(args)
+        return print(json.dumps(summary, indent=1)) if args.json else print_step(summary)
+    if args.gpu_check:
+        return gpu_check(args)
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or "naive" not in variants:
         parser.error(f"--variants: unknown {unknown}; choose from {VARIANTS}, naive included")
-
-    results = {}
-    for variant in variants:
-        cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--n", str(args.n),
-               "--vocab", str(args.vocab), "--dtype", args.dtype, "--device", args.device,
-               "--repeats", str(args.repeats), "--threads", str(args.threads)] + (["--flat"] if args.flat else [])
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"bench: variant {variant} failed:\n{done.stderr[-2000:]}")
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-    naive = results["naive"]
-    for name, r in results.items():     # a fast variant that computes something else is no result
-        if name not in REFERENCE_ONLY and r["loss"] is not None and abs(r["loss"] - naive["loss"]) > 1e-4 * abs(naive["loss"]) + 1e-6:
-            sys.exit(f"bench: {name} loss {r['loss']} differs from naive {naive['loss']}")
-    for r in results.values():
-        r["time_ratio"] = r["median_s"] / naive["median_s"]
-        r["peak_memory_ratio"] = r["peak_extra_bytes"] / naive["peak_extra_bytes"] if naive["peak_extra_bytes"] else None
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
-    summary = {"n": args.n, "vocab": args.vocab, "dtype": args.dtype, "device": device_name, "flat": args.flat,
-               "repeats": args.repeats, "variants": results}
-    for peer in REFERENCE_ONLY:        # kd_pass against each peer formulation, measured in the same run
-        if peer in results and "kd_pass" in results:
-            summary[f"kd_pass_over_{peer}"] = {
-                "time": results["kd_pass"]["median_s"] / results[peer]["median_s"],
-                "memory": results["kd_pass"]["peak_extra_bytes"] / max(results[peer]["peak_extra_bytes"], 1)}
-    if "kd_pass" in results:
-        summary["time_ratio"] = results["kd_pass"]["time_ratio"]
-        summary["peak_memory_ratio"] = results["kd_pass"]["peak_memory_ratio"]
+    summary = compare_variants(args)
+    results, naive, device_name = summary["variants"], summary["variants"]["naive"], summary["device"]
     if args.json:
         print(json.dumps(summary, indent=1))
         return
@@ -528,7 +607,7 @@ def main():
               f"{r['peak_extra_bytes'] / 2**20:15.1f} {r['peak_memory_ratio'] or float('nan'):8.3f}")
     if "kd_pass" in results:
         print(f"teacher entropy {results['kd_pass']['teacher_entropy']:.1f} nats; AKL head found in the top-64 for "
-              f"{100 * results['kd_pass']['topk_resolved_share']:.0f}% of the rows (the rest: top 1024, then a full sort)")
+              f"{100 * results['kd_pass']['topk_resolved_share']:.0f}% of the rows (the rest: the top 1024, then the threshold search)")
     for peer in REFERENCE_ONLY:
         if f"kd_pass_over_{peer}" in summary:
             r = summary[f"kd_pass_over_{peer}"]

@@ -807,6 +807,21 @@ def test_bench_runs_and_reports_ratios():
     assert report["variants"]["kd_pass"]["loss"] == pytest.approx(report["variants"]["naive"]["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_gpu_check_runs_at_reduced_sizes_without_cuda(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--gpu_check", "--out", str(tmp_path),
+                           "--repeats", "1"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.load(open(tmp_path / "gpu_check.json"))
+    assert set(report["kd_pass"]) == {"fp32", "bf16"} and report["step"]["step_time_ratio"] > 0
+    for summary in report["kd_pass"].values():
+        assert set(summary["variants"]) == set(bench_variants()) and summary["variants"]["naive"]["time_ratio"] == 1.0
+    assert report["generation"]["prompts_per_second"] > 0
+    table = open(tmp_path / "gpu_check.md").read()
+    assert "ARKD step / FKL step" in table and "prompts/s" in table and ("reduced sizes" in table) != torch.cuda.is_available()
+
+
 # ----------------------------------------------------------------------------------------------
 # data.py and evaluate.py: tiny models built from configs, a tokenizer trained here
 
