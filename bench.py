@@ -28,6 +28,7 @@ teacher flat (entropy near 9 nats, as early in training): the AKL search's hard 
     python bench.py                          # N=4096, V=50257, fp32, CUDA when available
     python bench.py --dtype bf16 --n 1024 --json
     python bench.py --flat
+    python bench.py --fused --n 4096 --hidden 768    # fused_kd_pass against kd_pass on logits
 
 The step benchmark times whole optimizer steps of arkd.py on the offline toy task, ARKD (reward
 forward and policy update included) against plain FKL, on random GPT-2s built from configs:
@@ -182,8 +183,78 @@ def peak_rss_bytes():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+FUSED_VARIANTS = ("from_logits", "fused")
+
+
+def hidden_inputs(n, hidden, vocab, device, seed=0):
+    """Student and teacher last hidden states [n, hidden] and output weights [vocab, hidden]."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(*shape, generator=g, device=device) * scale
+            for shape, scale in (((n, hidden), 1.0), ((vocab, hidden), 0.05), ((n, hidden), 1.0), ((vocab, hidden), 0.1))]
+
+
+def run_fused_variant(args):
+    """Child process: forward + backward of 0.5 FKL + 0.5 RKL from hidden states, either through the
+    full [n, V] logits of both models (what the trainer does with kd_pass) or with fused_kd_pass."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    h, w, th, tw = hidden_inputs(args.n, args.hidden, args.vocab, device)
+    h.requires_grad_(), w.requires_grad_()
+    mask = torch.ones(args.n, dtype=torch.bool, device=device)
+    baseline = start_rss_window() if device.type == "cpu" else torch.cuda.memory_allocated()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.repeats):
+        h.grad = w.grad = None
+        start = time.perf_counter()
+        if args.variant == "fused":
+            out = losses.fused_kd_pass(h, w, th, tw, mask, akl=False)
+        else:
+            with torch.no_grad():
+                teacher_logits = th @ tw.T
+            out = losses.kd_pass(h @ w.T, teacher_logits, mask, inplace_grad=True, akl=False)
+        loss = losses.mix(out.fkl, out.rkl, ALPHA).mean()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
+    print(json.dumps({"variant": args.variant, "median_s": statistics.median(times), "loss": float(loss),
+                      "peak_extra_bytes": max(0, peak - baseline)}))
+
+
+def fused_benchmark(args):
+    """fused_kd_pass against kd_pass on materialised logits, side by side, at V = 50257 and 128256."""
+    rows = []
+    for vocab in (50257, 128256):
+        results = {}
+        for variant in FUSED_VARIANTS:
+            cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--n", str(args.n), "--vocab",
+                   str(vocab), "--hidden", str(args.hidden), "--device", args.device, "--repeats", str(args.repeats),
+                   "--threads", str(args.threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"bench: {variant} failed:\n{done.stderr[-2000:]}")
+            results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        if abs(results["fused"]["loss"] - results["from_logits"]["loss"]) > 1e-4 * abs(results["from_logits"]["loss"]):
+            sys.exit(f"bench: fused loss {results['fused']['loss']} differs from {results['from_logits']['loss']}")
+        rows.append({"vocab": vocab, **results, "time_ratio": results["fused"]["median_s"] / results["from_logits"]["median_s"],
+                     "memory_ratio": results["fused"]["peak_extra_bytes"] / max(results["from_logits"]["peak_extra_bytes"], 1)})
+    summary = {"n": args.n, "hidden": args.hidden, "device": args.device, "rows": rows}
+    if args.json:
+        return print(json.dumps(summary, indent=1))
+    for r in rows:
+        print(f"N={args.n} d={args.hidden} V={r['vocab']}: from logits {r['from_logits']['median_s']:.3f} s, "
+              f"{r['from_logits']['peak_extra_bytes'] / 2**20:.0f} MiB; fused {r['fused']['median_s']:.3f} s, "
+              f"{r['fused']['peak_extra_bytes'] / 2**20:.0f} MiB; fused / from logits: time {r['time_ratio']:.3f}x, "
+              f"memory {r['memory_ratio']:.3f}x")
+
+
 def run_variant(args):
     """Child process: time one variant; prints one JSON line."""
+    if args.variant in FUSED_VARIANTS:
+        return run_fused_variant(args)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -556,6 +627,8 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--flat", action="store_true", help="a high-entropy teacher (the AKL head search's hard case)")
+    parser.add_argument("--fused", action="store_true", help="fused_kd_pass against kd_pass on logits, V 50257 and 128256")
+    parser.add_argument("--hidden", type=int, default=768, help="--fused: hidden size")
     parser.add_argument("--gpu_check", action="store_true", help="the GPU checklist (reduced sizes without CUDA); "
                         "writes --out/gpu_check.json and .md")
     parser.add_argument("--step", action="store_true", help="step benchmark: ARKD step over FKL step in arkd.py")
@@ -590,6 +663,8 @@ def main():
         return print(json.dumps(summary, indent=1)) if args.json else print_step(summary)
     if args.gpu_check:
         return gpu_check(args)
+    if args.fused:
+        return fused_benchmark(args)
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or "naive" not in variants:

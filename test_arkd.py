@@ -406,6 +406,24 @@ def test_atkd_loss_equals_the_authors_group_means_and_splits_at_the_lower_median
     assert losses.atkd_easy(torch.tensor([0.5, 0.1, 0.9])).tolist() == [False, True, False]
 
 
+def test_fused_kd_pass_from_hidden_states_equals_kd_pass_on_the_logits():
+    torch.manual_seed(9)
+    h = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(26, 6, dtype=torch.float64, requires_grad=True)              # 3 padded columns
+    th, tw = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(23, 8, dtype=torch.float64)
+    mask, targets = torch.rand(2, 5) > 0.3, torch.randint(0, 23, (2, 5))
+    fused = losses.fused_kd_pass(h, w, th, tw, mask, vocab_size=23, chunk_tokens=3, target_ids=targets)
+    plain = kd_pass(h @ w.T, th @ tw.T, mask, vocab_size=23, target_ids=targets)
+    for name in ("fkl", "rkl", "ce", "akl_alpha", "stats"):
+        assert torch.allclose(getattr(fused, name), getattr(plain, name), atol=1e-12), name
+    weights = torch.rand(3, len(fused.fkl), dtype=torch.float64)
+    ours = torch.autograd.grad((weights[0] * fused.fkl + weights[1] * fused.rkl + weights[2] * fused.ce).sum(), [h, w])
+    ref = torch.autograd.grad((weights[0] * plain.fkl + weights[1] * plain.rkl + weights[2] * plain.ce).sum(), [h, w])
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(ours, ref))
+    assert torch.autograd.gradcheck(lambda a, b: losses.fused_kd_pass(a, b, th, tw, mask, vocab_size=23, chunk_tokens=4,
+                                                                     target_ids=targets).rkl, (h, w))
+
+
 # ----------------------------------------------------------------------------------------------
 # AKL
 
