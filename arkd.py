@@ -16,7 +16,8 @@ strategy is trained by the same loop, so the comparison is fair. Read train_step
 Choices T1-T7 of docs/method.md are made here (each marked where it is made): the step's token
 count as the one denominator (T1), alpha from micro-batch 0 (T2), the reward forward replaying the
 training dropout masks (T3), skipped non-finite steps (T4), SeqKD by sampling (T5), warmup then
-cosine (T6), and what a checkpoint holds (T7).
+cosine (T6), and what a checkpoint holds (T7); for OKD, the LoRA's a_t and optimizer (O3, O4).
+ATKD (`--strategy atkd`) and OKD (`--method okd`) run in the same step (docs/method.md 8).
 """
 import argparse
 import contextlib
@@ -636,7 +637,8 @@ def main(argv=None):
     if checkpoint:
         progress, window = resume(checkpoint, args, run, examples, teacher, optimizer, policy, teacher_optimizer)
     metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master)
-    line, first_step, history = ProgressLine(run, progress.step, f"{args.method} {args.strategy}"), progress.step, []
+    label = f"kd {args.strategy}" if args.method == "kd" else args.method
+    line, first_step, history = ProgressLine(run, progress.step, label), progress.step, []
     while progress.step < run.total_steps:
         started = time.perf_counter()
         for opt, peak in ((optimizer, args.lr), (teacher_optimizer, args.okd_lr or args.lr)):
