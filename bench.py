@@ -544,6 +544,8 @@ def reward_probe(args, train_argv):
     state_path = os.path.join(targs.student, "training_state.pt")
     if os.path.isfile(state_path):
         optimizer.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True)["optimizer"])
+        for group in optimizer.param_groups:       # the checkpoint's own lr is its last scheduled one: use --lr
+            group["lr"] = targs.lr
     start_model, start_optimizer = copy.deepcopy(student.state_dict()), copy.deepcopy(optimizer.state_dict())
     alphas = [float(a) for a in args.probe_alphas.split(",")]
 

@@ -1634,6 +1634,14 @@ def test_reward_probe_measures_each_alpha_from_one_identical_start(pair, tmp_pat
         assert reports[0][name]["best_alpha"] == [0, 0.5, 1][means.index(max(means))]
         per_alpha = [[r[name] for r in rows if r["alpha"] == a] for a in (0, 0.5, 1)]
         assert means == pytest.approx([sum(v) / 3 for v in per_alpha])
+    # From a checkpoint: its optimizer state is used, but the step's lr is --lr, not the saved one.
+    arkd.main(train_argv(pair, tmp_path / "ckpt", "--strategy", "fkl", "--lr", "1e-9", "--max_steps", "2"))
+    argv = train_argv(pair, tmp_path / "late", "--student", str(tmp_path / "ckpt" / "last"), "--lr", "2e-3")
+    done = subprocess.run([sys.executable, "bench.py", "--probe", "--probe_batches", "2", "--probe_alphas", "0,1",
+                           "--", *argv], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    late = json.load(open(tmp_path / "late" / "probe.json"))
+    assert min(abs(r["reward"]) for r in late["rows"]) > 1e-3           # lr 1e-9 would give ~0
 
 
 @pytest.mark.slow
