@@ -16,7 +16,8 @@ strategy is trained by the same loop, so the comparison is fair. Read train_step
 Choices T1-T7 of docs/method.md are made here (each marked where it is made): the step's token
 count as the one denominator (T1), alpha from micro-batch 0 (T2), the reward forward replaying the
 training dropout masks (T3), skipped non-finite steps (T4), SeqKD by sampling (T5), warmup then
-cosine (T6), and what a checkpoint holds (T7).
+cosine (T6), and what a checkpoint holds (T7); for OKD, the LoRA's a_t and optimizer (O3, O4).
+ATKD (`--strategy atkd`) and OKD (`--method okd`) run in the same step (docs/method.md 8).
 """
 import argparse
 import contextlib
@@ -282,7 +283,8 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
                     teacher_logits = forward(teacher, batch, run)
                 teacher_finite = teacher_finite and bool(torch.isfinite(teacher_logits.detach()).all())
                 out = kd_pass(logits, teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size, args.chunk_tokens,
-                              target_ids=targets, inplace_grad=teacher_optimizer is None, atkd=run.strategy[0] == "atkd")
+                              target_ids=targets, inplace_grad=teacher_optimizer is None, atkd=run.strategy[0] == "atkd",
+                              akl=run.strategy[0] == "akl" or policy is not None)   # the head search only when read
                 if i == 0:                                  # alpha is needed before the first backward (T2)
                     stats0 = all_reduce_sum(out.stats)      # every rank must choose the same alpha
                     if policy is None:                      # a rule; akl and atkd weigh each token instead
@@ -335,6 +337,8 @@ def log_kd(row, sums, n_tokens, alpha, policy, akl, okd):
     """The KD part of a step's log row: alpha (AKL: its mean weight; ATKD: none), every statistic's
     token mean, the LoRA's loss (OKD) and the policy's Beta (ARKD)."""
     means = stat_means(sums[:len(STAT_NAMES)])
+    if not (akl or policy is not None):     # the AKL head search did not run (kd_pass akl=False)
+        del means["akl_alpha"]
     row.update(alpha=means["akl_alpha"] if akl else alpha, **{k: v for k, v in means.items() if k != "tokens"})
     if okd:
         row["teacher_loss"] = float(sums[-2]) / n_tokens
@@ -348,7 +352,7 @@ def okd_teacher_loss(logits, teacher_logits, targets, args, run):
     kd_pass with the roles swapped computes KL(q || p) as its "FKL", with the closed-form gradient
     tau (p - q) for the teacher's logits, and the teacher's CE: the same memory bound as the rest."""
     back = kd_pass(teacher_logits, logits.detach(), targets != IGNORE_INDEX, args.tau, run.vocab_size,
-                   args.chunk_tokens, target_ids=targets)
+                   args.chunk_tokens, target_ids=targets, akl=False)
     return (args.okd_a_t * back.fkl + (1 - args.okd_a_t) * back.ce).sum()
 
 
@@ -373,7 +377,7 @@ def reward_stats(student, window, args, run):
     targets = window.batch["targets"].to(run.device)
     # Summed over ranks: the reward, like the state, belongs to the whole micro-batch 0.
     return all_reduce_sum(kd_pass(logits, window.teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size,
-                                  args.chunk_tokens, target_ids=targets).stats)
+                                  args.chunk_tokens, target_ids=targets, akl=False).stats)   # FKL' and RKL' only
 
 
 # ----------------------------------------------------------------------------------------------
@@ -633,7 +637,8 @@ def main(argv=None):
     if checkpoint:
         progress, window = resume(checkpoint, args, run, examples, teacher, optimizer, policy, teacher_optimizer)
     metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master)
-    line, first_step, history = ProgressLine(run, progress.step, f"{args.method} {args.strategy}"), progress.step, []
+    label = f"kd {args.strategy}" if args.method == "kd" else args.method
+    line, first_step, history = ProgressLine(run, progress.step, label), progress.step, []
     while progress.step < run.total_steps:
         started = time.perf_counter()
         for opt, peak in ((optimizer, args.lr), (teacher_optimizer, args.okd_lr or args.lr)):

@@ -1,13 +1,19 @@
-"""Benchmarks: losses.kd_pass against the naive way peers compute the same quantities.
+"""Benchmarks and measurements: losses.kd_pass against unfused formulations, the ARKD step against
+the FKL step, the reward probe and the Figure-1 experiment.
 
-For N tokens and a vocabulary of V, every variant computes forward + backward of
-0.5 FKL + 0.5 RKL over all tokens together with the ARKD policy's statistics (both entropies,
-top-1 agreement, the AKL head share):
+For N tokens and a vocabulary of V, each variant computes forward + backward of a KD loss:
 
-    naive            separate full log_softmax / softmax calls, a full sort for the AKL head,
-                     autograd through all of it (what MiniLLM / DistiLLM-style code does)
-    kd_pass          losses.kd_pass: one chunked pass, closed-form gradients, a gradient buffer
-    kd_pass_inplace  the same, writing the gradient into the consumed logits (inplace_grad=True)
+    naive            0.5 FKL + 0.5 RKL with every ARKD policy statistic (entropies, top-1
+                     agreement, AKL head share by a full sort), separate full-size softmax /
+                     log_softmax tensors, autograd through all of it: the same quantities as kd_pass
+    trl_gjsd         TRL's generalized JSD loss (beta 0.5) from its published equation, full
+                     tensors, autograd: a peer's loss alone, no statistics (time and memory only)
+    distillm         DistiLLM-style 0.5 FKL (as a cross-entropy) + 0.5 RKL, full tensors, autograd,
+                     no statistics (time and memory only)
+    kd_pass          losses.kd_pass: one chunked pass, closed-form gradients, every statistic
+    kd_pass_no_akl   the same without the AKL head search (akl=False: what every strategy but akl
+                     and arkd runs)
+    kd_pass_inplace  kd_pass writing the gradient into the consumed logits (inplace_grad=True)
     floor            a lower bound: read both logit tensors, two exp per element, write a gradient
 
 Each variant runs in its own subprocess (one thread by default, for stable timings); the parent
@@ -16,10 +22,13 @@ max_memory_allocated on CUDA) and the ratios to naive. --json prints one JSON ob
 
 The logits are synthetic but shaped like a trained LM's: Gaussian noise over the vocabulary plus
 8 boosted tokens per row whose top logit varies between rows (most rows peaked, some flat enough
-that the AKL head search needs its full-sort fallback; the share is printed).
+that the AKL head search needs its full-sort fallback; the share is printed). --flat makes the
+teacher flat (entropy near 9 nats, as early in training): the AKL search's hard case.
 
     python bench.py                          # N=4096, V=50257, fp32, CUDA when available
     python bench.py --dtype bf16 --n 1024 --json
+    python bench.py --flat
+    python bench.py --fused --n 4096 --hidden 768    # fused_kd_pass against kd_pass on logits
 
 The step benchmark times whole optimizer steps of arkd.py on the offline toy task, ARKD (reward
 forward and policy update included) against plain FKL, on random GPT-2s built from configs:
@@ -39,6 +48,7 @@ is used when training_state.pt is beside it; --lr is the step's learning rate):
 """
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -48,16 +58,19 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 import losses
 
-VARIANTS = ("naive", "kd_pass", "kd_pass_inplace", "floor")
+VARIANTS = ("naive", "trl_gjsd", "distillm", "kd_pass", "kd_pass_no_akl", "kd_pass_inplace", "floor")
+REFERENCE_ONLY = ("trl_gjsd", "distillm")     # other quantities: compared for time and memory, not for the loss
 ALPHA, MU = 0.5, 0.5
 
 
-def make_logits(n, vocab, dtype, device, seed=0, rows_per_chunk=16):
+def make_logits(n, vocab, dtype, device, seed=0, rows_per_chunk=16, flat=False):
     """Teacher and student logits [n, vocab], generated a few rows at a time straight into tensors
-    of the target dtype, so that no full-size temporary inflates the memory baseline."""
+    of the target dtype, so that no full-size temporary inflates the memory baseline. flat: a teacher
+    of high entropy (top logits 2..4 above the noise instead of 10..20), as early in training."""
     g = torch.Generator(device=device).manual_seed(seed)
     student = torch.empty(n, vocab, dtype=dtype, device=device)
     teacher = torch.empty(n, vocab, dtype=dtype, device=device)
@@ -65,7 +78,8 @@ def make_logits(n, vocab, dtype, device, seed=0, rows_per_chunk=16):
     for lo in range(0, n, rows_per_chunk):
         rows = min(rows_per_chunk, n - lo)
         t = torch.randn(rows, vocab, generator=g, device=device)
-        top = 10 + 10 * torch.rand(rows, 1, generator=g, device=device)      # top logit 10..20
+        top = (2 + 2 * torch.rand(rows, 1, generator=g, device=device)) if flat else \
+            (10 + 10 * torch.rand(rows, 1, generator=g, device=device))         # top logit 2..4 or 10..20
         t.scatter_add_(1, torch.randint(0, vocab, (rows, 8), generator=g, device=device), top * decay)
         teacher[lo:lo + rows] = t
         student[lo:lo + rows] = torch.randn(rows, vocab, generator=g, device=device).mul_(0.7).add_(t, alpha=0.8)
@@ -93,9 +107,34 @@ def naive_step(student, teacher):
     return float(loss)
 
 
-def kd_pass_step(student, teacher, inplace_grad=False):
+def trl_gjsd_step(student, teacher, beta=0.5):
+    """TRL's generalized JSD loss as its published equation reads (full tensors, autograd): the
+    mixture m = beta p + (1 - beta) q in log space, then beta KL(p || m) + (1 - beta) KL(q || m)."""
+    log_q, log_p = torch.log_softmax(student.float(), -1), torch.log_softmax(teacher.float(), -1)
+    log_m = torch.logsumexp(torch.stack([log_q + math.log(1 - beta), log_p + math.log(beta)]), dim=0)
+    kl_p = F.kl_div(log_m, log_p, reduction="none", log_target=True)           # p (log p - log m)
+    kl_q = F.kl_div(log_m, log_q, reduction="none", log_target=True)           # q (log q - log m)
+    loss = (beta * kl_p + (1 - beta) * kl_q).sum() / student.shape[0]
+    loss.backward()
+    return float(loss)
+
+
+def distillm_step(student, teacher):
+    """DistiLLM-style 0.5 FKL + 0.5 RKL (full tensors, autograd, no statistics): the FKL as the
+    cross-entropy -sum p log q, the RKL as sum q (log q - log p)."""
+    s, t = student.float(), teacher.float()
+    p, log_p = torch.softmax(t, -1), torch.log_softmax(t, -1)
+    q, log_q = torch.softmax(s, -1), torch.log_softmax(s, -1)
+    fkl = -(p * log_q).sum(-1)
+    rkl = (q * (log_q - log_p)).sum(-1)
+    loss = (ALPHA * fkl + (1 - ALPHA) * rkl).mean()
+    loss.backward()
+    return float(loss)
+
+
+def kd_pass_step(student, teacher, inplace_grad=False, akl=True):
     mask = torch.ones(student.shape[0], dtype=torch.bool, device=student.device)
-    out = losses.kd_pass(student, teacher, mask, mu=MU, inplace_grad=inplace_grad)
+    out = losses.kd_pass(student, teacher, mask, mu=MU, inplace_grad=inplace_grad, akl=akl)
     loss = losses.mix(out.fkl, out.rkl, ALPHA).sum() / out.stats[0].item()
     loss.backward()
     return float(loss)
@@ -144,16 +183,87 @@ def peak_rss_bytes():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+FUSED_VARIANTS = ("from_logits", "fused")
+
+
+def hidden_inputs(n, hidden, vocab, device, seed=0):
+    """Student and teacher last hidden states [n, hidden] and output weights [vocab, hidden]."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(*shape, generator=g, device=device) * scale
+            for shape, scale in (((n, hidden), 1.0), ((vocab, hidden), 0.05), ((n, hidden), 1.0), ((vocab, hidden), 0.1))]
+
+
+def run_fused_variant(args):
+    """Child process: forward + backward of 0.5 FKL + 0.5 RKL from hidden states, either through the
+    full [n, V] logits of both models (what the trainer does with kd_pass) or with fused_kd_pass."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    h, w, th, tw = hidden_inputs(args.n, args.hidden, args.vocab, device)
+    h.requires_grad_(), w.requires_grad_()
+    mask = torch.ones(args.n, dtype=torch.bool, device=device)
+    baseline = start_rss_window() if device.type == "cpu" else torch.cuda.memory_allocated()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.repeats):
+        h.grad = w.grad = None
+        start = time.perf_counter()
+        if args.variant == "fused":
+            out = losses.fused_kd_pass(h, w, th, tw, mask, akl=False)
+        else:
+            with torch.no_grad():
+                teacher_logits = th @ tw.T
+            out = losses.kd_pass(h @ w.T, teacher_logits, mask, inplace_grad=True, akl=False)
+        loss = losses.mix(out.fkl, out.rkl, ALPHA).mean()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
+    print(json.dumps({"variant": args.variant, "median_s": statistics.median(times), "loss": float(loss),
+                      "peak_extra_bytes": max(0, peak - baseline)}))
+
+
+def fused_benchmark(args):
+    """fused_kd_pass against kd_pass on materialised logits, side by side, at V = 50257 and 128256."""
+    rows = []
+    for vocab in (50257, 128256):
+        results = {}
+        for variant in FUSED_VARIANTS:
+            cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--n", str(args.n), "--vocab",
+                   str(vocab), "--hidden", str(args.hidden), "--device", args.device, "--repeats", str(args.repeats),
+                   "--threads", str(args.threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"bench: {variant} failed:\n{done.stderr[-2000:]}")
+            results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        if abs(results["fused"]["loss"] - results["from_logits"]["loss"]) > 1e-4 * abs(results["from_logits"]["loss"]):
+            sys.exit(f"bench: fused loss {results['fused']['loss']} differs from {results['from_logits']['loss']}")
+        rows.append({"vocab": vocab, **results, "time_ratio": results["fused"]["median_s"] / results["from_logits"]["median_s"],
+                     "memory_ratio": results["fused"]["peak_extra_bytes"] / max(results["from_logits"]["peak_extra_bytes"], 1)})
+    summary = {"n": args.n, "hidden": args.hidden, "device": args.device, "rows": rows}
+    if args.json:
+        return print(json.dumps(summary, indent=1))
+    for r in rows:
+        print(f"N={args.n} d={args.hidden} V={r['vocab']}: from logits {r['from_logits']['median_s']:.3f} s, "
+              f"{r['from_logits']['peak_extra_bytes'] / 2**20:.0f} MiB; fused {r['fused']['median_s']:.3f} s, "
+              f"{r['fused']['peak_extra_bytes'] / 2**20:.0f} MiB; fused / from logits: time {r['time_ratio']:.3f}x, "
+              f"memory {r['memory_ratio']:.3f}x")
+
+
 def run_variant(args):
     """Child process: time one variant; prints one JSON line."""
+    if args.variant in FUSED_VARIANTS:
+        return run_fused_variant(args)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    step = {"naive": naive_step, "floor": floor_step, "kd_pass": kd_pass_step,
+    step = {"naive": naive_step, "floor": floor_step, "kd_pass": kd_pass_step, "trl_gjsd": trl_gjsd_step,
+            "distillm": distillm_step, "kd_pass_no_akl": lambda s, t: kd_pass_step(s, t, akl=False),
             "kd_pass_inplace": lambda s, t: kd_pass_step(s, t, inplace_grad=True)}[args.variant]
     # A small warm-up run first: loading kernels and library pages is not the variant's memory.
     step(*(x.requires_grad_(i == 0) for i, x in enumerate(make_logits(64, args.vocab, dtype, device))))
-    pristine, teacher = make_logits(args.n, args.vocab, dtype, device)
+    pristine, teacher = make_logits(args.n, args.vocab, dtype, device, flat=args.flat)
     student = pristine.clone().requires_grad_()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -176,7 +286,41 @@ def run_variant(args):
               "peak_extra_bytes": max(0, peak - baseline), "loss": loss, "input_bytes": 2 * pristine.numel() * pristine.element_size()}
     if args.variant == "kd_pass":
         result["topk_resolved_share"] = topk_resolved_share(teacher)
+        p = torch.softmax(teacher[:256].float(), -1)
+        result["teacher_entropy"] = float(-(p * torch.log_softmax(teacher[:256].float(), -1)).sum(-1).mean())
     print(json.dumps(result))
+
+
+def compare_variants(args):
+    """Each variant of args.variants in its own subprocess; their times, peak memories and ratios."""
+    results = {}
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--n", str(args.n),
+               "--vocab", str(args.vocab), "--dtype", args.dtype, "--device", args.device,
+               "--repeats", str(args.repeats), "--threads", str(args.threads)] + (["--flat"] if args.flat else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"bench: variant {variant} failed:\n{done.stderr[-2000:]}")
+        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    naive = results["naive"]
+    for name, r in results.items():     # a fast variant that computes something else is no result
+        if name not in REFERENCE_ONLY and r["loss"] is not None and abs(r["loss"] - naive["loss"]) > 1e-4 * abs(naive["loss"]) + 1e-6:
+            sys.exit(f"bench: {name} loss {r['loss']} differs from naive {naive['loss']}")
+    for r in results.values():
+        r["time_ratio"] = r["median_s"] / naive["median_s"]
+        r["peak_memory_ratio"] = r["peak_extra_bytes"] / naive["peak_extra_bytes"] if naive["peak_extra_bytes"] else None
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
+    summary = {"n": args.n, "vocab": args.vocab, "dtype": args.dtype, "device": device_name, "flat": args.flat,
+               "repeats": args.repeats, "variants": results}
+    for peer in REFERENCE_ONLY:        # kd_pass against each peer formulation, measured in the same run
+        if peer in results and "kd_pass" in results:
+            summary[f"kd_pass_over_{peer}"] = {
+                "time": results["kd_pass"]["median_s"] / results[peer]["median_s"],
+                "memory": results["kd_pass"]["peak_extra_bytes"] / max(results[peer]["peak_extra_bytes"], 1)}
+    if "kd_pass" in results:
+        summary["time_ratio"] = results["kd_pass"]["time_ratio"]
+        summary["peak_memory_ratio"] = results["kd_pass"]["peak_memory_ratio"]
+    return summary
 
 
 def step_benchmark(args):
@@ -195,7 +339,7 @@ def step_benchmark(args):
         from transformers import AutoModelForCausalLM
         params = {role: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(os.path.join(tmp, role)).parameters())
                   for role in ("teacher", "student")}
-        times = {"fkl": [], "arkd": []}
+        times, tokens = {"fkl": [], "arkd": []}, {"fkl": [], "arkd": []}
         for round_ in range(args.repeats):
             for strategy in times:
                 out = os.path.join(tmp, f"{strategy}{round_}")
@@ -211,18 +355,86 @@ def step_benchmark(args):
                 with open(os.path.join(out, "metrics.jsonl")) as f:
                     rows = [json.loads(line) for line in f if '"step_seconds"' in line]
                 times[strategy] += [r["step_seconds"] for r in rows[3:]]      # the first steps warm up
+                tokens[strategy] += [r["tokens_per_second"] for r in rows[3:]]
     medians = {s: statistics.median(t) for s, t in times.items()}
-    summary = {"teacher_params": params["teacher"], "student_params": params["student"],
-               "size_ratio": params["teacher"] / params["student"], "grad_accum": 4,
-               "median_step_s": medians, "step_time_ratio": medians["arkd"] / medians["fkl"],
-               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"}
-    if args.json:
-        print(json.dumps(summary, indent=1))
-    else:
-        print(f"teacher {params['teacher'] / 1e6:.2f}M params, student {params['student'] / 1e6:.2f}M "
-              f"({summary['size_ratio']:.1f}x), accumulation 4, {summary['device']}")
-        print(f"median step: fkl {medians['fkl'] * 1e3:.1f} ms, arkd {medians['arkd'] * 1e3:.1f} ms, "
-              f"ratio {summary['step_time_ratio']:.3f}")
+    return {"teacher_params": params["teacher"], "student_params": params["student"],
+            "size_ratio": params["teacher"] / params["student"], "grad_accum": 4, "batch": args.step_batch,
+            "median_step_s": medians, "step_time_ratio": medians["arkd"] / medians["fkl"],
+            "tokens_per_second": {s: statistics.median(t) for s, t in tokens.items()},
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"}
+
+
+def print_step(summary):
+    print(f"teacher {summary['teacher_params'] / 1e6:.2f}M params, student {summary['student_params'] / 1e6:.2f}M "
+          f"({summary['size_ratio']:.1f}x), accumulation 4, {summary['device']}")
+    medians = summary["median_step_s"]
+    print(f"median step: fkl {medians['fkl'] * 1e3:.1f} ms, arkd {medians['arkd'] * 1e3:.1f} ms, "
+          f"ratio {summary['step_time_ratio']:.3f} (baseline: the FKL step)")
+
+
+def generation_speed(layers, width, new_tokens, prompts=64, batch=32):
+    """Prompts per second of evaluate.generate for a random GPT-2 of the given shape (vocabulary 50257),
+    100-token prompts, `new_tokens` sampled (no EOS stops a random model early: the worst case)."""
+    import evaluate
+    from transformers import GPT2Config, GPT2LMHeadModel
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=layers, n_head=max(1, width // 64),
+                                       bos_token_id=50256, eos_token_id=50256)).to(device).eval()
+
+    class Tokenizer:                                   # what generate needs of a tokenizer
+        pad_token_id = eos_token_id = 50256
+
+        @staticmethod
+        def batch_decode(ids, skip_special_tokens=True):
+            return [" ".join(map(str, row.tolist())) for row in ids]
+    prompt_ids = torch.randint(0, 50000, (prompts, 100)).tolist()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    evaluate.generate(model, Tokenizer(), prompt_ids, 10, batch, new_tokens, progress=False)
+    seconds = time.perf_counter() - start
+    return {"layers": layers, "width": width, "new_tokens": new_tokens, "prompts": prompts, "batch": batch,
+            "prompts_per_second": prompts / seconds,
+            "peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()}
+
+
+def gpu_check(args):
+    """The GPU checklist in one command: kd_pass against the unfused formulations at real sizes (fp32 and
+    bf16), the ARKD step against the FKL step at GPT-2 120M / XL shapes, training tokens per second,
+    evaluation prompts per second at 256 new tokens, peak memory of each; OUT/gpu_check.json and .md.
+    Without CUDA it runs the same checks at reduced sizes, to show that it works."""
+    cuda = torch.cuda.is_available()
+    n, vocab = (4096, 50257) if cuda else (256, 50257)
+    steps = dict(teacher_size="48,1600", student_size="12,768", step_batch=8, steps=13) if cuda else \
+        dict(teacher_size="2,128", student_size="1,64", step_batch=4, steps=8)
+    report = {"device": torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} thread(s) (reduced sizes)",
+              "kd_pass": {}, "generation": None, "step": None}
+    for dtype in ("fp32", "bf16"):
+        report["kd_pass"][dtype] = compare_variants(argparse.Namespace(**{**vars(args), "n": n, "vocab": vocab, "dtype": dtype,
+                                                                          "device": "cuda" if cuda else "cpu",
+                                                                          "variants": ",".join(VARIANTS)}))
+    report["step"] = step_benchmark(argparse.Namespace(**{**vars(args), **steps, "repeats": 1}))
+    report["generation"] = generation_speed(12, 768, 256) if cuda else generation_speed(1, 64, 16, prompts=8, batch=8)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    lines = [f"# GPU check: {report['device']}", "", "| check | value | baseline |", "| --- | --- | --- |"]
+    for dtype, summary in report["kd_pass"].items():
+        for name, r in summary["variants"].items():
+            lines.append(f"| kd loss {dtype} N={n} V={vocab}: {name} | {r['median_s']:.4f} s, "
+                         f"{r['peak_extra_bytes'] / 2**20:.0f} MiB | {r['time_ratio']:.3f}x time of naive |")
+    s = report["step"]
+    lines += [f"| ARKD step / FKL step (teacher {s['teacher_params'] / 1e6:.0f}M, student {s['student_params'] / 1e6:.0f}M) "
+              f"| {s['step_time_ratio']:.3f}x | the FKL step, {s['median_step_s']['fkl'] * 1e3:.1f} ms |",
+              f"| training tokens per second (FKL, ARKD) | {s['tokens_per_second']['fkl']:.0f}, "
+              f"{s['tokens_per_second']['arkd']:.0f} | |",
+              f"| evaluation, {report['generation']['new_tokens']} new tokens | "
+              f"{report['generation']['prompts_per_second']:.2f} prompts/s, "
+              f"{report['generation']['peak_bytes'] / 2**20:.0f} MiB peak | |"]
+    with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return report
 
 
 def modes_experiment(args):
@@ -320,6 +532,8 @@ def reward_probe(args, train_argv):
     state_path = os.path.join(targs.student, "training_state.pt")
     if os.path.isfile(state_path):
         optimizer.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True)["optimizer"])
+        for group in optimizer.param_groups:       # the checkpoint's own lr is its last scheduled one: use --lr
+            group["lr"] = targs.lr
     start_model, start_optimizer = copy.deepcopy(student.state_dict()), copy.deepcopy(optimizer.state_dict())
     alphas = [float(a) for a in args.probe_alphas.split(",")]
 
@@ -402,6 +616,11 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--flat", action="store_true", help="a high-entropy teacher (the AKL head search's hard case)")
+    parser.add_argument("--fused", action="store_true", help="fused_kd_pass against kd_pass on logits, V 50257 and 128256")
+    parser.add_argument("--hidden", type=int, default=768, help="--fused: hidden size")
+    parser.add_argument("--gpu_check", action="store_true", help="the GPU checklist (reduced sizes without CUDA); "
+                        "writes --out/gpu_check.json and .md")
     parser.add_argument("--step", action="store_true", help="step benchmark: ARKD step over FKL step in arkd.py")
     parser.add_argument("--steps", type=int, default=43, help="--step: optimizer steps per run")
     parser.add_argument("--teacher_size", default="3,240", help="--step: teacher layers,width")
@@ -412,7 +631,7 @@ def main():
     parser.add_argument("--probe_alphas", default="0,0.25,0.5,0.75,1", help="--probe: the alpha grid")
     parser.add_argument("--probe_step", type=int, default=0, help="--probe: the data step the batches come from")
     parser.add_argument("--modes", action="store_true", help="the Figure-1 experiment (coverage and precision)")
-    parser.add_argument("--out", default="runs/modes", help="--modes: output directory")
+    parser.add_argument("--out", default="runs/bench", help="--modes, --gpu_check: output directory")
     parser.add_argument("--modes_steps", type=int, default=400, help="--modes: KD steps per student")
     parser.add_argument("--modes_seeds", default="1 2 3", help="--modes: training seeds per strategy")
     parser.add_argument("--modes_samples", type=int, default=16, help="--modes: answers sampled per prompt")
@@ -430,34 +649,18 @@ def main():
     if args.variant:
         return run_variant(args)
     if args.step:
-        return step_benchmark(args)
+        summary = step_benchmark(args)
+        return print(json.dumps(summary, indent=1)) if args.json else print_step(summary)
+    if args.gpu_check:
+        return gpu_check(args)
+    if args.fused:
+        return fused_benchmark(args)
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or "naive" not in variants:
         parser.error(f"--variants: unknown {unknown}; choose from {VARIANTS}, naive included")
-
-    results = {}
-    for variant in variants:
-        cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--n", str(args.n),
-               "--vocab", str(args.vocab), "--dtype", args.dtype, "--device", args.device,
-               "--repeats", str(args.repeats), "--threads", str(args.threads)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"bench: variant {variant} failed:\n{done.stderr[-2000:]}")
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-    naive = results["naive"]
-    for name, r in results.items():     # a fast variant that computes something else is no result
-        if r["loss"] is not None and abs(r["loss"] - naive["loss"]) > 1e-4 * abs(naive["loss"]) + 1e-6:
-            sys.exit(f"bench: {name} loss {r['loss']} differs from naive {naive['loss']}")
-    for r in results.values():
-        r["time_ratio"] = r["median_s"] / naive["median_s"]
-        r["peak_memory_ratio"] = r["peak_extra_bytes"] / naive["peak_extra_bytes"] if naive["peak_extra_bytes"] else None
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
-    summary = {"n": args.n, "vocab": args.vocab, "dtype": args.dtype, "device": device_name,
-               "repeats": args.repeats, "variants": results}
-    if "kd_pass" in results:
-        summary["time_ratio"] = results["kd_pass"]["time_ratio"]
-        summary["peak_memory_ratio"] = results["kd_pass"]["peak_memory_ratio"]
+    summary = compare_variants(args)
+    results, naive, device_name = summary["variants"], summary["variants"]["naive"], summary["device"]
     if args.json:
         print(json.dumps(summary, indent=1))
         return
@@ -468,8 +671,12 @@ def main():
         print(f"{name:<16} {r['median_s']:8.3f} {r['time_ratio']:8.3f} "
               f"{r['peak_extra_bytes'] / 2**20:15.1f} {r['peak_memory_ratio'] or float('nan'):8.3f}")
     if "kd_pass" in results:
-        print(f"AKL head found in the top-64 for {100 * results['kd_pass']['topk_resolved_share']:.0f}% "
-              "of the rows (the rest: full sort)")
+        print(f"teacher entropy {results['kd_pass']['teacher_entropy']:.1f} nats; AKL head found in the top-64 for "
+              f"{100 * results['kd_pass']['topk_resolved_share']:.0f}% of the rows (the rest: the top 1024, then the threshold search)")
+    for peer in REFERENCE_ONLY:
+        if f"kd_pass_over_{peer}" in summary:
+            r = summary[f"kd_pass_over_{peer}"]
+            print(f"kd_pass (all policy statistics) over {peer} (its loss only): time {r['time']:.3f}x, peak memory {r['memory']:.3f}x")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Public API:
                              ATKD's terms and loss (Zhong et al. 2024)
     kd_pass                  the one chunked pass training uses: per-token FKL / RKL / CE with
                              closed-form gradients, plus the statistics the ARKD policy reads
+    fused_kd_pass            the same from hidden states and output weights: no [tokens, V] logits
     parse_strategy, strategy_alpha, STEP_RULES
                              fkl, rkl, fixed:A, linear:A0,A1, greedy as a table of alpha rules
     next_token_targets, stat_means, mix
@@ -167,7 +168,8 @@ def _akl_alpha_and_top1(p, abs_err, mu, topk):
 
     Sorting 50k columns per token is the slow part, so the head is searched in each row's top-k
     teacher tokens, then in the top-16k for rows whose top-k mass does not exceed mu (the head may
-    go further), and only the rows left after that are fully sorted.
+    go further), and the rows left after that (flat teachers) by a threshold search linear in V;
+    topk=None sorts every row (the reference path).
     """
     alpha = torch.empty(p.shape[0], dtype=abs_err.dtype, device=p.device)
     top1 = torch.empty(p.shape[0], dtype=torch.long, device=p.device)
@@ -182,11 +184,60 @@ def _akl_alpha_and_top1(p, abs_err, mu, topk):
         alpha[rows] = _akl_alpha_sorted(top_p[done], top_idx[done], abs_err[rows], mu)
         top1[rows] = top_idx[done, 0]
         left = left[~done]
-    if len(left):
-        sorted_p, order = p[left].sort(dim=-1, descending=True)
+    if len(left) and topk:
+        alpha[left], top1[left] = _akl_alpha_by_threshold(p[left], abs_err[left], mu)
+    elif len(left):
+        sorted_p, order = p[left].sort(dim=-1, descending=True, stable=True)    # ties: lower index first
         alpha[left] = _akl_alpha_sorted(sorted_p, order, abs_err[left], mu)
         top1[left] = order[:, 0]
     return alpha, top1
+
+
+def _akl_alpha_by_threshold(p, abs_err, mu, bins=4096, candidates=4096, rounds=8):
+    """The AKL weight without sorting the vocabulary: exactly the sort's head, in a few linear passes.
+
+    Each row keeps an interval [lo, hi) of probabilities that holds its boundary token, and the
+    mass of the tokens at or above hi (all in the head). A pass cuts the interval into `bins`
+    equal bins, adds each bin's mass (scatter_add) and keeps the bin where the cumulative mass from
+    the top first exceeds mu. When at most `candidates` tokens remain in every row's interval (or
+    after `rounds` passes: what remains is tied), only those are sorted, and the head ends where
+    the sort would end it. [n, V] -> ([n] weights, [n] top-1 indices).
+    """
+    n = p.shape[0]
+    top_p, top1 = p.max(-1)
+    lo, hi = torch.zeros_like(top_p), torch.full_like(top_p, math.inf)
+    mass_above = torch.zeros_like(top_p)
+    for _ in range(rounds):
+        inside = (p >= lo.unsqueeze(1)) & (p < hi.unsqueeze(1))
+        count = inside.sum(-1)
+        spread = torch.where(inside, p, -math.inf).amax(-1) - lo             # 0: only ties remain
+        if not ((count > candidates) & (spread > 0)).any():
+            break
+        width = (torch.where(inside, p, -math.inf).amax(-1) - lo).clamp_min(torch.finfo(p.dtype).tiny) / bins
+        idx = ((p - lo.unsqueeze(1)) / width.unsqueeze(1)).long().clamp_(0, bins - 1)
+        mass = torch.zeros(n, bins + 1, dtype=p.dtype, device=p.device)
+        mass.scatter_add_(1, torch.where(inside, idx, bins), p)            # bin `bins`: outside the interval
+        from_top = mass[:, :bins].flip(-1).cumsum(-1).flip(-1) + mass_above.unsqueeze(1)   # mass at or above bin b
+        exceeds = from_top > mu
+        boundary = (exceeds.long().cumsum(-1) == exceeds.sum(-1, keepdim=True)).long().argmax(-1, keepdim=True)
+        # The new interval is read off the tokens themselves, so float rounding of the bins cannot lose one.
+        above, at = inside & (idx > boundary), inside & (idx == boundary)
+        mass_above = mass_above + (p * above).sum(-1)
+        hi = torch.where(above.any(-1), torch.where(above, p, math.inf).amin(-1), hi)
+        lo = torch.where(at.any(-1), torch.where(at, p, math.inf).amin(-1), lo)
+    inside = (p >= lo.unsqueeze(1)) & (p < hi.unsqueeze(1))
+    k = max(1, int(inside.sum(-1).max()))
+    order_key = inside * torch.arange(p.shape[1], 0, -1, device=p.device)          # inside, lowest index first
+    cand_idx = order_key.topk(k, dim=-1).indices
+    cand_p = torch.where(inside.gather(1, cand_idx), p.gather(1, cand_idx), -1.0)
+    cand_p, order = cand_p.sort(dim=-1, descending=True, stable=True)              # ties: lower index first
+    cand_idx = cand_idx.gather(1, order)
+    cand_in = (cand_p >= 0) & (mass_above.unsqueeze(1) + cand_p.clamp_min(0).cumsum(-1) <= mu)
+    head = p >= hi.unsqueeze(1)
+    head.scatter_(1, cand_idx, cand_in | head.gather(1, cand_idx))
+    head.scatter_(1, top1.unsqueeze(1), True)                                # the top-1 always
+    g_head, g_all = (abs_err * head).sum(-1), abs_err.sum(-1)
+    return torch.where(g_all > 0, g_head / g_all.clamp_min(torch.finfo(g_all.dtype).tiny), torch.full_like(g_all, 0.5)), top1
 
 
 @torch.no_grad()
@@ -321,7 +372,7 @@ class _KDPassFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, rows, targets, tau, vocab, mu, chunk, inplace_grad, atkd):
+    def forward(ctx, student, teacher, rows, targets, tau, vocab, mu, chunk, inplace_grad, atkd, akl_on):
         # student [R, V_s], teacher [R, V_t] (padded columns beyond `vocab` are ignored),
         # rows [N] indices of the masked rows, targets [N] reference token ids or empty.
         cdtype, device, n = _compute_dtype(student.dtype), student.device, len(rows)
@@ -355,7 +406,10 @@ class _KDPassFunction(torch.autograd.Function):
             q_log_q, q_diff, p_log_q, p_diff = dots.flatten(1).unbind(1)
             fkl[sl], rkl[sl] = p_diff * tau ** 2, -q_diff * tau ** 2
             h_p, h_q = -(p_diff + p_log_q), -q_log_q                  # log p = diff + log q
-            akl[sl], top_t = _akl_alpha_and_top1(p, torch.sub(p, q, out=diff).abs_(), mu, AKL_TOPK)
+            if akl_on:                                                 # the head search: only when asked
+                akl[sl], top_t = _akl_alpha_and_top1(p, torch.sub(p, q, out=diff).abs_(), mu, AKL_TOPK)
+            else:
+                top_t = p.argmax(-1)
             # The student agrees when the teacher's top-1 is also its own maximum (ties count).
             agree = log_q.gather(1, top_t.unsqueeze(1)) == log_q.amax(-1, keepdim=True)
             stats[1:7] += torch.stack([fkl[sl].sum(), rkl[sl].sum(), h_p.sum(), h_q.sum(),
@@ -365,6 +419,8 @@ class _KDPassFunction(torch.autograd.Function):
         unc = nt_p.exp()                                               # 1 - p(g), without a subtraction
         ctx.save_for_backward(student, teacher, rows, targets, rkl, lse_s, lse_t, lse_ce, nt_p, nt_q)
         ctx.settings = (tau, vocab, chunk, inplace_grad, atkd)
+        if not akl_on:
+            stats[5] = float("nan")                                    # not computed: never a silent 0
         ctx.mark_non_differentiable(akl, stats, unc)
         return fkl, rkl, ce, akl, stats, tckd, nckd, unc
 
@@ -405,7 +461,7 @@ class _KDPassFunction(torch.autograd.Function):
             if extra is not None:
                 g.add_(extra)
             g_view.index_copy_(0, idx, g.to(grad.dtype))
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 @dataclass
@@ -414,7 +470,8 @@ class KDPassResult:
 
     fkl, rkl: [N] per-token divergences (times tau^2), differentiable in the student logits.
     ce: [N] student cross-entropy on target_ids at tau = 1, differentiable; None without targets.
-    akl_alpha: [N] per-token g_head / (g_head + g_tail): the AKL weight on FKL, no gradient.
+    akl_alpha: [N] per-token g_head / (g_head + g_tail): the AKL weight on FKL, no gradient (None
+        when kd_pass ran with akl=False).
     tckd, nckd: [N] ATKD's target and non-target terms (atkd=True only, else None), differentiable.
     unc: [N] 1 - p(g), the teacher's mass off the reference token (atkd=True only), no gradient.
     stats: float64 [len(STAT_NAMES)]: the token count and the sums of every statistic; add them
@@ -423,7 +480,7 @@ class KDPassResult:
     fkl: torch.Tensor
     rkl: torch.Tensor
     ce: torch.Tensor | None
-    akl_alpha: torch.Tensor
+    akl_alpha: torch.Tensor | None
     stats: torch.Tensor
     tckd: torch.Tensor | None = None
     nckd: torch.Tensor | None = None
@@ -431,7 +488,7 @@ class KDPassResult:
 
 
 def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chunk_tokens=None,
-            target_ids=None, mu=0.5, inplace_grad=False, atkd=False):
+            target_ids=None, mu=0.5, inplace_grad=False, atkd=False, akl=True):
     """The training pass: FKL, RKL (and CE) of every masked token plus the policy's statistics.
 
     student_logits [..., V_s] (requires grad, any float dtype), teacher_logits [..., V_t],
@@ -440,6 +497,9 @@ def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chun
     vocab_size cuts padded columns (GPT-2: 50304 -> 50257) before any softmax; without it the shapes
     must match. Rows are processed chunk_tokens at a time (default: about 1M elements on CPU,
     32M on CUDA) in at least fp32.
+
+    akl=False skips the AKL head search (35-55% of the pass on CPU): akl_alpha is then None and its
+    entry in stats NaN. Only the `akl` strategy and the ARKD policy's state need it.
 
     atkd=True also returns ATKD's per-token TCKD and NCKD (differentiable, closed-form gradients) and
     the teacher's uncertainty 1 - p(g); it needs target_ids and tau = 1, and costs nothing when off.
@@ -476,10 +536,77 @@ def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chun
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if atkd and (target_ids is None or tau != 1.0):
         raise ValueError("atkd=True needs target_ids and tau = 1 (ATKD is defined at temperature 1)")
-    fkl, rkl, ce, akl, stats, tckd, nckd, unc = _KDPassFunction.apply(
-        student, teacher, rows, targets, float(tau), vocab, float(mu), int(chunk), inplace_grad, bool(atkd))
-    return KDPassResult(fkl, rkl, ce if target_ids is not None else None, akl, stats,
+    fkl, rkl, ce, akl_alpha, stats, tckd, nckd, unc = _KDPassFunction.apply(
+        student, teacher, rows, targets, float(tau), vocab, float(mu), int(chunk), inplace_grad, bool(atkd), bool(akl))
+    return KDPassResult(fkl, rkl, ce if target_ids is not None else None, akl_alpha if akl else None, stats,
                         *((tckd, nckd, unc) if atkd else ()))
+
+
+class _FusedKDFunction(torch.autograd.Function):
+    """kd_pass from hidden states and output-embedding weights, chunk by chunk over tokens: the logits
+    of a chunk are made, used and dropped, in forward and again in backward (recomputed), so no
+    [tokens, V] tensor of either model is ever held. With G = dLoss/dz for a chunk's student logits
+    z = H W^T (closed form, as in kd_pass): dLoss/dH = G W and dLoss/dW = sum over chunks of G^T H."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, tau, vocab, chunk, mu, akl):
+        # hidden [N, d], weight [V_s, d]; teacher_hidden [N, d_t], teacher_weight [V_t, d_t]; targets [N] or empty
+        parts = []
+        for lo in range(0, len(hidden), chunk):
+            sl = slice(lo, lo + chunk)
+            with torch.no_grad():
+                out = kd_pass(hidden[sl] @ weight.T, teacher_hidden[sl] @ teacher_weight.T,
+                              torch.ones(len(hidden[sl]), dtype=torch.bool, device=hidden.device), tau, vocab,
+                              None, targets[sl] if len(targets) else None, mu, inplace_grad=True, akl=akl)
+            parts.append((out.fkl, out.rkl, out.ce if len(targets) else out.fkl[:0],
+                          out.akl_alpha if akl else out.fkl[:0], out.stats))
+        fkl, rkl, ce, akl_alpha = (torch.cat([p[i] for p in parts]) for i in range(4))
+        stats = torch.stack([p[4] for p in parts]).sum(0)
+        stats[5] = stats[5] if akl else float("nan")
+        ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight, targets)
+        ctx.settings = (tau, vocab, chunk, mu)
+        ctx.mark_non_differentiable(akl_alpha, stats)
+        return fkl, rkl, ce, akl_alpha, stats
+
+    @staticmethod
+    def backward(ctx, g_fkl, g_rkl, g_ce, _g_akl, _g_stats):
+        hidden, weight, teacher_hidden, teacher_weight, targets = ctx.saved_tensors
+        tau, vocab, chunk, mu = ctx.settings
+        grad_hidden, grad_weight = torch.zeros_like(hidden), torch.zeros_like(weight)
+        for lo in range(0, len(hidden), chunk):
+            sl = slice(lo, lo + chunk)
+            with torch.enable_grad():
+                logits = (hidden[sl] @ weight.T).detach().requires_grad_()          # recomputed, [c, V_s]
+                out = kd_pass(logits, (teacher_hidden[sl] @ teacher_weight.T).detach(),
+                              torch.ones(len(logits), dtype=torch.bool, device=logits.device), tau, vocab, None,
+                              targets[sl] if len(targets) else None, mu, inplace_grad=True, akl=False)
+                terms = [(out.fkl, g_fkl[sl]), (out.rkl, g_rkl[sl])] + ([(out.ce, g_ce[sl])] if len(targets) else [])
+                g_logits, = torch.autograd.grad([t for t, _ in terms], [logits], [g for _, g in terms])
+            grad_hidden[sl] = g_logits @ weight
+            grad_weight += g_logits.T @ hidden[sl]
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+
+
+def fused_kd_pass(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, tau=1.0, vocab_size=None,
+                  chunk_tokens=None, target_ids=None, mu=0.5, akl=True):
+    """kd_pass from the last hidden states and the output-embedding weights of both models.
+
+    student_hidden [..., d] and student_weight [V_s, d] (both differentiable), teacher_hidden
+    [..., d_t] and teacher_weight [V_t, d_t] (no gradient), mask [...]; the rest as kd_pass. The
+    output layers must have no bias. Returns a KDPassResult for the masked tokens. Neither model's
+    [tokens, V] logits are ever held: a chunk's logits are recomputed in backward (one more matmul).
+    """
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])[rows]
+    t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[rows]
+    targets = target_ids.reshape(-1)[rows] if target_ids is not None else torch.empty(0, dtype=torch.long, device=hidden.device)
+    vocab = vocab_size or student_weight.shape[0]
+    # Chunks of at least 256 tokens keep the matmuls efficient and the weight gradient's additions few;
+    # the chunk's two [c, V] logits are what is held (kd_pass inside keeps its own small buffers).
+    chunk = chunk_tokens or max(256, 2 ** 24 // vocab)
+    fkl, rkl, ce, akl_alpha, stats = _FusedKDFunction.apply(hidden, student_weight, t_hidden, teacher_weight.detach(),
+                                                           targets, float(tau), vocab, int(chunk), float(mu), bool(akl))
+    return KDPassResult(fkl, rkl, ce if target_ids is not None else None, akl_alpha if akl else None, stats)
 
 
 def next_token_targets(labels, ignore_index=IGNORE_INDEX):

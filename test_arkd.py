@@ -406,6 +406,24 @@ def test_atkd_loss_equals_the_authors_group_means_and_splits_at_the_lower_median
     assert losses.atkd_easy(torch.tensor([0.5, 0.1, 0.9])).tolist() == [False, True, False]
 
 
+def test_fused_kd_pass_from_hidden_states_equals_kd_pass_on_the_logits():
+    torch.manual_seed(9)
+    h = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(26, 6, dtype=torch.float64, requires_grad=True)              # 3 padded columns
+    th, tw = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(23, 8, dtype=torch.float64)
+    mask, targets = torch.rand(2, 5) > 0.3, torch.randint(0, 23, (2, 5))
+    fused = losses.fused_kd_pass(h, w, th, tw, mask, vocab_size=23, chunk_tokens=3, target_ids=targets)
+    plain = kd_pass(h @ w.T, th @ tw.T, mask, vocab_size=23, target_ids=targets)
+    for name in ("fkl", "rkl", "ce", "akl_alpha", "stats"):
+        assert torch.allclose(getattr(fused, name), getattr(plain, name), atol=1e-12), name
+    weights = torch.rand(3, len(fused.fkl), dtype=torch.float64)
+    ours = torch.autograd.grad((weights[0] * fused.fkl + weights[1] * fused.rkl + weights[2] * fused.ce).sum(), [h, w])
+    ref = torch.autograd.grad((weights[0] * plain.fkl + weights[1] * plain.rkl + weights[2] * plain.ce).sum(), [h, w])
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(ours, ref))
+    assert torch.autograd.gradcheck(lambda a, b: losses.fused_kd_pass(a, b, th, tw, mask, vocab_size=23, chunk_tokens=4,
+                                                                     target_ids=targets).rkl, (h, w))
+
+
 # ----------------------------------------------------------------------------------------------
 # AKL
 
@@ -435,10 +453,47 @@ def test_akl_matches_a_plain_loop_and_topk_equals_full_sort():
     paths = (int(top4.sum()), int((top64 & ~top4).sum()), int((~top64).sum()))
     assert min(paths) > 0, paths                              # every path of the search is taken
     full = losses.akl_alpha_rows(p, q, topk=None)
-    assert torch.equal(losses.akl_alpha_rows(p, q, topk=4), full)
+    assert torch.allclose(losses.akl_alpha_rows(p, q, topk=4), full, atol=1e-12, rtol=0)   # summed in another order
     for i in range(60):
         assert full[i].item() == pytest.approx(ref_akl_share(p[i].tolist(), q[i].tolist()), abs=1e-12)
     assert torch.allclose(akl_alpha(student, teacher), full)
+
+
+def test_threshold_search_finds_the_sorts_head_on_flat_peaked_tied_and_one_hot_rows():
+    torch.manual_seed(7)
+    vocab = 3000
+    q = torch.softmax(torch.randn(16, vocab, dtype=torch.float64), -1)
+    rows = {"flat": torch.softmax(torch.randn(16, vocab, dtype=torch.float64) * 0.3, -1),
+            "peaked": torch.softmax(torch.randn(16, vocab, dtype=torch.float64) * 5, -1),
+            "tied": torch.softmax(torch.randint(0, 3, (16, vocab)).double(), -1),
+            "uniform": torch.full((16, vocab), 1.0 / vocab, dtype=torch.float64),
+            "one-hot": torch.nn.functional.one_hot(torch.arange(16) * 7, vocab).double()}
+    for name, p in rows.items():
+        by_sort = losses.akl_alpha_rows(p, q, topk=None)                    # a stable full sort
+        for bins, candidates in ((4096, 4096), (16, 8)):                    # one pass / many refinements
+            found, top1 = losses._akl_alpha_by_threshold(p, (p - q).abs(), 0.5, bins=bins, candidates=candidates)
+            assert torch.allclose(found, by_sort, atol=1e-12), name
+            assert torch.equal(top1, p.sort(dim=-1, descending=True, stable=True).indices[:, 0]), name
+    uniform = losses.akl_alpha_rows(rows["uniform"][:3], q[:3], topk=4)   # ties: the plain loop's stable order
+    for i in range(3):
+        assert uniform[i].item() == pytest.approx(ref_akl_share(rows["uniform"][i].tolist(), q[i].tolist()), abs=1e-12)
+    flat = rows["flat"][:3]
+    for i in range(3):
+        assert losses.akl_alpha_rows(flat, q[:3], topk=4)[i].item() == pytest.approx(
+            ref_akl_share(flat[i].tolist(), q[i].tolist()), abs=1e-12)
+
+
+def test_kd_pass_without_the_akl_search_changes_nothing_else():
+    torch.manual_seed(8)
+    s, t = torch.randn(2, 6, 40, requires_grad=True), torch.randn(2, 6, 40) * 3
+    mask, targets = torch.rand(2, 6) > 0.2, torch.randint(0, 40, (2, 6))
+    full, lean = (kd_pass(s, t, mask, target_ids=targets, akl=flag) for flag in (True, False))
+    assert lean.akl_alpha is None and math.isnan(lean.stats[5]) and full.akl_alpha is not None
+    keep = [i for i in range(len(losses.STAT_NAMES)) if i != 5]
+    assert torch.equal(full.stats[keep], lean.stats[keep]) and torch.equal(full.fkl, lean.fkl)
+    g_full, = torch.autograd.grad((full.fkl + full.rkl).sum(), s)
+    g_lean, = torch.autograd.grad((lean.fkl + lean.rkl).sum(), s)
+    assert torch.equal(g_full, g_lean)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -753,6 +808,10 @@ print("example ran", policy.updates)
 
 
 @pytest.mark.slow
+def bench_variants():
+    return ("naive", "trl_gjsd", "distillm", "kd_pass", "kd_pass_no_akl", "kd_pass_inplace", "floor")
+
+
 def test_bench_runs_and_reports_ratios():
     import json
     import subprocess
@@ -760,9 +819,25 @@ def test_bench_runs_and_reports_ratios():
                            "--repeats", "1", "--device", "cpu", "--json"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert set(report["variants"]) == {"naive", "kd_pass", "kd_pass_inplace", "floor"}
+    assert set(report["variants"]) == set(bench_variants())
+    assert 0 < report["kd_pass_over_trl_gjsd"]["time"] and 0 < report["kd_pass_over_distillm"]["memory"]
     assert 0 < report["time_ratio"] and 0 <= report["peak_memory_ratio"] < 1
     assert report["variants"]["kd_pass"]["loss"] == pytest.approx(report["variants"]["naive"]["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_at_reduced_sizes_without_cuda(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--gpu_check", "--out", str(tmp_path),
+                           "--repeats", "1"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.load(open(tmp_path / "gpu_check.json"))
+    assert set(report["kd_pass"]) == {"fp32", "bf16"} and report["step"]["step_time_ratio"] > 0
+    for summary in report["kd_pass"].values():
+        assert set(summary["variants"]) == set(bench_variants()) and summary["variants"]["naive"]["time_ratio"] == 1.0
+    assert report["generation"]["prompts_per_second"] > 0
+    table = open(tmp_path / "gpu_check.md").read()
+    assert "ARKD step / FKL step" in table and "prompts/s" in table and ("reduced sizes" in table) != torch.cuda.is_available()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1559,6 +1634,14 @@ def test_reward_probe_measures_each_alpha_from_one_identical_start(pair, tmp_pat
         assert reports[0][name]["best_alpha"] == [0, 0.5, 1][means.index(max(means))]
         per_alpha = [[r[name] for r in rows if r["alpha"] == a] for a in (0, 0.5, 1)]
         assert means == pytest.approx([sum(v) / 3 for v in per_alpha])
+    # From a checkpoint: its optimizer state is used, but the step's lr is --lr, not the saved one.
+    arkd.main(train_argv(pair, tmp_path / "ckpt", "--strategy", "fkl", "--lr", "1e-9", "--max_steps", "2"))
+    argv = train_argv(pair, tmp_path / "late", "--student", str(tmp_path / "ckpt" / "last"), "--lr", "2e-3")
+    done = subprocess.run([sys.executable, "bench.py", "--probe", "--probe_batches", "2", "--probe_alphas", "0,1",
+                           "--", *argv], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    late = json.load(open(tmp_path / "late" / "probe.json"))
+    assert min(abs(r["reward"]) for r in late["rows"]) > 1e-3           # lr 1e-9 would give ~0
 
 
 @pytest.mark.slow
