@@ -449,7 +449,8 @@ def modes_experiment(args):
     data_dir = data.write_modes(os.path.join(out, "data"))
     texts = [r["prompt"] + r["references"][0] for r in data.load_records("dolly_train", data_dir)]
     data.train_tokenizer(texts).save_pretrained(os.path.join(out, "tokenizer"))
-    for role, width, layers, seed in (("teacher", 128, 2, 1), ("student", 32, 1, 2)):
+    student_layers, student_width = map(int, args.modes_student.split(","))
+    for role, width, layers, seed in (("teacher", 128, 2, 1), ("student", student_width, student_layers, 2)):
         data.tiny_model(os.path.join(out, "tokenizer"), os.path.join(out, f"{role}-init"), width, layers, seed=seed)
     common = ["--data_dir", data_dir, "--batch_size", "16", "--grad_accum", "1", "--eval_every", "0",
               "--val_examples", "16", "--max_new_tokens", "6", "--warmup_ratio", "0.05"]
@@ -466,7 +467,7 @@ def modes_experiment(args):
         for seed in args.modes_seeds.split():
             models[f"{strategy}-s{seed}"] = train(f"{strategy}-s{seed}", "--method", "kd", "--strategy", strategy,
                                                   "--teacher", models["teacher"], "--student", student, "--seed", seed,
-                                                  "--max_steps", str(args.modes_steps), "--lr", "1e-3")
+                                                  "--max_steps", str(args.modes_steps), "--lr", "3e-3")
     records = data.load_records("dolly_dev", data_dir)[:args.modes_prompts]
     results = {}
     for name, path in models.items():
@@ -635,6 +636,7 @@ def main():
     parser.add_argument("--modes_steps", type=int, default=400, help="--modes: KD steps per student")
     parser.add_argument("--modes_seeds", default="1 2 3", help="--modes: training seeds per strategy")
     parser.add_argument("--modes_samples", type=int, default=16, help="--modes: answers sampled per prompt")
+    parser.add_argument("--modes_student", default="1,24", help="--modes: student layers,width")
     parser.add_argument("--modes_prompts", type=int, default=60, help="--modes: dev prompts")
     parser.add_argument("--variant", help=argparse.SUPPRESS)                 # set in the child
     argv = sys.argv[1:]

@@ -341,15 +341,17 @@ def write_synthetic(data_dir, seed=0):
     return data_dir
 
 
-def write_modes(data_dir, seed=0, records=4000, choices=4):
+def write_modes(data_dir, seed=0, records=4000, groups=5, choices=4):
     """A task whose answers have several valid modes by construction, in the MiniLLM layout (dolly/raw.jsonl,
-    the first 1000 lines the dev set): "Name one word from the list." with `choices` words as the input
-    and one of them, uniformly at random, as the output. A teacher trained on it spreads its answer over
-    the listed words, so students distilled from it show mean- vs mode-seeking behaviour."""
+    the first 1000 lines the dev set): "Name one word from the list." with one of `groups` fixed lists
+    of `choices` words as the input, and one of them, uniformly at random, as the output. The lists are
+    fixed, so a small teacher learns the answer distribution (uniform over the list) without having to
+    learn to copy; students distilled from it show mean- vs mode-seeking behaviour."""
     rng = random.Random(seed)
+    lists = [SYNTHETIC_WORDS[i * choices:(i + 1) * choices] for i in range(groups)]
     lines = []
     for _ in range(records):
-        words = rng.sample(SYNTHETIC_WORDS, choices)
+        words = rng.choice(lists)
         record = {"instruction": "Name one word from the list.", "input": " ".join(words), "output": rng.choice(words)}
         lines.append(json.dumps({**record, "prompt": build_prompt(record["instruction"], record["input"])}) + "\n")
     write_atomic(os.path.join(data_dir, "dolly", "raw.jsonl"), "".join(lines))

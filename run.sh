@@ -33,7 +33,7 @@ EPOCHS=${EPOCHS:-10} LM_WEIGHT=${LM_WEIGHT:-0.0}
 if [[ $MODE == smoke ]]; then
   PAIR=smoke OUT=${OUT:-runs/smoke} SEEDS=${SEEDS:-10,20} NPROC=1 TRAIN_SEEDS=${TRAIN_SEEDS:-1}
   SMOKE_STEPS=${SMOKE_STEPS:-60}           # KD steps per strategy; the teacher gets 10x, the student 1x
-  TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-3e-3} KD_LR=${LR:-3e-3}
+  TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-5e-4} KD_LR=${LR:-5e-4}   # what the smoke has always trained with
   TEACHER_STEPS=$(( 10 * SMOKE_STEPS )) STUDENT_STEPS=$SMOKE_STEPS KD_STEPS=$SMOKE_STEPS
   TRAIN=(--batch_size 16 --grad_accum 1 --eval_every 0 --val_examples 32 --max_new_tokens 24 --gen_batch_size 32)
   EVAL=(--batch_size 40 --max_new_tokens 24)
