@@ -679,6 +679,7 @@ def bandit_run(targets, snr, seed, actions=1000):
     return sum(taken[450:500]) / 50, sum(taken[-50:]) / 50
 
 
+@pytest.mark.slow
 def test_default_policy_finds_a_fixed_optimum_and_follows_one_that_moves_in_1000_actions():
     """Choice P7: at a reward signal-to-noise ratio of 2 (range over alpha / noise std), in at least
     7 of 8 seeds: the fixed optimum 0.2 reached within 0.1 by action 1000, and an optimum that moves
@@ -807,11 +808,11 @@ print("example ran", policy.updates)
     assert done.returncode == 0 and "example ran 2" in done.stdout, done.stderr[-3000:]
 
 
-@pytest.mark.slow
 def bench_variants():
     return ("naive", "trl_gjsd", "distillm", "kd_pass", "kd_pass_no_akl", "kd_pass_inplace", "floor")
 
 
+@pytest.mark.slow
 def test_bench_runs_and_reports_ratios():
     import json
     import subprocess
