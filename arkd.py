@@ -268,7 +268,7 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
     n_tokens = max(float(all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64))), 1.0)
     rng0 = rng_snapshot(run.device)                         # micro-batch 0's dropout masks (T3)
     sums = torch.zeros(len(STAT_NAMES) + 3, dtype=torch.float64, device=run.device)   # stats, losses, tokens
-    teacher_finite, alpha, row = True, None, {"step": step}
+    alpha, row = None, {"step": step}
     for i, batch in enumerate(batches):
         # DDP syncs gradients on the last micro-batch only; no_sync must wrap the forward too.
         sync = model.no_sync() if run.world_size > 1 and i < len(batches) - 1 else contextlib.nullcontext()
@@ -281,7 +281,6 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
             else:
                 with torch.no_grad() if teacher_optimizer is None else contextlib.nullcontext():   # OKD: LoRA learns
                     teacher_logits = forward(teacher, batch, run)
-                teacher_finite = teacher_finite and bool(torch.isfinite(teacher_logits.detach()).all())
                 out = kd_pass(logits, teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size, args.chunk_tokens,
                               target_ids=targets, inplace_grad=teacher_optimizer is None, atkd=run.strategy[0] == "atkd",
                               akl=run.strategy[0] == "akl" or policy is not None)   # the head search only when read
@@ -327,7 +326,9 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
             row.update(policy.update())
         window = None
     sums = all_reduce_sum(sums)                             # logging only: one small collective, not three
-    row.update(loss=float(sums[-3]) / n_tokens, grad_norm=grad_norm, step_tokens=float(sums[-1]), teacher_finite=teacher_finite)
+    # The teacher's entropy depends on its logits alone: not finite means the teacher is the cause (T4).
+    row.update(loss=float(sums[-3]) / n_tokens, grad_norm=grad_norm, step_tokens=float(sums[-1]),
+               teacher_finite=math.isfinite(float(sums[STAT_NAMES.index("teacher_entropy")])))
     if args.method in ("kd", "okd"):
         log_kd(row, sums, n_tokens, alpha, policy, run.strategy[0] == "akl", teacher_optimizer is not None)
     return row, window
