@@ -289,9 +289,10 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
                     if policy is None:                      # a rule; akl and atkd weigh each token instead
                         alpha = None if run.strategy[0] in ("akl", "atkd") else strategy_alpha(run.strategy, step, run.total_steps, stats0)
                     elif window is None and torch.isfinite(stats0).all():   # a new action for --reward_every steps
-                        state = make_state(stat_means(stats0), step / run.total_steps, policy.last_alpha, policy.last_reward)
+                        before = stat_means(stats0)
+                        state = make_state(before, step / run.total_steps, policy.last_alpha, policy.last_reward)
                         alpha = policy.act(state)
-                        window = RewardWindow(step, stat_means(stats0), rng0, batch, teacher_logits)
+                        window = RewardWindow(step, before, rng0, batch, teacher_logits)
                         row.update(state_log_fkl=float(state[0]), state_log_rkl=float(state[1]))
                     else:
                         alpha = policy.last_alpha           # the open action holds
@@ -303,10 +304,10 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
                 if teacher_optimizer is not None:           # OKD: the LoRA's own loss, from the same forward
                     teacher_loss = okd_teacher_loss(logits, teacher_logits, targets, args, run)
                     (teacher_loss * run.world_size / n_tokens).backward()
-                    sums[-2] += float(teacher_loss.detach())
+                    sums[-2] += teacher_loss.detach().double()
                 sums[:len(STAT_NAMES)] += out.stats
             (loss * run.world_size / n_tokens).backward()   # DDP averages over ranks: undo it (T1)
-            sums[-3] += float(loss.detach())
+            sums[-3] += loss.detach().double()             # on the device: no sync per micro-batch
             sums[-1] += float(batch["attention_mask"].sum())
     grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip))
     if math.isfinite(grad_norm):                            # the same norm on every rank: grads are synced

@@ -157,10 +157,12 @@ def _akl_alpha_sorted(sorted_p, order, abs_err, mu):
     """
     in_head = sorted_p.cumsum(-1) <= mu
     in_head[:, 0] = True
-    g_head = (abs_err.gather(-1, order) * in_head).sum(-1)
-    g_all = abs_err.sum(-1)
-    return torch.where(g_all > 0, g_head / g_all.clamp_min(torch.finfo(g_all.dtype).tiny),
-                       torch.full_like(g_all, 0.5))
+    return _head_share((abs_err.gather(-1, order) * in_head).sum(-1), abs_err.sum(-1))
+
+
+def _head_share(g_head, g_all):
+    """g_head / (g_head + g_tail) per row, 0/0 (p == q) -> 0.5."""
+    return torch.where(g_all > 0, g_head / g_all.clamp_min(torch.finfo(g_all.dtype).tiny), torch.full_like(g_all, 0.5))
 
 
 def _akl_alpha_and_top1(p, abs_err, mu, topk):
@@ -209,11 +211,10 @@ def _akl_alpha_by_threshold(p, abs_err, mu, bins=4096, candidates=4096, rounds=8
     mass_above = torch.zeros_like(top_p)
     for _ in range(rounds):
         inside = (p >= lo.unsqueeze(1)) & (p < hi.unsqueeze(1))
-        count = inside.sum(-1)
         spread = torch.where(inside, p, -math.inf).amax(-1) - lo             # 0: only ties remain
-        if not ((count > candidates) & (spread > 0)).any():
+        if not ((inside.sum(-1) > candidates) & (spread > 0)).any():
             break
-        width = (torch.where(inside, p, -math.inf).amax(-1) - lo).clamp_min(torch.finfo(p.dtype).tiny) / bins
+        width = spread.clamp_min(torch.finfo(p.dtype).tiny) / bins
         idx = ((p - lo.unsqueeze(1)) / width.unsqueeze(1)).long().clamp_(0, bins - 1)
         mass = torch.zeros(n, bins + 1, dtype=p.dtype, device=p.device)
         mass.scatter_add_(1, torch.where(inside, idx, bins), p)            # bin `bins`: outside the interval
@@ -236,8 +237,7 @@ def _akl_alpha_by_threshold(p, abs_err, mu, bins=4096, candidates=4096, rounds=8
     head = p >= hi.unsqueeze(1)
     head.scatter_(1, cand_idx, cand_in | head.gather(1, cand_idx))
     head.scatter_(1, top1.unsqueeze(1), True)                                # the top-1 always
-    g_head, g_all = (abs_err * head).sum(-1), abs_err.sum(-1)
-    return torch.where(g_all > 0, g_head / g_all.clamp_min(torch.finfo(g_all.dtype).tiny), torch.full_like(g_all, 0.5)), top1
+    return _head_share((abs_err * head).sum(-1), abs_err.sum(-1)), top1
 
 
 @torch.no_grad()
@@ -561,8 +561,7 @@ class _FusedKDFunction(torch.autograd.Function):
             parts.append((out.fkl, out.rkl, out.ce if len(targets) else out.fkl[:0],
                           out.akl_alpha if akl else out.fkl[:0], out.stats))
         fkl, rkl, ce, akl_alpha = (torch.cat([p[i] for p in parts]) for i in range(4))
-        stats = torch.stack([p[4] for p in parts]).sum(0)
-        stats[5] = stats[5] if akl else float("nan")
+        stats = torch.stack([p[4] for p in parts]).sum(0)        # the AKL entry stays NaN when akl is off
         ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight, targets)
         ctx.settings = (tau, vocab, chunk, mu)
         ctx.mark_non_differentiable(akl_alpha, stats)
