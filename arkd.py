@@ -624,20 +624,25 @@ def count_bad_step(row, progress, args):
 def main(argv=None):
     args = parse_args(argv)
     run = start(args)
+    usage = data.Usage(run.device)              # seconds and peak memory of each phase: OUT/usage.json
     checkpoint = checkpoint_to_resume(args, run)
     torch.manual_seed(args.seed + run.rank)
     tokenizer, student, teacher = load_models(args, run, checkpoint)
+    shapes = {"student": evaluate.model_shape(student), "teacher": teacher and evaluate.model_shape(teacher)}
     train_dir = args.data_dir
     if args.method == "seqkd":              # SeqKD trains on the teacher's samples (T5)
+        usage.end("load")
         train_dir = args.seqkd_data or os.path.join(args.out, "seqkd_data")
-        evaluate.build_seqkd_data(teacher, tokenizer, args.data_dir, train_dir, args.train_examples, args.seed,
-                                  args.gen_batch_size, args.max_new_tokens)
+        prompts = evaluate.build_seqkd_data(teacher, tokenizer, args.data_dir, train_dir, args.train_examples,
+                                            args.seed, args.gen_batch_size, args.max_new_tokens)
+        usage.end("seqkd data", prompts=prompts)
         teacher = None
     examples, val_examples, val_records = load_training_data(args, run, tokenizer, train_dir)
     model, optimizer, teacher_optimizer, policy = build_training(args, run, student, teacher)
     progress, window = Progress(), None
     if checkpoint:
         progress, window = resume(checkpoint, args, run, examples, teacher, optimizer, policy, teacher_optimizer)
+    usage.end("load")
     metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master)
     label = f"kd {args.strategy}" if args.method == "kd" else args.method
     line, first_step, history = ProgressLine(run, progress.step, label), progress.step, []
@@ -649,6 +654,7 @@ def main(argv=None):
         batches = micro_batches(examples, progress.step, args, run)
         row, window = train_step(args, run, model, teacher, optimizer, policy, batches, progress.step, window,
                                  teacher_optimizer)
+        usage.end("step", positions=sum(b["input_ids"].numel() for b in batches), sequences=sum(len(b["input_ids"]) for b in batches))
         stop, seconds = count_bad_step(row, progress, args), time.perf_counter() - started
         row.update(lr=optimizer.param_groups[0]["lr"], skipped_steps=progress.skipped, step_seconds=seconds,
                    tokens_per_second=row.pop("step_tokens") / seconds)
@@ -663,13 +669,21 @@ def main(argv=None):
         stopping = bool(args.stop_after) and progress.step - first_step >= args.stop_after
         if scheduled:
             row["val_rougeL"] = validate(args, run, student, tokenizer, val_examples, val_records, progress, metrics)
+            usage.end("validation", prompts=len(val_examples))
         if scheduled or stopping:
             metrics.flush()                                 # the log never lags its checkpoint
             save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, window, teacher, teacher_optimizer)
+            usage.end("checkpoint")
         if stopping:
             print0(f"stopping after step {progress.step} as asked (--stop_after): continue with --resume")
             break
     finish(args, run, metrics, progress)
+    if run.master:
+        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        trainable += sum(p.numel() for p in lora_parameters(teacher)) if teacher is not None else 0
+        usage.write(os.path.join(args.out, "usage.json"), kind="train", method=args.method, strategy=args.strategy,
+                    micro_batch=args.batch_size, grad_accum=run.grad_accum, world_size=run.world_size, bf16=run.bf16,
+                    trainable_params=trainable, **shapes)
     return {"student": student, "teacher": teacher, "policy": policy, "history": history, "best": progress.best}
 
 

@@ -47,10 +47,10 @@ is used when training_state.pt is beside it; --lr is the step's learning rate):
     python bench.py --probe --probe_batches 16 -- --teacher T --student RUN/last --data_dir D --out PROBE
 """
 import argparse
+import functools
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 import losses
+from data import peak_memory_bytes, start_memory_window, write_atomic
 
 VARIANTS = ("naive", "trl_gjsd", "distillm", "kd_pass", "kd_pass_no_akl", "kd_pass_inplace", "floor")
 REFERENCE_ONLY = ("trl_gjsd", "distillm")     # other quantities: compared for time and memory, not for the loss
@@ -156,44 +157,6 @@ def topk_resolved_share(teacher, k=64):
         p = torch.softmax(teacher[lo:lo + 256].float(), -1)
         resolved += int((p.topk(k, -1).values.sum(-1) > MU).sum())
     return resolved / teacher.shape[0]
-
-
-def _proc_status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024                                # kB
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def start_rss_window():
-    """Current resident memory, after resetting the peak to it (Linux: clear_refs 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _proc_status_bytes("VmRSS")
-    except OSError:                       # no reset possible: the peak so far is the baseline
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def peak_rss_bytes():
-    try:
-        return _proc_status_bytes("VmHWM")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def start_memory_window(device):
-    """The memory in use now, with the peak reset to it: CUDA's allocator, else resident memory."""
-    if device.type != "cuda":
-        return start_rss_window()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated()
-
-
-def peak_memory_bytes(device):
-    return torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
 
 
 FUSED_VARIANTS = ("from_logits", "fused")
@@ -441,6 +404,123 @@ def gpu_check(args):
     return report
 
 
+# ----------------------------------------------------------------------------------------------
+# The rehearsal's table and the projection of the full run (run.sh rehearsal)
+
+# Padded width of a training micro-batch of B random Dolly records (GPT-2 tokens; the mean over random
+# batches of 1000 MiniLLM Dolly training records): the positions a full run computes per sequence.
+DOLLY_PADDED_WIDTH = {1: 147, 2: 197, 4: 253, 8: 316}
+FULL_RUN = dict(train_records=14000, global_batch=32, val_every=500, val_prompts=500, new_tokens=256,
+                eval_prompts=500 + 242 + 80 + 1694 + 10000, eval_seeds=5, eval_batch=32, gen_batch=16)
+
+
+def full_params(shape):
+    """Parameters of the uncut architecture behind a (possibly layer-cut) model shape."""
+    return shape["params"] + (shape["full_layers"] - shape["layers"]) * shape["layer_params"]
+
+
+def flops_per_token(method, strategy, student, teacher, grad_accum):
+    """Training FLOPs per token position, from parameter counts: 6 N of the trained model (forward and
+    backward), 2 N of the teacher's forward, 2 N more where the teacher is backpropagated (OKD), and
+    ARKD's reward forward (2 N of the student on micro-batch 0, 1 / grad_accum of the step)."""
+    flops = 6 * student + (2 * teacher * (2 if method == "okd" else 1) if teacher else 0)
+    return flops + (2 * student / grad_accum if method == "kd" and strategy == "arkd" else 0)
+
+
+def project_stage(name, usage, args):
+    """One row of the rehearsal table: what was measured here, and the full run projected onto GPUs.
+
+    Memory per GPU = the weights of the uncut models (their bytes here, scaled by parameter count)
+    + gradients and AdamW moments (12 bytes per trained parameter) + the working memory of a step or
+    a generation batch (activations, logits, KV cache): the peak measured here less the baseline
+    process, weights and optimizer state, scaled linearly by the batch and, for a layer-cut stand-in,
+    by its depth (an upper bound: logits do not grow with depth) + DDP's gradient buckets (4 bytes
+    per parameter) on more than one GPU. Not included: the CUDA context and allocator slack (about
+    1 GB). Time: the full run's FLOPs counted from the shapes (flops_per_token) over --gpu_tflops
+    sustained per GPU; generation (evaluation, validation, SeqKD sampling) as decoding steps of
+    --decode_ms each.
+    """
+    gib, row, micro = 2**30, {"stage": name}, min(8, FULL_RUN["global_batch"] // args.gpus)
+    scaled = lambda shape: full_params(shape) / shape["params"]                  # 1 for an uncut model
+    if usage["kind"] == "evaluate":
+        model, phase = usage["model"], usage["phases"]["evaluation"]
+        per_batch = min(usage["batch_size"], phase["prompts"] / phase["count"])
+        working = max(0.0, phase["peak_gb"] - usage["baseline_gb"] - model["bytes"] / gib)
+        decode_steps = FULL_RUN["eval_prompts"] * FULL_RUN["eval_seeds"] / FULL_RUN["eval_batch"] * FULL_RUN["new_tokens"]
+        return {**row, "shape": f"{model['layers']}/{model['full_layers']} layers, {per_batch:.0f} x {usage['max_new_tokens']} new",
+                "here": f"{phase['seconds'] / phase['prompts']:.1f} s/prompt", "peak_gb": phase["peak_gb"],
+                "gpu_gb": (model["bytes"] / gib + working * FULL_RUN["eval_batch"] / per_batch) * scaled(model),
+                "gpu_hours": decode_steps * args.decode_ms / 1e3 / 3600}
+    steps, student, teacher = usage["phases"]["step"], usage["student"], usage["teacher"]
+    if usage["method"] in ("sft", "seqkd"):
+        teacher = None                                # not held during the steps
+    models = [s for s in (student, teacher) if s]
+    seconds, positions = steps["seconds"] / steps["count"], steps["positions"] / steps["count"]
+    row["shape"] = (f"S {student['layers']}/{student['full_layers']}" + (f", T {teacher['layers']}/{teacher['full_layers']}"
+                    if teacher else "") + f" layers, {usage['micro_batch']} x {positions / steps['sequences'] * steps['count']:.0f}")
+    row["here"] = f"{seconds:.1f} s/step"
+    if "seqkd data" in usage["phases"]:
+        sampling = usage["phases"]["seqkd data"]
+        row["here"] += f"; sampling {sampling['seconds'] / max(1, sampling['prompts']):.1f} s/prompt"
+    row["peak_gb"] = steps["peak_gb"]
+    flops = functools.partial(flops_per_token, usage["method"], usage["strategy"])
+    row["cpu_tflops"] = flops(student["params"], teacher and teacher["params"], usage["grad_accum"]) * positions / seconds / 1e12
+    lora = usage["trainable_params"] - student["params"]          # OKD: the teacher's LoRA
+    trained_full = full_params(student) + (lora * scaled(teacher) if teacher else 0)
+    weights = sum(s["bytes"] for s in models) / gib
+    working = max(0.0, steps["peak_gb"] - usage["baseline_gb"] - weights - 12 * usage["trainable_params"] / gib)
+    row["gpu_gb"] = (sum(s["bytes"] * scaled(s) for s in models) / gib + 12 * trained_full / gib
+                     + working * max(map(scaled, models)) * micro / usage["micro_batch"]
+                     + (4 * full_params(student) / gib if args.gpus > 1 else 0))
+    full_steps = 10 * (FULL_RUN["train_records"] // FULL_RUN["global_batch"])
+    accum = FULL_RUN["global_batch"] // (micro * args.gpus)
+    train_flops = flops(full_params(student), teacher and full_params(teacher), accum) * full_steps \
+        * FULL_RUN["global_batch"] * DOLLY_PADDED_WIDTH[micro]
+    decode_steps = full_steps // FULL_RUN["val_every"] * FULL_RUN["val_prompts"] / FULL_RUN["gen_batch"] * FULL_RUN["new_tokens"]
+    if usage["method"] == "seqkd":
+        decode_steps += FULL_RUN["train_records"] / FULL_RUN["gen_batch"] * FULL_RUN["new_tokens"]
+    row["gpu_hours"] = train_flops / (args.gpu_tflops * 1e12) / 3600 + decode_steps * args.decode_ms / 1e3 / 3600
+    return row
+
+
+def project(args):
+    """run.sh rehearsal's table: every stage's usage.json under --project, measured and projected."""
+    out = args.project
+    found = [("teacher-sft", os.path.join(out, "teacher")), ("student-sft", os.path.join(out, "student"))]
+    for kind, folder in (("train", "runs"), ("eval", "eval")):
+        found += [(f"{kind}-{n}", os.path.join(out, folder, n)) for n in sorted(os.listdir(os.path.join(out, folder)))
+                  if os.path.isdir(os.path.join(out, folder, n))]
+    rows = []
+    for name, folder in found:
+        path = os.path.join(folder, "usage.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                rows.append(project_stage(name, json.load(f), args))
+    if not rows:
+        raise ValueError(f"{out}: no usage.json of a training or evaluation stage (run bash run.sh rehearsal first)")
+    lines = [f"# Rehearsal of PAIR={args.pair}: measured here, projected for {args.gpus} GPU(s)", "",
+             f"Here: {torch.get_num_threads()} CPU thread(s), bf16 autocast, random weights in the real shapes "
+             f"(layers kept / the architecture's). Projection: micro-batch {min(8, 32 // args.gpus)} per GPU, "
+             f"{args.gpu_tflops:g} TFLOP/s sustained per GPU and {args.decode_ms:g} ms per decoding step (assumed; "
+             f"`bench.py --gpu_check` measures both), the full run's step and prompt counts (bench.py FULL_RUN).", "",
+             "| stage | shape here | time here | peak GB here | CPU TFLOP/s | GB per GPU, projected | GPU hours, projected |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['shape']} | {r['here']} | {r['peak_gb']:.1f} | "
+                     f"{r['cpu_tflops']:.2f} | " if "cpu_tflops" in r else f"| {r['stage']} | {r['shape']} | {r['here']} | "
+                     f"{r['peak_gb']:.1f} | | ")
+        lines[-1] += f"{r['gpu_gb']:.1f} | {r['gpu_hours']:.1f} |"
+    total = sum(r["gpu_hours"] for r in rows)
+    lines += ["", f"Total: {total:.0f} GPU hours, {total / args.gpus:.1f} hours on {args.gpus} GPU(s); largest stage "
+              f"{max(r['gpu_gb'] for r in rows):.0f} GB per GPU (+ about 1 GB of CUDA context)."]
+    os.makedirs(args.out, exist_ok=True)
+    write_atomic(os.path.join(args.out, "rehearsal.md"), "\n".join(lines) + "\n")
+    write_atomic(os.path.join(args.out, "rehearsal.json"), json.dumps({"pair": args.pair, "gpus": args.gpus,
+                 "gpu_tflops": args.gpu_tflops, "decode_ms": args.decode_ms, "stages": rows}, indent=1))
+    print("\n".join(lines))
+    return rows
+
+
 def modes_experiment(args):
     """Figure 1 of the paper made real: FKL (mean-seeking), RKL (mode-seeking) and ARKD students of a
     teacher whose answers have several valid modes (data.write_modes). For each dev prompt every
@@ -642,12 +722,22 @@ def main():
     parser.add_argument("--modes_samples", type=int, default=16, help="--modes: answers sampled per prompt")
     parser.add_argument("--modes_student", default="1,24", help="--modes: student layers,width")
     parser.add_argument("--modes_prompts", type=int, default=60, help="--modes: dev prompts")
+    parser.add_argument("--project", metavar="OUT", help="run.sh rehearsal's table from the usage.json files under "
+                        "OUT, with the full run projected onto GPUs; written to --out/rehearsal.md and .json")
+    parser.add_argument("--pair", default="gpt2-120M", help="--project: the pair rehearsed (for the heading)")
+    parser.add_argument("--gpus", type=int, default=8, help="--project: GPUs of the full run (1, 2, 4, 8, 16 or 32)")
+    parser.add_argument("--gpu_tflops", type=float, default=100.0, help="--project: sustained bf16 TFLOP/s per GPU (assumed)")
+    parser.add_argument("--decode_ms", type=float, default=30.0, help="--project: ms per generation step of a batch (assumed)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)                 # set in the child
     argv = sys.argv[1:]
     train_argv = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if args.modes:
         return modes_experiment(args)
+    if args.project:
+        if args.gpus not in (1, 2, 4, 8, 16, 32):
+            parser.error("--gpus must divide the global batch 32: 1, 2, 4, 8, 16 or 32")
+        return project(args)
     if args.probe:
         if args.probe_batches < 2:
             parser.error("--probe_batches must be >= 2 (the noise is measured across batches)")

