@@ -455,7 +455,7 @@ def project_stage(name, usage, args):
     if usage["method"] in ("sft", "seqkd"):
         teacher = None                                # not held during the steps
     models = [s for s in (student, teacher) if s]
-    seconds, positions = steps["seconds"] / steps["count"], steps["positions"] / steps["count"]
+    seconds, positions = steps["last_seconds"], steps["positions"] / steps["count"]
     row["shape"] = (f"S {student['layers']}/{student['full_layers']}" + (f", T {teacher['layers']}/{teacher['full_layers']}"
                     if teacher else "") + f" layers, {usage['micro_batch']} x {positions / steps['sequences'] * steps['count']:.0f}")
     row["here"] = f"{seconds:.1f} s/step"
@@ -483,26 +483,48 @@ def project_stage(name, usage, args):
     return row
 
 
+def measured_gpu_speed(path):
+    """(sustained TFLOP/s, ms per decoding step) from a `bench.py --gpu_check` report: the FKL step's
+    training tokens per second x its FLOPs per token (tokens counted are targets, fewer than the
+    positions computed, so this errs low), and the generation benchmark's seconds per decoding step."""
+    with open(path) as f:
+        report = json.load(f)
+    step, generation = report["step"], report["generation"]
+    tflops = flops_per_token("kd", "fkl", step["student_params"], step["teacher_params"], 1) \
+        * step["tokens_per_second"]["fkl"] / 1e12
+    decoding_steps = math.ceil(generation["prompts"] / generation["batch"]) * generation["new_tokens"]
+    return tflops, 1e3 * generation["prompts"] / generation["prompts_per_second"] / decoding_steps
+
+
 def project(args):
     """run.sh rehearsal's table: every stage's usage.json under --project, measured and projected."""
     out = args.project
+    if args.gpu_check_json:
+        args.gpu_tflops, args.decode_ms = measured_gpu_speed(args.gpu_check_json)
     found = [("teacher-sft", os.path.join(out, "teacher")), ("student-sft", os.path.join(out, "student"))]
     for kind, folder in (("train", "runs"), ("eval", "eval")):
-        found += [(f"{kind}-{n}", os.path.join(out, folder, n)) for n in sorted(os.listdir(os.path.join(out, folder)))
-                  if os.path.isdir(os.path.join(out, folder, n))]
+        parent = os.path.join(out, folder)
+        found += [(f"{kind}-{n}", os.path.join(parent, n)) for n in sorted(os.listdir(parent) if os.path.isdir(parent) else ())]
     rows = []
     for name, folder in found:
         path = os.path.join(folder, "usage.json")
         if os.path.isfile(path):
             with open(path) as f:
-                rows.append(project_stage(name, json.load(f), args))
+                usage = json.load(f)
+            try:
+                rows.append(project_stage(name, usage, args))
+            except KeyError as err:
+                raise ValueError(f"{path} lacks {err} (written by an older version? run that stage again)") from None
     if not rows:
         raise ValueError(f"{out}: no usage.json of a training or evaluation stage (run bash run.sh rehearsal first)")
     lines = [f"# Rehearsal of PAIR={args.pair}: measured here, projected for {args.gpus} GPU(s)", "",
              f"Here: {torch.get_num_threads()} CPU thread(s), bf16 autocast, random weights in the real shapes "
-             f"(layers kept / the architecture's). Projection: micro-batch {min(8, 32 // args.gpus)} per GPU, "
-             f"{args.gpu_tflops:g} TFLOP/s sustained per GPU and {args.decode_ms:g} ms per decoding step (assumed; "
-             f"`bench.py --gpu_check` measures both), the full run's step and prompt counts (bench.py FULL_RUN).", "",
+             f"(layers kept / the architecture's); a step's time is the stage's last step (the first warms up). "
+             f"Projection: micro-batch {min(8, 32 // args.gpus)} per GPU, "
+             f"{args.gpu_tflops:.3g} TFLOP/s sustained per GPU and {args.decode_ms:.3g} ms per decoding step "
+             + (f"(measured: {args.gpu_check_json})" if args.gpu_check_json else "(assumed; `bench.py --gpu_check` "
+                "measures both, `--gpu_check_json` takes them)")
+             + ", the full run's step and prompt counts (bench.py FULL_RUN).", "",
              "| stage | shape here | time here | peak GB here | CPU TFLOP/s | GB per GPU, projected | GPU hours, projected |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -728,6 +750,7 @@ def main():
     parser.add_argument("--gpus", type=int, default=8, help="--project: GPUs of the full run (1, 2, 4, 8, 16 or 32)")
     parser.add_argument("--gpu_tflops", type=float, default=100.0, help="--project: sustained bf16 TFLOP/s per GPU (assumed)")
     parser.add_argument("--decode_ms", type=float, default=30.0, help="--project: ms per generation step of a batch (assumed)")
+    parser.add_argument("--gpu_check_json", help="--project: take both speeds from this gpu_check.json instead")
     parser.add_argument("--variant", help=argparse.SUPPRESS)                 # set in the child
     argv = sys.argv[1:]
     train_argv = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -776,4 +799,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as err:
+        sys.exit(f"bench.py: {err}")

@@ -181,7 +181,8 @@ class Usage:
         entry = self.phases.setdefault(phase, {"count": 0, "seconds": 0.0, "peak_gb": 0.0,
                                                "start_gb": self.current / 2**30})
         entry["count"] += 1
-        entry["seconds"] += time.perf_counter() - self.started
+        entry["last_seconds"] = time.perf_counter() - self.started       # steady state: the first step warms up
+        entry["seconds"] += entry["last_seconds"]
         entry["peak_gb"] = max(entry["peak_gb"], peak_memory_bytes(self.device) / 2**30)
         for name, value in counts.items():
             entry[name] = entry.get(name, 0) + value

@@ -294,7 +294,7 @@ def evaluate_dataset(model, tokenizer, name, records, seed, out_dir, batch_size,
         write_atomic(scores_path, json.dumps(result, indent=1))
         print0(f"{name} seed {seed}: Rouge-L {result['rougeL']:.2f}"
                + (f" BERTScore {result['bertscore_f1']:.2f}" if bertscore is not None else "")
-               + f" ({len(predictions)} prompts, {result['prompts_per_second']:.1f} prompts/s)")
+               + f" ({len(predictions)} prompts, {result['prompts_per_second']:.3g} prompts/s)")
     barrier()
     return result
 

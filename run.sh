@@ -31,6 +31,8 @@ die() { echo "run.sh: $*" >&2; exit 1; }
 
 # ---------------------------------------------------------------------------------------------
 # Settings, each checked before any work
+[[ $MODE != rehearsal ]] || STRATEGIES=${STRATEGIES:-sft seqkd fkl greedy akl atkd okd arkd}   # every code path once:
+                                                      # rkl, fixed and linear take fkl's path with another alpha
 STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.25 fixed:0.5 fixed:0.75 linear:0.9,0.1 linear:0.1,0.9 greedy akl atkd okd arkd}
 NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-29500}
 EPOCHS=${EPOCHS:-10} LM_WEIGHT=${LM_WEIGHT:-0.0}

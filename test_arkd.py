@@ -1788,7 +1788,8 @@ def test_usage_accumulates_phases_and_sees_a_phase_peak(tmp_path):
     usage.write(str(tmp_path / "usage.json"), kind="train")
     written = json.load(open(tmp_path / "usage.json"))
     step = written["phases"]["step"]
-    assert step["count"] == 2 and step["positions"] == 1024 and step["sequences"] == 2 and step["seconds"] > 0
+    assert step["count"] == 2 and step["positions"] == 1024 and step["sequences"] == 2
+    assert step["seconds"] > step["last_seconds"] > 0
     assert step["peak_gb"] - step["start_gb"] >= 60 / 1024 and written["kind"] == "train"
 
 
@@ -1802,7 +1803,8 @@ def test_projection_of_a_training_stage_against_a_hand_computation():
     teacher = {"params": 500e6, "bytes": 1000e6, "layers": 24, "layer_params": 30e6, "full_layers": 48}  # cut, bf16
     usage = {"kind": "train", "method": "kd", "strategy": "fkl", "micro_batch": 2, "grad_accum": 1, "bf16": True,
              "trainable_params": 100e6, "student": student, "teacher": teacher, "baseline_gb": 0.5,
-             "phases": {"step": {"count": 2, "seconds": 4.0, "peak_gb": 5.0, "positions": 2048, "sequences": 4}}}
+             "phases": {"step": {"count": 2, "seconds": 6.0, "last_seconds": 2.0, "peak_gb": 5.0, "positions": 2048,
+                                 "sequences": 4}}}
     row = bench.project_stage("train-fkl", usage, projection_args())
     teacher_full = 500e6 + 24 * 30e6
     weights, states = (400e6 + 2 * teacher_full) / gib, 12 * 100e6 / gib
@@ -1834,6 +1836,26 @@ def test_projection_of_an_evaluation_stage_against_a_hand_computation():
     assert row["gpu_gb"] == pytest.approx((200e6 / 2**30 + working * 32 / 2) * depth)    # 2 prompts per set here
     assert row["gpu_hours"] == pytest.approx((500 + 242 + 80 + 1694 + 10000) * 5 / 32 * 256 * 0.030 / 3600)
     assert row["here"] == "2.0 s/prompt"
+
+
+def test_projection_takes_measured_speeds_from_a_gpu_check_report(tmp_path):
+    report = {"step": {"student_params": 1e8, "teacher_params": 5e8, "tokens_per_second": {"fkl": 1e4, "arkd": 9e3}},
+              "generation": {"prompts": 64, "batch": 32, "new_tokens": 256, "prompts_per_second": 2.0}}
+    (tmp_path / "gpu_check.json").write_text(json.dumps(report))
+    tflops, decode_ms = bench.measured_gpu_speed(str(tmp_path / "gpu_check.json"))
+    assert tflops == pytest.approx((6 * 1e8 + 2 * 5e8) * 1e4 / 1e12)
+    assert decode_ms == pytest.approx(1e3 * (64 / 2.0) / (2 * 256))           # 2 batches of 256 decoding steps
+
+
+def test_projection_without_usage_or_with_an_incomplete_one_names_the_file(tmp_path):
+    args = argparse.Namespace(project=str(tmp_path), out=str(tmp_path / "report"), pair="gpt2-120M", gpu_check_json=None,
+                              **vars(projection_args()))
+    with pytest.raises(ValueError, match="no usage.json"):
+        bench.project(args)
+    (tmp_path / "runs" / "fkl").mkdir(parents=True)
+    (tmp_path / "runs" / "fkl" / "usage.json").write_text(json.dumps({"kind": "train", "method": "kd"}))
+    with pytest.raises(ValueError, match=r"runs/fkl/usage.json lacks 'phases'"):
+        bench.project(args)
 
 
 @pytest.mark.slow
