@@ -654,7 +654,8 @@ def main(argv=None):
         batches = micro_batches(examples, progress.step, args, run)
         row, window = train_step(args, run, model, teacher, optimizer, policy, batches, progress.step, window,
                                  teacher_optimizer)
-        usage.end("step", positions=sum(b["input_ids"].numel() for b in batches), sequences=sum(len(b["input_ids"]) for b in batches))
+        usage.end("step", positions=sum(b["input_ids"].numel() for b in batches),
+                  sequences=sum(len(b["input_ids"]) for b in batches))
         stop, seconds = count_bad_step(row, progress, args), time.perf_counter() - started
         row.update(lr=optimizer.param_groups[0]["lr"], skipped_steps=progress.skipped, step_seconds=seconds,
                    tokens_per_second=row.pop("step_tokens") / seconds)

@@ -1,5 +1,6 @@
 """Benchmarks and measurements: losses.kd_pass against unfused formulations, the ARKD step against
-the FKL step, the reward probe and the Figure-1 experiment.
+the FKL step, the reward probe, the Figure-1 experiment, the GPU checklist and the rehearsal's
+projection of a full run onto GPUs.
 
 For N tokens and a vocabulary of V, each variant computes forward + backward of a KD loss:
 
@@ -45,6 +46,12 @@ The training flags after `--` are arkd.py's (the student may be a checkpoint; it
 is used when training_state.pt is beside it; --lr is the step's learning rate):
 
     python bench.py --probe --probe_batches 16 -- --teacher T --student RUN/last --data_dir D --out PROBE
+
+The projection reads the usage.json that every training and evaluation stage of `run.sh rehearsal`
+writes (the real architectures on a CPU) and projects the full run's GPU memory and hours (how:
+project_stage's docstring; the GPU speeds are assumed unless a gpu_check.json gives them):
+
+    python bench.py --project runs/rehearsal-gpt2-120M --gpus 8 [--gpu_check_json gpu_check.json]
 """
 import argparse
 import functools
@@ -738,7 +745,8 @@ def main():
     parser.add_argument("--probe_alphas", default="0,0.25,0.5,0.75,1", help="--probe: the alpha grid")
     parser.add_argument("--probe_step", type=int, default=0, help="--probe: the data step the batches come from")
     parser.add_argument("--modes", action="store_true", help="the Figure-1 experiment (coverage and precision)")
-    parser.add_argument("--out", default="runs/bench", help="--modes, --gpu_check: output directory")
+    parser.add_argument("--out", default=None, help="--modes, --gpu_check: output directory (default runs/bench); "
+                        "--project: default OUT/report")
     parser.add_argument("--modes_steps", type=int, default=400, help="--modes: KD steps per student")
     parser.add_argument("--modes_seeds", default="1 2 3", help="--modes: training seeds per strategy")
     parser.add_argument("--modes_samples", type=int, default=16, help="--modes: answers sampled per prompt")
@@ -755,6 +763,7 @@ def main():
     argv = sys.argv[1:]
     train_argv = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.out = args.out or (os.path.join(args.project, "report") if args.project else "runs/bench")
     if args.modes:
         return modes_experiment(args)
     if args.project:

@@ -123,42 +123,32 @@ def write_atomic(path, content, keep_old=False):
 # Memory of this process: CUDA's allocator on a GPU, resident memory on a CPU (bench.py, run.sh rehearsal)
 
 
-def _proc_status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024                                # kB
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def start_rss_window():
-    """Current resident memory, after resetting the peak to it (Linux: clear_refs 5)."""
+def _resident_bytes(field):
+    """VmRSS (now) or VmHWM (the peak) of /proc/self/status; without it, the peak since the start."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _proc_status_bytes("VmRSS")
-    except OSError:                       # no reset possible: the peak so far is the baseline
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def peak_rss_bytes():
-    try:
-        return _proc_status_bytes("VmHWM")
-    except OSError:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))    # kB
+    except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def start_memory_window(device):
-    """The memory in use now, with the peak reset to it: CUDA's allocator, else resident memory."""
-    if device.type != "cuda":
-        return start_rss_window()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated()
+    """The memory in use now, with the peak reset to it: CUDA's allocator, else resident memory
+    (Linux resets the peak on clear_refs 5; elsewhere the peak so far is the baseline)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _resident_bytes("VmRSS")
+    except OSError:
+        return _resident_bytes("VmHWM")
 
 
 def peak_memory_bytes(device):
-    return torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else _resident_bytes("VmHWM")
 
 
 class Usage:

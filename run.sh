@@ -13,10 +13,9 @@
 #                         GPT-2 tokenizer, data of the real lengths, 2 steps and 2 prompts per set
 #                         each; per-stage memory and speed, and projected GPU memory and hours
 #
-# Full-run hardware (our estimate, not measured here): GPT-2 pairs on 8 GPUs of 40-80 GB, the
-# teacher GPT-2 XL in bf16 beside each DDP student, a few hours per strategy (10 epochs of Dolly);
-# the LLaMA pair on 8 x 80 GB. Stages: data -> teacher SFT (unless TEACHER is given) -> student SFT
-# (unless STUDENT is given) -> SeqKD data -> every strategy -> evaluation -> report.
+# Full-run hardware: projected by `bash run.sh rehearsal` (README, the dress rehearsal), not measured
+# on GPUs. Stages: data -> teacher SFT (unless TEACHER is given) -> student SFT (unless STUDENT is
+# given) -> SeqKD data -> every strategy -> evaluation -> report.
 #
 # Settings (environment): PAIR, NPROC (GPUs per node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT,
 # DATA_DIR, OUT, TEACHER, STUDENT, STRATEGIES, SEEDS, TRAIN_SEEDS, EPOCHS, LR, LM_WEIGHT, PYTHON; offline
@@ -219,7 +218,7 @@ report() {
 stage report report
 if [[ $MODE == rehearsal ]]; then
   rm -f "$OUT/done/projection"                       # cheap, and it reads every stage's usage.json
-  stage projection $PY bench.py --project "$OUT" --pair "$PAIR" --out "$OUT/report"
+  stage projection $PY bench.py --project "$OUT" --pair "$PAIR"
   cat "$OUT/report/rehearsal.md"
 fi
 echo "run.sh: done; results in $OUT/report/results.md"

