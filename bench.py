@@ -441,9 +441,9 @@ def project_stage(name, usage, args):
     + gradients and AdamW moments (12 bytes per trained parameter) + the working memory of a step or
     a generation batch (activations, logits, KV cache): the peak measured here less the baseline
     process, weights and optimizer state, scaled linearly by the batch and, for a layer-cut stand-in,
-    by its depth (an upper bound: logits do not grow with depth) + DDP's gradient buckets (4 bytes
-    per parameter) on more than one GPU. Not included: the CUDA context and allocator slack (about
-    1 GB). Time: the full run's FLOPs counted from the shapes (flops_per_token) over --gpu_tflops
+    by the depth of the models that backpropagate (an upper bound: logits do not grow with depth)
+    + DDP's gradient buckets (4 bytes per parameter) on more than one GPU. Not included: the CUDA
+    context and allocator slack (about 1 GB). Time: the full run's FLOPs counted from the shapes (flops_per_token) over --gpu_tflops
     sustained per GPU; generation (evaluation, validation, SeqKD sampling) as decoding steps of
     --decode_ms each.
     """
@@ -476,9 +476,11 @@ def project_stage(name, usage, args):
     lora = usage["trainable_params"] - student["params"]          # OKD: the teacher's LoRA
     trained_full = full_params(student) + (lora * scaled(teacher) if teacher else 0)
     weights = sum(s["bytes"] for s in models) / gib
+    # Activations are kept for the models that backpropagate: the student, and OKD's teacher too.
+    depth = max(scaled(student), scaled(teacher) if usage["method"] == "okd" else 1.0)
     working = max(0.0, steps["peak_gb"] - usage["baseline_gb"] - weights - 12 * usage["trainable_params"] / gib)
     row["gpu_gb"] = (sum(s["bytes"] * scaled(s) for s in models) / gib + 12 * trained_full / gib
-                     + working * max(map(scaled, models)) * micro / usage["micro_batch"]
+                     + working * depth * micro / usage["micro_batch"]
                      + (4 * full_params(student) / gib if args.gpus > 1 else 0))
     full_steps = 10 * (FULL_RUN["train_records"] // FULL_RUN["global_batch"])
     accum = FULL_RUN["global_batch"] // (micro * args.gpus)
