@@ -496,8 +496,8 @@ def real_shape_model(name, tokenizer_dir, out, layers=None, seed=0):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(architecture_config(name, tokenizer, layers)).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    model = AutoModelForCausalLM.from_config(architecture_config(name, tokenizer, layers))
+    write_atomic(out, lambda folder: (model.save_pretrained(folder), tokenizer.save_pretrained(folder)))
     return out
 
 
@@ -527,9 +527,10 @@ def write_rehearsal(data_dir, words, tokenizer, train_records=32, eval_records=2
 
     def record():
         instruction, text, output = (rng.choices(words, k=k) for k in (30, 150, 400))
-        while len(tokenizer(build_prompt(" ".join(instruction), " ".join(text)))["input_ids"]) > MAX_PROMPT_TOKENS - 16:
+        limit = MAX_PROMPT_TOKENS - 16
+        while len(tokenizer(build_prompt(" ".join(instruction), " ".join(text)))["input_ids"]) > limit:
             if not text:
-                raise ValueError(f"a prompt of 30 instruction words exceeds {MAX_PROMPT_TOKENS - 16} tokens of this tokenizer")
+                raise ValueError(f"a prompt of 30 instruction words exceeds {limit} tokens of this tokenizer")
             text = text[:-10]                      # a tokenizer with more tokens per word: a shorter input
         instruction, text, output = " ".join(instruction), " ".join(text), " ".join(output)
         return json.dumps({"instruction": instruction, "input": text, "output": output,

@@ -1749,6 +1749,16 @@ def test_architectures_have_the_published_parameter_counts_and_cut_models_know_t
     assert bench.full_params(cut) == PUBLISHED_PARAMS[name]
 
 
+def test_a_cut_real_architecture_saves_and_loads_with_its_depth_recorded(tmp_path, gpt2_tokenizer):
+    gpt2_tokenizer.save_pretrained(str(tmp_path / "tok"))
+    data.real_shape_model("gpt2", str(tmp_path / "tok"), str(tmp_path / "model"), layers=1, seed=3)
+    model = evaluate.load_model(str(tmp_path / "model"), torch.device("cpu"), vocab_size=len(gpt2_tokenizer))
+    shape = evaluate.model_shape(model)
+    assert shape["layers"] == 1 and shape["full_layers"] == 12 and bench.full_params(shape) == PUBLISHED_PARAMS["gpt2"]
+    assert evaluate.load_tokenizer(str(tmp_path / "model")).get_vocab() == gpt2_tokenizer.get_vocab()
+    assert not os.path.exists(str(tmp_path / "model") + ".tmp")                    # written atomically
+
+
 def test_architecture_errors_name_the_setting():
     with pytest.raises(ValueError, match="unknown architecture 'gpt5'"):
         data.architecture_config("gpt5")
