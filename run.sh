@@ -19,7 +19,8 @@
 #
 # Settings (environment): PAIR, NPROC (GPUs per node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT,
 # DATA_DIR, OUT, TEACHER, STUDENT, STRATEGIES, SEEDS, TRAIN_SEEDS, EPOCHS, LR, LM_WEIGHT, PYTHON; offline
-# modes also SMOKE_STEPS / STUDY_STEPS (KD steps per run). Multi-node: run
+# modes also SMOKE_STEPS / STUDY_STEPS (KD steps per run); the rehearsal TEACHER_ARCH, TEACHER_SFT_ARCH,
+# STUDENT_ARCH (name[:blocks kept] of data.py's ARCHITECTURES), REAL_BATCH, NEW_TOKENS. Multi-node: run
 # the same command on every node with its NODE_RANK and an OUT on a shared filesystem.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -53,14 +54,14 @@ elif [[ $MODE == study ]]; then
   TITLE="MINIATURE STUDY on the offline toy task (tiny models; columns are toy files in the layout of the named sets)"
 elif [[ $MODE == rehearsal ]]; then        # ARCH specs are name[:layers kept] of data.py's ARCHITECTURES
   PAIR=${PAIR:-gpt2-120M} OUT=${OUT:-runs/rehearsal-$PAIR} SEEDS=${SEEDS:-10} NPROC=1 TRAIN_SEEDS=1
-  case $PAIR in   # the teacher SFT stand-in is cut: AdamW on all of GPT-2 XL needs 24 GB before activations
-    gpt2-120M|gpt2-340M) TOKENIZER=gpt2 TEACHER_ARCH=${TEACHER_ARCH:-gpt2-xl} TEACHER_SFT_ARCH=${TEACHER_SFT_ARCH:-gpt2-xl:24}
-               STUDENT_ARCH=${STUDENT_ARCH:-$([[ $PAIR == gpt2-120M ]] && echo gpt2 || echo gpt2-medium)} ;;
+  case $PAIR in   # the teacher SFT stand-in is cut: AdamW on all of GPT-2 XL needs 25 GB before activations
+    gpt2-120M) TOKENIZER=gpt2 TEACHER_SFT_ARCH=${TEACHER_SFT_ARCH-gpt2-xl:24} STUDENT_ARCH=${STUDENT_ARCH:-gpt2} LR=${LR:-5e-4} ;;
+    gpt2-340M) TOKENIZER=gpt2 TEACHER_SFT_ARCH=${TEACHER_SFT_ARCH-gpt2-xl:24} STUDENT_ARCH=${STUDENT_ARCH:-gpt2-medium} LR=${LR:-1e-4} ;;
     llama)     TOKENIZER=bpe TEACHER_ARCH=${TEACHER_ARCH:-llama-2-7b:8} TEACHER_SFT_ARCH="" \
-               STUDENT_ARCH=${STUDENT_ARCH:-tinyllama-1.1b:8} ;;     # the full run takes a fine-tuned TEACHER
+               STUDENT_ARCH=${STUDENT_ARCH:-tinyllama-1.1b:8} LR=${LR:-1e-4} ;;   # the full run takes a fine-tuned TEACHER
     *) die "unknown PAIR '$PAIR': use gpt2-120M, gpt2-340M or llama" ;;
   esac
-  TEACHER="" STUDENT="" LR=${LR:-1e-4} KD_LR=${LR:-1e-4} REAL_BATCH=${REAL_BATCH:-8}   # arkd: one GPU's micro-batch
+  TEACHER_ARCH=${TEACHER_ARCH:-gpt2-xl} TEACHER="" STUDENT="" KD_LR=$LR REAL_BATCH=${REAL_BATCH:-8}   # arkd: one GPU's micro-batch
   TRAIN=(--batch_size 1 --grad_accum 1 --eval_every 0 --val_examples 2 --train_examples 16 --bf16 yes)
   EVAL=(--batch_size 32 --bf16)
   if [[ -n ${NEW_TOKENS:-} ]]; then TRAIN+=(--max_new_tokens "$NEW_TOKENS"); EVAL+=(--max_new_tokens "$NEW_TOKENS"); fi
@@ -153,7 +154,7 @@ if [[ $MODE == rehearsal ]]; then
   init student-init "$STUDENT_ARCH" 2
   if [[ -n $TEACHER_SFT_ARCH ]]; then init teacher-sft-init "$TEACHER_SFT_ARCH" 1; else TEACHER=$OUT/teacher-init; fi
   TEACHER_BASE=$OUT/teacher-sft-init STUDENT_BASE=$OUT/student-init
-  TEACHER_SFT=(--max_steps 2 --lr "$LR") STUDENT_SFT=(--max_steps 2 --lr "$LR") KD=(--max_steps 2 --lr "$KD_LR")
+  TEACHER_SFT=(--max_steps 2 --lr 5e-5) STUDENT_SFT=(--max_steps 2 --lr "$LR") KD=(--max_steps 2 --lr "$KD_LR")
 elif [[ $MODE != full ]]; then
   stage data $PY data.py synthetic --out "$DATA_DIR"
   stage teacher-init $PY data.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/teacher-init" --n_embd 128 --n_layer 2 --seed 1
