@@ -636,7 +636,7 @@ def main(argv=None):
         prompts = evaluate.build_seqkd_data(teacher, tokenizer, args.data_dir, train_dir, args.train_examples,
                                             args.seed, args.gen_batch_size, args.max_new_tokens)
         usage.end("seqkd data", prompts=prompts)
-        teacher = None
+        teacher = shapes["teacher"] = None                  # the steps hold no teacher
     examples, val_examples, val_records = load_training_data(args, run, tokenizer, train_dir)
     model, optimizer, teacher_optimizer, policy = build_training(args, run, student, teacher)
     progress, window = Progress(), None

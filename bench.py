@@ -459,9 +459,7 @@ def project_stage(name, usage, args):
                 "load_gb": usage["phases"]["load"]["peak_gb"],
                 "gpu_gb": (model["bytes"] / gib + working * FULL_RUN["eval_batch"] / per_batch) * scaled(model),
                 "gpu_hours": decode_steps * args.decode_ms / 1e3 / 3600}
-    steps, student, teacher = usage["phases"]["step"], usage["student"], usage["teacher"]
-    if usage["method"] in ("sft", "seqkd"):
-        teacher = None                                # not held during the steps
+    steps, student, teacher = usage["phases"]["step"], usage["student"], usage["teacher"]   # teacher: held in the steps
     models = [s for s in (student, teacher) if s]
     seconds, positions = steps["last_seconds"], steps["positions"] / steps["count"]
     row["shape"] = (f"S {student['layers']}/{student['full_layers']}" + (f", T {teacher['layers']}/{teacher['full_layers']}"
@@ -757,7 +755,8 @@ def main():
     parser.add_argument("--project", metavar="OUT", help="run.sh rehearsal's table from the usage.json files under "
                         "OUT, with the full run projected onto GPUs; written to --out/rehearsal.md and .json")
     parser.add_argument("--pair", default="gpt2-120M", help="--project: the pair rehearsed (for the heading)")
-    parser.add_argument("--gpus", type=int, default=8, help="--project: GPUs of the full run (1, 2, 4, 8, 16 or 32)")
+    parser.add_argument("--gpus", type=int, default=8, choices=(1, 2, 4, 8, 16, 32),
+                        help="--project: GPUs of the full run (a divisor of the global batch 32)")
     parser.add_argument("--gpu_tflops", type=float, default=100.0, help="--project: sustained bf16 TFLOP/s per GPU (assumed)")
     parser.add_argument("--decode_ms", type=float, default=30.0, help="--project: ms per generation step of a batch (assumed)")
     parser.add_argument("--gpu_check_json", help="--project: take both speeds from this gpu_check.json instead")
@@ -769,8 +768,6 @@ def main():
     if args.modes:
         return modes_experiment(args)
     if args.project:
-        if args.gpus not in (1, 2, 4, 8, 16, 32):
-            parser.error("--gpus must divide the global batch 32: 1, 2, 4, 8, 16 or 32")
         return project(args)
     if args.probe:
         if args.probe_batches < 2:
