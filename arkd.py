@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 import data
 import evaluate
-from data import barrier, print0, write_atomic
+import plumbing
+from plumbing import barrier, print0, world, write_atomic
 from lora import add_lora, lora_parameters, lora_state_dict
 from losses import (IGNORE_INDEX, STAT_NAMES, atkd_easy, atkd_loss, kd_pass, mix, next_token_targets, parse_strategy,
                     stat_means, strategy_alpha)
@@ -145,10 +146,10 @@ def start(args):
     hf_logging.disable_progress_bar()       # one bar per run is enough: ours
     models = [args.student] + ([args.teacher] if args.method != "sft" else [])
     for path in models:                            # missing paths fail in seconds, before any load
-        evaluate.check_model_path(path)
+        plumbing.check_model_path(path)
     if args.data_dir is not None:
         data.dataset_file("dolly_train", args.data_dir)
-    rank, world_size, device = data.init_processes()
+    rank, world_size, device = plumbing.init_processes()
     grad_accum = args.grad_accum
     if grad_accum == 0:
         if 32 % (args.batch_size * world_size):
@@ -167,19 +168,19 @@ def start(args):
 
 def load_models(args, run, checkpoint=None):
     """(tokenizer, student, teacher or None); refuses a teacher whose tokenizer differs (method.md 1)."""
-    tokenizer = evaluate.load_tokenizer(args.student)
+    tokenizer = plumbing.load_tokenizer(args.student)
     run.vocab_size, run.pad_id = len(tokenizer), tokenizer.pad_token_id
     teacher = None
     if args.method != "sft":
-        teacher_tokenizer = evaluate.load_tokenizer(args.teacher)
+        teacher_tokenizer = plumbing.load_tokenizer(args.teacher)
         if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"teacher {args.teacher} ({len(teacher_tokenizer)} tokens) and student {args.student} "
                              f"({len(tokenizer)} tokens) use different tokenizers: distillation needs one")
         dtype = torch.bfloat16 if run.bf16 else torch.float32
-        teacher = evaluate.load_model(args.teacher, run.device, dtype, run.vocab_size).eval().requires_grad_(False)
+        teacher = plumbing.load_model(args.teacher, run.device, dtype, run.vocab_size).eval().requires_grad_(False)
         if args.method == "okd":                   # the teacher's LoRA trains with the student (method.md 8)
             add_lora(teacher, args.okd_rank, args.okd_scale)
-    student = evaluate.load_model(checkpoint or args.student, run.device, torch.float32, run.vocab_size).train()
+    student = plumbing.load_model(checkpoint or args.student, run.device, torch.float32, run.vocab_size).train()
     return tokenizer, student, teacher
 
 
@@ -214,6 +215,44 @@ def micro_batches(examples, step, args, run):
         batch["targets"] = next_token_targets(batch.pop("labels"))
         batches.append(batch)
     return batches
+
+
+def build_seqkd_data(teacher, tokenizer, data_dir, out_dir, train_examples, seed, batch_size, max_new_tokens,
+                     part_size=256):
+    """SeqKD data: OUT_DIR/dolly/raw.jsonl holds the dev lines as they are, then the training prompts with
+    the teacher's sampled responses (evaluation settings, docs/method.md Choice T5). Each part of
+    part_size prompts is its own file, so an interrupted run resumes where it stopped. Returns the number
+    of prompts this call sampled."""
+    target = os.path.join(out_dir, "dolly", "raw.jsonl")
+    if os.path.exists(target):
+        return 0
+    parts_dir = os.path.join(out_dir, "parts")
+    os.makedirs(parts_dir, exist_ok=True)
+    train = data.load_records("dolly_train", data_dir)[:train_examples or None]
+    examples, _ = data.encode_records(tokenizer, train, "seqkd prompts")
+    rank, sampled = world()[0], 0
+    for start in range(0, len(examples), part_size):
+        part = os.path.join(parts_dir, f"{start:07d}.jsonl")
+        if os.path.exists(part):
+            continue
+        chunk = examples[start:start + part_size]
+        sampled += len(chunk)
+        samples = evaluate.generate(teacher, tokenizer, [e["prompt_ids"] for e in chunk], seed * 7919 + start,
+                           batch_size, max_new_tokens)
+        if rank == 0:
+            lines = [json.dumps({"instruction": train[e["index"]]["instruction"], "input": train[e["index"]]["input"],
+                                 "output": s}) for e, s in zip(chunk, samples) if s.strip()]
+            write_atomic(part, "\n".join(lines) + "\n")
+        barrier()
+    if rank == 0:
+        dev = data.load_records("dolly_dev", data_dir)
+        lines = [json.dumps({"instruction": r["instruction"], "input": r["input"], "output": r["references"][0]}) for r in dev]
+        for name in sorted(os.listdir(parts_dir)):
+            with open(os.path.join(parts_dir, name), encoding="utf-8") as f:
+                lines += [line.rstrip("\n") for line in f if line.strip()]
+        write_atomic(target, "\n".join(lines) + "\n")
+    barrier()
+    return sampled
 
 
 def cosine_lr(step, total_steps, warmup_steps):
@@ -261,78 +300,131 @@ class RewardWindow:
 
 
 def train_step(args, run, model, teacher, optimizer, policy, batches, step, window=None, teacher_optimizer=None):
-    """One optimizer step of any method. Returns (the step's log row, the open reward window)."""
+    """One optimizer step of any method. Returns (the step's log row, the open reward window).
+
+    ARKD's step, in order: micro-batch 0's statistics -> choose_alpha (the policy acts on the state)
+    -> alpha FKL + (1 - alpha) RKL over every micro-batch -> clip and step -> close_reward_window
+    (the reward on micro-batch 0 after the step, stored; every M rewards one REINFORCE update).
+    """
     student = model.module if run.world_size > 1 else model
-    local_tokens = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
-    # The denominator is the step's response tokens on all ranks, known before any backward (T1).
-    n_tokens = max(float(all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64))), 1.0)
-    rng0 = rng_snapshot(run.device)                         # micro-batch 0's dropout masks (T3)
+    n_tokens = step_token_count(batches)                        # all ranks, before any backward (T1)
+    rng0 = rng_snapshot(run.device)                             # micro-batch 0's dropout masks (T3)
     sums = torch.zeros(len(STAT_NAMES) + 3, dtype=torch.float64, device=run.device)   # stats, losses, tokens
     alpha, row = None, {"step": step}
-    for i, batch in enumerate(batches):
-        # DDP syncs gradients on the last micro-batch only; no_sync must wrap the forward too.
-        sync = model.no_sync() if run.world_size > 1 and i < len(batches) - 1 else contextlib.nullcontext()
-        with sync:
-            logits = forward(model, batch, run)
-            targets = batch["targets"].to(run.device)
-            if args.method in ("sft", "seqkd"):
-                loss = F.cross_entropy(logits[..., :run.vocab_size].flatten(0, 1).float(), targets.flatten(),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
-            else:
-                with torch.no_grad() if teacher_optimizer is None else contextlib.nullcontext():   # OKD: LoRA learns
-                    teacher_logits = forward(teacher, batch, run)
-                out = kd_pass(logits, teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size, args.chunk_tokens,
-                              target_ids=targets, inplace_grad=teacher_optimizer is None, atkd=run.strategy[0] == "atkd",
-                              akl=run.strategy[0] == "akl" or policy is not None)   # the head search only when read
-                if i == 0:                                  # alpha is needed before the first backward (T2)
-                    stats0 = all_reduce_sum(out.stats)      # every rank must choose the same alpha
-                    if policy is None:                      # a rule; akl and atkd weigh each token instead
-                        alpha = None if run.strategy[0] in ("akl", "atkd") else strategy_alpha(run.strategy, step, run.total_steps, stats0)
-                    elif window is None and torch.isfinite(stats0).all():   # a new action for --reward_every steps
-                        before = stat_means(stats0)
-                        state = make_state(before, step / run.total_steps, policy.last_alpha, policy.last_reward)
-                        alpha = policy.act(state)
-                        window = RewardWindow(step, before, rng0, batch, teacher_logits)
-                        row.update(state_log_fkl=float(state[0]), state_log_rkl=float(state[1]))
-                    else:
-                        alpha = policy.last_alpha           # the open action holds
-                if run.strategy[0] == "atkd":
-                    per_token = atkd_loss(out.tckd, out.nckd, atkd_easy(out.unc), args.atkd_lam)
-                else:
-                    per_token = mix(out.fkl, out.rkl, out.akl_alpha if alpha is None else alpha)
-                loss = per_token.sum() + args.lm_weight * out.ce.sum()
-                if teacher_optimizer is not None:           # OKD: the LoRA's own loss, from the same forward
-                    teacher_loss = okd_teacher_loss(logits, teacher_logits, targets, args, run)
-                    (teacher_loss * run.world_size / n_tokens).backward()
-                    sums[-2] += teacher_loss.detach().double()
-                sums[:len(STAT_NAMES)] += out.stats
-            (loss * run.world_size / n_tokens).backward()   # DDP averages over ranks: undo it (T1)
-            sums[-3] += loss.detach().double()             # on the device: no sync per micro-batch
-            sums[-1] += float(batch["attention_mask"].sum())
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip))
-    if math.isfinite(grad_norm):                            # the same norm on every rank: grads are synced
-        optimizer.step()
-        if teacher_optimizer is not None:
-            step_lora(teacher, teacher_optimizer, args, run)
-    optimizer.zero_grad(set_to_none=True)
-    if teacher_optimizer is not None:
-        teacher_optimizer.zero_grad(set_to_none=True)
+    for i, batch in accumulating(model, batches, run):          # DDP syncs gradients after the last one
+        logits = forward(model, batch, run)
+        out, teacher_logits = kd_outputs(args, run, teacher, logits, batch, policy, teacher_optimizer)
+        if i == 0 and out is not None:                          # alpha is needed before the first backward (T2)
+            alpha, window = choose_alpha(run, policy, window, all_reduce_sum(out.stats), step,
+                                         (rng0, batch, teacher_logits), row)
+        loss = micro_batch_loss(args, run, logits, batch, out, alpha)    # summed over its response tokens
+        if teacher_optimizer is not None:                       # OKD: the LoRA's own loss, from the same forward
+            teacher_loss = okd_teacher_loss(logits, teacher_logits, batch["targets"].to(run.device), args, run)
+            (teacher_loss * run.world_size / n_tokens).backward()
+            sums[-2] += teacher_loss.detach().double()
+        (loss * run.world_size / n_tokens).backward()           # DDP averages over ranks: undo it (T1)
+        sums[:len(STAT_NAMES)] += out.stats if out is not None else 0
+        sums[-3] += loss.detach().double()                      # on the device: no sync per micro-batch
+        sums[-1] += float(batch["attention_mask"].sum())
+    grad_norm = clip_and_step(args, run, student, teacher, optimizer, teacher_optimizer)
     if window is not None and window.closes_after(step, args, run):
-        after = stat_means(reward_stats(student, window, args, run))
-        reward = immediate_reward(window.before["fkl"], window.before["rkl"], after["fkl"], after["rkl"])
-        row["reward"] = reward if math.isfinite(reward) else None
-        if not math.isfinite(reward):
-            policy.drop_action()                            # a non-finite step teaches nothing
-        elif policy.store_reward(reward):                   # M rewards stored: one REINFORCE update
-            row.update(policy.update())
-        window = None
-    sums = all_reduce_sum(sums)                             # logging only: one small collective, not three
+        window = close_reward_window(args, run, student, policy, window, row)
+    sums = all_reduce_sum(sums)                                 # logging only: one small collective, not three
     # The teacher's entropy depends on its logits alone: not finite means the teacher is the cause (T4).
     row.update(loss=float(sums[-3]) / n_tokens, grad_norm=grad_norm, step_tokens=float(sums[-1]),
                teacher_finite=math.isfinite(float(sums[STAT_NAMES.index("teacher_entropy")])))
     if args.method in ("kd", "okd"):
         log_kd(row, sums, n_tokens, alpha, policy, run.strategy[0] == "akl", teacher_optimizer is not None)
     return row, window
+
+
+def step_token_count(batches):
+    """The step's response tokens on all ranks: the one denominator of its loss (Choice T1)."""
+    local_tokens = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
+    return max(float(all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64))), 1.0)
+
+
+def accumulating(model, batches, run):
+    """(index, micro-batch) pairs, each but the last yielded inside DDP's no_sync(): gradients are then
+    synced once per step, and no_sync must wrap the forward as well as the backward."""
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with model.no_sync() if run.world_size > 1 and not last else contextlib.nullcontext():
+            yield i, batch
+
+
+def kd_outputs(args, run, teacher, logits, batch, policy, teacher_optimizer):
+    """(kd_pass of the student's logits against the teacher's, the teacher's logits); (None, None)
+    for SFT and SeqKD. The AKL head search runs only where it is read: akl, and ARKD's state."""
+    if args.method in ("sft", "seqkd"):
+        return None, None
+    with torch.no_grad() if teacher_optimizer is None else contextlib.nullcontext():   # OKD: the LoRA learns
+        teacher_logits = forward(teacher, batch, run)
+    targets = batch["targets"].to(run.device)
+    kind = run.strategy[0]
+    out = kd_pass(logits, teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size, args.chunk_tokens,
+                  target_ids=targets, inplace_grad=teacher_optimizer is None, atkd=kind == "atkd",
+                  akl=kind == "akl" or policy is not None)
+    return out, teacher_logits
+
+
+def choose_alpha(run, policy, window, stats0, step, reward_batch, row):
+    """The step's alpha from micro-batch 0's statistics summed over ranks, so every rank trains with
+    the same one: a strategy's rule (None for akl and atkd, which weigh each token), or for ARKD
+    the policy's action on the state, held for --reward_every steps by the reward window it opens.
+
+    reward_batch: (random state before micro-batch 0's forward, micro-batch 0, its teacher logits),
+    kept by the window so that the reward reruns exactly that forward. Returns (alpha, window)."""
+    if policy is None:
+        rule = run.strategy[0] not in ("akl", "atkd")
+        return (strategy_alpha(run.strategy, step, run.total_steps, stats0) if rule else None), window
+    if window is not None or not torch.isfinite(stats0).all():
+        return policy.last_alpha, window                        # the open action holds
+    before = stat_means(stats0)
+    state = make_state(before, step / run.total_steps, policy.last_alpha, policy.last_reward)
+    row.update(state_log_fkl=float(state[0]), state_log_rkl=float(state[1]))
+    return policy.act(state), RewardWindow(step, before, *reward_batch)
+
+
+def micro_batch_loss(args, run, logits, batch, out, alpha):
+    """The loss of one micro-batch, summed over its response tokens: CE on the references (SFT,
+    SeqKD), ATKD's per-token loss, or alpha FKL + (1 - alpha) RKL (+ lm_weight CE)."""
+    if out is None:
+        return F.cross_entropy(logits[..., :run.vocab_size].flatten(0, 1).float(), batch["targets"].to(run.device).flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    if run.strategy[0] == "atkd":
+        per_token = atkd_loss(out.tckd, out.nckd, atkd_easy(out.unc), args.atkd_lam)
+    else:
+        per_token = mix(out.fkl, out.rkl, out.akl_alpha if alpha is None else alpha)
+    return per_token.sum() + args.lm_weight * out.ce.sum()
+
+
+def clip_and_step(args, run, student, teacher, optimizer, teacher_optimizer):
+    """Clips the gradient norm and steps (OKD: the LoRA too); a non-finite norm makes no update (T4).
+    Returns the norm, the same on every rank: the gradients are synced."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip))
+    if math.isfinite(grad_norm):
+        optimizer.step()
+        if teacher_optimizer is not None:
+            step_lora(teacher, teacher_optimizer, args, run)
+    optimizer.zero_grad(set_to_none=True)
+    if teacher_optimizer is not None:
+        teacher_optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def close_reward_window(args, run, student, policy, window, row):
+    """ARKD: the reward of the window's action, r = (FKL - FKL') / FKL + (RKL - RKL') / RKL on its
+    micro-batch 0 after the update, handed to the policy; every M rewards one REINFORCE update.
+    A non-finite reward drops the action (it teaches nothing). Returns None: no window is open."""
+    after = stat_means(reward_stats(student, window, args, run))
+    reward = immediate_reward(window.before["fkl"], window.before["rkl"], after["fkl"], after["rkl"])
+    row["reward"] = reward if math.isfinite(reward) else None
+    if not math.isfinite(reward):
+        policy.drop_action()
+    elif policy.store_reward(reward):                           # M rewards stored:
+        row.update(policy.update())                             # one REINFORCE step
+    return None
 
 
 def log_kd(row, sums, n_tokens, alpha, policy, akl, okd):
@@ -383,11 +475,7 @@ def reward_stats(student, window, args, run):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints (Choice T7): OUT/last, written atomically; the one before it kept as OUT/last.old
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed; the message names the file and what is wrong."""
+# Checkpoints (Choice T7): what one holds, and resuming from it (the files: plumbing.py)
 
 
 @dataclass
@@ -397,25 +485,6 @@ class Progress:
     best: float = -1.0
     bad_steps: int = 0
     skipped: int = 0
-
-
-def find_checkpoint(out):
-    """OUT/last, or OUT/last.old when a crash came between the two renames of a save."""
-    for candidate in (os.path.join(out, "last"), os.path.join(out, "last.old")):
-        if os.path.isdir(candidate):
-            return candidate
-    return None
-
-
-def save_model(directory, student, tokenizer, info, training_state=None):
-    """Plain Hugging Face weights (safetensors) that AutoModelForCausalLM loads, info.json, and for a
-    checkpoint training_state.pt (plain tensors and numbers)."""
-    student.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    with open(os.path.join(directory, "info.json"), "w") as f:
-        json.dump(info, f, indent=1)
-    if training_state is not None:
-        torch.save(training_state, os.path.join(directory, "training_state.pt"))
 
 
 def save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, window, teacher=None, teacher_optimizer=None):
@@ -433,59 +502,9 @@ def save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, 
                  "teacher_optimizer": teacher_optimizer.state_dict() if okd else None,
                  "window": None if window is None else {"step": window.step, "before": window.before}}
         write_atomic(os.path.join(args.out, "last"), functools.partial(
-            save_model, student=student, tokenizer=tokenizer, info={**vars(args), "world_size": run.world_size},
+            plumbing.save_model, student=student, tokenizer=tokenizer, info={**vars(args), "world_size": run.world_size},
             training_state=state), keep_old=True)
     barrier()                               # no rank runs on while the checkpoint is being written
-
-
-def checkpoint_to_resume(args, run):
-    """The checkpoint directory to resume from (None for a fresh run), after checking that it loads."""
-    checkpoint = find_checkpoint(args.out)
-    if args.resume_previous:
-        checkpoint = os.path.join(args.out, "last.old")
-        if not os.path.isdir(checkpoint):
-            raise FileNotFoundError(f"--resume_previous: {checkpoint} does not exist")
-    elif not args.resume:
-        if checkpoint is not None:
-            raise FileExistsError(f"{args.out} already holds a checkpoint: pass --resume or choose another --out")
-        return None
-    elif checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {args.out}")
-    problem = checkpoint_problem(checkpoint, args, run)
-    if problem:
-        previous = os.path.join(args.out, "last.old")
-        usable = not args.resume_previous and checkpoint != previous and os.path.isdir(previous) \
-            and not checkpoint_problem(previous, args, run)
-        raise CheckpointError(f"cannot resume: {problem}" + (
-            f". The checkpoint before it, {previous}, loads: pass --resume_previous to continue from it "
-            "(the steps since it are trained again)" if usable else ""))
-    return checkpoint
-
-
-def checkpoint_problem(checkpoint, args, run):
-    """None when `checkpoint` can be resumed under these flags, else what is wrong, naming the file."""
-    info_path = os.path.join(checkpoint, "info.json")
-    try:
-        with open(info_path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as err:
-        return f"{info_path} does not load ({err})"
-    saved_world = saved.get("world_size")
-    differ = [f"{k}={saved.get(k)!r} (now {getattr(args, k)!r})" for k in RUN_DEFINING if saved.get(k) != getattr(args, k)]
-    differ += [f"world_size={saved_world!r} (now {run.world_size})"] if saved_world != run.world_size else []
-    if differ:
-        return f"{checkpoint} was written with other settings: " + ", ".join(differ)
-    from safetensors import safe_open
-    for name in ("training_state.pt", "model.safetensors"):
-        path = os.path.join(checkpoint, name)
-        try:
-            if name == "training_state.pt":
-                torch.load(path, map_location="cpu", weights_only=True)
-            else:
-                safe_open(path, "pt").keys()
-        except Exception as err:             # truncated, corrupt, missing or not plain tensors
-            return f"{path} does not load ({type(err).__name__}: {str(err).splitlines()[0][:300]})"
-    return None
 
 
 def resume(checkpoint, args, run, examples, teacher, optimizer, policy, teacher_optimizer=None):
@@ -510,67 +529,6 @@ def resume(checkpoint, args, run, examples, teacher, optimizer, policy, teacher_
         window = RewardWindow(state["window"]["step"], state["window"]["before"], mine["window_rng"], batch0, teacher_logits)
     print0(f"resumed from {checkpoint} at step {state['step']}")
     return Progress(state["step"], state["best"], state["bad_steps"], state["skipped"]), window
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics: metrics.jsonl on rank 0, strict JSON, never ahead of the checkpoint it resumes from
-
-
-class MetricsLog:
-    """One JSON row per step plus validation rows. Non-finite numbers are written as null (and
-    counted); on resume the rows after the checkpoint, and a torn last line, are dropped."""
-
-    def __init__(self, path, resume_step, master):
-        self.path, self.file, self.nonfinite_rows = path, None, 0
-        if not master:
-            return
-        kept = []
-        if resume_step is not None and os.path.exists(path):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                lines = f.read().splitlines()
-            for number, line in enumerate(lines, 1):
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    print0(f"warning: {path}:{number}: dropped a torn line (the run stopped while writing it)")
-                    continue
-                if row["step"] < resume_step or ("val_rougeL" in row and row["step"] <= resume_step):
-                    kept.append(line + "\n")
-        write_atomic(path, "".join(kept))   # a fresh run starts an empty log
-        self.file = open(path, "a", encoding="utf-8")
-
-    def write(self, row):
-        if self.file is None:
-            return
-        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}
-        self.nonfinite_rows += clean != row
-        self.file.write(json.dumps(clean, allow_nan=False) + "\n")
-
-    def flush(self):
-        """Rows written so far reach the disk: called before a checkpoint is declared done."""
-        if self.file is not None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-
-
-class ProgressLine:
-    """A progress bar in a terminal; in a log file a plain line every 30 seconds."""
-
-    def __init__(self, run, start_step, label):
-        from tqdm import tqdm
-        self.run, self.label, self.last_print = run, label, 0.0
-        tty = run.master and sys.stderr.isatty()
-        self.bar = tqdm(total=run.total_steps, initial=start_step, desc=label, disable=not tty)
-
-    def update(self, row):
-        text = f"loss {row['loss']:.4f}" + (f" alpha {row['alpha']:.3f}" if row.get("alpha") is not None else "")
-        if not self.bar.disable:
-            self.bar.update(1)
-            self.bar.set_postfix_str(text, refresh=False)
-        elif self.run.master and (time.time() - self.last_print >= 30 or row["step"] + 1 == self.run.total_steps):
-            self.last_print = time.time()
-            print(f"{self.label} step {row['step'] + 1}/{self.run.total_steps}: {text}, "
-                  f"{row['step_seconds']:.2f} s/step", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -603,7 +561,7 @@ def validate(args, run, student, tokenizer, val_examples, val_records, progress,
         progress.best = score
         if run.master:
             write_atomic(os.path.join(args.out, "best"), functools.partial(
-                save_model, student=student, tokenizer=tokenizer, info={"step": progress.step, "val_rougeL": score}))
+                plumbing.save_model, student=student, tokenizer=tokenizer, info={"step": progress.step, "val_rougeL": score}))
     return score
 
 
@@ -624,33 +582,32 @@ def count_bad_step(row, progress, args):
 def main(argv=None):
     args = parse_args(argv)
     run = start(args)
-    usage = data.Usage(run.device)              # seconds and peak memory of each phase: OUT/usage.json
-    checkpoint = checkpoint_to_resume(args, run)
+    usage = plumbing.Usage(run.device)                  # seconds and peak memory of each phase: OUT/usage.json
+    expected = {**{k: getattr(args, k) for k in RUN_DEFINING}, "world_size": run.world_size}
+    checkpoint = plumbing.checkpoint_to_resume(args.out, args.resume, args.resume_previous, expected)
     torch.manual_seed(args.seed + run.rank)
     tokenizer, student, teacher = load_models(args, run, checkpoint)
-    shapes = {"student": evaluate.model_shape(student), "teacher": teacher and evaluate.model_shape(teacher)}
+    shapes = {"student": plumbing.model_shape(student), "teacher": teacher and plumbing.model_shape(teacher)}
     train_dir = args.data_dir
-    if args.method == "seqkd":              # SeqKD trains on the teacher's samples (T5)
+    if args.method == "seqkd":                          # SeqKD trains on the teacher's samples (T5)
         usage.end("load")
         train_dir = args.seqkd_data or os.path.join(args.out, "seqkd_data")
-        prompts = evaluate.build_seqkd_data(teacher, tokenizer, args.data_dir, train_dir, args.train_examples,
-                                            args.seed, args.gen_batch_size, args.max_new_tokens)
+        prompts = build_seqkd_data(teacher, tokenizer, args.data_dir, train_dir, args.train_examples,
+                                   args.seed, args.gen_batch_size, args.max_new_tokens)
         usage.end("seqkd data", prompts=prompts)
-        teacher = shapes["teacher"] = None                  # the steps hold no teacher
+        teacher = shapes["teacher"] = None              # the steps hold no teacher
     examples, val_examples, val_records = load_training_data(args, run, tokenizer, train_dir)
     model, optimizer, teacher_optimizer, policy = build_training(args, run, student, teacher)
     progress, window = Progress(), None
     if checkpoint:
         progress, window = resume(checkpoint, args, run, examples, teacher, optimizer, policy, teacher_optimizer)
     usage.end("load")
-    metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master)
-    label = f"kd {args.strategy}" if args.method == "kd" else args.method
-    line, first_step, history = ProgressLine(run, progress.step, label), progress.step, []
+    metrics = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master)
+    line = plumbing.ProgressLine(run, progress.step, f"kd {args.strategy}" if args.method == "kd" else args.method)
+    first_step, history = progress.step, []
     while progress.step < run.total_steps:
         started = time.perf_counter()
-        for opt, peak in ((optimizer, args.lr), (teacher_optimizer, args.okd_lr or args.lr)):
-            for group in opt.param_groups if opt else ():  # the lr is a pure function of the step
-                group["lr"] = peak * cosine_lr(progress.step, run.total_steps, run.warmup_steps)
+        set_lr(progress.step, args, run, optimizer, teacher_optimizer)
         batches = micro_batches(examples, progress.step, args, run)
         row, window = train_step(args, run, model, teacher, optimizer, policy, batches, progress.step, window,
                                  teacher_optimizer)
@@ -672,23 +629,25 @@ def main(argv=None):
             row["val_rougeL"] = validate(args, run, student, tokenizer, val_examples, val_records, progress, metrics)
             usage.end("validation", prompts=len(val_examples))
         if scheduled or stopping:
-            metrics.flush()                                 # the log never lags its checkpoint
+            metrics.flush()                             # the log never lags its checkpoint
             save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, window, teacher, teacher_optimizer)
             usage.end("checkpoint")
         if stopping:
             print0(f"stopping after step {progress.step} as asked (--stop_after): continue with --resume")
             break
-    finish(args, run, metrics, progress)
-    if run.master:
-        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-        trainable += sum(p.numel() for p in lora_parameters(teacher)) if teacher is not None else 0
-        usage.write(os.path.join(args.out, "usage.json"), kind="train", method=args.method, strategy=args.strategy,
-                    micro_batch=args.batch_size, grad_accum=run.grad_accum, world_size=run.world_size, bf16=run.bf16,
-                    trainable_params=trainable, **shapes)
+    finish(args, run, metrics, progress, usage, shapes, student, teacher)
     return {"student": student, "teacher": teacher, "policy": policy, "history": history, "best": progress.best}
 
 
-def finish(args, run, metrics, progress):
+def set_lr(step, args, run, optimizer, teacher_optimizer):
+    """The learning rate is a pure function of the step (Choice T6), for the student and OKD's LoRA."""
+    for opt, peak in ((optimizer, args.lr), (teacher_optimizer, args.okd_lr or args.lr)):
+        for group in opt.param_groups if opt else ():
+            group["lr"] = peak * cosine_lr(step, run.total_steps, run.warmup_steps)
+
+
+def finish(args, run, metrics, progress, usage, shapes, student, teacher):
+    """Closes the log, draws the KD plots, writes usage.json (rank 0) and leaves the process group."""
     if run.master:
         metrics.file.close()
         if metrics.nonfinite_rows:
@@ -697,6 +656,11 @@ def finish(args, run, metrics, progress):
             evaluate.plot_run(args.out)
         print0(f"done: step {progress.step} of {run.total_steps}, best validation Rouge-L {progress.best:.2f}, "
                f"{progress.skipped} skipped steps")
+        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        trainable += sum(p.numel() for p in lora_parameters(teacher)) if teacher is not None else 0
+        usage.write(os.path.join(args.out, "usage.json"), kind="train", method=args.method, strategy=args.strategy,
+                    micro_batch=args.batch_size, grad_accum=run.grad_accum, world_size=run.world_size, bf16=run.bf16,
+                    trainable_params=trainable, **shapes)
     if run.world_size > 1:
         dist.destroy_process_group()
 

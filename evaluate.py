@@ -1,6 +1,6 @@
-"""Evaluation: sampling, Rouge-L, exact match and BERTScore per seed, reports and heatmaps.
+"""Evaluation: sampling, Rouge-L, exact match and BERTScore per seed, reports, heatmaps and run plots.
 
-Section 5 of docs/method.md, as a library (arkd.py validates and builds SeqKD data with it) and a CLI:
+Section 6 of docs/method.md, as a library (arkd.py validates and samples SeqKD data with it) and a CLI:
 
     python evaluate.py --model PATH --data_dir DIR --datasets dollyeval,selfinst,vicunaeval,sni,unni \\
         --seeds 10,20,30,40,50 --out DIR
@@ -18,12 +18,10 @@ E4. An empty prediction scores 0 on every metric (bert_score itself crashes on o
 E5. The spread over seeds is the sample standard deviation (n - 1); one seed gives 0.
 """
 import argparse
-import glob
 import json
 import logging
 import math
 import os
-import re
 import statistics
 import string
 import sys
@@ -34,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 import data
-from data import barrier, print0, world, write_atomic   # the process and file helpers
+import plumbing
+from plumbing import barrier, print0, world, write_atomic
 
 log = logging.getLogger("evaluate")
 
@@ -44,58 +43,7 @@ METRICS = ("rougeL", "exact_match", "bertscore_f1")
 
 
 # ----------------------------------------------------------------------------------------------
-# Models and generation
-
-
-def check_model_path(path):
-    """A path-like model name (absolute, ./..., or an existing file) must be a directory; anything
-    else is taken as a Hub id."""
-    if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith(".") or os.path.exists(path)):
-        raise FileNotFoundError(f"model {path!r}: no such directory")
-
-
-def load_tokenizer(path):
-    """The tokenizer of a local model directory or Hub id, with pad = EOS when it has no pad token."""
-    from transformers import AutoTokenizer
-    check_model_path(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
-        raise FileNotFoundError(f"model {path!r}: no tokenizer in a local directory or on the Hub ({err})") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_model(path, device, dtype=torch.float32, vocab_size=None):
-    """A causal LM from a local directory or a Hub id; a clear error before any work.
-
-    vocab_size: the tokenizer's size; a model with fewer output columns is refused (more is fine:
-    padded columns are cut by kd_pass).
-    """
-    from transformers import AutoModelForCausalLM
-    check_model_path(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as err:
-        raise FileNotFoundError(f"model {path!r}: not a local model directory and not loadable from "
-                                f"the Hugging Face Hub ({err})") from None
-    width = model.get_output_embeddings().weight.shape[0]
-    if vocab_size is not None and width < vocab_size:
-        raise ValueError(f"model {path}: {width} output columns, fewer than the {vocab_size} tokens of the tokenizer")
-    return model.to(device)
-
-
-def model_shape(model):
-    """{params, bytes, layers, layer_params, full_layers} of a causal LM (bytes: of its weights as loaded).
-    full_layers is the architecture's own depth when the model is a layer-cut stand-in (data.py init
-    --layers); bench.py --project scales by it."""
-    layers = model.config.num_hidden_layers
-    blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers)
-    return {"params": sum(p.numel() for p in model.parameters()),
-            "bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "layers": layers,
-            "layer_params": sum(p.numel() for p in blocks[0].parameters()),
-            "full_layers": getattr(model.config, "full_layers", layers)}
+# Sampling
 
 
 def batch_seed(seed, batch_index):
@@ -130,44 +78,6 @@ def generate(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_tokens=M
         dist.all_gather_object(parts, mine)
         mine = {b: preds for part in parts for b, preds in part.items()}
     return [p for b in range(len(batches)) for p in mine[b]]
-
-
-def build_seqkd_data(teacher, tokenizer, data_dir, out_dir, train_examples, seed, batch_size, max_new_tokens,
-                     part_size=256):
-    """SeqKD data: OUT_DIR/dolly/raw.jsonl holds the dev lines as they are, then the training prompts with
-    the teacher's sampled responses (evaluation settings, docs/method.md Choice T5). Each part of
-    part_size prompts is its own file, so an interrupted run resumes where it stopped. Returns the number
-    of prompts this call sampled."""
-    target = os.path.join(out_dir, "dolly", "raw.jsonl")
-    if os.path.exists(target):
-        return 0
-    parts_dir = os.path.join(out_dir, "parts")
-    os.makedirs(parts_dir, exist_ok=True)
-    train = data.load_records("dolly_train", data_dir)[:train_examples or None]
-    examples, _ = data.encode_records(tokenizer, train, "seqkd prompts")
-    rank, sampled = world()[0], 0
-    for start in range(0, len(examples), part_size):
-        part = os.path.join(parts_dir, f"{start:07d}.jsonl")
-        if os.path.exists(part):
-            continue
-        chunk = examples[start:start + part_size]
-        sampled += len(chunk)
-        samples = generate(teacher, tokenizer, [e["prompt_ids"] for e in chunk], seed * 7919 + start,
-                           batch_size, max_new_tokens)
-        if rank == 0:
-            lines = [json.dumps({"instruction": train[e["index"]]["instruction"], "input": train[e["index"]]["input"],
-                                 "output": s}) for e, s in zip(chunk, samples) if s.strip()]
-            write_atomic(part, "\n".join(lines) + "\n")
-        barrier()
-    if rank == 0:
-        dev = data.load_records("dolly_dev", data_dir)
-        lines = [json.dumps({"instruction": r["instruction"], "input": r["input"], "output": r["references"][0]}) for r in dev]
-        for name in sorted(os.listdir(parts_dir)):
-            with open(os.path.join(parts_dir, name), encoding="utf-8") as f:
-                lines += [line.rstrip("\n") for line in f if line.strip()]
-        write_atomic(target, "\n".join(lines) + "\n")
-    barrier()
-    return sampled
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,18 +147,6 @@ class BERTScore:
         for i, value in zip(keep, f1.tolist()):
             scores[i] = 100 * value
         return scores
-
-
-def coverage_and_precision(records, samples):
-    """samples[s][i]: sample s for record i. Coverage: mean over prompts of the share of the listed words
-    produced at least once; precision: the share of all samples that are exactly one listed word."""
-    coverage, valid = 0.0, 0
-    for i, record in enumerate(records):
-        listed = set(record["input"].split())
-        answers = [s[i].strip() for s in samples]
-        coverage += len(listed & set(answers)) / len(listed)
-        valid += sum(a in listed for a in answers)
-    return {"coverage": coverage / len(records), "precision": valid / (len(records) * len(samples))}
 
 
 def mean_std(values):
@@ -321,9 +219,9 @@ def run_evaluation(args, device):
         raise ValueError(f"--datasets: unknown {unknown}; known: {', '.join(data.DATASETS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     records = {name: data.load_records(name, args.data_dir) for name in datasets}   # fail before work
-    usage = data.Usage(device)                  # seconds and peak memory of each phase: OUT/usage.json
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, device, torch.bfloat16 if args.bf16 else torch.float32, len(tokenizer)).eval()
+    usage = plumbing.Usage(device)                  # seconds and peak memory of each phase: OUT/usage.json
+    tokenizer = plumbing.load_tokenizer(args.model)
+    model = plumbing.load_model(args.model, device, torch.bfloat16 if args.bf16 else torch.float32, len(tokenizer)).eval()
     bertscore = None if args.no_bertscore else BERTScore(args.bertscore_model, args.bertscore_layers,
                                                           args.bertscore_batch_size, args.bertscore_idf,
                                                           args.bertscore_rescale, device=str(device))
@@ -336,7 +234,7 @@ def run_evaluation(args, device):
             usage.end("evaluation", prompts=results[-1]["n"] if rank == 0 else 0)
     if rank == 0:
         usage.write(os.path.join(args.out, "usage.json"), kind="evaluate", batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens, bf16=args.bf16, world_size=world()[1], model=model_shape(model))
+                    max_new_tokens=args.max_new_tokens, bf16=args.bf16, world_size=world()[1], model=plumbing.model_shape(model))
         summary = {"label": args.label or os.path.basename(os.path.normpath(args.model)),
                    "model": args.model, "generation": {**GENERATION, "max_new_tokens": args.max_new_tokens,
                                                        "batch_size": args.batch_size},
@@ -421,78 +319,6 @@ def report(run_dirs, out_dir, title="Results"):
     return runs
 
 
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def mean_ci(values):
-    """(mean, half-width of the 95% Student-t interval) over independent runs; one run: (value, nan)."""
-    if len(values) < 2:
-        return statistics.fmean(values), float("nan")
-    return statistics.fmean(values), T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
-
-
-def study_report(run_dirs, train_dir, out_dir, title):
-    """The miniature study: per strategy the mean Rouge-L and its 95% interval over training seeds (runs
-    named STRATEGY-sSEED; each run's score is its mean over sampling seeds), ARKD's paired difference
-    with every baseline (paired by training seed), results.md / results.json, a heatmap, and every ARKD
-    seed's alpha trajectory on one plot."""
-    scores = {}                                       # strategy -> seed -> {dataset: Rouge-L, "all": mean}
-    for run in run_dirs:
-        with open(os.path.join(run, "results.json")) as f:
-            summary = json.load(f)
-        match = re.fullmatch(r"(.+)-s(\d+)", summary["label"])
-        strategy, seed = (match.group(1), match.group(2)) if match else (summary["label"], "-")
-        per_set = {d: m["rougeL"]["mean"] for d, m in summary["results"].items()}
-        scores.setdefault(strategy, {})[seed] = {**per_set, "all": statistics.fmean(per_set.values())}
-    columns = [d for d in data.DATASETS if any(d in s for seeds in scores.values() for s in seeds.values())] + ["all"]
-    table = {k: {c: mean_ci([s[c] for s in seeds.values()]) for c in columns} for k, seeds in scores.items()}
-    paired = {}
-    for other, seeds in scores.items():
-        common = sorted(set(seeds) & set(scores.get("arkd", {})) - {"-"})
-        if other != "arkd" and len(common) >= 2:
-            paired[other] = mean_ci([scores["arkd"][s]["all"] - seeds[s]["all"] for s in common]) + (len(common),)
-    lines = [f"# {title}", "", "Rouge-L x 100: mean over training seeds +- half-width of the 95% t interval "
-             "(each run: the mean over sampling seeds); `all` is the mean over the sets.", "",
-             "| run | seeds | " + " | ".join(columns) + " |", "| --- | --- |" + " --- |" * len(columns)]
-    for k, row in table.items():
-        lines.append(f"| {k} | {len(scores[k])} | " + " | ".join(
-            f"{m:.2f}" + ("" if math.isnan(h) else f" +- {h:.2f}") for m, h in row.values()) + " |")
-    if paired:
-        lines += ["", "ARKD minus each baseline (`all`), paired by training seed: mean +- 95% half-width.", "",
-                  "| baseline | ARKD - baseline | pairs |", "| --- | --- | --- |"]
-        lines += [f"| {k} | {m:+.2f} +- {h:.2f} | {n} |" for k, (m, h, n) in paired.items()]
-        detectable = statistics.median(h for _, h, _ in paired.values())
-        lines += ["", f"Smallest difference this study can detect (median half-width of the paired intervals): "
-                      f"about {detectable:.2f} points."]
-    os.makedirs(out_dir, exist_ok=True)
-    write_atomic(os.path.join(out_dir, "results.md"), "\n".join(lines) + "\n")
-    write_atomic(os.path.join(out_dir, "results.json"), json.dumps(
-        {"scores": scores, "mean_ci": table, "arkd_minus": {k: list(v) for k, v in paired.items()}}, indent=1))
-    heatmap([[m for m, _ in row.values()] for row in table.values()], list(table), columns, f"Rouge-L: {title}",
-            os.path.join(out_dir, "rougeL_heatmap.png"))
-    plot_alpha_seeds(sorted(glob.glob(os.path.join(train_dir, "arkd-s*"))), os.path.join(out_dir, "alpha_seeds.png"))
-    return table, paired
-
-
-def plot_alpha_seeds(run_dirs, path):
-    """The policy's mean alpha a / (a + b) (and the sampled alpha, faint) of every ARKD run on one plot."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for i, run in enumerate(run_dirs):
-        rows = read_metrics(run)
-        colour = f"C{i}"
-        ax.plot([r["step"] for r in rows], [r["alpha"] for r in rows], color=colour, lw=0.4, alpha=0.3)
-        ax.plot([r["step"] for r in rows], [r["beta_a"] / (r["beta_a"] + r["beta_b"]) for r in rows], color=colour,
-                lw=1.5, label=f"{os.path.basename(run)}: policy mean")
-    ax.set(xlabel="step", ylabel="alpha (FKL weight)", ylim=(0, 1), title="ARKD alpha, every training seed")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def read_metrics(run_dir):
     """The KD training rows (those with FKL) of RUN_DIR/metrics.jsonl."""
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -573,16 +399,6 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    if argv[:1] == ["study"]:
-        parser = argparse.ArgumentParser(description="The miniature study's report (run.sh study).")
-        parser.add_argument("--runs", nargs="+", required=True, help="evaluated runs named STRATEGY-sSEED (or one name)")
-        parser.add_argument("--train_dir", required=True, help="the training runs (for the ARKD alpha plot)")
-        parser.add_argument("--out", required=True, help="where results.md, results.json and PNGs go")
-        parser.add_argument("--title", default="Miniature study", help="heading of results.md and the heatmap")
-        args = parser.parse_args(argv[1:])
-        study_report(args.runs, args.train_dir, args.out, args.title)
-        print(f"wrote {os.path.join(args.out, 'results.md')}")
-        return
     if argv[:1] == ["report"]:
         parser = argparse.ArgumentParser(description="Gather evaluated runs into tables and heatmaps.")
         parser.add_argument("--runs", nargs="+", required=True, help="run directories holding results.json")
@@ -593,7 +409,7 @@ def main(argv=None):
         print(f"wrote {os.path.join(args.out, 'results.md')}")
         return
     args = parse_args(argv)
-    _, _, device = data.init_processes()
+    _, _, device = plumbing.init_processes()
     try:
         run_evaluation(args, device)
     finally:

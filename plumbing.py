@@ -1,0 +1,391 @@
+"""Plumbing every script shares: processes, atomic files, memory, models, checkpoints, logs.
+
+Nothing here is the method (that is losses.py, policy.py and arkd.py's train_step); it is what the
+training, evaluation and benchmark scripts run on:
+
+    processes     world, init_processes, barrier, print0: the nanoGPT pattern, so the same code
+                  runs under `python` and under torchrun (collectives the policy needs live in
+                  policy.py, which must stay copyable alone)
+    files         write_atomic: a file or a directory replaced only once complete
+    memory        start_memory_window, peak_memory_bytes, Usage (OUT/usage.json, read by
+                  rehearsal.py's projection)
+    models        check_model_path, load_tokenizer, load_model, model_shape, save_model; the
+                  tiny offline models: train_tokenizer, tiny_model
+    checkpoints   find_checkpoint, checkpoint_to_resume, checkpoint_problem (Choice T7 of
+                  docs/method.md: what a checkpoint holds is arkd.py's save_checkpoint)
+    logs          MetricsLog (metrics.jsonl), ProgressLine
+
+    python plumbing.py tiny --tokenizer DIR --out MODEL [--n_embd 64 --n_layer 2 --n_head 2]
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes (nanoGPT pattern): the same code runs under `python` and under torchrun
+
+
+def world():
+    """(rank, world size): (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_processes():
+    """(rank, world size, device); joins torch.distributed when torchrun set RANK (nccl on CUDA, gloo on CPU)."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+def barrier():
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def print0(*args):
+    if world()[0] == 0:
+        print(*args, flush=True)
+
+
+def write_atomic(path, content, keep_old=False):
+    """Replaces `path` only once its new content is complete: a crash never leaves half of it.
+
+    content: a string (the text of a file) or a function write(tmp) that fills the directory tmp.
+    A directory goes through two renames (path -> path.old, tmp -> path); a crash between them
+    leaves path.old, which arkd.find_checkpoint also looks at. keep_old keeps path.old afterwards
+    (the previous checkpoint).
+    """
+    tmp, old = path + ".tmp", path + ".old"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if isinstance(content, str):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    content(tmp)
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if not keep_old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory of this process: CUDA's allocator on a GPU, resident memory on a CPU
+
+
+def _resident_bytes(field):
+    """VmRSS (now) or VmHWM (the peak) of /proc/self/status; without it, the peak since the start."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))    # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def start_memory_window(device):
+    """The memory in use now, with the peak reset to it: CUDA's allocator, else resident memory
+    (Linux resets the peak on clear_refs 5; elsewhere the peak so far is the baseline)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _resident_bytes("VmRSS")
+    except OSError:
+        return _resident_bytes("VmHWM")
+
+
+def peak_memory_bytes(device):
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else _resident_bytes("VmHWM")
+
+
+class Usage:
+    """Seconds and peak memory of the phases of one process's work (loading, steps, generation, ...),
+    written to OUT/usage.json: run.sh rehearsal's table and bench.py --project read it.
+
+    end(phase) closes the phase that began at the last end() and opens the next; a phase that recurs
+    (one optimizer step at a time) accumulates seconds and counts, and keeps the largest peak.
+    """
+
+    def __init__(self, device):
+        self.device, self.phases = device, {}
+        self.baseline = self._begin()                      # the process before any model is loaded
+
+    def _begin(self):
+        self.started, self.current = time.perf_counter(), start_memory_window(self.device)
+        return self.current
+
+    def end(self, phase, **counts):
+        entry = self.phases.setdefault(phase, {"count": 0, "seconds": 0.0, "peak_gb": 0.0,
+                                               "start_gb": self.current / 2**30})
+        entry["count"] += 1
+        entry["last_seconds"] = time.perf_counter() - self.started       # steady state: the first step warms up
+        entry["seconds"] += entry["last_seconds"]
+        entry["peak_gb"] = max(entry["peak_gb"], peak_memory_bytes(self.device) / 2**30)
+        for name, value in counts.items():
+            entry[name] = entry.get(name, 0) + value
+        self._begin()
+
+    def write(self, path, **facts):
+        write_atomic(path, json.dumps({"device": str(self.device), "baseline_gb": self.baseline / 2**30,
+                                       "phases": self.phases, **facts}, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: loading, shapes, saving; tiny random ones for offline runs
+
+
+def check_model_path(path):
+    """A path-like model name (absolute, ./..., or an existing file) must be a directory; anything
+    else is taken as a Hub id."""
+    if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith(".") or os.path.exists(path)):
+        raise FileNotFoundError(f"model {path!r}: no such directory")
+
+
+def load_tokenizer(path):
+    """The tokenizer of a local model directory or Hub id, with pad = EOS when it has no pad token."""
+    from transformers import AutoTokenizer
+    check_model_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise FileNotFoundError(f"model {path!r}: no tokenizer in a local directory or on the Hub ({err})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path, device, dtype=torch.float32, vocab_size=None):
+    """A causal LM from a local directory or a Hub id; a clear error before any work.
+
+    vocab_size: the tokenizer's size; a model with fewer output columns is refused (more is fine:
+    padded columns are cut by kd_pass).
+    """
+    from transformers import AutoModelForCausalLM
+    check_model_path(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise FileNotFoundError(f"model {path!r}: not a local model directory and not loadable from "
+                                f"the Hugging Face Hub ({err})") from None
+    width = model.get_output_embeddings().weight.shape[0]
+    if vocab_size is not None and width < vocab_size:
+        raise ValueError(f"model {path}: {width} output columns, fewer than the {vocab_size} tokens of the tokenizer")
+    return model.to(device)
+
+
+def model_shape(model):
+    """{params, bytes, layers, layer_params, full_layers} of a causal LM (bytes: of its weights as loaded).
+    full_layers is the architecture's own depth when the model is a layer-cut stand-in (data.py init
+    --layers); bench.py --project scales by it."""
+    layers = model.config.num_hidden_layers
+    blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers)
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "layers": layers,
+            "layer_params": sum(p.numel() for p in blocks[0].parameters()),
+            "full_layers": getattr(model.config, "full_layers", layers)}
+
+
+def train_tokenizer(texts, vocab_size=700):
+    """A byte-level BPE (GPT-2 style, EOS = pad = <|endoftext|>) trained on `texts`, for tiny offline
+    models; returns a transformers PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    eot = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=eot, eos_token=eot, unk_token=eot, pad_token=eot)
+
+
+def tiny_model(tokenizer_dir, out, n_embd=64, n_layer=2, n_head=2, seed=0, dropout=0.1):
+    """A randomly initialised GPT-2 of the given size, saved with the tokenizer, for offline runs."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints (Choice T7): OUT/last, written atomically; the one before it kept as OUT/last.old
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed; the message names the file and what is wrong."""
+
+
+def find_checkpoint(out):
+    """OUT/last, or OUT/last.old when a crash came between the two renames of a save."""
+    for candidate in (os.path.join(out, "last"), os.path.join(out, "last.old")):
+        if os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+def save_model(directory, student, tokenizer, info, training_state=None):
+    """Plain Hugging Face weights (safetensors) that AutoModelForCausalLM loads, info.json, and for a
+    checkpoint training_state.pt (plain tensors and numbers)."""
+    student.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    with open(os.path.join(directory, "info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    if training_state is not None:
+        torch.save(training_state, os.path.join(directory, "training_state.pt"))
+
+
+def checkpoint_to_resume(out, resume, resume_previous, expected):
+    """The checkpoint directory to resume from (None for a fresh run), after checking that it loads."""
+    checkpoint = find_checkpoint(out)
+    if resume_previous:
+        checkpoint = os.path.join(out, "last.old")
+        if not os.path.isdir(checkpoint):
+            raise FileNotFoundError(f"--resume_previous: {checkpoint} does not exist")
+    elif not resume:
+        if checkpoint is not None:
+            raise FileExistsError(f"{out} already holds a checkpoint: pass --resume or choose another --out")
+        return None
+    elif checkpoint is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+    problem = checkpoint_problem(checkpoint, expected)
+    if problem:
+        previous = os.path.join(out, "last.old")
+        usable = not resume_previous and checkpoint != previous and os.path.isdir(previous) \
+            and not checkpoint_problem(previous, expected)
+        raise CheckpointError(f"cannot resume: {problem}" + (
+            f". The checkpoint before it, {previous}, loads: pass --resume_previous to continue from it "
+            "(the steps since it are trained again)" if usable else ""))
+    return checkpoint
+
+
+def checkpoint_problem(checkpoint, expected):
+    """None when `checkpoint` can be resumed by a run whose defining settings (flags and world size)
+    are `expected`, else what is wrong, naming the file."""
+    info_path = os.path.join(checkpoint, "info.json")
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        return f"{info_path} does not load ({err})"
+    differ = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in expected.items() if saved.get(k) != v]
+    if differ:
+        return f"{checkpoint} was written with other settings: " + ", ".join(differ)
+    from safetensors import safe_open
+    for name in ("training_state.pt", "model.safetensors"):
+        path = os.path.join(checkpoint, name)
+        try:
+            if name == "training_state.pt":
+                torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                safe_open(path, "pt").keys()
+        except Exception as err:             # truncated, corrupt, missing or not plain tensors
+            return f"{path} does not load ({type(err).__name__}: {str(err).splitlines()[0][:300]})"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Logs: metrics.jsonl on rank 0, strict JSON, never ahead of the checkpoint it resumes from
+
+
+class MetricsLog:
+    """One JSON row per step plus validation rows. Non-finite numbers are written as null (and
+    counted); on resume the rows after the checkpoint, and a torn last line, are dropped."""
+
+    def __init__(self, path, resume_step, master):
+        self.path, self.file, self.nonfinite_rows = path, None, 0
+        if not master:
+            return
+        kept = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+            for number, line in enumerate(lines, 1):
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    print0(f"warning: {path}:{number}: dropped a torn line (the run stopped while writing it)")
+                    continue
+                if row["step"] < resume_step or ("val_rougeL" in row and row["step"] <= resume_step):
+                    kept.append(line + "\n")
+        write_atomic(path, "".join(kept))   # a fresh run starts an empty log
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, row):
+        if self.file is None:
+            return
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}
+        self.nonfinite_rows += clean != row
+        self.file.write(json.dumps(clean, allow_nan=False) + "\n")
+
+    def flush(self):
+        """Rows written so far reach the disk: called before a checkpoint is declared done."""
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+
+
+class ProgressLine:
+    """A progress bar in a terminal; in a log file a plain line every 30 seconds."""
+
+    def __init__(self, run, start_step, label):
+        from tqdm import tqdm
+        self.run, self.label, self.last_print = run, label, 0.0
+        tty = run.master and sys.stderr.isatty()
+        self.bar = tqdm(total=run.total_steps, initial=start_step, desc=label, disable=not tty)
+
+    def update(self, row):
+        text = f"loss {row['loss']:.4f}" + (f" alpha {row['alpha']:.3f}" if row.get("alpha") is not None else "")
+        if not self.bar.disable:
+            self.bar.update(1)
+            self.bar.set_postfix_str(text, refresh=False)
+        elif self.run.master and (time.time() - self.last_print >= 30 or row["step"] + 1 == self.run.total_steps):
+            self.last_print = time.time()
+            print(f"{self.label} step {row['step'] + 1}/{self.run.total_steps}: {text}, "
+                  f"{row['step_seconds']:.2f} s/step", flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="A random tiny GPT-2 with a given tokenizer, for offline runs.")
+    parser.add_argument("command", choices=("tiny",), help="tiny: a random GPT-2 saved with --tokenizer in --out")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    parser.add_argument("--out", required=True, help="directory to write the model into")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    for name, default in (("n_embd", 64), ("n_layer", 2), ("n_head", 2)):
+        parser.add_argument(f"--{name}", type=int, default=default, help=f"GPT2Config {name}")
+    args = parser.parse_args()
+    try:
+        tiny_model(args.tokenizer, args.out, args.n_embd, args.n_layer, args.n_head, args.seed)
+    except (ValueError, OSError) as err:
+        sys.exit(f"plumbing.py tiny: {err}")
+    print(args.out)
