@@ -10,12 +10,12 @@ copied into any trainer. Teacher p, student q, response position t:
 
 Public API:
     forward_kl, reverse_kl   the plain definitions, for logits of shape [..., V] -> [...]
+    entropy, top1_agreement  the policy's features 3, 4 and 6, plainly (kd_pass sums them in one pass)
     akl_alpha                the per-position Adaptive-KL weight (Wu et al. 2024), no gradient
     tckd, nckd, atkd_easy, atkd_loss
                              ATKD's terms and loss (Zhong et al. 2024)
     kd_pass                  the one chunked pass training uses: per-token FKL / RKL / CE with
                              closed-form gradients, plus the statistics the ARKD policy reads
-    fused_kd_pass            the same from hidden states and output weights: no [tokens, V] logits
     parse_strategy, strategy_alpha, STEP_RULES
                              fkl, rkl, fixed:A, linear:A0,A1, greedy as a table of alpha rules
     next_token_targets, stat_means, mix
@@ -107,6 +107,21 @@ def reverse_kl(student_logits, teacher_logits, tau=1.0, vocab_size=None):
     student_logits, teacher_logits = _cut_vocab(student_logits, teacher_logits, vocab_size)
     log_q, log_p = log_probs(student_logits, tau), log_probs(teacher_logits, tau)
     return tau ** 2 * (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def entropy(logits, tau=1.0):
+    """H_t = -sum_v p(v) log p(v), p = softmax(logits / tau) (Choice L2: the divergences' tau).
+    [..., V] -> [...]. Policy features 3 (teacher) and 4 (student): kd_pass sums the same."""
+    log_p = log_probs(logits, tau)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def top1_agreement(student_logits, teacher_logits):
+    """1.0 where the teacher's top-1 token (the lowest index among tied maxima) is also a maximum of the
+    student's logits, else 0.0 (a student tie counts as agreement). [..., V] x [..., V] -> [...].
+    Policy feature 6: kd_pass sums the same."""
+    top = teacher_logits.argmax(-1, keepdim=True)
+    return (student_logits.gather(-1, top) == student_logits.amax(-1, keepdim=True)).squeeze(-1).to(torch.float32)
 
 
 def tckd(student_logits, teacher_logits, target_ids, vocab_size=None):
@@ -540,72 +555,6 @@ def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chun
         student, teacher, rows, targets, float(tau), vocab, float(mu), int(chunk), inplace_grad, bool(atkd), bool(akl))
     return KDPassResult(fkl, rkl, ce if target_ids is not None else None, akl_alpha if akl else None, stats,
                         *((tckd, nckd, unc) if atkd else ()))
-
-
-class _FusedKDFunction(torch.autograd.Function):
-    """kd_pass from hidden states and output-embedding weights, chunk by chunk over tokens: the logits
-    of a chunk are made, used and dropped, in forward and again in backward (recomputed), so no
-    [tokens, V] tensor of either model is ever held. With G = dLoss/dz for a chunk's student logits
-    z = H W^T (closed form, as in kd_pass): dLoss/dH = G W and dLoss/dW = sum over chunks of G^T H."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, tau, vocab, chunk, mu, akl):
-        # hidden [N, d], weight [V_s, d]; teacher_hidden [N, d_t], teacher_weight [V_t, d_t]; targets [N] or empty
-        parts = []
-        for lo in range(0, len(hidden), chunk):
-            sl = slice(lo, lo + chunk)
-            with torch.no_grad():
-                out = kd_pass(hidden[sl] @ weight.T, teacher_hidden[sl] @ teacher_weight.T,
-                              torch.ones(len(hidden[sl]), dtype=torch.bool, device=hidden.device), tau, vocab,
-                              None, targets[sl] if len(targets) else None, mu, inplace_grad=True, akl=akl)
-            parts.append((out.fkl, out.rkl, out.ce if len(targets) else out.fkl[:0],
-                          out.akl_alpha if akl else out.fkl[:0], out.stats))
-        fkl, rkl, ce, akl_alpha = (torch.cat([p[i] for p in parts]) for i in range(4))
-        stats = torch.stack([p[4] for p in parts]).sum(0)        # the AKL entry stays NaN when akl is off
-        ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight, targets)
-        ctx.settings = (tau, vocab, chunk, mu)
-        ctx.mark_non_differentiable(akl_alpha, stats)
-        return fkl, rkl, ce, akl_alpha, stats
-
-    @staticmethod
-    def backward(ctx, g_fkl, g_rkl, g_ce, _g_akl, _g_stats):
-        hidden, weight, teacher_hidden, teacher_weight, targets = ctx.saved_tensors
-        tau, vocab, chunk, mu = ctx.settings
-        grad_hidden, grad_weight = torch.zeros_like(hidden), torch.zeros_like(weight)
-        for lo in range(0, len(hidden), chunk):
-            sl = slice(lo, lo + chunk)
-            with torch.enable_grad():
-                logits = (hidden[sl] @ weight.T).detach().requires_grad_()          # recomputed, [c, V_s]
-                out = kd_pass(logits, (teacher_hidden[sl] @ teacher_weight.T).detach(),
-                              torch.ones(len(logits), dtype=torch.bool, device=logits.device), tau, vocab, None,
-                              targets[sl] if len(targets) else None, mu, inplace_grad=True, akl=False)
-                terms = [(out.fkl, g_fkl[sl]), (out.rkl, g_rkl[sl])] + ([(out.ce, g_ce[sl])] if len(targets) else [])
-                g_logits, = torch.autograd.grad([t for t, _ in terms], [logits], [g for _, g in terms])
-            grad_hidden[sl] = g_logits @ weight
-            grad_weight += g_logits.T @ hidden[sl]
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
-
-
-def fused_kd_pass(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, tau=1.0, vocab_size=None,
-                  chunk_tokens=None, target_ids=None, mu=0.5, akl=True):
-    """kd_pass from the last hidden states and the output-embedding weights of both models.
-
-    student_hidden [..., d] and student_weight [V_s, d] (both differentiable), teacher_hidden
-    [..., d_t] and teacher_weight [V_t, d_t] (no gradient), mask [...]; the rest as kd_pass. The
-    output layers must have no bias. Returns a KDPassResult for the masked tokens. Neither model's
-    [tokens, V] logits are ever held: a chunk's logits are recomputed in backward (one more matmul).
-    """
-    rows = mask.reshape(-1).nonzero().squeeze(1)
-    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])[rows]
-    t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[rows]
-    targets = target_ids.reshape(-1)[rows] if target_ids is not None else torch.empty(0, dtype=torch.long, device=hidden.device)
-    vocab = vocab_size or student_weight.shape[0]
-    # Chunks of at least 256 tokens keep the matmuls efficient and the weight gradient's additions few;
-    # the chunk's two [c, V] logits are what is held (kd_pass inside keeps its own small buffers).
-    chunk = chunk_tokens or max(256, 2 ** 24 // vocab)
-    fkl, rkl, ce, akl_alpha, stats = _FusedKDFunction.apply(hidden, student_weight, t_hidden, teacher_weight.detach(),
-                                                           targets, float(tau), vocab, int(chunk), float(mu), bool(akl))
-    return KDPassResult(fkl, rkl, ce if target_ids is not None else None, akl_alpha if akl else None, stats)
 
 
 def next_token_targets(labels, ignore_index=IGNORE_INDEX):

@@ -84,6 +84,35 @@ def test_forward_and_reverse_kl_match_a_plain_loop(tau):
     assert not torch.allclose(fkl, rkl)     # the two directions really differ
 
 
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_entropy_and_top1_agreement_match_a_plain_loop_and_kd_pass_statistics(tau):
+    """The policy's features 3, 4 and 6 as plain definitions, each against a loop, then against the
+    sums kd_pass returns (with and without the AKL head search), on padded columns and tied rows."""
+    torch.manual_seed(4)
+    s, t = torch.randn(3, 5, 9, dtype=torch.float64) * 2, torch.randn(3, 5, 9, dtype=torch.float64) * 2
+    t[0, 0, :7] = 5.0                                       # a teacher tie over every real column
+    s[0, 0, :7] = torch.arange(7.0)                         # the student's maximum at column 6, not 0
+    t[0, 1, 2] = t[0, 1, 5] = 9.0                           # the teacher's top-1 is column 2 (lowest index)
+    s[0, 1, :7] = 0.0
+    s[0, 1, 2] = s[0, 1, 5] = 3.0                           # a student tie on it: agreement
+    h_t, h_s = losses.entropy(t[..., :7], tau), losses.entropy(s[..., :7], tau)
+    agree = losses.top1_agreement(s[..., :7], t[..., :7])
+    for i, (srow, trow) in enumerate(zip(rows_of(s[..., :7]), rows_of(t[..., :7]))):
+        assert h_t.flatten()[i].item() == pytest.approx(ref_entropy(ref_softmax(trow, tau)), abs=1e-10)
+        assert h_s.flatten()[i].item() == pytest.approx(ref_entropy(ref_softmax(srow, tau)), abs=1e-10)
+        top = trow.index(max(trow))                                          # the first maximal index
+        assert agree.flatten()[i].item() == float(srow[top] == max(srow))
+    assert agree[0, 0] == 0 and agree[0, 1] == 1
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[2, 3:] = False
+    for akl in (True, False):
+        stats = kd_pass(s, t, mask, tau, vocab_size=7, akl=akl).stats
+        names = losses.STAT_NAMES
+        assert stats[names.index("teacher_entropy")].item() == pytest.approx(h_t[mask].sum().item(), abs=1e-9)
+        assert stats[names.index("student_entropy")].item() == pytest.approx(h_s[mask].sum().item(), abs=1e-9)
+        assert stats[names.index("top1_agreement")].item() == agree[mask].sum().item()
+
+
 def test_kl_direction_is_named_right():
     """FKL = KL(p || q) with p the TEACHER: a broad teacher and a peaked student give a large FKL."""
     teacher = torch.zeros(1, 4, dtype=torch.float64)                  # uniform p
