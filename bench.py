@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 import losses
+import plumbing
 from plumbing import peak_memory_bytes, start_memory_window
 
 VARIANTS = ("naive", "trl_gjsd", "distillm", "kd_pass", "kd_pass_no_akl", "kd_pass_inplace", "floor")
@@ -226,10 +227,10 @@ def step_benchmark(args):
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = data.write_synthetic(os.path.join(tmp, "data"))
         texts = [r["prompt"] + r["references"][0] for r in data.load_records("dolly_train", data_dir)]
-        data.train_tokenizer(texts).save_pretrained(os.path.join(tmp, "tok"))
+        plumbing.train_tokenizer(texts).save_pretrained(os.path.join(tmp, "tok"))
         for role, spec in (("teacher", args.teacher_size), ("student", args.student_size)):
             layers, width = map(int, spec.split(","))
-            data.tiny_model(os.path.join(tmp, "tok"), os.path.join(tmp, role), width, layers, n_head=max(1, width // 64))
+            plumbing.tiny_model(os.path.join(tmp, "tok"), os.path.join(tmp, role), width, layers, n_head=max(1, width // 64))
         from transformers import AutoModelForCausalLM
         params = {role: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(os.path.join(tmp, role)).parameters())
                   for role in ("teacher", "student")}

@@ -789,7 +789,7 @@ def test_readme_example_runs_with_only_the_two_files(tmp_path):
     import re
     import shutil
     readme = open(os.path.join(HERE, "README.md")).read()
-    example = re.search(r"## Using losses.py and policy.py.*?```python\n(.*?)```", readme, re.S).group(1)
+    example = re.search(r"## The ARKD step.*?```python\n(.*?)```", readme, re.S).group(1)
     for name in ("losses.py", "policy.py"):
         shutil.copy(os.path.join(HERE, name), tmp_path / name)
     prelude = f"""
