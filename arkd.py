@@ -1,12 +1,14 @@
 """ARKD training: SFT, SeqKD and KD with every alpha strategy (ARKD included), on one GPU or many.
 
 The method, its equations and every choice made where the paper is vague are in docs/method.md;
-this file is its training loop, on top of losses.py, policy.py, data.py and evaluate.py. Every
-strategy is trained by the same loop, so the comparison is fair. Read train_step for one ARKD step:
+this file is its training loop, on top of losses.py and policy.py (the maths), data.py (records and
+batches), evaluate.py (sampling, Rouge-L) and plumbing.py (processes, models, checkpoint files,
+logs). Every strategy is trained by the same loop, so the comparison is fair. Read train_step for
+one ARKD step:
 
-    token count -> micro-batch 0's statistics -> alpha (a strategy rule or policy.act)
-    -> alpha FKL + (1 - alpha) RKL -> backward over the micro-batches -> clip, optimizer step
-    -> reward: micro-batch 0 again after the step -> store the reward -> REINFORCE every M rewards
+    token count -> micro-batch 0's statistics -> choose_alpha (a strategy rule, or policy.act)
+    -> alpha FKL + (1 - alpha) RKL -> backward over the micro-batches -> clip_and_step
+    -> close_reward_window: micro-batch 0 again after the step -> the reward -> REINFORCE every M
 
     python arkd.py --method kd --strategy arkd --teacher T --student S --data_dir D --out RUN
     torchrun --nproc_per_node=8 arkd.py ...          # DDP: nccl on CUDA, gloo on CPU

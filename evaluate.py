@@ -249,6 +249,21 @@ def run_evaluation(args, device):
 # Reports: many runs -> results.md, results.json, heatmaps
 
 
+def new_figure(width, height):
+    """(figure, axes) drawn off screen: matplotlib's Agg backend needs no display."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(figsize=(width, height))
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def heatmap(values, row_labels, col_labels, title, path, reference="teacher"):
     """strategy x dataset heatmap (the paper's figures 3, 4 and 7) as a PNG.
 
@@ -256,9 +271,6 @@ def heatmap(values, row_labels, col_labels, title, path, reference="teacher"):
     visible even when the teacher is far ahead; the `reference` row (the teacher) is drawn in grey
     with its numbers, outside the colour scale. NaN cells are left blank.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     grid = torch.tensor(values, dtype=torch.float64).reshape(len(row_labels), len(col_labels))
     students = torch.tensor([label != reference for label in row_labels])
     scaled = torch.full_like(grid, float("nan"))
@@ -268,7 +280,7 @@ def heatmap(values, row_labels, col_labels, title, path, reference="teacher"):
         if len(column):
             low, high = float(column.min()), float(column.max())
             scaled[students, j] = (grid[students, j] - low) / (high - low) if high > low else 0.5
-    fig, ax = plt.subplots(figsize=(2.2 + 1.3 * len(col_labels), 1.2 + 0.45 * len(row_labels)))
+    fig, ax = new_figure(2.2 + 1.3 * len(col_labels), 1.2 + 0.45 * len(row_labels))
     ax.set_facecolor("0.85")                 # NaN cells are transparent: the reference row shows grey
     image = ax.imshow(scaled.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(col_labels)), col_labels)
@@ -280,9 +292,7 @@ def heatmap(values, row_labels, col_labels, title, path, reference="teacher"):
                 ax.text(j, i, f"{v:.1f}", ha="center", va="center", color=colour, fontsize=8)
     ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
     fig.colorbar(image, ax=ax, label="per column: worst -> best student")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def report(run_dirs, out_dir, title="Results"):
@@ -331,22 +341,17 @@ def read_metrics(run_dir):
 def plot_run(run_dir):
     """The paper's figures 5 (alpha trajectory) and 6 (reward with FKL and RKL) as RUN_DIR/alpha.png
     and RUN_DIR/reward.png, from its metrics.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     rows = read_metrics(run_dir)
     steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = new_figure(7, 3.5)
     ax.plot(steps, [r.get("alpha") for r in rows], lw=0.8, label="alpha (FKL weight)")
     if any(r.get("beta_a") for r in rows):
         ax.plot(steps, [r["beta_a"] / (r["beta_a"] + r["beta_b"]) if r.get("beta_a") else None for r in rows],
                 lw=1.5, label="policy mean a / (a + b)")
     ax.set(xlabel="step", ylabel="alpha", ylim=(0, 1), title="alpha trajectory")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "alpha.png"), dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    save_figure(fig, os.path.join(run_dir, "alpha.png"))
+    fig, ax = new_figure(7, 3.5)
     ax.plot(steps, [r.get("fkl") for r in rows], label="FKL")
     ax.plot(steps, [r.get("rkl") for r in rows], label="RKL")
     ax.set(xlabel="step", ylabel="divergence", title="reward, FKL and RKL")
@@ -357,9 +362,7 @@ def plot_run(run_dir):
         twin.set_ylabel("reward")
         twin.legend(loc="upper center")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "reward.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(run_dir, "reward.png"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -126,18 +126,13 @@ def summarise_probe(rows, alphas):
 
 
 def plot_probe(summary, alphas, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = evaluate.new_figure(6, 3.5)
     for name, label in (("reward", "on the batch trained on (ARKD's reward)"), ("heldout_reward", "on a held-out batch")):
         ax.errorbar(alphas, summary[name]["mean"], yerr=summary[name]["stderr"], marker="o", capsize=3,
                     label=f"{label}, SNR {summary[name]['snr']:.2f}")
     ax.set(xlabel="alpha (FKL weight) of the one step", ylabel="immediate reward", title="reward probe (mean +- s.e.)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    evaluate.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,10 +214,7 @@ def modes_experiment(args):
 
 
 def plot_modes(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = evaluate.new_figure(5.5, 4)
     colours = {"teacher": "black", "fkl": "tab:blue", "rkl": "tab:red", "arkd": "tab:green"}
     for name, r in results.items():
         kind = name.split("-")[0]
@@ -230,9 +222,7 @@ def plot_modes(results, path):
     ax.set(xlabel="coverage: share of the valid answers produced", ylabel="precision: share of samples valid",
            title="mean- vs mode-seeking on multi-modal answers", xlim=(0, 1.02), ylim=(0, 1.02))
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    evaluate.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,10 +284,7 @@ def study_report(run_dirs, train_dir, out_dir, title):
 
 def plot_alpha_seeds(run_dirs, path):
     """The policy's mean alpha a / (a + b) (and the sampled alpha, faint) of every ARKD run on one plot."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = evaluate.new_figure(7, 3.5)
     for i, run in enumerate(run_dirs):
         rows = evaluate.read_metrics(run)
         colour = f"C{i}"
@@ -306,9 +293,7 @@ def plot_alpha_seeds(run_dirs, path):
                 lw=1.5, label=f"{os.path.basename(run)}: policy mean")
     ax.set(xlabel="step", ylabel="alpha (FKL weight)", ylim=(0, 1), title="ARKD alpha, every training seed")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    evaluate.save_figure(fig, path)
 
 
 def main(argv=None):
