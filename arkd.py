@@ -315,7 +315,8 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
     alpha, row = None, {"step": step}
     for i, batch in accumulating(model, batches, run):          # DDP syncs gradients after the last one
         logits = forward(model, batch, run)
-        out, teacher_logits = kd_outputs(args, run, teacher, logits, batch, policy, teacher_optimizer)
+        state_read = policy is not None and i == 0 and window is None     # a new action: its state needs AKL
+        out, teacher_logits = kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer)
         if i == 0 and out is not None:                          # alpha is needed before the first backward (T2)
             alpha, window = choose_alpha(run, policy, window, all_reduce_sum(out.stats), step,
                                          (rng0, batch, teacher_logits), row)
@@ -355,9 +356,10 @@ def accumulating(model, batches, run):
             yield i, batch
 
 
-def kd_outputs(args, run, teacher, logits, batch, policy, teacher_optimizer):
+def kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer):
     """(kd_pass of the student's logits against the teacher's, the teacher's logits); (None, None)
-    for SFT and SeqKD. The AKL head search runs only where it is read: akl, and ARKD's state."""
+    for SFT and SeqKD. The AKL head search runs only where it is read: every micro-batch of `akl`,
+    and for ARKD the micro-batch whose statistics make a new action's state (state_read)."""
     if args.method in ("sft", "seqkd"):
         return None, None
     with torch.no_grad() if teacher_optimizer is None else contextlib.nullcontext():   # OKD: the LoRA learns
@@ -366,7 +368,7 @@ def kd_outputs(args, run, teacher, logits, batch, policy, teacher_optimizer):
     kind = run.strategy[0]
     out = kd_pass(logits, teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size, args.chunk_tokens,
                   target_ids=targets, inplace_grad=teacher_optimizer is None, atkd=kind == "atkd",
-                  akl=kind == "akl" or policy is not None)
+                  akl=kind == "akl" or state_read)
     return out, teacher_logits
 
 
@@ -384,7 +386,7 @@ def choose_alpha(run, policy, window, stats0, step, reward_batch, row):
         return policy.last_alpha, window                        # the open action holds
     before = stat_means(stats0)
     state = make_state(before, step / run.total_steps, policy.last_alpha, policy.last_reward)
-    row.update(state_log_fkl=float(state[0]), state_log_rkl=float(state[1]))
+    row.update(state_log_fkl=float(state[0]), state_log_rkl=float(state[1]), akl_alpha=before["akl_alpha"])
     return policy.act(state), RewardWindow(step, before, *reward_batch)
 
 
@@ -431,9 +433,10 @@ def close_reward_window(args, run, student, policy, window, row):
 
 def log_kd(row, sums, n_tokens, alpha, policy, akl, okd):
     """The KD part of a step's log row: alpha (AKL: its mean weight; ATKD: none), every statistic's
-    token mean, the LoRA's loss (OKD) and the policy's Beta (ARKD)."""
+    token mean, the LoRA's loss (OKD) and the policy's Beta (ARKD, whose akl_alpha is its state's:
+    micro-batch 0 of an action's first step, the only place its head search runs)."""
     means = stat_means(sums[:len(STAT_NAMES)])
-    if not (akl or policy is not None):     # the AKL head search did not run (kd_pass akl=False)
+    if not akl:                             # the step's AKL weights were not all computed (kd_pass akl=False)
         del means["akl_alpha"]
     row.update(alpha=means["akl_alpha"] if akl else alpha, **{k: v for k, v in means.items() if k != "tokens"})
     if okd:

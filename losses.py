@@ -41,7 +41,6 @@ IGNORE_INDEX = -100
 # Sums returned by kd_pass, in this order ("tokens" is the count the others are divided by).
 STAT_NAMES = ("tokens", "fkl", "rkl", "teacher_entropy", "student_entropy",
               "akl_alpha", "top1_agreement", "student_ce")
-AKL_TOPK = 64      # first top-k searched for the AKL head (then 16 x that, then a full sort)
 STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "arkd", "atkd")
 
 
@@ -163,107 +162,73 @@ def atkd_loss(tckd_t, nckd_t, easy, lam=0.2):
     return torch.where(easy, 2 * lam * nckd_t, 2 * (1 - lam) * (tckd_t + nckd_t))
 
 
-def _akl_alpha_sorted(sorted_p, order, abs_err, mu):
-    """g_head / (g_head + g_tail) given each row's teacher probabilities in descending order.
-
-    sorted_p, order: [n, k] (k <= V) with the head inside the first k; abs_err = |p - q|: [n, V].
-    Head = every token before the cumulative mass first exceeds mu, plus always the top-1,
-    i.e. {j : cumsum_j <= mu} + {1}. 0/0 (p == q) gives 0.5.
-    """
-    in_head = sorted_p.cumsum(-1) <= mu
-    in_head[:, 0] = True
-    return _head_share((abs_err.gather(-1, order) * in_head).sum(-1), abs_err.sum(-1))
-
-
 def _head_share(g_head, g_all):
     """g_head / (g_head + g_tail) per row, 0/0 (p == q) -> 0.5."""
     return torch.where(g_all > 0, g_head / g_all.clamp_min(torch.finfo(g_all.dtype).tiny), torch.full_like(g_all, 0.5))
 
 
-def _akl_alpha_and_top1(p, abs_err, mu, topk):
+def _akl_alpha_and_top1(p, abs_err, mu):
     """(g_head / (g_head + g_tail) [n], teacher top-1 index [n]) for p, abs_err = |p - q|: [n, V].
 
-    Sorting 50k columns per token is the slow part, so the head is searched in each row's top-k
-    teacher tokens, then in the top-16k for rows whose top-k mass does not exceed mu (the head may
-    go further), and the rows left after that (flat teachers) by a threshold search linear in V;
-    topk=None sorts every row (the reference path).
+    The head is every token before the cumulative mass first exceeds mu in the teacher's descending
+    order (ties: the lower index first, as a stable sort), and always the top-1. It is found without
+    sorting the vocabulary: where the top-1 alone exceeds mu (a confident teacher) the head is the
+    top-1; the other rows go through _head_error_by_bins, a few passes linear in V.
     """
-    alpha = torch.empty(p.shape[0], dtype=abs_err.dtype, device=p.device)
-    top1 = torch.empty(p.shape[0], dtype=torch.long, device=p.device)
-    left = torch.arange(p.shape[0], device=p.device)                 # rows still to resolve
-    for k in ((topk, 16 * topk) if topk else ()):
-        if k >= p.shape[-1] or not len(left):
-            break
-        candidates = p if len(left) == p.shape[0] else p[left]          # no copy in the first round
-        top_p, top_idx = candidates.topk(k, dim=-1)                   # [n, k], sorted descending
-        done = top_p.sum(-1) > mu                                     # the head ends inside
-        rows = left[done]
-        alpha[rows] = _akl_alpha_sorted(top_p[done], top_idx[done], abs_err[rows], mu)
-        top1[rows] = top_idx[done, 0]
-        left = left[~done]
-    if len(left) and topk:
-        alpha[left], top1[left] = _akl_alpha_by_threshold(p[left], abs_err[left], mu)
-    elif len(left):
-        sorted_p, order = p[left].sort(dim=-1, descending=True, stable=True)    # ties: lower index first
-        alpha[left] = _akl_alpha_sorted(sorted_p, order, abs_err[left], mu)
-        top1[left] = order[:, 0]
-    return alpha, top1
+    top_p, top1 = p.max(-1)                                      # the first maximal index: the sort's top-1
+    g_head = abs_err.gather(1, top1.unsqueeze(1)).squeeze(1)
+    rows = (top_p <= mu).nonzero().squeeze(1)
+    if len(rows):
+        g_head[rows] = _head_error_by_bins(p[rows], abs_err[rows], mu).to(g_head.dtype)
+    return _head_share(g_head, abs_err.sum(-1)), top1
 
 
-def _akl_alpha_by_threshold(p, abs_err, mu, bins=4096, candidates=4096, rounds=8):
-    """The AKL weight without sorting the vocabulary: exactly the sort's head, in a few linear passes.
+AKL_BINS = 2048     # float32 bit patterns >> 19: the sign (0), 8 exponent bits and 3 mantissa bits of p <= 1
 
-    Each row keeps an interval [lo, hi) of probabilities that holds its boundary token, and the
-    mass of the tokens at or above hi (all in the head). A pass cuts the interval into `bins`
-    equal bins, adds each bin's mass (scatter_add) and keeps the bin where the cumulative mass from
-    the top first exceeds mu. When at most `candidates` tokens remain in every row's interval (or
-    after `rounds` passes: what remains is tied), only those are sorted, and the head ends where
-    the sort would end it. [n, V] -> ([n] weights, [n] top-1 indices).
+
+def _head_error_by_bins(p, abs_err, mu):
+    """g_head = sum over the head of |p - q| per row of p, abs_err [m, V], exactly the stable sort's head.
+
+    A non-negative float's bits, read as an integer, order like the float, so their top bits are
+    histogram bins in the order of p (each about 1/8 of an octave wide). One weighted bincount of p
+    and one of |p - q| per row find the boundary bin b, the last one where the mass counted from the
+    top still exceeds mu: every token of a higher bin is in the head, no token of a lower bin is.
+    Only the tokens of bin b are sorted; the head ends where the sort's cumulative mass, counted on
+    from the bins above (in float64), first exceeds mu.
     """
-    n = p.shape[0]
-    top_p, top1 = p.max(-1)
-    lo, hi = torch.zeros_like(top_p), torch.full_like(top_p, math.inf)
-    mass_above = torch.zeros_like(top_p)
-    for _ in range(rounds):
-        inside = (p >= lo.unsqueeze(1)) & (p < hi.unsqueeze(1))
-        spread = torch.where(inside, p, -math.inf).amax(-1) - lo             # 0: only ties remain
-        if not ((inside.sum(-1) > candidates) & (spread > 0)).any():
-            break
-        width = spread.clamp_min(torch.finfo(p.dtype).tiny) / bins
-        idx = ((p - lo.unsqueeze(1)) / width.unsqueeze(1)).long().clamp_(0, bins - 1)
-        mass = torch.zeros(n, bins + 1, dtype=p.dtype, device=p.device)
-        mass.scatter_add_(1, torch.where(inside, idx, bins), p)            # bin `bins`: outside the interval
-        from_top = mass[:, :bins].flip(-1).cumsum(-1).flip(-1) + mass_above.unsqueeze(1)   # mass at or above bin b
-        exceeds = from_top > mu
-        boundary = (exceeds.long().cumsum(-1) == exceeds.sum(-1, keepdim=True)).long().argmax(-1, keepdim=True)
-        # The new interval is read off the tokens themselves, so float rounding of the bins cannot lose one.
-        above, at = inside & (idx > boundary), inside & (idx == boundary)
-        mass_above = mass_above + (p * above).sum(-1)
-        hi = torch.where(above.any(-1), torch.where(above, p, math.inf).amin(-1), hi)
-        lo = torch.where(at.any(-1), torch.where(at, p, math.inf).amin(-1), lo)
-    inside = (p >= lo.unsqueeze(1)) & (p < hi.unsqueeze(1))
-    k = max(1, int(inside.sum(-1).max()))
-    order_key = inside * torch.arange(p.shape[1], 0, -1, device=p.device)          # inside, lowest index first
-    cand_idx = order_key.topk(k, dim=-1).indices
-    cand_p = torch.where(inside.gather(1, cand_idx), p.gather(1, cand_idx), -1.0)
-    cand_p, order = cand_p.sort(dim=-1, descending=True, stable=True)              # ties: lower index first
-    cand_idx = cand_idx.gather(1, order)
-    cand_in = (cand_p >= 0) & (mass_above.unsqueeze(1) + cand_p.clamp_min(0).cumsum(-1) <= mu)
-    head = p >= hi.unsqueeze(1)
-    head.scatter_(1, cand_idx, cand_in | head.gather(1, cand_idx))
-    head.scatter_(1, top1.unsqueeze(1), True)                                # the top-1 always
-    return _head_share((abs_err * head).sum(-1), abs_err.sum(-1)), top1
+    m, device = p.shape[0], p.device
+    bins = p.float().view(torch.int32) >> 19                                           # [m, V] in [0, AKL_BINS)
+    flat = (bins + (torch.arange(m, dtype=torch.int32, device=device) * AKL_BINS).unsqueeze(1)).flatten()
+    zero = torch.zeros(m, 1, dtype=torch.float64, device=device)
+
+    def from_top(weights):            # [m, AKL_BINS + 1]: the sum over bins j and above; column AKL_BINS is 0
+        per_bin = torch.bincount(flat, weights=weights.flatten(), minlength=m * AKL_BINS).view(m, AKL_BINS).double()
+        return torch.cat([per_bin.flip(-1).cumsum(-1).flip(-1), zero], dim=1)
+    mass, error = from_top(p), from_top(abs_err)
+    boundary = ((mass[:, :AKL_BINS] > mu).sum(-1) - 1).clamp_min(0)                   # [m]
+    mass_above = mass.gather(1, (boundary + 1).unsqueeze(1)).squeeze(1)                # the bins above: all in the head
+    error_above = error.gather(1, (boundary + 1).unsqueeze(1)).squeeze(1)
+    rows, cols = (bins == boundary.to(torch.int32).unsqueeze(1)).nonzero(as_tuple=True)     # row-major
+    order = p[rows, cols].sort(descending=True, stable=True).indices                 # ties: the lower column first
+    order = order[rows[order].sort(stable=True).indices]                               # then each row's own
+    rows, cols = rows[order], cols[order]
+    counts = torch.bincount(rows, minlength=m)
+    position = torch.arange(len(rows), device=device) - (counts.cumsum(0) - counts)[rows]   # 0 for a row's first
+    # Each row's cumulative mass in the sort's order, the bins above first: [m, 1 + most candidates].
+    running = torch.zeros(m, 1 + int(counts.max()), dtype=torch.float64, device=device)
+    running[:, 0] = mass_above
+    running[rows, position + 1] = p[rows, cols].double()
+    cumulative = running.cumsum(1)[rows, position + 1]
+    in_head = (cumulative.to(p.dtype) <= mu) | ((position == 0) & (mass_above[rows] == 0))   # the top-1 always
+    inside = torch.zeros(m, dtype=torch.float64, device=device).index_add_(0, rows, abs_err[rows, cols].double() * in_head)
+    return error_above + inside
 
 
 @torch.no_grad()
-def akl_alpha_rows(p, q, mu=0.5, topk=AKL_TOPK):
-    """Per-row AKL weight alpha_t = g_head / (g_head + g_tail) from probabilities p, q: [n, V] -> [n].
-
-    The head is searched among each row's top-k teacher tokens (falling back to larger k, then a
-    full sort, for rows whose head goes further); topk=None sorts every row (the reference path).
-    """
+def akl_alpha_rows(p, q, mu=0.5):
+    """Per-row AKL weight alpha_t = g_head / (g_head + g_tail) from probabilities p, q: [n, V] -> [n]."""
     _check_mu(mu)
-    return _akl_alpha_and_top1(p, (p - q).abs(), mu, topk)[0]
+    return _akl_alpha_and_top1(p, (p - q).abs(), mu)[0]
 
 
 @torch.no_grad()
@@ -422,7 +387,7 @@ class _KDPassFunction(torch.autograd.Function):
             fkl[sl], rkl[sl] = p_diff * tau ** 2, -q_diff * tau ** 2
             h_p, h_q = -(p_diff + p_log_q), -q_log_q                  # log p = diff + log q
             if akl_on:                                                 # the head search: only when asked
-                akl[sl], top_t = _akl_alpha_and_top1(p, torch.sub(p, q, out=diff).abs_(), mu, AKL_TOPK)
+                akl[sl], top_t = _akl_alpha_and_top1(p, torch.sub(p, q, out=diff).abs_(), mu)
             else:
                 top_t = p.argmax(-1)
             # The student agrees when the teacher's top-1 is also its own maximum (ties count).

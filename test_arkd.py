@@ -455,44 +455,55 @@ def test_akl_head_of_the_spec_example():
     assert akl_alpha(q3.log(), p3.log(), mu=0.6).item() == pytest.approx(0.05 / 0.1)
 
 
-def test_akl_matches_a_plain_loop_and_topk_equals_full_sort():
+def akl_by_stable_sort(p, q, mu=0.5):
+    """The AKL weight with the head read off a full stable descending sort (ties: the lower index first)."""
+    sorted_p, order = p.sort(dim=-1, descending=True, stable=True)
+    in_head = sorted_p.cumsum(-1) <= mu
+    in_head[:, 0] = True
+    err = (p - q).abs()
+    g_all = err.sum(-1)
+    return torch.where(g_all > 0, (err.gather(-1, order) * in_head).sum(-1) / g_all, 0.5)
+
+
+def test_akl_matches_a_plain_loop_and_a_stable_sort_on_both_paths():
     torch.manual_seed(0)
-    # Rows from flat to peaked: heads end in the top-4, in the top-64, or need the full sort.
-    scale = torch.linspace(0.05, 6, 60, dtype=torch.float64)[:, None]
+    # Rows from flat to peaked: some resolved by the top-1 alone, the others by the bins.
+    scale = torch.linspace(0.05, 12, 60, dtype=torch.float64)[:, None]
     teacher, student = torch.randn(60, 300, dtype=torch.float64) * scale, torch.randn(60, 300, dtype=torch.float64)
     p, q = torch.softmax(teacher, -1), torch.softmax(student, -1)
-    top4, top64 = (p.topk(k, -1).values.sum(-1) > 0.5 for k in (4, 64))
-    paths = (int(top4.sum()), int((top64 & ~top4).sum()), int((~top64).sum()))
-    assert min(paths) > 0, paths                              # every path of the search is taken
-    full = losses.akl_alpha_rows(p, q, topk=None)
-    assert torch.allclose(losses.akl_alpha_rows(p, q, topk=4), full, atol=1e-12, rtol=0)   # summed in another order
+    top1_alone = p.max(-1).values > 0.5
+    assert 0 < int(top1_alone.sum()) < 60                     # both paths of the search are taken
+    found = losses.akl_alpha_rows(p, q)
+    assert torch.allclose(found, akl_by_stable_sort(p, q), atol=1e-12, rtol=0)   # summed in another order
     for i in range(60):
-        assert full[i].item() == pytest.approx(ref_akl_share(p[i].tolist(), q[i].tolist()), abs=1e-12)
-    assert torch.allclose(akl_alpha(student, teacher), full)
+        assert found[i].item() == pytest.approx(ref_akl_share(p[i].tolist(), q[i].tolist()), abs=1e-12)
+    assert torch.allclose(akl_alpha(student, teacher), found)
 
 
-def test_threshold_search_finds_the_sorts_head_on_flat_peaked_tied_and_one_hot_rows():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_bin_search_finds_the_sorts_head_on_flat_peaked_tied_and_one_hot_rows(dtype):
     torch.manual_seed(7)
     vocab = 3000
-    q = torch.softmax(torch.randn(16, vocab, dtype=torch.float64), -1)
+    q = torch.softmax(torch.randn(16, vocab, dtype=torch.float64), -1).to(dtype)
     rows = {"flat": torch.softmax(torch.randn(16, vocab, dtype=torch.float64) * 0.3, -1),
             "peaked": torch.softmax(torch.randn(16, vocab, dtype=torch.float64) * 5, -1),
             "tied": torch.softmax(torch.randint(0, 3, (16, vocab)).double(), -1),
             "uniform": torch.full((16, vocab), 1.0 / vocab, dtype=torch.float64),
-            "one-hot": torch.nn.functional.one_hot(torch.arange(16) * 7, vocab).double()}
+            "one-hot": torch.nn.functional.one_hot(torch.arange(16) * 7, vocab).double(),
+            "two tied tops": torch.nn.functional.one_hot(torch.arange(16) * 7, vocab).double() * 0.4 +
+            torch.nn.functional.one_hot(torch.arange(16) * 7 + 3, vocab).double() * 0.4 + 0.2 / vocab}
     for name, p in rows.items():
-        by_sort = losses.akl_alpha_rows(p, q, topk=None)                    # a stable full sort
-        for bins, candidates in ((4096, 4096), (16, 8)):                    # one pass / many refinements
-            found, top1 = losses._akl_alpha_by_threshold(p, (p - q).abs(), 0.5, bins=bins, candidates=candidates)
-            assert torch.allclose(found, by_sort, atol=1e-12), name
-            assert torch.equal(top1, p.sort(dim=-1, descending=True, stable=True).indices[:, 0]), name
-    uniform = losses.akl_alpha_rows(rows["uniform"][:3], q[:3], topk=4)   # ties: the plain loop's stable order
+        p = p.to(dtype)
+        err = (p - q).abs()
+        g_head = losses._head_error_by_bins(p, err, 0.5)                   # the bins alone, on every row
+        g_all = err.double().sum(-1)
+        assert torch.allclose(g_head / g_all, akl_by_stable_sort(p, q).double(), atol=1e-12 if dtype == torch.float64 else 1e-6), name
+        alpha, top1 = losses._akl_alpha_and_top1(p, err, 0.5)
+        assert torch.allclose(alpha, akl_by_stable_sort(p, q), atol=1e-12 if dtype == torch.float64 else 1e-6), name
+        assert torch.equal(top1, p.sort(dim=-1, descending=True, stable=True).indices[:, 0]), name
+    uniform = losses.akl_alpha_rows(rows["uniform"][:3], q[:3].double())   # ties: the plain loop's stable order
     for i in range(3):
         assert uniform[i].item() == pytest.approx(ref_akl_share(rows["uniform"][i].tolist(), q[i].tolist()), abs=1e-12)
-    flat = rows["flat"][:3]
-    for i in range(3):
-        assert losses.akl_alpha_rows(flat, q[:3], topk=4)[i].item() == pytest.approx(
-            ref_akl_share(flat[i].tolist(), q[i].tolist()), abs=1e-12)
 
 
 def test_kd_pass_without_the_akl_search_changes_nothing_else():
