@@ -21,13 +21,15 @@ prints the median time over --repeats runs, the peak extra memory over the input
 max_memory_allocated on CUDA) and the ratios to naive. --json prints one JSON object.
 
 The logits are synthetic but shaped like a trained LM's: Gaussian noise over the vocabulary plus
-8 boosted tokens per row whose top logit varies between rows (most rows peaked, some flat enough
-that the AKL head search goes past the top 1024; the share is printed). --flat makes the teacher
-flat (entropy about 10 nats, as early in training): the AKL search's hard case.
+8 boosted tokens per row whose top logit varies between rows (most rows peaked, the top-1 alone
+their AKL head; the share is printed). --flat makes the teacher flat (entropy about 10 nats, as
+early in training): the AKL search's hard case. --akl measures kd_pass with the AKL head search
+against kd_pass without it (akl=False) on both teachers, in alternating subprocesses.
 
     python bench.py                          # N=4096, V=50257, fp32, CUDA when available
     python bench.py --dtype bf16 --n 1024 --json
     python bench.py --flat
+    python bench.py --akl                    # the AKL search's cost on a peaked and on a flat teacher
 
 The step benchmark times whole optimizer steps of arkd.py on the offline toy task, ARKD (reward
 forward and policy update included) against plain FKL, on random GPT-2s built from configs:
@@ -144,13 +146,10 @@ def floor_step(student, teacher):
         torch.add(torch.exp(student[rows].float()), torch.exp(teacher[rows].float()), out=grad[rows])
 
 
-def topk_resolved_share(teacher, k=64):
-    """Share of rows whose AKL head ends inside the top-k (the rest use the full sort)."""
-    resolved = 0
-    for lo in range(0, teacher.shape[0], 256):
-        p = torch.softmax(teacher[lo:lo + 256].float(), -1)
-        resolved += int((p.topk(k, -1).values.sum(-1) > MU).sum())
-    return resolved / teacher.shape[0]
+def top1_resolved_share(teacher):
+    """Share of rows whose AKL head is the top-1 alone (its mass exceeds mu); the rest take the bins."""
+    return sum(int((torch.softmax(teacher[lo:lo + 256].float(), -1).amax(-1) > MU).sum())
+               for lo in range(0, teacher.shape[0], 256)) / teacher.shape[0]
 
 
 def run_variant(args):
@@ -180,7 +179,7 @@ def run_variant(args):
     result = {"variant": args.variant, "median_s": statistics.median(times), "times_s": times,
               "peak_extra_bytes": max(0, peak - baseline), "loss": loss, "input_bytes": 2 * pristine.numel() * pristine.element_size()}
     if args.variant == "kd_pass":
-        result["topk_resolved_share"] = topk_resolved_share(teacher)
+        result["top1_resolved_share"] = top1_resolved_share(teacher)
         p = torch.softmax(teacher[:256].float(), -1)
         result["teacher_entropy"] = float(-(p * torch.log_softmax(teacher[:256].float(), -1)).sum(-1).mean())
     print(json.dumps(result))
@@ -215,6 +214,28 @@ def compare_variants(args):
     if "kd_pass" in results:
         summary["time_ratio"] = results["kd_pass"]["time_ratio"]
         summary["peak_memory_ratio"] = results["kd_pass"]["peak_memory_ratio"]
+    return summary
+
+
+def akl_benchmark(args):
+    """kd_pass with the AKL head search over kd_pass without it, on the peaked and on the flat teacher:
+    --repeats alternating rounds of one subprocess each, the ratio of the median times."""
+    summary = {}
+    for teacher in ("peaked", "flat"):
+        times = {"kd_pass": [], "kd_pass_no_akl": []}
+        for _ in range(args.repeats):
+            for variant in times:
+                cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--n", str(args.n), "--vocab",
+                       str(args.vocab), "--dtype", args.dtype, "--device", args.device, "--repeats", "1",
+                       "--threads", str(args.threads)] + (["--flat"] if teacher == "flat" else [])
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    sys.exit(f"bench: variant {variant} failed:\n{done.stderr[-2000:]}")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                times[variant].append(result["median_s"])
+                summary.setdefault(teacher, {}).update({k: result[k] for k in ("teacher_entropy", "top1_resolved_share") if k in result})
+        medians = {v: statistics.median(t) for v, t in times.items()}
+        summary[teacher].update(median_s=medians, akl_ratio=medians["kd_pass"] / medians["kd_pass_no_akl"])
     return summary
 
 
@@ -343,6 +364,7 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--flat", action="store_true", help="a high-entropy teacher (the AKL head search's hard case)")
+    parser.add_argument("--akl", action="store_true", help="kd_pass with AKL over kd_pass without it, on both teachers")
     parser.add_argument("--gpu_check", action="store_true", help="the GPU checklist (reduced sizes without CUDA); "
                         "writes --out/gpu_check.json and .md")
     parser.add_argument("--step", action="store_true", help="step benchmark: ARKD step over FKL step in arkd.py")
@@ -355,6 +377,14 @@ def main():
     args = parser.parse_args()
     if args.variant:
         return run_variant(args)
+    if args.akl:
+        summary = akl_benchmark(args)
+        if args.json:
+            return print(json.dumps(summary, indent=1))
+        for teacher, r in summary.items():
+            print(f"{teacher} teacher ({r['teacher_entropy']:.1f} nats): kd_pass {r['median_s']['kd_pass']:.3f} s, without AKL "
+                  f"{r['median_s']['kd_pass_no_akl']:.3f} s: {r['akl_ratio']:.3f}x (baseline: kd_pass(akl=False))")
+        return
     if args.step:
         summary = step_benchmark(args)
         return print(json.dumps(summary, indent=1)) if args.json else print_step(summary)
@@ -376,8 +406,8 @@ def main():
         print(f"{name:<16} {r['median_s']:8.3f} {r['time_ratio']:8.3f} "
               f"{r['peak_extra_bytes'] / 2**20:15.1f} {r['peak_memory_ratio'] or float('nan'):8.3f}")
     if "kd_pass" in results:
-        print(f"teacher entropy {results['kd_pass']['teacher_entropy']:.1f} nats; AKL head found in the top-64 for "
-              f"{100 * results['kd_pass']['topk_resolved_share']:.0f}% of the rows (the rest: the top 1024, then the threshold search)")
+        print(f"teacher entropy {results['kd_pass']['teacher_entropy']:.1f} nats; the AKL head is the top-1 alone in "
+              f"{100 * results['kd_pass']['top1_resolved_share']:.0f}% of the rows (the rest: the bin search)")
     for peer in REFERENCE_ONLY:
         if f"kd_pass_over_{peer}" in summary:
             r = summary[f"kd_pass_over_{peer}"]

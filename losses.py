@@ -178,7 +178,9 @@ def _akl_alpha_and_top1(p, abs_err, mu):
     top_p, top1 = p.max(-1)                                      # the first maximal index: the sort's top-1
     g_head = abs_err.gather(1, top1.unsqueeze(1)).squeeze(1)
     rows = (top_p <= mu).nonzero().squeeze(1)
-    if len(rows):
+    if len(rows) == len(p):                                      # a flat teacher: no copy of the rows
+        g_head = _head_error_by_bins(p, abs_err, mu).to(g_head.dtype)
+    elif len(rows):
         g_head[rows] = _head_error_by_bins(p[rows], abs_err[rows], mu).to(g_head.dtype)
     return _head_share(g_head, abs_err.sum(-1)), top1
 
@@ -209,19 +211,19 @@ def _head_error_by_bins(p, abs_err, mu):
     mass_above = mass.gather(1, (boundary + 1).unsqueeze(1)).squeeze(1)                # the bins above: all in the head
     error_above = error.gather(1, (boundary + 1).unsqueeze(1)).squeeze(1)
     rows, cols = (bins == boundary.to(torch.int32).unsqueeze(1)).nonzero(as_tuple=True)     # row-major
-    order = p[rows, cols].sort(descending=True, stable=True).indices                 # ties: the lower column first
-    order = order[rows[order].sort(stable=True).indices]                               # then each row's own
-    rows, cols = rows[order], cols[order]
+    cand, cand_err = p[rows, cols].double(), abs_err[rows, cols].double()
+    # One stable sort: by row, then by p descending; ties keep nonzero's order, the lower column first.
+    order = (2.0 * rows + (1.0 - cand)).sort(stable=True).indices
+    rows, cand, cand_err = rows[order], cand[order], cand_err[order]
     counts = torch.bincount(rows, minlength=m)
     position = torch.arange(len(rows), device=device) - (counts.cumsum(0) - counts)[rows]   # 0 for a row's first
     # Each row's cumulative mass in the sort's order, the bins above first: [m, 1 + most candidates].
     running = torch.zeros(m, 1 + int(counts.max()), dtype=torch.float64, device=device)
     running[:, 0] = mass_above
-    running[rows, position + 1] = p[rows, cols].double()
+    running[rows, position + 1] = cand
     cumulative = running.cumsum(1)[rows, position + 1]
     in_head = (cumulative.to(p.dtype) <= mu) | ((position == 0) & (mass_above[rows] == 0))   # the top-1 always
-    inside = torch.zeros(m, dtype=torch.float64, device=device).index_add_(0, rows, abs_err[rows, cols].double() * in_head)
-    return error_above + inside
+    return error_above + torch.zeros(m, dtype=torch.float64, device=device).index_add_(0, rows, cand_err * in_head)
 
 
 @torch.no_grad()
