@@ -176,41 +176,42 @@ def _akl_alpha_and_top1(p, abs_err, mu):
     top-1; the other rows go through _head_error_by_bins, a few passes linear in V.
     """
     top_p, top1 = p.max(-1)                                      # the first maximal index: the sort's top-1
-    g_head = abs_err.gather(1, top1.unsqueeze(1)).squeeze(1)
     rows = (top_p <= mu).nonzero().squeeze(1)
-    if len(rows) == len(p):                                      # a flat teacher: no copy of the rows
-        g_head = _head_error_by_bins(p, abs_err, mu).to(g_head.dtype)
-    elif len(rows):
-        g_head[rows] = _head_error_by_bins(p[rows], abs_err[rows], mu).to(g_head.dtype)
-    return _head_share(g_head, abs_err.sum(-1)), top1
+    if len(rows) == len(p):                                      # a flat teacher: every row, no copy
+        return _head_share(*_head_error_by_bins(p, abs_err, mu)).to(abs_err.dtype), top1
+    g_head, g_all = abs_err.gather(1, top1.unsqueeze(1)).squeeze(1), abs_err.sum(-1)
+    if len(rows):
+        g_head[rows] = _head_error_by_bins(p[rows], abs_err[rows], mu)[0].to(g_head.dtype)
+    return _head_share(g_head, g_all), top1
 
 
-AKL_BINS = 2048     # float32 bit patterns >> 19: the sign (0), 8 exponent bits and 3 mantissa bits of p <= 1
+AKL_BINS = 8192     # float32 bits >> 17 of p <= 1: its exponent and 6 mantissa bits (the sign is 0)
 
 
 def _head_error_by_bins(p, abs_err, mu):
-    """g_head = sum over the head of |p - q| per row of p, abs_err [m, V], exactly the stable sort's head.
+    """(g_head, g_all) per row of p, abs_err [m, V] (float64 [m] each): g_head sums |p - q| over
+    exactly the stable sort's head, g_all over the whole row.
 
     A non-negative float's bits, read as an integer, order like the float, so their top bits are
-    histogram bins in the order of p (each about 1/8 of an octave wide). One weighted bincount of p
+    histogram bins in the order of p (each 1/64 of an octave wide). One weighted bincount of p
     and one of |p - q| per row find the boundary bin b, the last one where the mass counted from the
     top still exceeds mu: every token of a higher bin is in the head, no token of a lower bin is.
     Only the tokens of bin b are sorted; the head ends where the sort's cumulative mass, counted on
     from the bins above (in float64), first exceeds mu.
     """
     m, device = p.shape[0], p.device
-    bins = p.float().view(torch.int32) >> 19                                           # [m, V] in [0, AKL_BINS)
-    flat = (bins + (torch.arange(m, dtype=torch.int32, device=device) * AKL_BINS).unsqueeze(1)).flatten()
+    offsets = (torch.arange(m, dtype=torch.int32, device=device) * AKL_BINS).unsqueeze(1)
+    flat = (p.float().view(torch.int32) >> 17).add_(offsets)                          # [m, V]: row r's bins from r * AKL_BINS
     zero = torch.zeros(m, 1, dtype=torch.float64, device=device)
 
     def from_top(weights):            # [m, AKL_BINS + 1]: the sum over bins j and above; column AKL_BINS is 0
-        per_bin = torch.bincount(flat, weights=weights.flatten(), minlength=m * AKL_BINS).view(m, AKL_BINS).double()
+        per_bin = torch.bincount(flat.flatten(), weights=weights.flatten(), minlength=m * AKL_BINS).view(m, AKL_BINS).double()
         return torch.cat([per_bin.flip(-1).cumsum(-1).flip(-1), zero], dim=1)
     mass, error = from_top(p), from_top(abs_err)
     boundary = ((mass[:, :AKL_BINS] > mu).sum(-1) - 1).clamp_min(0)                   # [m]
     mass_above = mass.gather(1, (boundary + 1).unsqueeze(1)).squeeze(1)                # the bins above: all in the head
     error_above = error.gather(1, (boundary + 1).unsqueeze(1)).squeeze(1)
-    rows, cols = (bins == boundary.to(torch.int32).unsqueeze(1)).nonzero(as_tuple=True)     # row-major
+    rows, cols = (flat == boundary.to(torch.int32).unsqueeze(1) + offsets).nonzero(as_tuple=True)     # row-major
     cand, cand_err = p[rows, cols].double(), abs_err[rows, cols].double()
     # One stable sort: by row, then by p descending; ties keep nonzero's order, the lower column first.
     order = (2.0 * rows + (1.0 - cand)).sort(stable=True).indices
@@ -223,7 +224,8 @@ def _head_error_by_bins(p, abs_err, mu):
     running[rows, position + 1] = cand
     cumulative = running.cumsum(1)[rows, position + 1]
     in_head = (cumulative.to(p.dtype) <= mu) | ((position == 0) & (mass_above[rows] == 0))   # the top-1 always
-    return error_above + torch.zeros(m, dtype=torch.float64, device=device).index_add_(0, rows, cand_err * in_head)
+    inside = torch.zeros(m, dtype=torch.float64, device=device).index_add_(0, rows, cand_err * in_head)
+    return error_above + inside, error[:, 0]
 
 
 @torch.no_grad()

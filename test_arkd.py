@@ -495,8 +495,8 @@ def test_the_bin_search_finds_the_sorts_head_on_flat_peaked_tied_and_one_hot_row
     for name, p in rows.items():
         p = p.to(dtype)
         err = (p - q).abs()
-        g_head = losses._head_error_by_bins(p, err, 0.5)                   # the bins alone, on every row
-        g_all = err.double().sum(-1)
+        g_head, g_all = losses._head_error_by_bins(p, err, 0.5)            # the bins alone, on every row
+        assert torch.allclose(g_all, err.double().sum(-1), atol=1e-12), name
         assert torch.allclose(g_head / g_all, akl_by_stable_sort(p, q).double(), atol=1e-12 if dtype == torch.float64 else 1e-6), name
         alpha, top1 = losses._akl_alpha_and_top1(p, err, 0.5)
         assert torch.allclose(alpha, akl_by_stable_sort(p, q), atol=1e-12 if dtype == torch.float64 else 1e-6), name
