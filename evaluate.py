@@ -249,12 +249,12 @@ def run_evaluation(args, device):
 # Reports: many runs -> results.md, results.json, heatmaps
 
 
-def new_figure(width, height):
+def new_figure(width, height, columns=1):
     """(figure, axes) drawn off screen: matplotlib's Agg backend needs no display."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt.subplots(figsize=(width, height))
+    return plt.subplots(1, columns, figsize=(width, height))
 
 
 def save_figure(fig, path):

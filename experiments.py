@@ -6,13 +6,13 @@
               held-out batch in eval mode), the best alpha and the signal-to-noise ratio the policy
               sees; the training flags after `--` are arkd.py's (the student may be a checkpoint: its
               optimizer state is used when training_state.pt is beside it; --lr is the step's lr)
-    figure1   mean- vs mode-seeking made real: FKL, RKL and ARKD students of a teacher whose answers
-              have several valid modes by construction (write_modes); coverage and precision
+    figure1   mean- vs mode-seeking, exactly: a two-mode teacher over an ordered vocabulary in four
+              contexts, a one-mode student family, FKL, RKL, fixed mixes and ARKD; per-mode masses
     study     the miniature study's report (run.sh study): intervals over training seeds, ARKD's
               paired differences, every seed's alpha
 
     python experiments.py probe --probe_batches 16 -- --teacher T --student RUN/last --data_dir D --out PROBE
-    python experiments.py figure1 --out runs/figure1 [--modes_steps 400 --modes_seeds "1 2 3"]
+    python experiments.py figure1 --out runs/figure1 [--figure1_steps 400 --figure1_seeds "1 2 3"]
     python experiments.py study --runs EVAL_DIRS... --train_dir RUNS --out REPORT
 """
 import argparse
@@ -21,7 +21,6 @@ import glob
 import json
 import math
 import os
-import random
 import re
 import statistics
 import sys
@@ -32,7 +31,8 @@ import arkd
 import data
 import evaluate
 import plumbing
-from losses import IGNORE_INDEX, kd_pass, stat_means
+from losses import IGNORE_INDEX, forward_kl, kd_pass, mix, parse_strategy, reverse_kl, stat_means, strategy_alpha
+from policy import ARKDPolicy, immediate_reward, make_state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,93 +136,96 @@ def plot_probe(summary, alphas, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Figure 1 of the paper: mean- vs mode-seeking on answers with several valid modes
+# Figure 1 of the paper: mean- vs mode-seeking, exactly, on a two-mode teacher and a one-mode student
 
 
-def write_modes(data_dir, seed=0, records=4000, groups=5, choices=4):
-    """A task whose answers have several valid modes by construction, in the MiniLLM layout (dolly/raw.jsonl,
-    the first 1000 lines the dev set): "Name one word from the list." with one of `groups` fixed lists
-    of `choices` words as the input, and one of them, uniformly at random, as the output. The lists are
-    fixed, so a small teacher learns the answer distribution (uniform over the list) without having to
-    learn to copy; students distilled from it show mean- vs mode-seeking behaviour."""
-    rng = random.Random(seed)
-    lists = [data.SYNTHETIC_WORDS[i * choices:(i + 1) * choices] for i in range(groups)]
-    lines = []
-    for _ in range(records):
-        words = rng.choice(lists)
-        record = {"instruction": "Name one word from the list.", "input": " ".join(words), "output": rng.choice(words)}
-        lines.append(json.dumps({**record, "prompt": data.build_prompt(record["instruction"], record["input"])}) + "\n")
-    plumbing.write_atomic(os.path.join(data_dir, "dolly", "raw.jsonl"), "".join(lines))
-    return data_dir
+FIGURE1_VOCAB, FIGURE1_MODES, FIGURE1_WIDTH = 100, (30, 70), 4.0
+FIGURE1_CONTEXTS = (0.5, 0.6, 0.7, 0.8)             # the weight of mode a in each context
+FIGURE1_STRATEGIES = ("fkl", "rkl", "fixed:0.25", "fixed:0.5", "fixed:0.75", "arkd")
 
 
-def coverage_and_precision(records, samples):
-    """samples[s][i]: sample s for record i. Coverage: mean over prompts of the share of the listed words
-    produced at least once; precision: the share of all samples that are exactly one listed word."""
-    coverage, valid = 0.0, 0
-    for i, record in enumerate(records):
-        listed = set(record["input"].split())
-        answers = [s[i].strip() for s in samples]
-        coverage += len(listed & set(answers)) / len(listed)
-        valid += sum(a in listed for a in answers)
-    return {"coverage": coverage / len(records), "precision": valid / (len(records) * len(samples))}
+def two_mode_teacher(weights):
+    """Teacher log-probabilities [C, V]: in context c a mixture of two discretised Gaussians over the
+    ordered vocabulary 0..V-1, mode a (token 30) with weight weights[c] and mode b (token 70) the rest."""
+    v = torch.arange(FIGURE1_VOCAB, dtype=torch.float64)
+    bump = [torch.exp(-(v - m) ** 2 / (2 * FIGURE1_WIDTH ** 2)) for m in FIGURE1_MODES]
+    p = weights.unsqueeze(1) * bump[0] + (1 - weights.unsqueeze(1)) * bump[1]
+    return (p / p.sum(-1, keepdim=True)).log()
 
 
-def modes_experiment(args):
-    """Figure 1 of the paper made real: FKL (mean-seeking), RKL (mode-seeking) and ARKD students of a
-    teacher whose answers have several valid modes (write_modes). For each dev prompt every
-    model samples --modes_samples answers; coverage = share of the listed words it produces at least
-    once, precision = share of its samples that are one of them. Writes OUT/modes.json and modes.png."""
-    out = args.out
-    data_dir = write_modes(os.path.join(out, "data"))
-    texts = [r["prompt"] + r["references"][0] for r in data.load_records("dolly_train", data_dir)]
-    plumbing.train_tokenizer(texts).save_pretrained(os.path.join(out, "tokenizer"))
-    student_layers, student_width = map(int, args.modes_student.split(","))
-    for role, width, layers, seed in (("teacher", 128, 2, 1), ("student", student_width, student_layers, 2)):
-        plumbing.tiny_model(os.path.join(out, "tokenizer"), os.path.join(out, f"{role}-init"), width, layers, seed=seed)
-    common = ["--data_dir", data_dir, "--batch_size", "16", "--grad_accum", "1", "--eval_every", "0",
-              "--val_examples", "16", "--max_new_tokens", "6", "--warmup_ratio", "0.05"]
+class OneModeStudent(torch.nn.Module):
+    """One discretised Gaussian per context, logits_v = -(v - mean_c)^2 / (2 width_c^2): a family with
+    one mode, which cannot represent the two-mode teacher, so the KL direction decides what it gives up.
+    It starts narrow (width 5) between the modes, at 50 + 4 N(0, 1)."""
 
-    def train(name, *flags):
-        if not os.path.isdir(os.path.join(out, name, "best")):
-            arkd.main(common + ["--out", os.path.join(out, name), *flags])
-        return os.path.join(out, name, "best")
-    models = {"teacher": train("teacher", "--method", "sft", "--student", os.path.join(out, "teacher-init"),
-                               "--max_steps", str(4 * args.modes_steps), "--lr", "3e-3")}
-    student = train("student", "--method", "sft", "--student", os.path.join(out, "student-init"), "--max_steps",
-                    str(args.modes_steps // 4), "--lr", "3e-3")
-    for strategy in ("fkl", "rkl", "arkd"):
-        for seed in args.modes_seeds.split():
-            models[f"{strategy}-s{seed}"] = train(f"{strategy}-s{seed}", "--method", "kd", "--strategy", strategy,
-                                                  "--teacher", models["teacher"], "--student", student, "--seed", seed,
-                                                  "--max_steps", str(args.modes_steps), "--lr", "3e-3")
-    records = data.load_records("dolly_dev", data_dir)[:args.modes_prompts]
-    results = {}
-    for name, path in models.items():
-        tokenizer = plumbing.load_tokenizer(path)
-        model = plumbing.load_model(path, torch.device("cpu"), vocab_size=len(tokenizer)).eval()
-        examples, _ = data.encode_records(tokenizer, records, "modes")
-        samples = [evaluate.generate(model, tokenizer, [e["prompt_ids"] for e in examples], seed, 64, 6, progress=False)
-                   for seed in range(args.modes_samples)]
-        results[name] = coverage_and_precision(records, samples)
-    with open(os.path.join(out, "modes.json"), "w") as f:
-        json.dump({"samples": args.modes_samples, "prompts": len(records), "results": results}, f, indent=1)
-    plot_modes(results, os.path.join(out, "modes.png"))
+    def __init__(self, contexts, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.mean = torch.nn.Parameter(FIGURE1_VOCAB / 2 + 4 * torch.randn(contexts, generator=g, dtype=torch.float64))
+        self.log_width = torch.nn.Parameter(torch.full((contexts,), math.log(5.0), dtype=torch.float64))
+
+    def forward(self):
+        v = torch.arange(FIGURE1_VOCAB, dtype=torch.float64)
+        return -(v - self.mean.unsqueeze(1)) ** 2 / (2 * self.log_width.exp().unsqueeze(1) ** 2)   # [C, V]
+
+
+def fit_one_mode_student(teacher, strategy, steps, seed, lr=0.2):
+    """Adam on alpha FKL + (1 - alpha) RKL (kd_pass, one token per context) for `steps` steps; ARKD's
+    policy picks alpha from the same state and immediate reward as in training. Returns (q [C, V], alphas)."""
+    student, mask = OneModeStudent(len(teacher), seed), torch.ones(len(teacher), dtype=torch.bool)
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    policy = ARKDPolicy(seed=seed) if strategy == "arkd" else None
+    alphas = []
+    for step in range(steps):
+        out = kd_pass(student(), teacher, mask)
+        before = stat_means(out.stats)
+        alpha = policy.act(make_state(before, step / steps, policy.last_alpha, policy.last_reward)) if policy \
+            else strategy_alpha(parse_strategy(strategy), step, steps, out.stats)
+        optimizer.zero_grad()
+        mix(out.fkl, out.rkl, alpha).mean().backward()
+        optimizer.step()
+        if policy is not None:
+            with torch.no_grad():
+                after = stat_means(kd_pass(student(), teacher, mask, akl=False).stats)
+            if policy.store_reward(immediate_reward(before["fkl"], before["rkl"], after["fkl"], after["rkl"])):
+                policy.update()
+        alphas.append(alpha)
+    return torch.softmax(student().detach(), -1), alphas
+
+
+def mode_masses(q):
+    """Exact masses per context [C]: within 2 widths of mode a, of mode b, and elsewhere (the valley, the tails)."""
+    v = torch.arange(q.shape[-1])
+    near = [(v - m).abs() <= 2 * FIGURE1_WIDTH for m in FIGURE1_MODES]
+    return {"mode_a": q[:, near[0]].sum(-1).tolist(), "mode_b": q[:, near[1]].sum(-1).tolist(),
+            "elsewhere": q[:, ~(near[0] | near[1])].sum(-1).tolist()}
+
+
+def figure1(args):
+    """Figure 1 of the paper, exactly: every strategy's one-mode student of the two-mode teacher in each
+    context, per-mode mass computed from the distributions (no sampling). OUT/figure1.json and .png."""
+    teacher = two_mode_teacher(torch.tensor(FIGURE1_CONTEXTS, dtype=torch.float64))
+    results = {"teacher": {**mode_masses(teacher.exp()), "q": teacher.exp().tolist()}}
+    for strategy in FIGURE1_STRATEGIES:
+        for seed in map(int, args.figure1_seeds.split()):
+            q, alphas = fit_one_mode_student(teacher, strategy, args.figure1_steps, seed)
+            results[f"{strategy}-s{seed}"] = {**mode_masses(q), "q": q.tolist(), "mean_alpha": statistics.fmean(alphas),
+                                              "fkl": forward_kl(q.log(), teacher).tolist(), "rkl": reverse_kl(q.log(), teacher).tolist()}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "figure1.json"), "w") as f:
+        json.dump({"contexts": FIGURE1_CONTEXTS, "modes": FIGURE1_MODES, "steps": args.figure1_steps, "results": results}, f)
+    fig, axes = evaluate.new_figure(11, 3.5, columns=2)
+    for ax, c in zip(axes, (0, len(FIGURE1_CONTEXTS) - 1)):
+        ax.fill_between(range(FIGURE1_VOCAB), results["teacher"]["q"][c], color="0.8", label="teacher p")
+        for strategy in ("fkl", "rkl", "fixed:0.5", "arkd"):
+            ax.plot(results[f"{strategy}-s{args.figure1_seeds.split()[0]}"]["q"][c], label=f"student q: {strategy}")
+        ax.set(xlabel="token (an ordered vocabulary)", title=f"mode a weighs {FIGURE1_CONTEXTS[c]}")
+    axes[0].legend(fontsize=8)
+    evaluate.save_figure(fig, os.path.join(args.out, "figure1.png"))
     for name, r in results.items():
-        print(f"{name:>10}: coverage {r['coverage']:.3f}, precision {r['precision']:.3f}")
+        print(f"{name:>14}: mass near mode a {' '.join(f'{x:.2f}' for x in r['mode_a'])}, near mode b "
+              f"{' '.join(f'{x:.2f}' for x in r['mode_b'])}, elsewhere {' '.join(f'{x:.2f}' for x in r['elsewhere'])}")
     return results
-
-
-def plot_modes(results, path):
-    fig, ax = evaluate.new_figure(5.5, 4)
-    colours = {"teacher": "black", "fkl": "tab:blue", "rkl": "tab:red", "arkd": "tab:green"}
-    for name, r in results.items():
-        kind = name.split("-")[0]
-        ax.scatter(r["coverage"], r["precision"], color=colours[kind], label=kind if name.endswith(("s1", "teacher")) else None)
-    ax.set(xlabel="coverage: share of the valid answers produced", ylabel="precision: share of samples valid",
-           title="mean- vs mode-seeking on multi-modal answers", xlim=(0, 1.02), ylim=(0, 1.02))
-    ax.legend()
-    evaluate.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,11 +310,8 @@ def main(argv=None):
     parser.add_argument("--probe_batches", type=int, default=16, help="probe: batches (K), each from the same start")
     parser.add_argument("--probe_alphas", default="0,0.25,0.5,0.75,1", help="probe: the alpha grid")
     parser.add_argument("--probe_step", type=int, default=0, help="probe: the data step the batches come from")
-    parser.add_argument("--modes_steps", type=int, default=400, help="figure1: KD steps per student")
-    parser.add_argument("--modes_seeds", default="1 2 3", help="figure1: training seeds per strategy")
-    parser.add_argument("--modes_samples", type=int, default=16, help="figure1: answers sampled per prompt")
-    parser.add_argument("--modes_student", default="1,24", help="figure1: student layers,width")
-    parser.add_argument("--modes_prompts", type=int, default=60, help="figure1: dev prompts")
+    parser.add_argument("--figure1_steps", type=int, default=400, help="figure1: Adam steps per student")
+    parser.add_argument("--figure1_seeds", default="1 2 3", help="figure1: seeds (student start, policy) per strategy")
     parser.add_argument("--runs", nargs="+", help="study: evaluated runs named STRATEGY-sSEED (or one name)")
     parser.add_argument("--train_dir", help="study: the training runs (for the ARKD alpha plot)")
     parser.add_argument("--title", default="Miniature study", help="study: heading of results.md and the heatmap")
@@ -323,7 +323,7 @@ def main(argv=None):
     if not args.out:
         parser.error(f"{args.command} needs --out")
     if args.command == "figure1":
-        return modes_experiment(args)
+        return figure1(args)
     if not (args.runs and args.train_dir):
         parser.error("study needs --runs and --train_dir")
     study_report(args.runs, args.train_dir, args.out, args.title)

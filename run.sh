@@ -7,7 +7,7 @@
 #   bash run.sh study     the miniature study, offline on CPU: a stronger toy teacher, every strategy
 #                         x 3 training seeds (TRAIN_SEEDS), 800 KD steps each, confidence intervals,
 #                         paired differences, alpha trajectories, and the Figure-1 experiment
-#                         (mean- vs mode-seeking on answers with several valid modes); about an hour
+#                         (mean- vs mode-seeking, exactly, on a two-mode teacher); about an hour
 #   bash run.sh rehearsal the full run's stages, flags and code paths offline on CPU with the REAL
 #                         architectures (random weights; PAIR=llama cuts layers to fit 24 GB), the real
 #                         GPT-2 tokenizer, data of the real lengths, 2 steps and 2 prompts per set
@@ -202,7 +202,7 @@ for strategy in $STRATEGIES; do
 done
 
 if [[ $MODE == study ]]; then                       # Figure 1: coverage and precision on multi-modal answers
-  stage figure1 $PY experiments.py figure1 --out "$OUT/figure1" --modes_steps "$(( KD_STEPS / 2 ))" --modes_seeds "$TRAIN_SEEDS"
+  stage figure1 $PY experiments.py figure1 --out "$OUT/figure1" --figure1_seeds "$TRAIN_SEEDS"
 fi
 
 report() {

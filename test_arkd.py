@@ -1715,20 +1715,44 @@ def test_scaled_down_study_gives_intervals_paired_differences_and_the_figures(tm
     assert results["arkd_minus"]["fkl"][0] == pytest.approx(sum(diffs) / 2)          # paired by training seed
     for name in ("rougeL_heatmap.png", "alpha_seeds.png"):
         assert (report / name).stat().st_size > 0
-    modes = json.load(open(tmp_path / "figure1" / "modes.json"))["results"]
-    assert set(modes) == {"teacher", "fkl-s1", "fkl-s2", "rkl-s1", "rkl-s2", "arkd-s1", "arkd-s2"}
-    assert all(0 <= r["coverage"] <= 1 and 0 <= r["precision"] <= 1 for r in modes.values())
-    assert (tmp_path / "figure1" / "modes.png").stat().st_size > 0
+    figure = json.load(open(tmp_path / "figure1" / "figure1.json"))["results"]
+    assert set(figure) == {"teacher"} | {f"{s}-s{seed}" for s in experiments.FIGURE1_STRATEGIES for seed in (1, 2)}
+    assert (tmp_path / "figure1" / "figure1.png").stat().st_size > 0
 
 
-def test_coverage_precision_and_confidence_intervals_on_hand_made_cases():
-    records = [{"input": "apple river stone cloud"}, {"input": "green table light horse"}]
-    samples = [["apple", "green"], ["apple", "table"], ["river", "not a word"]]      # 3 samples per prompt
-    result = experiments.coverage_and_precision(records, samples)
-    assert result["coverage"] == pytest.approx((2 / 4 + 2 / 4) / 2) and result["precision"] == pytest.approx(5 / 6)
+def test_confidence_intervals_on_hand_made_cases():
     mean, half = experiments.mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3))
     assert math.isnan(experiments.mean_ci([5.0])[1])
+
+
+def test_figure1_teacher_masses_and_the_one_mode_student():
+    """The two-mode teacher as defined, its per-mode masses against a loop, and a student family with one mode."""
+    teacher = experiments.two_mode_teacher(torch.tensor([0.5, 0.8], dtype=torch.float64))
+    p = teacher.exp()
+    assert torch.allclose(p.sum(-1), torch.ones(2, dtype=torch.float64))
+    bump = lambda v, m: math.exp(-(v - m) ** 2 / (2 * 4.0 ** 2))
+    row = [0.8 * bump(v, 30) + 0.2 * bump(v, 70) for v in range(100)]
+    assert p[1].tolist() == pytest.approx([x / sum(row) for x in row], rel=1e-12)
+    masses = experiments.mode_masses(p)
+    assert masses["mode_a"][1] == pytest.approx(sum(x for v, x in enumerate(p[1].tolist()) if abs(v - 30) <= 8))
+    assert masses["mode_b"][0] == pytest.approx(masses["mode_a"][0])                  # a balanced context
+    assert [a + b + e for a, b, e in zip(*masses.values())] == pytest.approx([1.0, 1.0])
+    q = torch.softmax(experiments.OneModeStudent(3, seed=1)().detach(), -1)
+    rising = (q[:, 1:] > q[:, :-1]).int()                       # one mode: rises, then only falls
+    assert all((row[:-1] >= row[1:]).all() for row in rising)
+
+
+def test_figure1_fkl_spreads_over_the_valley_and_rkl_locks_onto_the_heavier_mode():
+    """The textbook directions, on an unbalanced context (mode a weighs 0.8): a fact of the KLs for this
+    family, not a claim about ARKD."""
+    teacher = experiments.two_mode_teacher(torch.tensor([0.8], dtype=torch.float64))
+    fkl = experiments.mode_masses(experiments.fit_one_mode_student(teacher, "fkl", 300, seed=1)[0])
+    rkl = experiments.mode_masses(experiments.fit_one_mode_student(teacher, "rkl", 300, seed=1)[0])
+    assert fkl["elsewhere"][0] > 0.3 and fkl["mode_b"][0] > 0.03          # mean-seeking: mass between and on both
+    assert rkl["mode_a"][0] > 0.9 and rkl["elsewhere"][0] < fkl["elsewhere"][0] / 3    # mode-seeking
+    q, alphas = experiments.fit_one_mode_student(teacher, "arkd", 16, seed=1)
+    assert len(alphas) == 16 and len(set(alphas)) > 1 and torch.allclose(q.sum(-1), torch.ones(1, dtype=torch.float64))
 
 
 @pytest.mark.slow
