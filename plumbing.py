@@ -128,7 +128,7 @@ def peak_memory_bytes(device):
 
 class Usage:
     """Seconds and peak memory of the phases of one process's work (loading, steps, generation, ...),
-    written to OUT/usage.json: run.sh rehearsal's table and bench.py --project read it.
+    written to OUT/usage.json: run.sh rehearsal's table and rehearsal.py project read it.
 
     end(phase) closes the phase that began at the last end() and opens the next; a phase that recurs
     (one optimizer step at a time) accumulates seconds and counts, and keeps the largest peak.
@@ -203,8 +203,8 @@ def load_model(path, device, dtype=torch.float32, vocab_size=None):
 
 def model_shape(model):
     """{params, bytes, layers, layer_params, full_layers} of a causal LM (bytes: of its weights as loaded).
-    full_layers is the architecture's own depth when the model is a layer-cut stand-in (data.py init
-    --layers); bench.py --project scales by it."""
+    full_layers is the architecture's own depth when the model is a layer-cut stand-in (rehearsal.py init
+    --layers); rehearsal.py project scales by it."""
     layers = model.config.num_hidden_layers
     blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers)
     return {"params": sum(p.numel() for p in model.parameters()),
