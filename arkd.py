@@ -240,7 +240,7 @@ def build_seqkd_data(teacher, tokenizer, data_dir, out_dir, train_examples, seed
         chunk = examples[start:start + part_size]
         sampled += len(chunk)
         samples = evaluate.generate(teacher, tokenizer, [e["prompt_ids"] for e in chunk], seed * 7919 + start,
-                           batch_size, max_new_tokens)
+                                    batch_size, max_new_tokens)
         if rank == 0:
             lines = [json.dumps({"instruction": train[e["index"]]["instruction"], "input": train[e["index"]]["input"],
                                  "output": s}) for e, s in zip(chunk, samples) if s.strip()]

@@ -77,7 +77,7 @@ def reward_probe(args, train_argv):
         student.eval()
         targets = batch["targets"].to(run.device)
         out = kd_pass(arkd.forward(student, batch, run), arkd.forward(teacher, batch, run),
-                      targets != IGNORE_INDEX, targs.tau, run.vocab_size, target_ids=targets)
+                      targets != IGNORE_INDEX, targs.tau, run.vocab_size, target_ids=targets, akl=False)   # FKL, RKL only
         student.train()
         return stat_means(out.stats)
 
