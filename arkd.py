@@ -40,15 +40,15 @@ import evaluate
 import plumbing
 from plumbing import barrier, print0, world, write_atomic
 from lora import add_lora, lora_parameters, lora_state_dict
-from losses import (IGNORE_INDEX, STAT_NAMES, atkd_easy, atkd_loss, kd_pass, mix, next_token_targets, parse_strategy,
+from losses import (IGNORE_INDEX, STAT_NAMES, STEP_RULES, atkd_easy, atkd_loss, kd_pass, mix, next_token_targets, parse_strategy,
                     stat_means, strategy_alpha)
-from policy import ARKDPolicy, all_reduce_sum, immediate_reward, make_state
+from policy import ARKDPolicy, LookaheadAlpha, all_reduce_sum, immediate_reward, make_state
 
 # Flags that define a run: a checkpoint resumes only under the same values (and world size).
 RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "tau", "lm_weight", "lr",
                 "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "reward_every",
                 "policy_buffer", "policy_lr", "policy_entropy", "seqkd_data", "train_examples", "atkd_lam",
-                "okd_rank", "okd_scale", "okd_lr", "okd_a_t")
+                "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "lookahead_step", "alpha_schedule")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--method", default="kd", choices=("sft", "seqkd", "kd", "okd"), help="sft: CE on references; "
                    "seqkd: CE on teacher samples; kd: alpha FKL + (1 - alpha) RKL; okd: FKL against a teacher "
                    "whose LoRA trains alongside")
-    p.add_argument("--strategy", default="arkd", help="kd only: fkl, rkl, fixed:A, linear:A0,A1, greedy, akl, arkd, atkd")
+    p.add_argument("--strategy", default="arkd", help="kd only: fkl, rkl, fixed:A, linear:A0,A1, greedy, akl, arkd, "
+                   "atkd, lookahead (ours), replay (--alpha_schedule)")
     p.add_argument("--teacher", default="MiniLLM/teacher-gpt2-1.5B", help="teacher model (kd, seqkd)")
     p.add_argument("--student", default="MiniLLM/init-gpt2-120M", help="student initialisation")
     p.add_argument("--data_dir", default=None, help="MiniLLM Hub layout on disk; default: the Hub")
@@ -93,6 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--policy_buffer", type=int, default=8, help="actions per REINFORCE update (M)")
     p.add_argument("--policy_lr", type=float, default=3e-3, help="policy Adam learning rate")
     p.add_argument("--policy_entropy", type=float, default=0.1, help="entropy bonus c_H")
+    p.add_argument("--lookahead_step", type=float, default=0.05, help="lookahead: alpha's move per step, eta")
+    p.add_argument("--alpha_schedule", default=None, help="replay: an ARKD run's metrics.jsonl; its policy's mean "
+                   "alpha a / (a + b) at every step is replayed")
     # validation, checkpoints, logging
     p.add_argument("--eval_every", type=int, default=200, help="validate and checkpoint every N steps (0: at the end)")
     p.add_argument("--val_examples", type=int, default=500, help="dev prompts used for validation Rouge-L")
@@ -108,7 +112,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.method == "kd":
         parse_strategy(args.strategy)                  # unknown names fail here, before any work
-    for name in ("lr", "batch_size", "epochs", "reward_every", "policy_buffer", "val_examples", "max_bad_steps"):
+    for name in ("lr", "batch_size", "epochs", "reward_every", "policy_buffer", "val_examples", "max_bad_steps",
+                 "lookahead_step"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be > 0")
     if args.tau <= 0 or args.lm_weight < 0 or not 0 <= args.warmup_ratio < 1:
@@ -142,6 +147,26 @@ class Run:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
+def read_alpha_schedule(path):
+    """The mean alpha a / (a + b) of an ARKD run's policy at each step, from its metrics.jsonl."""
+    if path is None:
+        raise ValueError("--strategy replay needs --alpha_schedule: an ARKD run's metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--alpha_schedule {path} does not exist")
+    rows = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError:
+                raise ValueError(f"--alpha_schedule {path} line {number}: not JSON") from None
+            if row.get("beta_a") and row.get("beta_b"):
+                rows[row["step"]] = row["beta_a"] / (row["beta_a"] + row["beta_b"])
+    if not rows:
+        raise ValueError(f"--alpha_schedule {path} has no ARKD policy rows (beta_a, beta_b)")
+    return tuple(rows[k] for k in sorted(rows))
+
+
 def start(args):
     """Joins the other processes (torchrun) and fixes the run's device, precision and accumulation."""
     from transformers.utils import logging as hf_logging
@@ -161,6 +186,8 @@ def start(args):
     bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
     # OKD's student learns by FKL alone (method.md 8); SFT and SeqKD have no strategy.
     strategy = parse_strategy(args.strategy) if args.method == "kd" else ("fkl", ()) if args.method == "okd" else None
+    if strategy is not None and strategy[0] == "replay":
+        strategy = ("replay", read_alpha_schedule(args.alpha_schedule))
     return Run(rank, world_size, device, bf16, grad_accum, strategy)
 
 
@@ -309,6 +336,9 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
     (the reward on micro-batch 0 after the step, stored; every M rewards one REINFORCE update).
     """
     student = model.module if run.world_size > 1 else model
+    lookahead = policy if isinstance(policy, LookaheadAlpha) else None      # ours, in the policy's place
+    policy = None if lookahead else policy
+    direction = None                                            # lookahead: u = g_FKL - g_RKL of this step
     n_tokens = step_token_count(batches)                        # all ranks, before any backward (T1)
     rng0 = rng_snapshot(run.device)                             # micro-batch 0's dropout masks (T3)
     sums = torch.zeros(len(STAT_NAMES) + 3, dtype=torch.float64, device=run.device)   # stats, losses, tokens
@@ -316,10 +346,13 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
     for i, batch in accumulating(model, batches, run):          # DDP syncs gradients after the last one
         logits = forward(model, batch, run)
         state_read = policy is not None and i == 0 and window is None     # a new action: its state needs AKL
-        out, teacher_logits = kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer)
+        out, teacher_logits = kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer,
+                                         two_backward=lookahead is not None)
         if i == 0 and out is not None:                          # alpha is needed before the first backward (T2)
             alpha, window = choose_alpha(run, policy, window, all_reduce_sum(out.stats), step,
                                          (rng0, batch, teacher_logits), row)
+        if lookahead is not None:                               # g_RKL to .grad now, u to its own buffer
+            alpha, direction = 0.0, add_direction(direction, student, out, run.world_size / n_tokens)
         loss = micro_batch_loss(args, run, logits, batch, out, alpha)    # summed over its response tokens
         if teacher_optimizer is not None:                       # OKD: the LoRA's own loss, from the same forward
             teacher_loss = okd_teacher_loss(logits, teacher_logits, batch["targets"].to(run.device), args, run)
@@ -329,6 +362,9 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
         sums[:len(STAT_NAMES)] += out.stats if out is not None else 0
         sums[-3] += loss.detach().double()                      # on the device: no sync per micro-batch
         sums[-1] += float(batch["attention_mask"].sum())
+    if lookahead is not None:                                   # alpha from g_J and the last u: g_RKL + alpha u
+        alpha = lookahead_alpha_step(run, student, lookahead, direction)
+        sums[-3] += alpha * (sums[STAT_NAMES.index("fkl")] - sums[STAT_NAMES.index("rkl")])   # the loss at alpha
     grad_norm = clip_and_step(args, run, student, teacher, optimizer, teacher_optimizer)
     if window is not None and window.closes_after(step, args, run):
         window = close_reward_window(args, run, student, policy, window, row)
@@ -356,7 +392,7 @@ def accumulating(model, batches, run):
             yield i, batch
 
 
-def kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer):
+def kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer, two_backward=False):
     """(kd_pass of the student's logits against the teacher's, the teacher's logits); (None, None)
     for SFT and SeqKD. The AKL head search runs only where it is read: every micro-batch of `akl`,
     and for ARKD the micro-batch whose statistics make a new action's state (state_read)."""
@@ -367,7 +403,7 @@ def kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer)
     targets = batch["targets"].to(run.device)
     kind = run.strategy[0]
     out = kd_pass(logits, teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size, args.chunk_tokens,
-                  target_ids=targets, inplace_grad=teacher_optimizer is None, atkd=kind == "atkd",
+                  target_ids=targets, inplace_grad=teacher_optimizer is None and not two_backward, atkd=kind == "atkd",
                   akl=kind == "akl" or state_read)
     return out, teacher_logits
 
@@ -380,7 +416,7 @@ def choose_alpha(run, policy, window, stats0, step, reward_batch, row):
     reward_batch: (random state before micro-batch 0's forward, micro-batch 0, its teacher logits),
     kept by the window so that the reward reruns exactly that forward. Returns (alpha, window)."""
     if policy is None:
-        rule = run.strategy[0] not in ("akl", "atkd")
+        rule = run.strategy[0] in STEP_RULES              # akl, atkd weigh each token; lookahead comes later
         return (strategy_alpha(run.strategy, step, run.total_steps, stats0) if rule else None), window
     if window is not None or not torch.isfinite(stats0).all():
         return policy.last_alpha, window                        # the open action holds
@@ -401,6 +437,29 @@ def micro_batch_loss(args, run, logits, batch, out, alpha):
     else:
         per_token = mix(out.fkl, out.rkl, out.akl_alpha if alpha is None else alpha)
     return per_token.sum() + args.lm_weight * out.ce.sum()
+
+
+def add_direction(direction, student, out, scale):
+    """lookahead: direction + d(scale * sum(FKL - RKL)) / d(parameters), by a backward of its own
+    that keeps the graph for the step's backward; `.grad` is left alone. (kd_pass's gradients then
+    run twice: it must not write them into the logits, two_backward in kd_outputs.)"""
+    params = [p for p in student.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((out.fkl - out.rkl).sum() * scale, params, retain_graph=True)
+    return list(grads) if direction is None else [d.add_(g) for d, g in zip(direction, grads)]
+
+
+def lookahead_alpha_step(run, student, lookahead, direction):
+    """lookahead (ours, docs/method.md 9): u averaged over ranks as DDP averages .grad (= g_RKL);
+    g_J = g_FKL + g_RKL = 2 g_RKL + u; the step's alpha from g_J and the last step's u
+    (policy.lookahead_alpha); then .grad becomes g_RKL + alpha u, the gradient of the step's mix."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    if run.world_size > 1:
+        flat = all_reduce_sum(torch.cat([u.flatten() for u in direction])) / run.world_size
+        direction = [f.view_as(u) for f, u in zip(flat.split([u.numel() for u in direction]), direction)]
+    alpha = lookahead.choose([2 * p.grad + u for p, u in zip(params, direction)], direction)
+    for p, u in zip(params, direction):
+        p.grad.add_(u, alpha=alpha)
+    return alpha
 
 
 def clip_and_step(args, run, student, teacher, optimizer, teacher_optimizer):
@@ -541,7 +600,8 @@ def resume(checkpoint, args, run, examples, teacher, optimizer, policy, teacher_
 
 
 def build_training(args, run, student, teacher):
-    """(the model to train, possibly DDP-wrapped; its optimizer; OKD's LoRA optimizer; ARKD's policy)."""
+    """(the model to train, possibly DDP-wrapped; its optimizer; OKD's LoRA optimizer; the adaptive alpha:
+    ARKD's policy or the lookahead alpha, None for the other strategies)."""
     model = student if run.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
         student, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -549,6 +609,8 @@ def build_training(args, run, student, teacher):
         if args.method == "okd" else None                   # its own state: other parameters (Choice O4)
     policy = ARKDPolicy(buffer_size=args.policy_buffer, lr=args.policy_lr, entropy_coef=args.policy_entropy,
                         seed=args.seed) if args.method == "kd" and args.strategy == "arkd" else None
+    if args.method == "kd" and args.strategy == "lookahead":       # ours: in the policy's place (method.md 9)
+        policy = LookaheadAlpha(step_size=args.lookahead_step)
     return model, optimizer, teacher_optimizer, policy
 
 

@@ -41,7 +41,7 @@ IGNORE_INDEX = -100
 # Sums returned by kd_pass, in this order ("tokens" is the count the others are divided by).
 STAT_NAMES = ("tokens", "fkl", "rkl", "teacher_entropy", "student_entropy",
               "akl_alpha", "top1_agreement", "student_ce")
-STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "arkd", "atkd")
+STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "arkd", "atkd", "lookahead", "replay")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,15 +564,19 @@ def greedy_alpha(stats):
 
 # alpha for a whole step from (the strategy's numbers, progress in [0, 1], the step's summed stats).
 # `akl` has no step rule (kd_pass gives one alpha per token, akl_alpha), `arkd` asks its policy, and
-# `atkd` weighs TCKD and NCKD per token (atkd_loss) instead of FKL and RKL.
+# `atkd` weighs TCKD and NCKD per token (atkd_loss) instead of FKL and RKL; `lookahead` (ours) moves
+# alpha by a hypergradient (policy.lookahead_alpha). `replay` follows a given schedule, one alpha a
+# step (its numbers: the trainer reads them from a file; a schedule of another length is stretched).
 STEP_RULES = {
     "fkl": lambda numbers, progress, stats: 1.0,
     "rkl": lambda numbers, progress, stats: 0.0,
     "fixed": lambda numbers, progress, stats: numbers[0],
     "linear": lambda numbers, progress, stats: numbers[0] + (numbers[1] - numbers[0]) * progress,
     "greedy": lambda numbers, progress, stats: greedy_alpha(stats),
+    "replay": lambda numbers, progress, stats: numbers[round(progress * (len(numbers) - 1))],
 }
-STRATEGY_ARITY = {"fkl": 0, "rkl": 0, "fixed": 1, "linear": 2, "greedy": 0, "akl": 0, "arkd": 0, "atkd": 0}
+STRATEGY_ARITY = {"fkl": 0, "rkl": 0, "fixed": 1, "linear": 2, "greedy": 0, "akl": 0, "arkd": 0, "atkd": 0,
+                  "lookahead": 0, "replay": 0}
 
 
 def parse_strategy(text):
@@ -604,7 +608,10 @@ def strategy_alpha(strategy, step, total_steps, stats=None):
     """
     kind, numbers = strategy
     if kind not in STEP_RULES:
-        raise ValueError(f"strategy {kind!r} has no step rule: akl and atkd weigh each token, arkd asks its policy")
+        raise ValueError(f"strategy {kind!r} has no step rule: akl and atkd weigh each token, arkd asks its "
+                         "policy, lookahead its hypergradient")
+    if kind == "replay" and not numbers:
+        raise ValueError("strategy 'replay' needs its schedule: one alpha per step")
     if kind == "greedy" and stats is None:
         raise ValueError("strategy 'greedy' needs the step's stats")
     progress = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
