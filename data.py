@@ -239,8 +239,21 @@ SYNTHETIC_SPLITS = {   # file in the Hub layout: (records, tasks, list lengths)
 }
 
 
+# The study's variant (--multimodal): two tasks whose answers have several right values, each
+# equally likely in the training data, so a teacher learns a multi-modal answer distribution.
+MULTIMODAL_TASKS = ("reverse", "sort", "pick", "between")
+
+
 def synthetic_record(rng, task, length):
-    """One toy instruction with an exact answer: word and number manipulations."""
+    """One toy instruction: word and number manipulations with an exact answer, or (pick, between)
+    with several right answers, one drawn uniformly."""
+    if task == "pick":
+        words = rng.sample(SYNTHETIC_WORDS, length + 1)
+        return {"instruction": "Name one of the words.", "input": " ".join(words), "output": rng.choice(words)}
+    if task == "between":
+        low = rng.randrange(10, 85)
+        return {"instruction": f"Write a number from {low} to {low + 2 * length}.", "input": "",
+                "output": str(rng.randint(low, low + 2 * length))}
     if task == "reverse":
         words = rng.sample(SYNTHETIC_WORDS, length)
         return {"instruction": "Reverse the order of the words.", "input": " ".join(words),
@@ -258,15 +271,19 @@ def synthetic_record(rng, task, length):
             "output": " ".join([words[0]] * 3)}
 
 
-def write_synthetic(data_dir, seed=0):
+def write_synthetic(data_dir, seed=0, multimodal=False):
     """Writes the toy task in the MiniLLM Hub layout under data_dir, for offline end-to-end runs.
 
     It exists so that the whole pipeline (training, every strategy, evaluation, report) runs in
     minutes on any CPU with tiny models; its scores say nothing about the paper. The evaluation
     files mix the training tasks with longer lists, so they are partly out of distribution.
+    multimodal: every file holds MULTIMODAL_TASKS with the training lengths, and dolly/valid.jsonl
+    (the DollyEval layout: the study's held-out set) 200 records.
     """
     rng = random.Random(seed)
     for relative, (count, tasks, lengths) in SYNTHETIC_SPLITS.items():
+        if multimodal:
+            count, tasks, lengths = (200 if relative == "dolly/valid.jsonl" else count), MULTIMODAL_TASKS, (2, 3, 4)
         lines = []
         for _ in range(count):
             record = synthetic_record(rng, rng.choice(tasks), rng.choice(lengths))
@@ -283,12 +300,14 @@ if __name__ == "__main__":
                         "a tokenizer trained on it (OUT/tokenizer)")
     parser.add_argument("--out", required=True, help="directory to write into")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the toy data")
+    parser.add_argument("--multimodal", action="store_true", help="synthetic: the study's variant, with "
+                        "tasks of several right answers")
     args = parser.parse_args()
     try:
         if args.command == "download":
             download(args.out)
         else:
-            write_synthetic(args.out, args.seed)
+            write_synthetic(args.out, args.seed, args.multimodal)
             texts = [r["prompt"] + r["references"][0] for r in load_records("dolly_train", args.out)]
             train_tokenizer(texts).save_pretrained(os.path.join(args.out, "tokenizer"))
     except (ValueError, OSError) as err:

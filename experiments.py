@@ -31,7 +31,8 @@ import arkd
 import data
 import evaluate
 import plumbing
-from losses import IGNORE_INDEX, forward_kl, kd_pass, mix, parse_strategy, reverse_kl, stat_means, strategy_alpha
+from losses import (IGNORE_INDEX, STAT_NAMES, forward_kl, kd_pass, mix, next_token_targets, parse_strategy, reverse_kl,
+                    stat_means, strategy_alpha)
 from policy import ARKDPolicy, immediate_reward, make_state
 
 
@@ -57,64 +58,69 @@ class FixedAction:
 
 
 def reward_probe(args, train_argv):
-    """One step per alpha from an identical start, K batches; writes OUT/probe.json and probe.png."""
-    targs = arkd.parse_args(train_argv + ["--strategy", "arkd", "--reward_every", "1"])
+    """Where an action's credit lands. From one training state (the student's weights and, when a
+    checkpoint's training_state.pt is beside them, its AdamW moments), for K batches and each alpha
+    of a grid: one action of --reward_every steps with that alpha, then the next action, as many
+    steps at --probe_next_alpha; the reward of each, as ARKD measures it. With Adam's momentum an
+    action also moves the steps after it, so part of its effect lands on the next action's reward.
+    Writes OUT/probe.json and OUT/probe.png."""
+    targs = arkd.parse_args(train_argv + ["--strategy", "arkd"])
     run = arkd.start(targs)
     torch.manual_seed(targs.seed)                # the dropout masks, the same on a rerun
     tokenizer, student, teacher = arkd.load_models(targs, run)
     examples, _, _ = arkd.load_training_data(targs, run, tokenizer, targs.data_dir)
     optimizer = torch.optim.AdamW(student.parameters(), lr=targs.lr, weight_decay=targs.weight_decay)
     state_path = os.path.join(targs.student, "training_state.pt")
-    if os.path.isfile(state_path):
+    warm = os.path.isfile(state_path)
+    if warm:
         optimizer.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True)["optimizer"])
         for group in optimizer.param_groups:       # the checkpoint's own lr is its last scheduled one: use --lr
             group["lr"] = targs.lr
+    else:
+        print(f"probe: {targs.student} has no training_state.pt: a fresh AdamW, which overstates an action's own effect")
     start_model, start_optimizer = copy.deepcopy(student.state_dict()), copy.deepcopy(optimizer.state_dict())
-    alphas = [float(a) for a in args.probe_alphas.split(",")]
+    alphas, span = [float(a) for a in args.probe_alphas.split(",")], targs.reward_every
+    run.total_steps = max(run.total_steps, args.probe_step + 2 * span * args.probe_batches + 1)   # no early close
 
-    @torch.no_grad()
-    def heldout_kls(batch):                     # eval mode: no dropout, so before and after compare
-        student.eval()
-        targets = batch["targets"].to(run.device)
-        out = kd_pass(arkd.forward(student, batch, run), arkd.forward(teacher, batch, run),
-                      targets != IGNORE_INDEX, targs.tau, run.vocab_size, target_ids=targets, akl=False)   # FKL, RKL only
-        student.train()
-        return stat_means(out.stats)
+    def action_reward(alpha, first_step):          # one action of `span` steps; its reward
+        action, window = FixedAction(alpha), None
+        for step in range(first_step, first_step + span):
+            batches = arkd.micro_batches(examples, step, targs, run)
+            _, window = arkd.train_step(targs, run, student, teacher, optimizer, action, batches, step, window)
+        return action.reward
 
     rows = []
     for k in range(args.probe_batches):
-        batches = arkd.micro_batches(examples, args.probe_step + k, targs, run)
-        heldout = arkd.micro_batches(examples, args.probe_step + k + args.probe_batches, targs, run)[0]
+        first = args.probe_step + 2 * span * k     # each probe batch on its own data steps
         rng = torch.get_rng_state()
         for alpha in alphas:
             student.load_state_dict(start_model)
             optimizer.load_state_dict(copy.deepcopy(start_optimizer))   # step() changes the state in place
             torch.set_rng_state(rng)                                     # the same dropout masks for every alpha
-            before, action = heldout_kls(heldout), FixedAction(alpha)
-            row, _ = arkd.train_step(targs, run, student, teacher, optimizer, action, batches, args.probe_step + k)
-            after = heldout_kls(heldout)
-            rows.append({"batch": k, "alpha": alpha, "reward": action.reward,
-                         "heldout_reward": (before["fkl"] - after["fkl"]) / before["fkl"] + (before["rkl"] - after["rkl"]) / before["rkl"],
-                         "heldout_fkl_drop": (before["fkl"] - after["fkl"]) / before["fkl"],
-                         "heldout_rkl_drop": (before["rkl"] - after["rkl"]) / before["rkl"]})
+            rows.append({"batch": k, "alpha": alpha, "reward": action_reward(alpha, first),
+                         "next_reward": action_reward(args.probe_next_alpha, first + span)})
     summary = summarise_probe(rows, alphas)
     os.makedirs(targs.out, exist_ok=True)
     with open(os.path.join(targs.out, "probe.json"), "w") as f:
         json.dump({"student": targs.student, "teacher": targs.teacher, "lr": targs.lr, "batches": args.probe_batches,
-                   **summary, "rows": rows}, f, indent=1)
-    plot_probe(summary, alphas, os.path.join(targs.out, "probe.png"))
-    for name in ("reward", "heldout_reward"):
+                   "reward_every": span, "optimizer_state": warm, **summary, "rows": rows}, f, indent=1)
+    plot_probe(summary, alphas, span, os.path.join(targs.out, "probe.png"))
+    for name in ("reward", "next_reward"):
         s = summary[name]
         print(f"{name}: " + ", ".join(f"alpha {a:g}: {m:+.4f} +- {e:.4f}" for a, m, e in zip(alphas, s["mean"], s["stderr"]))
               + f"; best alpha {s['best_alpha']:g}, signal-to-noise {s['snr']:.2f}")
+    effect = summary["effect"]
+    print(f"alpha {alphas[-1]:g} vs {alphas[0]:g}: own reward {effect['own']:+.5f} +- {effect['own_stderr']:.5f}, "
+          f"next action's {effect['next']:+.5f} +- {effect['next_stderr']:.5f}, carry-over {effect['carry_over']:.2f}")
     return summary
 
 
 def summarise_probe(rows, alphas):
     """Per alpha: mean and standard error over batches; the best alpha; SNR = (max - min over alpha of
-    the mean) / (the std across batches, averaged over alpha)."""
+    the mean) / (the std across batches, averaged over alpha). effect: the last alpha minus the first,
+    paired by batch, on the action's own reward and on the next one's; carry_over = next / own."""
     summary = {}
-    for name in ("reward", "heldout_reward", "heldout_fkl_drop", "heldout_rkl_drop"):
+    for name in ("reward", "next_reward"):
         per_alpha = [[r[name] for r in rows if r["alpha"] == a] for a in alphas]
         means = [statistics.fmean(v) for v in per_alpha]
         stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_alpha]
@@ -122,15 +128,25 @@ def summarise_probe(rows, alphas):
         summary[name] = {"mean": means, "stderr": [s / len(v) ** 0.5 for s, v in zip(stds, per_alpha)],
                          "best_alpha": alphas[means.index(max(means))],
                          "snr": (max(means) - min(means)) / spread if spread > 0 else float("inf")}
+    by_batch = {}
+    for r in rows:
+        by_batch.setdefault(r["batch"], {})[r["alpha"]] = r
+    effect = {}
+    for name, key in (("reward", "own"), ("next_reward", "next")):
+        diffs = [b[alphas[-1]][name] - b[alphas[0]][name] for b in by_batch.values()]
+        effect[key], effect[key + "_stderr"] = statistics.fmean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+    effect["carry_over"] = effect["next"] / effect["own"] if effect["own"] else float("nan")
+    summary["effect"] = effect
     return summary
 
 
-def plot_probe(summary, alphas, path):
+def plot_probe(summary, alphas, span, path):
     fig, ax = evaluate.new_figure(6, 3.5)
-    for name, label in (("reward", "on the batch trained on (ARKD's reward)"), ("heldout_reward", "on a held-out batch")):
+    for name, label in (("reward", "the action's own reward"), ("next_reward", "the next action's reward")):
         ax.errorbar(alphas, summary[name]["mean"], yerr=summary[name]["stderr"], marker="o", capsize=3,
                     label=f"{label}, SNR {summary[name]['snr']:.2f}")
-    ax.set(xlabel="alpha (FKL weight) of the one step", ylabel="immediate reward", title="reward probe (mean +- s.e.)")
+    ax.set(xlabel="alpha (FKL weight) of the action", ylabel="reward",
+           title=f"reward probe, actions of {span} steps (mean +- s.e.); carry-over {summary['effect']['carry_over']:.2f}")
     ax.legend(fontsize=8)
     evaluate.save_figure(fig, path)
 
@@ -242,46 +258,117 @@ def mean_ci(values):
     return statistics.fmean(values), T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
 
 
+@torch.no_grad()
+def response_scores(student, teacher, examples, pad_id, vocab_size, batch_size=32):
+    """Token means over the responses of `examples`, teacher-forced in eval mode: FKL, RKL, the
+    student's CE and the teacher's CE (-log p of each response token)."""
+    sums, teacher_ce = torch.zeros(len(STAT_NAMES), dtype=torch.float64), 0.0
+    for lo in range(0, len(examples), batch_size):
+        batch = data.collate_train(examples[lo:lo + batch_size], pad_id)
+        targets = next_token_targets(batch.pop("labels"))
+        s_logits, t_logits = student(**batch).logits, teacher(**batch).logits
+        mask = targets != IGNORE_INDEX
+        sums += kd_pass(s_logits, t_logits, mask, 1.0, vocab_size, target_ids=targets, akl=False).stats
+        teacher_ce += float(torch.nn.functional.cross_entropy(t_logits[..., :vocab_size][mask].float(), targets[mask],
+                                                              reduction="sum"))
+    means = stat_means(sums)
+    return {**means, "teacher_ce": teacher_ce / max(means["tokens"], 1.0)}
+
+
+def heldout_metrics(args):
+    """The study's held-out metrics of one model against the teacher on the DollyEval file (written to
+    OUT/heldout.json): teacher-forced on the references FKL, RKL, their sum J (the primary metric) and
+    the student's CE; precision, the teacher's mean log-probability per token of the student's sampled
+    responses; coverage, the student's of the teacher's (sampled once, kept in --teacher_samples);
+    Rouge-L of the student's samples (secondary)."""
+    tokenizer = plumbing.load_tokenizer(args.model)
+    vocab = len(tokenizer)
+    student, teacher = (plumbing.load_model(path, torch.device("cpu"), torch.float32, vocab).eval()
+                        for path in (args.model, args.teacher))
+    records = data.load_records("dollyeval", args.data_dir)
+    examples, _ = data.encode_records(tokenizer, records, "dollyeval")
+    prompts = [e["prompt_ids"] for e in examples]
+
+    def sample(model):
+        return evaluate.generate(model, tokenizer, prompts, args.heldout_seed, 64, args.max_new_tokens, progress=False)
+
+    if not os.path.isfile(args.teacher_samples):
+        plumbing.write_atomic(args.teacher_samples, json.dumps(sample(teacher)))
+    with open(args.teacher_samples, encoding="utf-8") as f:
+        teacher_samples = json.load(f)
+    student_samples = sample(student)
+
+    def on(samples):                                   # the prompts with these responses, tokenised
+        as_records = [{**records[e["index"]], "references": [s]} for e, s in zip(examples, samples)]
+        return response_scores(student, teacher, data.encode_records(tokenizer, as_records)[0], tokenizer.pad_token_id, vocab)
+
+    refs = response_scores(student, teacher, examples, tokenizer.pad_token_id, vocab)
+    result = {"model": args.model, "records": len(examples), "fkl": refs["fkl"], "rkl": refs["rkl"],
+              "J": refs["fkl"] + refs["rkl"], "ce": refs["student_ce"],
+              "precision": -on(student_samples)["teacher_ce"], "coverage": -on(teacher_samples)["student_ce"],
+              "rougeL": statistics.fmean(evaluate.rouge_l(p, records[e["index"]]["references"])
+                                         for p, e in zip(student_samples, examples))}
+    os.makedirs(args.out, exist_ok=True)
+    plumbing.write_atomic(os.path.join(args.out, "heldout.json"), json.dumps(result, indent=1))
+    print(" ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+    return result
+
+
+# Lower is better for J, FKL, RKL and CE; higher for precision, coverage and Rouge-L.
+STUDY_METRICS = (("J", -1), ("fkl", -1), ("rkl", -1), ("ce", -1), ("precision", 1), ("coverage", 1), ("rougeL", 1))
+SCHEDULES = ("linear-0.9-0.1", "linear-0.1-0.9")
+
+
 def study_report(run_dirs, train_dir, out_dir, title):
-    """The miniature study: per strategy the mean Rouge-L and its 95% interval over training seeds (runs
-    named STRATEGY-sSEED; each run's score is its mean over sampling seeds), ARKD's paired difference
-    with every baseline (paired by training seed), results.md / results.json, a heatmap, and every ARKD
-    seed's alpha trajectory on one plot."""
-    scores = {}                                       # strategy -> seed -> {dataset: Rouge-L, "all": mean}
+    """The study: per strategy every held-out metric's mean and 95% interval over training seeds (runs
+    named STRATEGY-sSEED); the headroom check (each schedule minus the best fixed alpha on J, paired by
+    seed); every adaptive method and control minus the best fixed alpha; the smallest difference the
+    study can detect (the median paired half-width); results.md / results.json; every ARKD seed's
+    alpha trajectory."""
+    scores = {}                                       # strategy -> seed -> heldout.json
     for run in run_dirs:
-        with open(os.path.join(run, "results.json")) as f:
-            summary = json.load(f)
-        match = re.fullmatch(r"(.+)-s(\d+)", summary["label"])
-        strategy, seed = (match.group(1), match.group(2)) if match else (summary["label"], "-")
-        per_set = {d: m["rougeL"]["mean"] for d, m in summary["results"].items()}
-        scores.setdefault(strategy, {})[seed] = {**per_set, "all": statistics.fmean(per_set.values())}
-    columns = [d for d in data.DATASETS if any(d in s for seeds in scores.values() for s in seeds.values())] + ["all"]
-    table = {k: {c: mean_ci([s[c] for s in seeds.values()]) for c in columns} for k, seeds in scores.items()}
-    paired = {}
-    for other, seeds in scores.items():
-        common = sorted(set(seeds) & set(scores.get("arkd", {})) - {"-"})
-        if other != "arkd" and len(common) >= 2:
-            paired[other] = mean_ci([scores["arkd"][s]["all"] - seeds[s]["all"] for s in common]) + (len(common),)
-    lines = [f"# {title}", "", "Rouge-L x 100: mean over training seeds +- half-width of the 95% t interval "
-             "(each run: the mean over sampling seeds); `all` is the mean over the sets.", "",
-             "| run | seeds | " + " | ".join(columns) + " |", "| --- | --- |" + " --- |" * len(columns)]
+        match = re.fullmatch(r"(.+)-s(\d+)", os.path.basename(run.rstrip("/")))
+        strategy, seed = (match.group(1), match.group(2)) if match else (os.path.basename(run), "-")
+        with open(os.path.join(run, "heldout.json")) as f:
+            scores.setdefault(strategy, {})[seed] = json.load(f)
+    table = {k: {m: mean_ci([s[m] for s in seeds.values()]) for m, _ in STUDY_METRICS} for k, seeds in scores.items()}
+    fixed = [k for k in scores if k.startswith("fixed-") and k[6:].replace(".", "", 1).isdigit()]
+    best = min(fixed, key=lambda k: table[k]["J"][0]) if fixed else None
+
+    def minus_best(name):                             # paired by seed, on J (negative: better than the best fixed)
+        common = sorted(set(scores[name]) & set(scores[best]) - {"-"})
+        return mean_ci([scores[name][s]["J"] - scores[best][s]["J"] for s in common]) + (len(common),)
+
+    paired = {k: minus_best(k) for k in scores if best and k != best and len(set(scores[k]) & set(scores[best])) >= 2}
+    lines = [f"# {title}", "", "Held-out metrics (the DollyEval file, teacher-forced in eval mode): mean over training "
+             "seeds +- half-width of the 95% t interval. J = FKL + RKL is the primary metric (lower is better); "
+             "precision and coverage are mean log-probabilities per token (higher is better).", "",
+             "| run | seeds | " + " | ".join(m for m, _ in STUDY_METRICS) + " |",
+             "| --- | --- |" + " --- |" * len(STUDY_METRICS)]
     for k, row in table.items():
         lines.append(f"| {k} | {len(scores[k])} | " + " | ".join(
-            f"{m:.2f}" + ("" if math.isnan(h) else f" +- {h:.2f}") for m, h in row.values()) + " |")
+            f"{m:.4f}" + ("" if math.isnan(h) else f" +- {h:.4f}") for m, h in row.values()) + " |")
     if paired:
-        lines += ["", "ARKD minus each baseline (`all`), paired by training seed: mean +- 95% half-width.", "",
-                  "| baseline | ARKD - baseline | pairs |", "| --- | --- | --- |"]
-        lines += [f"| {k} | {m:+.2f} +- {h:.2f} | {n} |" for k, (m, h, n) in paired.items()]
+        lines += ["", f"Each run minus the best fixed alpha ({best}) on J, paired by training seed: mean +- 95% "
+                  "half-width (negative: better; bold: the interval excludes 0).", "",
+                  "| run | J - best fixed | pairs |", "| --- | --- | --- |"]
+        lines += [f"| {k} | " + (f"**{m:+.4f} +- {h:.4f}**" if abs(m) > h else f"{m:+.4f} +- {h:.4f}") + f" | {n} |"
+                  for k, (m, h, n) in paired.items()]
         detectable = statistics.median(h for _, h, _ in paired.values())
-        lines += ["", f"Smallest difference this study can detect (median half-width of the paired intervals): "
-                      f"about {detectable:.2f} points."]
+        headroom = [k for k in SCHEDULES if k in paired and paired[k][0] + paired[k][1] < 0]
+        lines += ["", f"Smallest difference in J this study can detect (median paired half-width): {detectable:.4f} "
+                      f"({100 * detectable / table[best]['J'][0]:.1f}% of the best fixed alpha's J).",
+                  "Headroom: " + (f"{', '.join(headroom)} beat the best fixed alpha beyond the interval." if headroom else
+                                  "no schedule beats the best fixed alpha beyond the interval: on this task no "
+                                  "adaptive alpha has a schedule to find that a fixed alpha lacks.")]
     os.makedirs(out_dir, exist_ok=True)
     plumbing.write_atomic(os.path.join(out_dir, "results.md"), "\n".join(lines) + "\n")
     plumbing.write_atomic(os.path.join(out_dir, "results.json"), json.dumps(
-        {"scores": scores, "mean_ci": table, "arkd_minus": {k: list(v) for k, v in paired.items()}}, indent=1))
-    evaluate.heatmap([[m for m, _ in row.values()] for row in table.values()], list(table), columns, f"Rouge-L: {title}",
-            os.path.join(out_dir, "rougeL_heatmap.png"))
-    plot_alpha_seeds(sorted(glob.glob(os.path.join(train_dir, "arkd-s*"))), os.path.join(out_dir, "alpha_seeds.png"))
+        {"scores": scores, "mean_ci": table, "best_fixed": best, "minus_best_fixed": {k: list(v) for k, v in paired.items()}},
+        indent=1))
+    arkd_runs = sorted(glob.glob(os.path.join(train_dir, "arkd-s*")))
+    if arkd_runs:
+        plot_alpha_seeds(arkd_runs, os.path.join(out_dir, "alpha_seeds.png"))
     return table, paired
 
 
@@ -305,14 +392,21 @@ def main(argv=None):
     argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("command", choices=("probe", "figure1", "study"), help="which experiment (see above)")
+    parser.add_argument("command", choices=("probe", "figure1", "heldout", "study"), help="which experiment (see above)")
     parser.add_argument("--out", default=None, help="figure1, study: output directory")
     parser.add_argument("--probe_batches", type=int, default=16, help="probe: batches (K), each from the same start")
     parser.add_argument("--probe_alphas", default="0,0.25,0.5,0.75,1", help="probe: the alpha grid")
     parser.add_argument("--probe_step", type=int, default=0, help="probe: the data step the batches come from")
+    parser.add_argument("--probe_next_alpha", type=float, default=0.5, help="probe: alpha of the action after")
     parser.add_argument("--figure1_steps", type=int, default=400, help="figure1: Adam steps per student")
     parser.add_argument("--figure1_seeds", default="1 2 3", help="figure1: seeds (student start, policy) per strategy")
-    parser.add_argument("--runs", nargs="+", help="study: evaluated runs named STRATEGY-sSEED (or one name)")
+    parser.add_argument("--model", help="heldout: the model to measure")
+    parser.add_argument("--teacher", help="heldout: the teacher")
+    parser.add_argument("--data_dir", help="heldout: the data (its DollyEval file is the held-out set)")
+    parser.add_argument("--teacher_samples", help="heldout: the teacher's samples (JSON; written if missing)")
+    parser.add_argument("--heldout_seed", type=int, default=10, help="heldout: sampling seed")
+    parser.add_argument("--max_new_tokens", type=int, default=24, help="heldout: tokens sampled per prompt")
+    parser.add_argument("--runs", nargs="+", help="study: measured runs named STRATEGY-sSEED (or one name)")
     parser.add_argument("--train_dir", help="study: the training runs (for the ARKD alpha plot)")
     parser.add_argument("--title", default="Miniature study", help="study: heading of results.md and the heatmap")
     args = parser.parse_args(argv)
@@ -324,6 +418,10 @@ def main(argv=None):
         parser.error(f"{args.command} needs --out")
     if args.command == "figure1":
         return figure1(args)
+    if args.command == "heldout":
+        if not (args.model and args.teacher and args.data_dir and args.teacher_samples):
+            parser.error("heldout needs --model, --teacher, --data_dir and --teacher_samples")
+        return heldout_metrics(args)
     if not (args.runs and args.train_dir):
         parser.error("study needs --runs and --train_dir")
     study_report(args.runs, args.train_dir, args.out, args.title)

@@ -4,10 +4,10 @@
 #   bash run.sh           full run: GPUs and the Hugging Face Hub. PAIR=gpt2-120M | gpt2-340M | llama
 #   bash run.sh smoke     the same stages offline on CPU with tiny models (about 6 minutes, 2 cores);
 #                         its numbers say nothing about the paper
-#   bash run.sh study     the miniature study, offline on CPU: a stronger toy teacher, every strategy
-#                         x 3 training seeds (TRAIN_SEEDS), 800 KD steps each, confidence intervals,
-#                         paired differences, alpha trajectories, and the Figure-1 experiment
-#                         (mean- vs mode-seeking, exactly, on a two-mode teacher); about an hour
+#   bash run.sh study     the miniature study, offline on CPU (docs/study.md): a toy task with several
+#                         right answers, a fixed-alpha grid, both linear schedules, ARKD, its controls and
+#                         lookahead x TRAIN_SEEDS; held-out teacher-forced metrics with intervals, the
+#                         headroom check, alpha trajectories, and the Figure-1 experiment
 #   bash run.sh rehearsal the full run's stages, flags and code paths offline on CPU with the REAL
 #                         architectures (random weights; PAIR=llama cuts layers to fit 24 GB), the real
 #                         GPT-2 tokenizer, data of the real lengths, 2 steps and 2 prompts per set
@@ -19,7 +19,7 @@
 #
 # Settings (environment): PAIR, NPROC (GPUs per node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT,
 # DATA_DIR, OUT, TEACHER, STUDENT, STRATEGIES, SEEDS, TRAIN_SEEDS, EPOCHS, LR, LM_WEIGHT, PYTHON; offline
-# modes also SMOKE_STEPS / STUDY_STEPS (KD steps per run); the rehearsal TEACHER_ARCH, TEACHER_SFT_ARCH,
+# modes also SMOKE_STEPS / STUDY_STEPS (KD steps per run), the study's REWARD_EVERY, FIGURE1_STEPS; the rehearsal TEACHER_ARCH, TEACHER_SFT_ARCH,
 # STUDENT_ARCH (name[:blocks kept] of rehearsal.py's ARCHITECTURES), REAL_BATCH, NEW_TOKENS. Multi-node: run
 # the same command on every node with its NODE_RANK and an OUT on a shared filesystem.
 set -euo pipefail
@@ -33,6 +33,9 @@ die() { echo "run.sh: $*" >&2; exit 1; }
 # Settings, each checked before any work
 [[ $MODE != rehearsal ]] || STRATEGIES=${STRATEGIES:-sft seqkd fkl greedy akl atkd okd arkd}   # every code path once:
                                                       # rkl, fixed and linear take fkl's path with another alpha
+# The study: ARKD first (its controls read its run: arkd-lr0 = policy lr 0, replay = its mean schedule,
+# fixed-avg = a fixed alpha at its time-averaged alpha), then lookahead, the grid and the schedules.
+[[ $MODE != study ]] || STRATEGIES=${STRATEGIES:-arkd arkd-lr0 replay fixed-avg lookahead fixed:0 fixed:0.25 fixed:0.5 fixed:0.75 fixed:1 linear:0.9,0.1 linear:0.1,0.9}
 STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.25 fixed:0.5 fixed:0.75 linear:0.9,0.1 linear:0.1,0.9 greedy akl atkd okd arkd}
 NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-29500}
 EPOCHS=${EPOCHS:-10} LM_WEIGHT=${LM_WEIGHT:-0.0}
@@ -47,11 +50,11 @@ if [[ $MODE == smoke ]]; then
 elif [[ $MODE == study ]]; then
   PAIR=study OUT=${OUT:-runs/study} SEEDS=${SEEDS:-10,20} NPROC=1 TRAIN_SEEDS=${TRAIN_SEEDS:-1 2 3}
   STUDY_STEPS=${STUDY_STEPS:-800}          # KD steps per run: 100 REINFORCE updates at M = 8
+  REWARD_EVERY=${REWARD_EVERY:-1} FIGURE1_STEPS=${FIGURE1_STEPS:-400}
   TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-3e-3} KD_LR=${KD_LR:-1e-3}
   TEACHER_STEPS=$(( STUDY_STEPS * 15 / 4 )) STUDENT_STEPS=$(( STUDY_STEPS * 3 / 8 )) KD_STEPS=$STUDY_STEPS
-  TRAIN=(--batch_size 16 --grad_accum 1 --eval_every 0 --val_examples 64 --max_new_tokens 24 --gen_batch_size 64)
-  EVAL=(--batch_size 64 --max_new_tokens 24 --no_bertscore)
-  TITLE="MINIATURE STUDY on the offline toy task (tiny models; columns are toy files in the layout of the named sets)"
+  TRAIN=(--batch_size 16 --grad_accum 1 --eval_every 0 --val_examples 16 --max_new_tokens 24 --gen_batch_size 64)
+  TITLE="MINIATURE STUDY on the offline toy task with several right answers (tiny models)"
 elif [[ $MODE == rehearsal ]]; then        # ARCH specs are name[:layers kept] of rehearsal.py's ARCHITECTURES
   PAIR=${PAIR:-gpt2-120M} OUT=${OUT:-runs/rehearsal-$PAIR} SEEDS=${SEEDS:-10} NPROC=1 TRAIN_SEEDS=1
   case $PAIR in   # the teacher SFT stand-in is cut: AdamW on all of GPT-2 XL needs 25 GB before activations
@@ -93,7 +96,7 @@ DATA_DIR=${DATA_DIR:-$OUT/data}
 $PY -c "
 import sys, losses
 for s in sys.argv[1:]:
-    if s not in ('sft', 'seqkd', 'okd'):
+    if s not in ('sft', 'seqkd', 'okd', 'arkd-lr0', 'fixed-avg'):
         try: losses.parse_strategy(s)
         except ValueError as e: sys.exit(f'run.sh: STRATEGIES: {e}')" $STRATEGIES
 mkdir -p "$OUT/logs" "$OUT/done" 2>/dev/null && touch "$OUT/done/.writable" 2>/dev/null || die "OUT=$OUT is not writable"
@@ -156,7 +159,8 @@ if [[ $MODE == rehearsal ]]; then
   TEACHER_BASE=$OUT/teacher-sft-init STUDENT_BASE=$OUT/student-init
   TEACHER_SFT=(--max_steps 2 --lr 5e-5) STUDENT_SFT=(--max_steps 2 --lr "$LR") KD=(--max_steps 2 --lr "$KD_LR")
 elif [[ $MODE != full ]]; then
-  stage data $PY data.py synthetic --out "$DATA_DIR"
+  multimodal=(); [[ $MODE != study ]] || multimodal=(--multimodal)
+  stage data $PY data.py synthetic --out "$DATA_DIR" "${multimodal[@]}"
   stage teacher-init $PY plumbing.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/teacher-init" --n_embd 128 --n_layer 2 --seed 1
   stage student-init $PY plumbing.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/student-init" --n_embd 64 --n_layer 1 --seed 2
   TEACHER_BASE=$OUT/teacher-init STUDENT_BASE=$OUT/student-init
@@ -176,7 +180,34 @@ if [[ -z $STUDENT ]]; then
   STUDENT=$OUT/student/best
 fi
 
+study() {   # the study's loop: every strategy x training seed, trained, then measured on held-out data
+  local seed strategy name extra
+  heldout() { stage "heldout-$1" $PY experiments.py heldout --model "$2" --teacher "$TEACHER" --data_dir "$DATA_DIR" \
+                --teacher_samples "$OUT/teacher_samples.json" --out "$OUT/heldout/$1"; }
+  heldout sft "$STUDENT"
+  runs=(sft)
+  for seed in $TRAIN_SEEDS; do
+    for strategy in $STRATEGIES; do
+      name=${strategy//[:,]/-}-s$seed
+      case $strategy in
+        arkd)      extra=(--strategy arkd --reward_every "$REWARD_EVERY") ;;
+        arkd-lr0)  extra=(--strategy arkd --reward_every "$REWARD_EVERY" --policy_lr 0) ;;
+        replay)    extra=(--strategy replay --alpha_schedule "$OUT/runs/arkd-s$seed/metrics.jsonl") ;;
+        fixed-avg) extra=(--strategy "fixed:$($PY -c "import sys, evaluate; a = [r['alpha'] for r in evaluate.read_metrics(sys.argv[1])]
+print(f'{sum(a) / len(a):.4f}')" "$OUT/runs/arkd-s$seed")") ;;
+        *)         extra=(--strategy "$strategy") ;;
+      esac
+      stage "train-$name" train "$OUT/runs/$name" --method kd --seed "$seed" --teacher "$TEACHER" --student "$STUDENT" \
+        "${KD[@]}" "${extra[@]}"
+      heldout "$name" "$OUT/runs/$name/best"
+      runs+=("$name")
+    done
+  done
+  stage figure1 $PY experiments.py figure1 --out "$OUT/figure1" --figure1_seeds "$TRAIN_SEEDS" --figure1_steps "$FIGURE1_STEPS"
+}
+
 runs=(teacher)
+if [[ $MODE == study ]]; then study; else
 stage eval-teacher launch evaluate.py --model "$TEACHER" --data_dir "$DATA_DIR" --seeds "$SEEDS" \
   --out "$OUT/eval/teacher" --label teacher "${EVAL[@]}"
 for strategy in $STRATEGIES; do
@@ -200,14 +231,11 @@ for strategy in $STRATEGIES; do
     [[ $strategy != sft ]] || break                  # the SFT student does not depend on a training seed
   done
 done
-
-if [[ $MODE == study ]]; then                       # Figure 1: coverage and precision on multi-modal answers
-  stage figure1 $PY experiments.py figure1 --out "$OUT/figure1" --figure1_seeds "$TRAIN_SEEDS"
 fi
 
 report() {
   if [[ $MODE == study ]]; then
-    $PY experiments.py study --runs "${runs[@]/#/$OUT/eval/}" --train_dir "$OUT/runs" --out "$OUT/report" --title "$TITLE"
+    $PY experiments.py study --runs "${runs[@]/#/$OUT/heldout/}" --train_dir "$OUT/runs" --out "$OUT/report" --title "$TITLE"
   else
     $PY evaluate.py report --runs "${runs[@]/#/$OUT/eval/}" --out "$OUT/report" --title "$TITLE"
     if [[ -e $OUT/runs/arkd/alpha.png ]]; then cp "$OUT/runs/arkd/alpha.png" "$OUT/runs/arkd/reward.png" "$OUT/report/"; fi

@@ -1742,33 +1742,81 @@ def test_arkd_on_two_ranks_with_batch_b_equals_one_process_with_batch_2b(pair, t
     assert any(p.abs().sum() > 0 for p in one["policy"][-2:])                # the policy's last layer moved
 
 
+def run_probe(argv, *probe_flags):
+    done = subprocess.run([sys.executable, "experiments.py", "probe", *probe_flags, "--", *argv], cwd=HERE,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.slow
-def test_reward_probe_measures_each_alpha_from_one_identical_start(pair, tmp_path):
+def test_reward_probe_measures_an_actions_own_and_next_reward_from_a_training_state(pair, tmp_path):
+    # A real training state: weights and AdamW moments of a checkpoint (lr 1e-9 would make every reward ~0:
+    # the probe's lr is --lr, not the saved one).
+    arkd.main(train_argv(pair, tmp_path / "ckpt", "--strategy", "fkl", "--lr", "1e-9", "--max_steps", "2"))
     reports = []
     for name in ("a", "b"):
-        argv = train_argv(pair, tmp_path / name, "--batch_size", "8", "--grad_accum", "1")
-        done = subprocess.run([sys.executable, "experiments.py", "probe", "--probe_batches", "3", "--probe_alphas", "0,0.5,1",
-                               "--", *argv], cwd=HERE, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert done.returncode == 0, done.stderr[-3000:]
+        argv = train_argv(pair, tmp_path / name, "--student", str(tmp_path / "ckpt" / "last"), "--batch_size", "8",
+                          "--grad_accum", "1", "--reward_every", "2")
+        done = run_probe(argv, "--probe_batches", "3", "--probe_alphas", "0,0.5,1")
         reports.append(json.load(open(tmp_path / name / "probe.json")))
-        assert (tmp_path / name / "probe.png").stat().st_size > 0 and "signal-to-noise" in done.stdout
+        assert (tmp_path / name / "probe.png").stat().st_size > 0 and "carry-over" in done.stdout
     assert reports[0]["rows"] == reports[1]["rows"]                  # identical starts: identical numbers
-    rows = reports[0]["rows"]
-    assert len(rows) == 9 and len({r["reward"] for r in rows if r["batch"] == 0}) == 3   # alpha changes the step
-    for name in ("reward", "heldout_reward"):
-        means = reports[0][name]["mean"]
-        assert reports[0][name]["best_alpha"] == [0, 0.5, 1][means.index(max(means))]
+    report, rows = reports[0], reports[0]["rows"]
+    assert report["optimizer_state"] and report["reward_every"] == 2
+    assert len(rows) == 9 and len({r["reward"] for r in rows if r["batch"] == 0}) == 3   # alpha changes the action
+    assert len({r["next_reward"] for r in rows if r["batch"] == 0}) == 3   # and, through Adam, the next one
+    assert min(abs(r["reward"]) for r in rows) > 1e-3
+    for name in ("reward", "next_reward"):
         per_alpha = [[r[name] for r in rows if r["alpha"] == a] for a in (0, 0.5, 1)]
-        assert means == pytest.approx([sum(v) / 3 for v in per_alpha])
-    # From a checkpoint: its optimizer state is used, but the step's lr is --lr, not the saved one.
-    arkd.main(train_argv(pair, tmp_path / "ckpt", "--strategy", "fkl", "--lr", "1e-9", "--max_steps", "2"))
-    argv = train_argv(pair, tmp_path / "late", "--student", str(tmp_path / "ckpt" / "last"), "--lr", "2e-3")
-    done = subprocess.run([sys.executable, "experiments.py", "probe", "--probe_batches", "2", "--probe_alphas", "0,1",
-                           "--", *argv], cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    late = json.load(open(tmp_path / "late" / "probe.json"))
-    assert min(abs(r["reward"]) for r in late["rows"]) > 1e-3           # lr 1e-9 would give ~0
+        assert report[name]["mean"] == pytest.approx([sum(v) / 3 for v in per_alpha])
+    own = [r1["reward"] - r0["reward"] for r0, r1 in zip(rows[0::3], rows[2::3])]
+    after = [r1["next_reward"] - r0["next_reward"] for r0, r1 in zip(rows[0::3], rows[2::3])]
+    assert report["effect"]["own"] == pytest.approx(sum(own) / 3)
+    assert report["effect"]["carry_over"] == pytest.approx(sum(after) / sum(own))
+    # Without training_state.pt the probe says that its AdamW is fresh.
+    done = run_probe(train_argv(pair, tmp_path / "fresh", "--batch_size", "8", "--grad_accum", "1"), "--probe_batches", "2",
+                     "--probe_alphas", "0,1")
+    assert "no training_state.pt" in done.stdout and not json.load(open(tmp_path / "fresh" / "probe.json"))["optimizer_state"]
+
+
+def test_heldout_metrics_match_a_direct_computation(pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+    args = argparse.Namespace(model=pair["student"], teacher=pair["teacher"], data_dir=pair["data_dir"], heldout_seed=3,
+                              teacher_samples=str(tmp_path / "teacher_samples.json"), max_new_tokens=6, out=str(tmp_path / "m"))
+    result = experiments.heldout_metrics(args)
+    assert json.load(open(tmp_path / "m" / "heldout.json")) == result
+    tokenizer = plumbing.load_tokenizer(pair["student"])
+    student, teacher = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (pair["student"], pair["teacher"]))
+    records = data.load_records("dollyeval", pair["data_dir"])
+
+    def per_token(records_used):                       # plain sums over response tokens, one example at a time
+        sums = torch.zeros(4, dtype=torch.float64)
+        for e in data.encode_records(tokenizer, records_used)[0]:
+            ids = torch.tensor([e["input_ids"]])
+            with torch.no_grad():
+                s, t = student(input_ids=ids).logits[0, :-1], teacher(input_ids=ids).logits[0, :-1]
+            mask = torch.tensor(e["labels"][1:]) != losses.IGNORE_INDEX
+            y = torch.tensor(e["input_ids"][1:])[mask]
+            s, t = s[mask].double(), t[mask].double()
+            sums += torch.stack([forward_kl(s, t).sum(), reverse_kl(s, t).sum(),
+                                 -s.log_softmax(-1).gather(1, y[:, None]).sum(), -t.log_softmax(-1).gather(1, y[:, None]).sum()])
+        return (sums / sum(sum(x != -100 for x in e["labels"]) for e in data.encode_records(tokenizer, records_used)[0])).tolist()
+
+    fkl, rkl, ce, _ = per_token(records)
+    assert result["fkl"] == pytest.approx(fkl, rel=1e-4) and result["rkl"] == pytest.approx(rkl, rel=1e-4)
+    assert result["J"] == pytest.approx(fkl + rkl, rel=1e-4) and result["ce"] == pytest.approx(ce, rel=1e-4)
+    teacher_samples = json.load(open(args.teacher_samples))
+    assert len(teacher_samples) == len(records)
+    coverage = -per_token([{**r, "references": [s]} for r, s in zip(records, teacher_samples)])[2]
+    assert result["coverage"] == pytest.approx(coverage, rel=1e-4)
+    prompts = [e["prompt_ids"] for e in data.encode_records(tokenizer, records)[0]]
+    student_samples = evaluate.generate(student, tokenizer, prompts, 3, 64, 6, progress=False)
+    precision = -per_token([{**r, "references": [s]} for r, s in zip(records, student_samples)])[3]
+    assert result["precision"] == pytest.approx(precision, rel=1e-4)
+    # The teacher against itself: no divergence, and (same seed, same samples) precision = coverage.
+    twin = experiments.heldout_metrics(argparse.Namespace(**{**vars(args), "model": pair["teacher"], "out": str(tmp_path / "t")}))
+    assert twin["J"] == pytest.approx(0, abs=1e-6) and twin["precision"] == pytest.approx(twin["coverage"], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -1811,18 +1859,31 @@ def test_smoke_pipeline_produces_the_report_and_a_rerun_skips_every_stage(tmp_pa
 
 
 @pytest.mark.slow
-def test_scaled_down_study_gives_intervals_paired_differences_and_the_figures(tmp_path):
-    done = run_sh(tmp_path, "study", STUDY_STEPS="8", STRATEGIES="sft fkl arkd", TRAIN_SEEDS="1 2", SEEDS="10")
+def test_scaled_down_study_gives_the_grid_the_controls_and_the_headroom_check(tmp_path):
+    strategies = "arkd arkd-lr0 replay fixed-avg fixed:0 fixed:1"
+    done = run_sh(tmp_path, "study", STUDY_STEPS="8", STRATEGIES=strategies, TRAIN_SEEDS="1 2", FIGURE1_STEPS="40")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = tmp_path / "report"
     table = open(report / "results.md").read()
-    assert "MINIATURE STUDY" in table and "| fkl | 2 | " in table and "| arkd | 2 | " in table and " +- " in table
     results = json.load(open(report / "results.json"))
-    assert set(results["scores"]) == {"teacher", "sft", "fkl", "arkd"} and set(results["scores"]["arkd"]) == {"1", "2"}
-    diffs = [results["scores"]["arkd"][s]["all"] - results["scores"]["fkl"][s]["all"] for s in ("1", "2")]
-    assert results["arkd_minus"]["fkl"][0] == pytest.approx(sum(diffs) / 2)          # paired by training seed
-    for name in ("rougeL_heatmap.png", "alpha_seeds.png"):
-        assert (report / name).stat().st_size > 0
+    names = {"arkd", "arkd-lr0", "replay", "fixed-avg", "fixed-0", "fixed-1"}
+    assert set(results["scores"]) == names | {"sft"} and set(results["scores"]["arkd"]) == {"1", "2"}
+    assert "MINIATURE STUDY" in table and "| fixed-1 | 2 | " in table and "Headroom:" in table
+    best = results["best_fixed"]
+    assert best == min(("fixed-0", "fixed-1"), key=lambda k: results["mean_ci"][k]["J"][0])
+    diffs = [results["scores"]["arkd"][s]["J"] - results["scores"][best][s]["J"] for s in ("1", "2")]
+    assert results["minus_best_fixed"]["arkd"][0] == pytest.approx(sum(diffs) / 2)          # paired by training seed
+    for seed in (1, 2):                                     # the controls read ARKD's run of their seed
+        runs = tmp_path / "runs"
+        arkd_rows = evaluate.read_metrics(str(runs / f"arkd-s{seed}"))
+        mean_schedule = [r["beta_a"] / (r["beta_a"] + r["beta_b"]) for r in arkd_rows]
+        assert [r["alpha"] for r in evaluate.read_metrics(str(runs / f"replay-s{seed}"))] == pytest.approx(mean_schedule)
+        average = sum(r["alpha"] for r in arkd_rows) / len(arkd_rows)
+        assert [r["alpha"] for r in evaluate.read_metrics(str(runs / f"fixed-avg-s{seed}"))] == pytest.approx([average] * 8, abs=1e-4)
+        frozen = evaluate.read_metrics(str(runs / f"arkd-lr0-s{seed}"))
+        assert {round(r["beta_a"] / (r["beta_a"] + r["beta_b"]), 9) for r in frozen} == {0.5}   # policy lr 0: never moves
+        assert len({r["alpha"] for r in frozen}) == len(frozen)                              # but still explores
+    assert (report / "alpha_seeds.png").stat().st_size > 0
     figure = json.load(open(tmp_path / "figure1" / "figure1.json"))["results"]
     assert set(figure) == {"teacher"} | {f"{s}-s{seed}" for s in experiments.FIGURE1_STRATEGIES for seed in (1, 2)}
     assert (tmp_path / "figure1" / "figure1.png").stat().st_size > 0
