@@ -40,7 +40,7 @@ import evaluate
 import plumbing
 from plumbing import barrier, print0, world, write_atomic
 from lora import add_lora, lora_parameters, lora_state_dict
-from losses import (IGNORE_INDEX, STAT_NAMES, STEP_RULES, atkd_easy, atkd_loss, kd_pass, mix, next_token_targets, parse_strategy,
+from losses import (DIVERGENCES, IGNORE_INDEX, STAT_NAMES, STEP_RULES, atkd_easy, atkd_loss, kd_pass, mix, next_token_targets, parse_strategy,
                     stat_means, strategy_alpha)
 from policy import ARKDPolicy, LookaheadAlpha, all_reduce_sum, immediate_reward, make_state
 
@@ -62,7 +62,7 @@ def parse_args(argv=None):
                    "seqkd: CE on teacher samples; kd: alpha FKL + (1 - alpha) RKL; okd: FKL against a teacher "
                    "whose LoRA trains alongside")
     p.add_argument("--strategy", default="arkd", help="kd only: fkl, rkl, fixed:A, linear:A0,A1, greedy, akl, arkd, "
-                   "atkd, lookahead (ours), replay (--alpha_schedule)")
+                   "atkd, lookahead (ours), replay (--alpha_schedule), jsd:B, tvd, skl:A, srkl:A")
     p.add_argument("--teacher", default="MiniLLM/teacher-gpt2-1.5B", help="teacher model (kd, seqkd)")
     p.add_argument("--student", default="MiniLLM/init-gpt2-120M", help="student initialisation")
     p.add_argument("--data_dir", default=None, help="MiniLLM Hub layout on disk; default: the Hub")
@@ -401,10 +401,11 @@ def kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer,
     with torch.no_grad() if teacher_optimizer is None else contextlib.nullcontext():   # OKD: the LoRA learns
         teacher_logits = forward(teacher, batch, run)
     targets = batch["targets"].to(run.device)
-    kind = run.strategy[0]
+    kind, numbers = run.strategy
     out = kd_pass(logits, teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size, args.chunk_tokens,
                   target_ids=targets, inplace_grad=teacher_optimizer is None and not two_backward, atkd=kind == "atkd",
-                  akl=kind == "akl" or state_read)
+                  akl=kind == "akl" or state_read,
+                  divergence=(kind, numbers[0] if numbers else 0.0) if kind in DIVERGENCES else None)
     return out, teacher_logits
 
 
@@ -428,12 +429,15 @@ def choose_alpha(run, policy, window, stats0, step, reward_batch, row):
 
 def micro_batch_loss(args, run, logits, batch, out, alpha):
     """The loss of one micro-batch, summed over its response tokens: CE on the references (SFT,
-    SeqKD), ATKD's per-token loss, or alpha FKL + (1 - alpha) RKL (+ lm_weight CE)."""
+    SeqKD), ATKD's per-token loss, a peer's divergence (jsd, tvd, skl, srkl) or alpha FKL +
+    (1 - alpha) RKL (+ lm_weight CE)."""
     if out is None:
         return F.cross_entropy(logits[..., :run.vocab_size].flatten(0, 1).float(), batch["targets"].to(run.device).flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum")
     if run.strategy[0] == "atkd":
         per_token = atkd_loss(out.tckd, out.nckd, atkd_easy(out.unc), args.atkd_lam)
+    elif run.strategy[0] in DIVERGENCES:                  # a peer's divergence in place of the mixture
+        per_token = out.div
     else:
         per_token = mix(out.fkl, out.rkl, out.akl_alpha if alpha is None else alpha)
     return per_token.sum() + args.lm_weight * out.ce.sum()

@@ -240,8 +240,8 @@ def akl_benchmark(args):
 
 
 def step_benchmark(args):
-    """Median optimizer-step time of arkd.py for --strategy arkd over --strategy fkl, measured in
-    alternating subprocesses on the same data, models and batches."""
+    """Median optimizer-step time of arkd.py for --strategy arkd and --strategy lookahead over
+    --strategy fkl, measured in alternating subprocesses on the same data, models and batches."""
     import data
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -255,7 +255,7 @@ def step_benchmark(args):
         from transformers import AutoModelForCausalLM
         params = {role: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(os.path.join(tmp, role)).parameters())
                   for role in ("teacher", "student")}
-        times, tokens = {"fkl": [], "arkd": []}, {"fkl": [], "arkd": []}
+        times, tokens = ({s: [] for s in ("fkl", "arkd", "lookahead")} for _ in range(2))
         for round_ in range(args.repeats):
             for strategy in times:
                 out = os.path.join(tmp, f"{strategy}{round_}")
@@ -276,6 +276,7 @@ def step_benchmark(args):
     return {"teacher_params": params["teacher"], "student_params": params["student"],
             "size_ratio": params["teacher"] / params["student"], "grad_accum": 4, "batch": args.step_batch,
             "median_step_s": medians, "step_time_ratio": medians["arkd"] / medians["fkl"],
+            "lookahead_step_time_ratio": medians["lookahead"] / medians["fkl"],
             "tokens_per_second": {s: statistics.median(t) for s, t in tokens.items()},
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"}
 
@@ -284,8 +285,9 @@ def print_step(summary):
     print(f"teacher {summary['teacher_params'] / 1e6:.2f}M params, student {summary['student_params'] / 1e6:.2f}M "
           f"({summary['size_ratio']:.1f}x), accumulation 4, {summary['device']}")
     medians = summary["median_step_s"]
-    print(f"median step: fkl {medians['fkl'] * 1e3:.1f} ms, arkd {medians['arkd'] * 1e3:.1f} ms, "
-          f"ratio {summary['step_time_ratio']:.3f} (baseline: the FKL step)")
+    print(f"median step: fkl {medians['fkl'] * 1e3:.1f} ms, arkd {medians['arkd'] * 1e3:.1f} ms, lookahead "
+          f"{medians['lookahead'] * 1e3:.1f} ms; ratios {summary['step_time_ratio']:.3f} and "
+          f"{summary['lookahead_step_time_ratio']:.3f} (baseline: the FKL step)")
 
 
 def generation_speed(layers, width, new_tokens, prompts=64, batch=32):
@@ -341,6 +343,7 @@ def gpu_check(args):
     s = report["step"]
     lines += [f"| ARKD step / FKL step (teacher {s['teacher_params'] / 1e6:.0f}M, student {s['student_params'] / 1e6:.0f}M) "
               f"| {s['step_time_ratio']:.3f}x | the FKL step, {s['median_step_s']['fkl'] * 1e3:.1f} ms |",
+              f"| lookahead step / FKL step | {s['lookahead_step_time_ratio']:.3f}x | the FKL step |",
               f"| training tokens per second (FKL, ARKD) | {s['tokens_per_second']['fkl']:.0f}, "
               f"{s['tokens_per_second']['arkd']:.0f} | |",
               f"| evaluation, {report['generation']['new_tokens']} new tokens | "

@@ -41,7 +41,8 @@ IGNORE_INDEX = -100
 # Sums returned by kd_pass, in this order ("tokens" is the count the others are divided by).
 STAT_NAMES = ("tokens", "fkl", "rkl", "teacher_entropy", "student_entropy",
               "akl_alpha", "top1_agreement", "student_ce")
-STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "arkd", "atkd", "lookahead", "replay")
+STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "arkd", "atkd", "lookahead", "replay",
+                  "jsd:B", "tvd", "skl:A", "srkl:A")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,6 +57,14 @@ def _check_tau(tau):
 def _check_mu(mu):
     if not (isinstance(mu, (int, float)) and 0 < mu < 1):
         raise ValueError(f"mu must lie in (0, 1), got {mu!r}")
+
+
+def _check_divergence(kind, c):
+    # jsd at 0 or 1 is 0 (TRL then switches to FKL or RKL: use those); a skew of 1 makes m = p (or q).
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; valid: {', '.join(DIVERGENCES)}")
+    if (kind == "jsd" and not 0 < c < 1) or (kind in ("skl", "srkl") and not 0 <= c < 1):
+        raise ValueError(f"divergence {kind}: coefficient {c} must lie in (0, 1) for jsd, [0, 1) for skl and srkl")
 
 
 def _cut_vocab(student_logits, teacher_logits, vocab_size=None):
@@ -322,6 +331,38 @@ def _atkd_grad(log_p, log_q, targets, nt_p, nt_q, g_tckd, g_nckd):
     return out.scatter_add_(1, t, (g_tckd * gap).unsqueeze(1))
 
 
+# The peers' divergences: JSD(beta) as TRL defines it, TVD, and DistiLLM's skew KL and skew reverse
+# KL. Each is a D(p, q) per row with its slope a = dD/dq per column; through the softmax,
+# dD/dz(u) = q(u) (a(u) - sum_v q(v) a(v)) / tau (the constant part of a cancels).
+DIVERGENCES = ("jsd", "tvd", "skl", "srkl")
+
+
+def _log_mix(log_a, log_b, weight_a):
+    """log(w a + (1 - w) b) per element, from log a and log b."""
+    if weight_a == 0:
+        return log_b
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def _divergence_and_slope(kind, c, log_p, log_q, p, q):
+    """(D [n], a = dD/dq [n, V]) for teacher p and student q (floored logs, Choice L1):
+
+        jsd   m = c p + (1 - c) q   D = c KL(p || m) + (1 - c) KL(q || m)   a = (1 - c) log(q / m)
+        tvd                         D = 1/2 sum |p - q|                      a = 1/2 sign(q - p)
+        skl   m = c p + (1 - c) q   D = KL(p || m)                           a = -(1 - c) p / m
+        srkl  m = c q + (1 - c) p   D = KL(q || m)                           a = log(q / m) - c q / m (+ 1)
+    """
+    if kind == "tvd":
+        return 0.5 * (p - q).abs().sum(-1), 0.5 * torch.sign(q - p)
+    if kind == "srkl":
+        log_m = _log_mix(log_q, log_p, c)
+        return (q * (log_q - log_m)).sum(-1), (log_q - log_m) - c * torch.exp(log_q - log_m)
+    log_m = _log_mix(log_p, log_q, c)
+    if kind == "jsd":
+        return c * (p * (log_p - log_m)).sum(-1) + (1 - c) * (q * (log_q - log_m)).sum(-1), (1 - c) * (log_q - log_m)
+    return (p * (log_p - log_m)).sum(-1), -(1 - c) * torch.exp(log_p - log_m)
+
+
 def _default_chunk_tokens(vocab, device):
     # CPU: ~1M elements (4 MB fp32 per buffer) stay in cache; GPU: big chunks amortise launches.
     elements = 2 ** 25 if device.type == "cuda" else 2 ** 20
@@ -356,7 +397,7 @@ class _KDPassFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, rows, targets, tau, vocab, mu, chunk, inplace_grad, atkd, akl_on):
+    def forward(ctx, student, teacher, rows, targets, tau, vocab, mu, chunk, inplace_grad, atkd, akl_on, divergence):
         # student [R, V_s], teacher [R, V_t] (padded columns beyond `vocab` are ignored),
         # rows [N] indices of the masked rows, targets [N] reference token ids or empty.
         cdtype, device, n = _compute_dtype(student.dtype), student.device, len(rows)
@@ -365,6 +406,7 @@ class _KDPassFunction(torch.autograd.Function):
         tckd, nckd, nt_p, nt_q = (torch.zeros(n if atkd else 0, dtype=cdtype, device=device) for _ in range(4))
         ce = torch.zeros(len(targets), dtype=cdtype, device=device)
         lse_ce = torch.zeros(len(targets) if tau != 1.0 else 0, dtype=cdtype, device=device)
+        div = torch.zeros(n if divergence else 0, dtype=cdtype, device=device)    # a peer's divergence, asked for
         stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)
         stats[0] = n
         work = torch.empty(4, min(chunk, n), vocab, dtype=cdtype, device=device)
@@ -382,6 +424,8 @@ class _KDPassFunction(torch.autograd.Function):
             if atkd:
                 nt_p[sl], nt_q[sl] = _non_target_lse(log_p, targets[sl]), _non_target_lse(log_q, targets[sl])
                 tckd[sl] = _tckd_from_logs(log_p, log_q, targets[sl], nt_p[sl], nt_q[sl])
+            if divergence:
+                div[sl] = _divergence_and_slope(*divergence, log_p, log_q, p, q)[0] * tau ** 2
             diff = log_p.sub_(log_q)                                   # log p - log q, reuses log_p
             if atkd:                                                   # p_hat = exp(diff + log q - nt_p)
                 nckd[sl] = _nckd_from_logs(diff, log_q, targets[sl], nt_p[sl], nt_q[sl])
@@ -402,16 +446,16 @@ class _KDPassFunction(torch.autograd.Function):
             stats[7] = ce.sum().double()
         unc = nt_p.exp()                                               # 1 - p(g), without a subtraction
         ctx.save_for_backward(student, teacher, rows, targets, rkl, lse_s, lse_t, lse_ce, nt_p, nt_q)
-        ctx.settings = (tau, vocab, chunk, inplace_grad, atkd)
+        ctx.settings = (tau, vocab, chunk, inplace_grad, atkd, divergence)
         if not akl_on:
             stats[5] = float("nan")                                    # not computed: never a silent 0
         ctx.mark_non_differentiable(akl, stats, unc)
-        return fkl, rkl, ce, akl, stats, tckd, nckd, unc
+        return fkl, rkl, ce, akl, stats, tckd, nckd, unc, div
 
     @staticmethod
-    def backward(ctx, g_fkl, g_rkl, g_ce, _g_akl, _g_stats, g_tckd, g_nckd, _g_unc):
+    def backward(ctx, g_fkl, g_rkl, g_ce, _g_akl, _g_stats, g_tckd, g_nckd, _g_unc, g_div):
         student, teacher, rows, targets, rkl, lse_s, lse_t, lse_ce, nt_p, nt_q = ctx.saved_tensors
-        tau, vocab, chunk, inplace_grad, atkd = ctx.settings
+        tau, vocab, chunk, inplace_grad, atkd, divergence = ctx.settings
         cdtype, n = _compute_dtype(student.dtype), len(rows)
         grad = student if inplace_grad else torch.empty_like(student)
         unused = torch.ones(len(student), dtype=torch.bool, device=student.device)
@@ -432,6 +476,10 @@ class _KDPassFunction(torch.autograd.Function):
             log_q, log_p = zs, zt
             extra = _atkd_grad(log_p, log_q, targets[sl], nt_p[sl], nt_q[sl], g_tckd[sl], g_nckd[sl]) if atkd else None
             q, p = torch.exp(log_q, out=q), torch.exp(log_p, out=p)
+            if divergence:                                           # g_div * q (a - <q, a>), before log_q goes
+                slope = _divergence_and_slope(*divergence, log_p, log_q, p, q)[1]
+                extra = q * (slope - (q * slope).sum(-1, keepdim=True)) * (g_div[sl] * tau).unsqueeze(1) + \
+                    (extra if extra is not None else 0)
             # dRKL: q * (log q - log p - RKL), weighted per row by g_rkl; built in log_q's buffer.
             g = log_q.sub_(log_p).sub_(rkl_unscaled[sl].unsqueeze(1)).mul_(q)
             g.mul_(g_rkl[sl].unsqueeze(1))
@@ -445,7 +493,7 @@ class _KDPassFunction(torch.autograd.Function):
             if extra is not None:
                 g.add_(extra)
             g_view.index_copy_(0, idx, g.to(grad.dtype))
-        return grad, None, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None, None
 
 
 @dataclass
@@ -458,6 +506,7 @@ class KDPassResult:
         when kd_pass ran with akl=False).
     tckd, nckd: [N] ATKD's target and non-target terms (atkd=True only, else None), differentiable.
     unc: [N] 1 - p(g), the teacher's mass off the reference token (atkd=True only), no gradient.
+    div: [N] the divergence asked for by `divergence` (times tau^2), differentiable; else None.
     stats: float64 [len(STAT_NAMES)]: the token count and the sums of every statistic; add them
         over micro-batches and all-reduce them over ranks, then divide (stat_means).
     """
@@ -469,10 +518,11 @@ class KDPassResult:
     tckd: torch.Tensor | None = None
     nckd: torch.Tensor | None = None
     unc: torch.Tensor | None = None
+    div: torch.Tensor | None = None
 
 
 def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chunk_tokens=None,
-            target_ids=None, mu=0.5, inplace_grad=False, atkd=False, akl=True):
+            target_ids=None, mu=0.5, inplace_grad=False, atkd=False, akl=True, divergence=None):
     """The training pass: FKL, RKL (and CE) of every masked token plus the policy's statistics.
 
     student_logits [..., V_s] (requires grad, any float dtype), teacher_logits [..., V_t],
@@ -487,6 +537,10 @@ def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chun
 
     atkd=True also returns ATKD's per-token TCKD and NCKD (differentiable, closed-form gradients) and
     the teacher's uncertainty 1 - p(g); it needs target_ids and tau = 1, and costs nothing when off.
+
+    divergence=(kind, c) also returns a peer's divergence per token with its closed-form gradient
+    (_divergence_and_slope): ("jsd", beta) TRL's generalized JSD, ("tvd", 0), ("skl", a) and
+    ("srkl", a) DistiLLM's skew KL(p || a p + (1 - a) q) and KL(q || a q + (1 - a) p).
 
     inplace_grad=True writes the gradient into student_logits' own storage during backward, saving
     a [tokens, V] buffer. Use it only when nothing reads the logits after backward (autograd's
@@ -520,10 +574,14 @@ def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chun
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if atkd and (target_ids is None or tau != 1.0):
         raise ValueError("atkd=True needs target_ids and tau = 1 (ATKD is defined at temperature 1)")
-    fkl, rkl, ce, akl_alpha, stats, tckd, nckd, unc = _KDPassFunction.apply(
-        student, teacher, rows, targets, float(tau), vocab, float(mu), int(chunk), inplace_grad, bool(atkd), bool(akl))
+    if divergence is not None:
+        divergence = (divergence[0], float(divergence[1]))
+        _check_divergence(*divergence)
+    fkl, rkl, ce, akl_alpha, stats, tckd, nckd, unc, div = _KDPassFunction.apply(
+        student, teacher, rows, targets, float(tau), vocab, float(mu), int(chunk), inplace_grad, bool(atkd), bool(akl),
+        divergence)
     return KDPassResult(fkl, rkl, ce if target_ids is not None else None, akl_alpha if akl else None, stats,
-                        *((tckd, nckd, unc) if atkd else ()))
+                        *((tckd, nckd, unc) if atkd else (None, None, None)), div if divergence else None)
 
 
 def next_token_targets(labels, ignore_index=IGNORE_INDEX):
@@ -567,6 +625,7 @@ def greedy_alpha(stats):
 # `atkd` weighs TCKD and NCKD per token (atkd_loss) instead of FKL and RKL; `lookahead` (ours) moves
 # alpha by a hypergradient (policy.lookahead_alpha). `replay` follows a given schedule, one alpha a
 # step (its numbers: the trainer reads them from a file; a schedule of another length is stretched).
+# The peers' divergences (jsd:B, tvd, skl:A, srkl:A) replace the mixture: kd_pass(divergence=...).
 STEP_RULES = {
     "fkl": lambda numbers, progress, stats: 1.0,
     "rkl": lambda numbers, progress, stats: 0.0,
@@ -576,7 +635,7 @@ STEP_RULES = {
     "replay": lambda numbers, progress, stats: numbers[round(progress * (len(numbers) - 1))],
 }
 STRATEGY_ARITY = {"fkl": 0, "rkl": 0, "fixed": 1, "linear": 2, "greedy": 0, "akl": 0, "arkd": 0, "atkd": 0,
-                  "lookahead": 0, "replay": 0}
+                  "lookahead": 0, "replay": 0, "jsd": 1, "tvd": 0, "skl": 1, "srkl": 1}
 
 
 def parse_strategy(text):
@@ -598,6 +657,8 @@ def parse_strategy(text):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"strategy {text!r}: alpha {value} lies outside [0, 1]")
         values.append(value)
+    if kind in DIVERGENCES:
+        _check_divergence(kind, values[0] if values else 0.0)
     return kind, tuple(values)
 
 

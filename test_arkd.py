@@ -440,6 +440,95 @@ def test_atkd_loss_equals_the_authors_group_means_and_splits_at_the_lower_median
 # AKL
 
 
+# ----------------------------------------------------------------------------------------------
+# The peers' divergences: JSD(beta), TVD, skew KL, skew reverse KL
+
+
+def ref_divergence(kind, c, student_logits, teacher_logits, tau=1.0, vocab=None):
+    """The definitions on full float64 tensors (autograd gives the reference gradient); TRL's JSD(beta)
+    mixes m = beta p + (1 - beta) q with p the teacher, DistiLLM's skews a p + (1 - a) q and a q + (1 - a) p."""
+    vocab = vocab or student_logits.shape[-1]
+    log_q = torch.log_softmax(student_logits[..., :vocab].double() / tau, -1)
+    log_p = torch.log_softmax(teacher_logits[..., :vocab].double() / tau, -1)
+    p, q = log_p.exp(), log_q.exp()
+
+    def kl(a, log_a, b):
+        return torch.where(a > 0, a * (log_a - b.log()), 0.0).sum(-1)
+    if kind == "tvd":
+        d = 0.5 * (p - q).abs().sum(-1)
+    elif kind == "jsd":
+        m = c * p + (1 - c) * q
+        d = c * kl(p, log_p, m) + (1 - c) * kl(q, log_q, m)
+    elif kind == "skl":
+        d = kl(p, log_p, c * p + (1 - c) * q)
+    else:
+        d = kl(q, log_q, c * q + (1 - c) * p)
+    return d * tau ** 2
+
+
+PEER_DIVERGENCES = [("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9), ("tvd", 0.0), ("skl", 0.1), ("skl", 0.0), ("srkl", 0.1),
+                    ("srkl", 0.0)]
+
+
+@pytest.mark.parametrize("kind,c", PEER_DIVERGENCES)
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_peer_divergences_and_gradients_match_the_definitions_with_padded_columns(kind, c, tau):
+    g = torch.Generator().manual_seed(3)
+    student = (torch.randn(2, 5, 13, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    teacher = torch.randn(2, 5, 13, generator=g, dtype=torch.float64) * 2
+    teacher[..., 11:] = 50.0                                # padded columns: cut, never renormalised
+    mask = torch.rand(2, 5, generator=g) > 0.3
+    out = kd_pass(student, teacher, mask, tau, vocab_size=11, chunk_tokens=3, divergence=(kind, c))
+    reference = ref_divergence(kind, c, student, teacher, tau, vocab=11)[mask]
+    assert torch.allclose(out.div, reference, atol=1e-10)
+    weights = torch.rand(len(reference), generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((out.div * weights).sum(), student)
+    (expected,) = torch.autograd.grad((reference * weights).sum(), student)
+    assert torch.allclose(grad, expected, atol=1e-10) and grad[..., 11:].abs().max() == 0 and grad[~mask].abs().max() == 0
+
+
+@pytest.mark.parametrize("kind,c", PEER_DIVERGENCES)
+def test_peer_divergences_at_p_equals_q_one_hot_teachers_and_minus_inf_columns(kind, c):
+    same = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    out = kd_pass(same, same.detach().clone(), torch.ones(4, dtype=torch.bool), divergence=(kind, c))
+    (grad,) = torch.autograd.grad(out.div.sum(), same)
+    assert out.div.abs().max() < 1e-12 and grad.abs().max() < 1e-12          # p == q: 0 and no gradient
+    student = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    one_hot = torch.full((3, 9), -30.0, dtype=torch.float64)
+    one_hot[:, 2] = 30.0
+    minus_inf = torch.randn(3, 9, dtype=torch.float64)
+    minus_inf[:, 5:] = -math.inf                            # the teacher rules these tokens out
+    for teacher in (one_hot, minus_inf):
+        out = kd_pass(student, teacher, torch.ones(3, dtype=torch.bool), divergence=(kind, c))
+        reference = ref_divergence(kind, c, student, teacher)
+        if kind == "srkl" and c == 0 and teacher is minus_inf:   # = RKL: a large finite penalty (Choice L1)
+            assert torch.isfinite(out.div).all() and (out.div > 100).all()
+            continue
+        assert torch.allclose(out.div, reference, atol=1e-9), teacher
+        (grad,) = torch.autograd.grad(out.div.sum(), student)
+        (expected,) = torch.autograd.grad(reference.sum(), student)
+        assert torch.allclose(grad, expected, atol=1e-8)
+
+
+def test_peer_divergences_in_bf16_and_their_limits():
+    g = torch.Generator().manual_seed(5)
+    student, teacher = torch.randn(6, 40, generator=g), torch.randn(6, 40, generator=g)
+    mask = torch.ones(6, dtype=torch.bool)
+    for kind, c in PEER_DIVERGENCES:
+        low = kd_pass(student.bfloat16(), teacher.bfloat16(), mask, divergence=(kind, c)).div
+        assert low.dtype == torch.float32 and torch.allclose(low, ref_divergence(kind, c, student.bfloat16(),
+                                                                                  teacher.bfloat16()).float(), atol=1e-5)
+    plain = kd_pass(student, teacher, mask)                 # the skews at 0 are FKL and RKL; TVD is at most 1
+    assert torch.allclose(kd_pass(student, teacher, mask, divergence=("skl", 0.0)).div, plain.fkl, atol=1e-5)
+    assert torch.allclose(kd_pass(student, teacher, mask, divergence=("srkl", 0.0)).div, plain.rkl, atol=1e-5)
+    assert (kd_pass(student, teacher, mask, divergence=("tvd", 0.0)).div <= 1).all()
+    for text in ("jsd:0", "jsd:1", "skl:1", "srkl:1", "jsd", "tvd:0.5"):
+        with pytest.raises(ValueError):
+            parse_strategy(text)
+    with pytest.raises(ValueError, match="unknown divergence 'hellinger'"):
+        kd_pass(student, teacher, mask, divergence=("hellinger", 0.0))
+
+
 def test_akl_head_of_the_spec_example():
     p = torch.tensor([0.4, 0.3, 0.2, 0.1])
     q = torch.tensor([0.1, 0.2, 0.3, 0.4])
@@ -1177,7 +1266,8 @@ def train_argv(pair, out, *extra):
 
 @pytest.mark.parametrize("method,strategy", [("sft", "fkl"), ("kd", "fkl"), ("kd", "rkl"), ("kd", "fixed:0.3"),
                                              ("kd", "linear:0.9,0.1"), ("kd", "greedy"), ("kd", "akl"), ("kd", "arkd"),
-                                             ("kd", "atkd"), ("kd", "lookahead"), ("okd", "fkl")])
+                                             ("kd", "atkd"), ("kd", "lookahead"), ("kd", "jsd:0.5"), ("kd", "tvd"),
+                                             ("kd", "skl:0.1"), ("kd", "srkl:0.1"), ("okd", "fkl")])
 def test_every_method_and_strategy_trains_and_lowers_its_loss(pair, tmp_path, method, strategy):
     result = arkd.main(train_argv(pair, tmp_path, "--method", method, "--strategy", strategy, "--max_steps", "8"))
     losses_seen = [r["loss"] for r in result["history"]]
