@@ -48,7 +48,7 @@ from policy import ARKDPolicy, LookaheadAlpha, all_reduce_sum, immediate_reward,
 RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "tau", "lm_weight", "lr",
                 "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "reward_every",
                 "policy_buffer", "policy_lr", "policy_entropy", "seqkd_data", "train_examples", "atkd_lam",
-                "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "lookahead_step", "alpha_schedule")
+                "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "lookahead_step", "alpha_schedule", "sgo_ratio")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,6 +71,8 @@ def parse_args(argv=None):
     # objective
     p.add_argument("--tau", type=float, default=1.0, help="temperature; the KD loss is scaled by tau^2")
     p.add_argument("--lm_weight", type=float, default=0.0, help="weight of the reference CE added to KD")
+    p.add_argument("--sgo_ratio", type=float, default=0.0, help="kd: share of each step's examples whose response "
+                   "the student samples itself (on-policy, as GKD's lambda); the teacher's distribution is the target")
     p.add_argument("--chunk_tokens", type=int, default=None, help="kd_pass chunk (default: by device)")
     p.add_argument("--atkd_lam", type=float, default=0.2, help="atkd: weight of the easy tokens' NCKD (lambda)")
     # OKD: the teacher's LoRA
@@ -116,8 +118,10 @@ def parse_args(argv=None):
                  "lookahead_step"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be > 0")
-    if args.tau <= 0 or args.lm_weight < 0 or not 0 <= args.warmup_ratio < 1:
-        p.error("--tau must be > 0, --lm_weight >= 0, --warmup_ratio in [0, 1)")
+    if args.tau <= 0 or args.lm_weight < 0 or not 0 <= args.warmup_ratio < 1 or not 0 <= args.sgo_ratio <= 1:
+        p.error("--tau must be > 0, --lm_weight >= 0, --warmup_ratio in [0, 1), --sgo_ratio in [0, 1]")
+    if args.sgo_ratio and args.method != "kd":
+        p.error("--sgo_ratio needs --method kd: the teacher's distribution is the target of a sampled response")
     if not (0 <= args.atkd_lam <= 1 and 0 <= args.okd_a_t <= 1) or args.okd_rank < 1:
         p.error("--atkd_lam and --okd_a_t must lie in [0, 1], --okd_rank must be >= 1")
     if args.method == "kd" and args.strategy == "atkd" and args.tau != 1:
@@ -227,23 +231,44 @@ def load_training_data(args, run, tokenizer, train_dir):
     return examples, val_examples, val_records
 
 
-def micro_batches(examples, step, args, run):
-    """The micro-batches of optimizer step `step` on this rank (a pure function of the step).
+def micro_batches(examples, step, args, run, student=None, tokenizer=None):
+    """The micro-batches of optimizer step `step` on this rank (a pure function of the step and, with
+    --sgo_ratio and a student, of its weights).
 
     Every epoch has its own seeded order; rank r takes every world_size-th example of it, so
     1 process x accumulation 4 and 2 processes x accumulation 2 see the same examples in a step.
+    With --sgo_ratio, the examples at the step's global positions j with floor((j + 1) lambda) >
+    floor(j lambda) (a share lambda, spread evenly, whatever the ranks) get a response the student
+    samples from their prompt, seeded by (seed, step, example): Choice T8.
     """
     per_step = args.batch_size * run.grad_accum
     steps_per_epoch = len(examples) // (per_step * run.world_size)
     epoch, within = divmod(step, steps_per_epoch)
     mine = data.epoch_order(len(examples), args.seed, epoch)[run.rank::run.world_size]
-    chosen = mine[within * per_step:(within + 1) * per_step]
+    chosen = [examples[j] for j in mine[within * per_step:(within + 1) * per_step]]
+    if student is not None and args.sgo_ratio > 0:
+        lam = args.sgo_ratio
+        chosen = [on_policy_example(student, tokenizer, e, args, step) if math.floor((j + 1) * lam) > math.floor(j * lam)
+                  else e for e, j in zip(chosen, range(run.rank, per_step * run.world_size, run.world_size))]
     batches = []
     for i in range(run.grad_accum):
-        batch = data.collate_train([examples[j] for j in chosen[i * args.batch_size:(i + 1) * args.batch_size]], run.pad_id)
+        batch = data.collate_train(chosen[i * args.batch_size:(i + 1) * args.batch_size], run.pad_id)
         batch["targets"] = next_token_targets(batch.pop("labels"))
         batches.append(batch)
     return batches
+
+
+def on_policy_example(student, tokenizer, example, args, step):
+    """`example` with its response replaced by one the student samples (eval mode) from its prompt."""
+    prompt = example["prompt_ids"]
+    was_training = student.training
+    student.eval()
+    response = evaluate.sample_response(student, prompt, (args.seed * 1_000_003 + step) * 1_000_003 + example["index"],
+                                        min(args.max_new_tokens, data.MAX_TOTAL_TOKENS - len(prompt)),
+                                        tokenizer.eos_token_id, tokenizer.pad_token_id)
+    student.train(was_training)
+    return {"index": example["index"], "prompt_ids": prompt, "input_ids": prompt + response,
+            "labels": [IGNORE_INDEX] * len(prompt) + response}
 
 
 def build_seqkd_data(teacher, tokenizer, data_dir, out_dir, train_examples, seed, batch_size, max_new_tokens,
@@ -557,7 +582,9 @@ class Progress:
 
 def save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, window, teacher=None, teacher_optimizer=None):
     """Every rank's random state (and its reward window's) is gathered, so any rank count resumes exactly."""
-    mine = {"rng": rng_snapshot(run.device), "window_rng": window.rng if window is not None else None}
+    # The window's micro-batch 0 goes too: with --sgo_ratio its responses came from weights now gone.
+    mine = {"rng": rng_snapshot(run.device), "window_rng": window.rng if window is not None else None,
+            "window_batch": None if window is None else {k: v.cpu() for k, v in window.batch.items()}}
     ranks = [mine]
     if run.world_size > 1:                  # rank 0 writes the file, so it needs every rank's state
         ranks = [None] * run.world_size
@@ -575,7 +602,7 @@ def save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, 
     barrier()                               # no rank runs on while the checkpoint is being written
 
 
-def resume(checkpoint, args, run, examples, teacher, optimizer, policy, teacher_optimizer=None):
+def resume(checkpoint, args, run, teacher, optimizer, policy, teacher_optimizer=None):
     """Progress and the open reward window of the checkpoint; restores optimizers, policy, LoRA, random states."""
     state = torch.load(os.path.join(checkpoint, "training_state.pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -590,8 +617,8 @@ def resume(checkpoint, args, run, examples, teacher, optimizer, policy, teacher_
     mine = state["ranks"][run.rank]
     restore_rng(mine["rng"], run.device)
     window = None
-    if state["window"] is not None:         # recompute the window's batch and teacher logits
-        batch0 = micro_batches(examples, state["window"]["step"], args, run)[0]
+    if state["window"] is not None:         # the window's batch as it was, and its teacher logits again
+        batch0 = mine["window_batch"]
         with torch.no_grad():
             teacher_logits = forward(teacher, batch0, run)
         window = RewardWindow(state["window"]["step"], state["window"]["before"], mine["window_rng"], batch0, teacher_logits)
@@ -671,7 +698,7 @@ def main(argv=None):
     model, optimizer, teacher_optimizer, policy = build_training(args, run, student, teacher)
     progress, window = Progress(), None
     if checkpoint:
-        progress, window = resume(checkpoint, args, run, examples, teacher, optimizer, policy, teacher_optimizer)
+        progress, window = resume(checkpoint, args, run, teacher, optimizer, policy, teacher_optimizer)
     usage.end("load")
     metrics = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master)
     line = plumbing.ProgressLine(run, progress.step, f"kd {args.strategy}" if args.method == "kd" else args.method)
@@ -679,7 +706,7 @@ def main(argv=None):
     while progress.step < run.total_steps:
         started = time.perf_counter()
         set_lr(progress.step, args, run, optimizer, teacher_optimizer)
-        batches = micro_batches(examples, progress.step, args, run)
+        batches = micro_batches(examples, progress.step, args, run, student, tokenizer)
         row, window = train_step(args, run, model, teacher, optimizer, policy, batches, progress.step, window,
                                  teacher_optimizer)
         usage.end("step", positions=sum(b["input_ids"].numel() for b in batches),

@@ -52,6 +52,19 @@ def batch_seed(seed, batch_index):
 
 
 @torch.no_grad()
+def sample_response(model, prompt_ids, seed, max_new_tokens, eos_id, pad_id):
+    """One response (token ids, EOS included when sampled) to one prompt with the settings of
+    docs/method.md 6, alone in its batch so that nothing else in a batch can change it; the
+    caller's random state is left alone. For training on the student's own outputs (--sgo_ratio)."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=torch.tensor([prompt_ids], device=device), **GENERATION,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+    return out[0, len(prompt_ids):].tolist()
+
+
+@torch.no_grad()
 def generate(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_tokens=MAX_NEW_TOKENS, progress=True):
     """Sampled responses (strings, in the order of prompt_ids) with the settings of docs/method.md 6.
 

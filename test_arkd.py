@@ -1267,9 +1267,11 @@ def train_argv(pair, out, *extra):
 @pytest.mark.parametrize("method,strategy", [("sft", "fkl"), ("kd", "fkl"), ("kd", "rkl"), ("kd", "fixed:0.3"),
                                              ("kd", "linear:0.9,0.1"), ("kd", "greedy"), ("kd", "akl"), ("kd", "arkd"),
                                              ("kd", "atkd"), ("kd", "lookahead"), ("kd", "jsd:0.5"), ("kd", "tvd"),
-                                             ("kd", "skl:0.1"), ("kd", "srkl:0.1"), ("okd", "fkl")])
+                                             ("kd", "skl:0.1"), ("kd", "srkl:0.1"), ("kd", "arkd --sgo_ratio 0.5"),
+                                             ("okd", "fkl")])
 def test_every_method_and_strategy_trains_and_lowers_its_loss(pair, tmp_path, method, strategy):
-    result = arkd.main(train_argv(pair, tmp_path, "--method", method, "--strategy", strategy, "--max_steps", "8"))
+    strategy, *extra = strategy.split()
+    result = arkd.main(train_argv(pair, tmp_path, "--method", method, "--strategy", strategy, "--max_steps", "8", *extra))
     losses_seen = [r["loss"] for r in result["history"]]
     assert len(losses_seen) == 8 and sum(losses_seen[-2:]) < sum(losses_seen[:2])
     alphas = [r.get("alpha") for r in result["history"]]
@@ -1369,6 +1371,34 @@ def test_replay_follows_an_arkd_runs_mean_alpha_and_names_a_bad_schedule(pair, t
     assert not os.path.exists(tmp_path / "r3" / "last")
 
 
+def test_student_generated_share_replaces_evenly_spread_responses_whatever_the_ranks(pair, tmp_path):
+    args, run, tokenizer, student, _, examples = setup_run(train_argv(pair, tmp_path, "--sgo_ratio", "0.25", "--grad_accum",
+                                                                      "4", "--batch_size", "4", "--max_new_tokens", "8"))
+    plain = arkd.micro_batches(examples, 3, args, run)
+    mixed = arkd.micro_batches(examples, 3, args, run, student, tokenizer)
+    again = arkd.micro_batches(examples, 3, args, run, student, tokenizer)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(mixed, again) for k in a)    # seeded: the same samples
+    def rows(batches):                             # (input ids, target ids) of every example, unpadded
+        return [(b["input_ids"][i][b["attention_mask"][i].bool()].tolist(),
+                 b["targets"][i][b["attention_mask"][i].bool()].tolist()) for b in batches for i in range(len(b["input_ids"]))]
+
+    before, after = rows(plain), rows(mixed)
+    changed = [j for j, (a, b) in enumerate(zip(before, after)) if a != b]
+    assert changed == [3, 7, 11, 15]               # positions j with floor((j + 1) / 4) > floor(j / 4)
+    for j in changed:
+        (ids, targets), (new_ids, new_targets) = before[j], after[j]
+        prompt = targets.index(next(t for t in targets if t != losses.IGNORE_INDEX))   # the first response position
+        assert new_ids[:prompt + 1] == ids[:prompt + 1] and new_ids[prompt + 1:] != ids[prompt + 1:]
+        assert 0 < sum(t != losses.IGNORE_INDEX for t in new_targets) <= 8
+    # Rank 1 of two processes accumulating 2 holds the step's odd positions, with the same samples.
+    run2 = arkd.Run(1, 2, run.device, False, 2, pad_id=run.pad_id)
+    assert rows(arkd.micro_batches(examples, 3, args, run2, student, tokenizer)) == after[1::2]
+    with pytest.raises(SystemExit):
+        arkd.parse_args(train_argv(pair, tmp_path, "--sgo_ratio", "1.5"))
+    with pytest.raises(SystemExit):
+        arkd.parse_args(train_argv(pair, tmp_path, "--method", "sft", "--sgo_ratio", "0.5"))
+
+
 def test_seqkd_samples_teacher_responses_then_trains(pair, tmp_path):
     result = arkd.main(train_argv(pair, tmp_path, "--method", "seqkd", "--train_examples", "40", "--max_steps", "3"))
     samples = data.load_records("dolly_train", str(tmp_path / "seqkd_data"))
@@ -1379,13 +1409,16 @@ def test_seqkd_samples_teacher_responses_then_trains(pair, tmp_path):
     assert data.load_records("dolly_dev", str(tmp_path / "seqkd_data"))[0] == data.load_records("dolly_dev", pair["data_dir"])[0]
 
 
-def test_exact_resume_continues_as_if_never_stopped(pair, tmp_path):
-    common = ("--method", "kd", "--strategy", "arkd", "--reward_every", "2", "--eval_every", "3", "--max_steps", "7")
+@pytest.mark.parametrize("sgo", [[], ["--sgo_ratio", "0.5", "--max_new_tokens", "8"]])
+def test_exact_resume_continues_as_if_never_stopped(pair, tmp_path, sgo):
+    common = ("--method", "kd", "--strategy", "arkd", "--reward_every", "2", "--eval_every", "3", "--max_steps", "7", *sgo)
     straight = arkd.main(train_argv(pair, tmp_path / "straight", *common))
     first = arkd.main(train_argv(pair, tmp_path / "resumed", *common, "--stop_after", "3"))
     assert len(first["history"]) == 3
     resumed = arkd.main(train_argv(pair, tmp_path / "resumed", *common, "--resume"))
     assert [r["alpha"] for r in straight["history"][3:]] == [r["alpha"] for r in resumed["history"]]
+    rewards = [(a.get("reward"), b.get("reward")) for a, b in zip(straight["history"][3:], resumed["history"])]
+    assert rewards[0][0] is not None and all(a == b or abs(a - b) < 1e-7 for a, b in rewards)   # the open window's too
     for (name, a), b in zip(straight["student"].state_dict().items(), resumed["student"].state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
     for a, b in zip(straight["policy"].net.parameters(), resumed["policy"].net.parameters()):
@@ -1714,12 +1747,13 @@ def setup_run(argv, eval_mode=True):
 
 def _step_gradients(rank, world_size, port, pair, grad_accum, out_file, method="kd"):
     """One step's accumulated gradients through arkd.train_step, as training computes them (OKD: the
-    LoRA's too)."""
+    LoRA's too; "sgo": KD with half of the responses sampled by the student)."""
     if world_size > 1:
         _join_gloo(rank, world_size, port)
-    args, run, _, student, teacher, examples = setup_run(train_argv(
-        pair, os.path.dirname(out_file), "--method", method, "--strategy", "fixed:0.3", "--lm_weight", "0.5",
-        "--grad_accum", str(grad_accum), "--grad_clip", "1e9", "--okd_rank", "4"))
+    sgo = ["--sgo_ratio", "0.5", "--max_new_tokens", "8"] if method == "sgo" else []
+    args, run, tokenizer, student, teacher, examples = setup_run(train_argv(
+        pair, os.path.dirname(out_file), "--method", "kd" if method == "sgo" else method, "--strategy", "fixed:0.3",
+        "--lm_weight", "0.5", "--grad_accum", str(grad_accum), "--grad_clip", "1e9", "--okd_rank", "4", *sgo))
     model = torch.nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
     recorder = GradientRecorder(student.parameters())
     lora_recorder = GradientRecorder(lora.lora_parameters(teacher)) if method == "okd" else None
@@ -1727,8 +1761,8 @@ def _step_gradients(rank, world_size, port, pair, grad_accum, out_file, method="
         torch.manual_seed(5)
         for p in lora_recorder.params:
             p.data.normal_(0, 0.05)
-    arkd.train_step(args, run, model, teacher, recorder, None, arkd.micro_batches(examples, 1, args, run), 1,
-                    teacher_optimizer=lora_recorder)
+    batches = arkd.micro_batches(examples, 1, args, run, student, tokenizer)
+    arkd.train_step(args, run, model, teacher, recorder, None, batches, 1, teacher_optimizer=lora_recorder)
     if rank == 0:
         grads = dict(zip([n for n, _ in student.named_parameters()], recorder.grads))
         grads.update({f"lora{i}": g for i, g in enumerate(lora_recorder.grads if lora_recorder else [])})
@@ -1740,7 +1774,7 @@ def _step_gradients(rank, world_size, port, pair, grad_accum, out_file, method="
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["kd", "okd"])
+@pytest.mark.parametrize("method", ["kd", "okd", "sgo"])
 def test_one_process_accumulating_4_equals_two_processes_accumulating_2(pair, tmp_path, method):
     plain = {k: v for k, v in pair.items() if k != "tokenizer"}
     _step_gradients(0, 1, 0, plain, 4, str(tmp_path / "one.pt"), method)
