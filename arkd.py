@@ -40,8 +40,8 @@ import evaluate
 import plumbing
 from plumbing import barrier, print0, world, write_atomic
 from lora import add_lora, lora_parameters, lora_state_dict
-from losses import (DIVERGENCES, IGNORE_INDEX, STAT_NAMES, STEP_RULES, atkd_easy, atkd_loss, kd_pass, mix, next_token_targets, parse_strategy,
-                    stat_means, strategy_alpha)
+from losses import (DIVERGENCES, IGNORE_INDEX, STAT_NAMES, STEP_RULES, atkd_easy, atkd_loss, kd_pass, mix,
+                    next_token_targets, parse_strategy, stat_means, strategy_alpha)
 from policy import ARKDPolicy, LookaheadAlpha, all_reduce_sum, immediate_reward, make_state
 
 # Flags that define a run: a checkpoint resumes only under the same values (and world size).
