@@ -1984,17 +1984,17 @@ def test_smoke_pipeline_produces_the_report_and_a_rerun_skips_every_stage(tmp_pa
 
 @pytest.mark.slow
 def test_scaled_down_study_gives_the_grid_the_controls_and_the_headroom_check(tmp_path):
-    strategies = "arkd arkd-lr0 replay fixed-avg fixed:0 fixed:1"
+    strategies = "arkd arkd-lr0 replay fixed-avg fixed:1"        # fixed:1 the one fixed alpha: CI's time
     done = run_sh(tmp_path, "study", STUDY_STEPS="8", STRATEGIES=strategies, TRAIN_SEEDS="1 2", FIGURE1_STEPS="40")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = tmp_path / "report"
     table = open(report / "results.md").read()
     results = json.load(open(report / "results.json"))
-    names = {"arkd", "arkd-lr0", "replay", "fixed-avg", "fixed-0", "fixed-1"}
+    names = {"arkd", "arkd-lr0", "replay", "fixed-avg", "fixed-1"}
     assert set(results["scores"]) == names | {"sft"} and set(results["scores"]["arkd"]) == {"1", "2"}
     assert "MINIATURE STUDY" in table and "| fixed-1 | 2 | " in table and "Headroom:" in table
     best = results["best_fixed"]
-    assert best == min(("fixed-0", "fixed-1"), key=lambda k: results["mean_ci"][k]["J"][0])
+    assert best == "fixed-1"                                # fixed-avg is a control, never a grid point
     diffs = [results["scores"]["arkd"][s]["J"] - results["scores"][best][s]["J"] for s in ("1", "2")]
     assert results["minus_best_fixed"]["arkd"][0] == pytest.approx(sum(diffs) / 2)          # paired by training seed
     for seed in (1, 2):                                     # the controls read ARKD's run of their seed
