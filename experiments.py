@@ -408,7 +408,7 @@ def main(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=24, help="heldout: tokens sampled per prompt")
     parser.add_argument("--runs", nargs="+", help="study: measured runs named STRATEGY-sSEED (or one name)")
     parser.add_argument("--train_dir", help="study: the training runs (for the ARKD alpha plot)")
-    parser.add_argument("--title", default="Miniature study", help="study: heading of results.md and the heatmap")
+    parser.add_argument("--title", default="Miniature study", help="study: heading of results.md")
     args = parser.parse_args(argv)
     if args.command == "probe":
         if args.probe_batches < 2:

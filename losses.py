@@ -344,7 +344,7 @@ def _log_mix(log_a, log_b, weight_a):
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
-def _divergence_and_slope(kind, c, log_p, log_q, p, q):
+def _divergence_and_slope(kind, c, log_p, log_q, p, q, slope=True):
     """(D [n], a = dD/dq [n, V]) for teacher p and student q (floored logs, Choice L1):
 
         jsd   m = c p + (1 - c) q   D = c KL(p || m) + (1 - c) KL(q || m)   a = (1 - c) log(q / m)
@@ -353,14 +353,15 @@ def _divergence_and_slope(kind, c, log_p, log_q, p, q):
         srkl  m = c q + (1 - c) p   D = KL(q || m)                           a = log(q / m) - c q / m (+ 1)
     """
     if kind == "tvd":
-        return 0.5 * (p - q).abs().sum(-1), 0.5 * torch.sign(q - p)
+        return 0.5 * (p - q).abs().sum(-1), 0.5 * torch.sign(q - p) if slope else None
     if kind == "srkl":
         log_m = _log_mix(log_q, log_p, c)
-        return (q * (log_q - log_m)).sum(-1), (log_q - log_m) - c * torch.exp(log_q - log_m)
+        return (q * (log_q - log_m)).sum(-1), (log_q - log_m) - c * torch.exp(log_q - log_m) if slope else None
     log_m = _log_mix(log_p, log_q, c)
     if kind == "jsd":
-        return c * (p * (log_p - log_m)).sum(-1) + (1 - c) * (q * (log_q - log_m)).sum(-1), (1 - c) * (log_q - log_m)
-    return (p * (log_p - log_m)).sum(-1), -(1 - c) * torch.exp(log_p - log_m)
+        value = c * (p * (log_p - log_m)).sum(-1) + (1 - c) * (q * (log_q - log_m)).sum(-1)
+        return value, (1 - c) * (log_q - log_m) if slope else None
+    return (p * (log_p - log_m)).sum(-1), -(1 - c) * torch.exp(log_p - log_m) if slope else None
 
 
 def _default_chunk_tokens(vocab, device):
@@ -425,7 +426,7 @@ class _KDPassFunction(torch.autograd.Function):
                 nt_p[sl], nt_q[sl] = _non_target_lse(log_p, targets[sl]), _non_target_lse(log_q, targets[sl])
                 tckd[sl] = _tckd_from_logs(log_p, log_q, targets[sl], nt_p[sl], nt_q[sl])
             if divergence:
-                div[sl] = _divergence_and_slope(*divergence, log_p, log_q, p, q)[0] * tau ** 2
+                div[sl] = _divergence_and_slope(*divergence, log_p, log_q, p, q, slope=False)[0] * tau ** 2
             diff = log_p.sub_(log_q)                                   # log p - log q, reuses log_p
             if atkd:                                                   # p_hat = exp(diff + log q - nt_p)
                 nckd[sl] = _nckd_from_logs(diff, log_q, targets[sl], nt_p[sl], nt_q[sl])
