@@ -321,9 +321,9 @@ def gpu_check(args):
     evaluation prompts per second at 256 new tokens, peak memory of each; OUT/gpu_check.json and .md.
     Without CUDA it runs the same checks at reduced sizes, to show that it works."""
     cuda = torch.cuda.is_available()
-    n, vocab = (4096, 50257) if cuda else (256, 50257)
+    n, vocab = (4096, 50257) if cuda else (128, 8192)
     steps = dict(teacher_size="48,1600", student_size="12,768", step_batch=8, steps=13) if cuda else \
-        dict(teacher_size="2,128", student_size="1,64", step_batch=4, steps=8)
+        dict(teacher_size="2,128", student_size="1,64", step_batch=4, steps=5)
     report = {"device": torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} thread(s) (reduced sizes)",
               "kd_pass": {}, "generation": None, "step": None}
     for dtype in ("fp32", "bf16"):

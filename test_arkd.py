@@ -955,7 +955,7 @@ def bench_variants():
 def test_bench_runs_and_reports_ratios():
     import json
     import subprocess
-    done = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--n", "64", "--vocab", "20000",
+    done = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--n", "64", "--vocab", "8000",
                            "--repeats", "1", "--device", "cpu", "--json"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -1984,33 +1984,56 @@ def test_smoke_pipeline_produces_the_report_and_a_rerun_skips_every_stage(tmp_pa
 
 @pytest.mark.slow
 def test_scaled_down_study_gives_the_grid_the_controls_and_the_headroom_check(tmp_path):
-    strategies = "arkd arkd-lr0 replay fixed-avg fixed:1"        # fixed:1 the one fixed alpha: CI's time
-    done = run_sh(tmp_path, "study", STUDY_STEPS="8", STRATEGIES=strategies, TRAIN_SEEDS="1 2", FIGURE1_STEPS="40")
+    # One training seed and one fixed alpha (CI's time): the wiring of every control; the pairing by seed
+    # and the headroom check are test_study_report_pairs_by_seed_finds_the_best_fixed_alpha_and_checks_headroom.
+    strategies = "arkd arkd-lr0 replay fixed-avg fixed:1"
+    done = run_sh(tmp_path, "study", STUDY_STEPS="12", STRATEGIES=strategies, TRAIN_SEEDS="2", FIGURE1_STEPS="10")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = tmp_path / "report"
     table = open(report / "results.md").read()
     results = json.load(open(report / "results.json"))
     names = {"arkd", "arkd-lr0", "replay", "fixed-avg", "fixed-1"}
-    assert set(results["scores"]) == names | {"sft"} and set(results["scores"]["arkd"]) == {"1", "2"}
-    assert "MINIATURE STUDY" in table and "| fixed-1 | 2 | " in table and "Headroom:" in table
-    best = results["best_fixed"]
-    assert best == "fixed-1"                                # fixed-avg is a control, never a grid point
-    diffs = [results["scores"]["arkd"][s]["J"] - results["scores"][best][s]["J"] for s in ("1", "2")]
-    assert results["minus_best_fixed"]["arkd"][0] == pytest.approx(sum(diffs) / 2)          # paired by training seed
-    for seed in (1, 2):                                     # the controls read ARKD's run of their seed
-        runs = tmp_path / "runs"
-        arkd_rows = evaluate.read_metrics(str(runs / f"arkd-s{seed}"))
-        mean_schedule = [r["beta_a"] / (r["beta_a"] + r["beta_b"]) for r in arkd_rows]
-        assert [r["alpha"] for r in evaluate.read_metrics(str(runs / f"replay-s{seed}"))] == pytest.approx(mean_schedule)
-        average = sum(r["alpha"] for r in arkd_rows) / len(arkd_rows)
-        assert [r["alpha"] for r in evaluate.read_metrics(str(runs / f"fixed-avg-s{seed}"))] == pytest.approx([average] * 8, abs=1e-4)
-        frozen = evaluate.read_metrics(str(runs / f"arkd-lr0-s{seed}"))
-        assert {round(r["beta_a"] / (r["beta_a"] + r["beta_b"]), 9) for r in frozen} == {0.5}   # policy lr 0: never moves
-        assert len({r["alpha"] for r in frozen}) == len(frozen)                              # but still explores
+    assert set(results["scores"]) == names | {"sft"} and set(results["scores"]["arkd"]) == {"2"}
+    assert "MINIATURE STUDY" in table and "| fixed-1 | 1 | " in table
+    assert results["best_fixed"] == "fixed-1"               # fixed-avg is a control, never a grid point
+    runs = tmp_path / "runs"                                # the controls read ARKD's run of their seed
+    arkd_rows = evaluate.read_metrics(str(runs / "arkd-s2"))
+    mean_schedule = [r["beta_a"] / (r["beta_a"] + r["beta_b"]) for r in arkd_rows]
+    assert len(set(mean_schedule)) > 1                      # one REINFORCE update (M = 8): a schedule to replay
+    assert [r["alpha"] for r in evaluate.read_metrics(str(runs / "replay-s2"))] == pytest.approx(mean_schedule)
+    average = sum(r["alpha"] for r in arkd_rows) / len(arkd_rows)
+    assert [r["alpha"] for r in evaluate.read_metrics(str(runs / "fixed-avg-s2"))] == pytest.approx([average] * 12, abs=1e-4)
+    frozen = evaluate.read_metrics(str(runs / "arkd-lr0-s2"))
+    assert {round(r["beta_a"] / (r["beta_a"] + r["beta_b"]), 9) for r in frozen} == {0.5}   # policy lr 0: never moves
+    assert len({r["alpha"] for r in frozen}) == len(frozen)                              # but still explores
     assert (report / "alpha_seeds.png").stat().st_size > 0
     figure = json.load(open(tmp_path / "figure1" / "figure1.json"))["results"]
-    assert set(figure) == {"teacher"} | {f"{s}-s{seed}" for s in experiments.FIGURE1_STRATEGIES for seed in (1, 2)}
+    assert set(figure) == {"teacher"} | {f"{s}-s2" for s in experiments.FIGURE1_STRATEGIES}
     assert (tmp_path / "figure1" / "figure1.png").stat().st_size > 0
+
+
+def test_study_report_pairs_by_seed_finds_the_best_fixed_alpha_and_checks_headroom(tmp_path):
+    """study_report on hand-written held-out results: the best fixed alpha is a grid point (never the
+    fixed-avg control, even when it scores best), differences are paired by training seed, and a schedule
+    whose paired interval lies below 0 is reported as headroom."""
+    J = {"fixed-0.5": [1.0, 2.0, 3.0], "fixed-1": [1.5, 2.5, 3.5], "fixed-avg": [0.1, 0.2, 0.3],
+         "arkd": [1.1, 1.9, 3.3], "linear-0.9-0.1": [0.9, 1.9, 2.9]}
+    runs = []
+    for name, values in J.items():
+        for seed, j in enumerate(values, start=1):
+            run = tmp_path / "heldout" / f"{name}-s{seed}"
+            run.mkdir(parents=True)
+            metrics = {m: 0.0 for m, _ in experiments.STUDY_METRICS}
+            (run / "heldout.json").write_text(json.dumps({**metrics, "J": j}))
+            runs.append(str(run))
+    table, paired = experiments.study_report(runs, str(tmp_path / "none"), str(tmp_path / "report"), "T")
+    results = json.load(open(tmp_path / "report" / "results.json"))
+    assert results["best_fixed"] == "fixed-0.5" and table["arkd"]["J"][0] == pytest.approx(6.3 / 3)
+    diffs = [0.1, -0.1, 0.3]                                  # arkd minus fixed-0.5, seed by seed
+    assert paired["arkd"][:2] == pytest.approx(experiments.mean_ci(diffs)) and paired["arkd"][2] == 3
+    assert paired["linear-0.9-0.1"][0] == pytest.approx(-0.1) and paired["linear-0.9-0.1"][1] < 1e-9
+    text = open(tmp_path / "report" / "results.md").read()
+    assert "Headroom: linear-0.9-0.1 beat the best fixed alpha" in text and "| arkd | 3 | " in text
 
 
 def test_confidence_intervals_on_hand_made_cases():
