@@ -43,7 +43,7 @@ die() { echo "run.sh: $*" >&2; exit 1; }
 [[ $MODE != mini ]] || STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.5 linear:0.9,0.1 greedy akl atkd okd arkd lookahead}
 STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.25 fixed:0.5 fixed:0.75 linear:0.9,0.1 linear:0.1,0.9 greedy akl atkd okd arkd}
 NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-29500}
-HELDOUT=() evals=() heldouts=() EPOCHS=${EPOCHS:-10} LM_WEIGHT=${LM_WEIGHT:-0.0} REWARD_EVERY=${REWARD_EVERY:-1}
+HELDOUT=() SEQKD=() evals=() heldouts=() EPOCHS=${EPOCHS:-10} LM_WEIGHT=${LM_WEIGHT:-0.0} REWARD_EVERY=${REWARD_EVERY:-1}
 if [[ $MODE == smoke ]]; then
   PAIR=smoke OUT=${OUT:-runs/smoke} SEEDS=${SEEDS:-10,20} NPROC=1 TRAIN_SEEDS=${TRAIN_SEEDS:-1}
   SMOKE_STEPS=${SMOKE_STEPS:-60}           # KD steps per strategy; the teacher gets 10x, the student 1x
@@ -66,9 +66,10 @@ elif [[ $MODE == mini ]]; then             # a real teacher; DATA_DIR is the use
   SOURCE_DIR=$DATA_DIR OUT=${OUT:-runs/mini}; DATA_DIR=$OUT/data
   [[ -f $SOURCE_DIR/dolly/raw.jsonl ]] || die "DATA_DIR=$SOURCE_DIR lacks dolly/raw.jsonl (the MiniLLM Hub layout)"
   PAIR=smollm2 SEEDS=${SEEDS:-10,20} NPROC=1 TRAIN_SEEDS=${TRAIN_SEEDS:-1}
-  TEMPLATE=${TEMPLATE:-chat} LAYERS=${LAYERS:-6} MINI_TRAIN=${MINI_TRAIN:-256} MINI_TEST=${MINI_TEST:-50} PROBE_BATCHES=${PROBE_BATCHES:-6}
-  MINI_STEPS=${MINI_STEPS:-30} STUDENT_STEPS=${STUDENT_STEPS:-120}   # KD steps per run; the student's SFT steps
-  TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-3e-4} KD_LR=${KD_LR:-1e-4} KD_STEPS=$MINI_STEPS
+  TEMPLATE=${TEMPLATE:-chat} LAYERS=${LAYERS:-6} MINI_TRAIN=${MINI_TRAIN:-512} MINI_TEST=${MINI_TEST:-30} PROBE_BATCHES=${PROBE_BATCHES:-6}
+  MINI_STEPS=${MINI_STEPS:-20} STUDENT_STEPS=${STUDENT_STEPS:-64}    # KD steps per run; SFT: one epoch of MINI_TRAIN
+  TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-5e-4} KD_LR=${KD_LR:-2e-4} KD_STEPS=$MINI_STEPS
+  SEQKD=(--train_examples $(( MINI_STEPS * 8 )))   # the teacher samples as many prompts as the KD runs read
   TRAIN=(--batch_size 8 --grad_accum 1 --eval_every 0 --val_examples 16 --max_new_tokens 64 --gen_batch_size 16)
   EVAL=(--batch_size 16 --max_new_tokens 64 --datasets dollyeval,selfinst,vicunaeval)
   HELDOUT=(--max_new_tokens 64)
@@ -225,7 +226,7 @@ for seed in $TRAIN_SEEDS; do       # ARKD before its controls: arkd-lr0 = policy
     [[ $MODE != study && $MODE != mini && $TRAIN_SEEDS == "$first_seed" ]] || name=$name-s$seed   # a name per seed
     case $strategy in
       sft)       [[ $seed == "$first_seed" ]] && measure sft "$STUDENT"; continue ;;   # the SFT student itself
-      seqkd)     method=seqkd extra=(--seqkd_data "$OUT/seqkd_data") ;;
+      seqkd)     method=seqkd extra=(--seqkd_data "$OUT/seqkd_data" "${SEQKD[@]}") ;;
       okd)       method=okd ;;
       arkd)      extra=(--strategy arkd --reward_every "$REWARD_EVERY")
                  [[ $MODE != rehearsal ]] || extra+=(--batch_size "$REAL_BATCH") ;;   # one GPU's micro-batch

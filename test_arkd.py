@@ -2612,3 +2612,35 @@ def test_the_converted_smollm2_teacher_has_the_gguf_models_logits_and_cuts_into_
         assert plumbing.model_shape(student)["params"] == shape["params"] - 24 * shape["layer_params"]   # 49.6M
         assert torch.equal(student.model.layers[2].mlp.up_proj.weight, teacher.model.layers[12].mlp.up_proj.weight)
         assert student.generate(**tokenizer(prompts[:1], return_tensors="pt"), max_new_tokens=3, do_sample=False).shape[1] > 3
+
+
+def minillm_source(root):
+    """The maintainers' real records in the Hub layout run.sh mini reads (skips without them)."""
+    for relative, target in (("dolly/train_sample.jsonl", "dolly/raw.jsonl"), ("dolly/valid.jsonl", "dolly/valid.jsonl"),
+                             ("self-inst/valid.jsonl", "self-inst/valid.jsonl"), ("vicuna/valid.jsonl", "Vicuna/valid.jsonl")):
+        os.makedirs(os.path.dirname(os.path.join(root, target)), exist_ok=True)
+        os.symlink(os.path.abspath(shared_file(relative)), os.path.join(root, target))
+    return root
+
+
+@pytest.mark.slow
+def test_a_student_cut_from_smollm2_learns_from_it_on_real_dolly_records(smollm2, tmp_path):
+    folder, source = smollm2["folder"], minillm_source(str(tmp_path / "source"))
+    tokenizer = plumbing.load_tokenizer(folder)
+    data.write_mini(source, str(tmp_path / "data"), tokenizer, 24, 4, 8, 96, 128, template="chat")
+    plumbing.keep_layers(folder, 2, str(tmp_path / "student"))
+    teacher = plumbing.load_model(folder, torch.device("cpu"), vocab_size=len(tokenizer)).eval()
+    heldout, _ = data.encode_records(tokenizer, data.load_records("dollyeval", str(tmp_path / "data")), "dollyeval")
+
+    def heldout_fkl(path):
+        student = plumbing.load_model(path, torch.device("cpu"), vocab_size=len(tokenizer)).eval()
+        return experiments.response_scores(student, teacher, heldout, tokenizer.pad_token_id, len(tokenizer))["fkl"]
+
+    before = heldout_fkl(str(tmp_path / "student"))
+    arkd.main(["--method", "kd", "--strategy", "fkl", "--teacher", folder, "--student", str(tmp_path / "student"),
+               "--data_dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--batch_size", "4",
+               "--grad_accum", "1", "--max_steps", "6", "--lr", "1e-3", "--warmup_ratio", "0", "--eval_every", "0",
+               "--val_examples", "2", "--max_new_tokens", "4"])
+    after = heldout_fkl(str(tmp_path / "run" / "best"))
+    assert len(heldout) == 8 and after < 0.9 * before, (before, after)
+
