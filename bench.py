@@ -239,9 +239,13 @@ def akl_benchmark(args):
     return summary
 
 
+STEP_VARIANTS = "fkl,arkd,lookahead,jsd:0.5,tvd,skl:0.1,srkl:0.1,fkl --sgo_ratio 0.25"
+
+
 def step_benchmark(args):
-    """Median optimizer-step time of arkd.py for --strategy arkd and --strategy lookahead over
-    --strategy fkl, measured in alternating subprocesses on the same data, models and batches."""
+    """Median optimizer-step time of arkd.py for each variant of --step_variants (a strategy and any
+    further flags) over --strategy fkl, measured in alternating subprocesses on the same data, models
+    and batches."""
     import data
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -255,28 +259,31 @@ def step_benchmark(args):
         from transformers import AutoModelForCausalLM
         params = {role: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(os.path.join(tmp, role)).parameters())
                   for role in ("teacher", "student")}
-        times, tokens = ({s: [] for s in ("fkl", "arkd", "lookahead")} for _ in range(2))
+        variants = dict.fromkeys(["fkl", "arkd", "lookahead"] + getattr(args, "step_variants", STEP_VARIANTS).split(","))
+        times, tokens = ({v: [] for v in variants} for _ in range(2))
         for round_ in range(args.repeats):
-            for strategy in times:
-                out = os.path.join(tmp, f"{strategy}{round_}")
+            for index, variant in enumerate(times):
+                out = os.path.join(tmp, f"{index}-{round_}")
+                strategy, *flags = variant.split()
                 cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "arkd.py"),
-                       "--method", "kd", "--strategy", strategy, "--teacher", os.path.join(tmp, "teacher"),
+                       "--method", "kd", "--strategy", strategy, *flags, "--teacher", os.path.join(tmp, "teacher"),
                        "--student", os.path.join(tmp, "student"), "--data_dir", data_dir, "--out", out,
                        "--max_steps", str(args.steps), "--batch_size", str(args.step_batch), "--grad_accum", "4",
                        "--eval_every", "0", "--val_examples", "1", "--max_new_tokens", "1", "--warmup_ratio", "0"]
                 env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
                 done = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if done.returncode != 0:
-                    sys.exit(f"bench: arkd.py --strategy {strategy} failed:\n{done.stderr[-2000:]}")
+                    sys.exit(f"bench: arkd.py --strategy {variant} failed:\n{done.stderr[-2000:]}")
                 with open(os.path.join(out, "metrics.jsonl")) as f:
                     rows = [json.loads(line) for line in f if '"step_seconds"' in line]
-                times[strategy] += [r["step_seconds"] for r in rows[3:]]      # the first steps warm up
-                tokens[strategy] += [r["tokens_per_second"] for r in rows[3:]]
+                times[variant] += [r["step_seconds"] for r in rows[3:]]      # the first steps warm up
+                tokens[variant] += [r["tokens_per_second"] for r in rows[3:]]
     medians = {s: statistics.median(t) for s, t in times.items()}
     return {"teacher_params": params["teacher"], "student_params": params["student"],
             "size_ratio": params["teacher"] / params["student"], "grad_accum": 4, "batch": args.step_batch,
             "median_step_s": medians, "step_time_ratio": medians["arkd"] / medians["fkl"],
             "lookahead_step_time_ratio": medians["lookahead"] / medians["fkl"],
+            "ratio_to_fkl": {v: m / medians["fkl"] for v, m in medians.items()},
             "tokens_per_second": {s: statistics.median(t) for s, t in tokens.items()},
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"}
 
@@ -288,6 +295,7 @@ def print_step(summary):
     print(f"median step: fkl {medians['fkl'] * 1e3:.1f} ms, arkd {medians['arkd'] * 1e3:.1f} ms, lookahead "
           f"{medians['lookahead'] * 1e3:.1f} ms; ratios {summary['step_time_ratio']:.3f} and "
           f"{summary['lookahead_step_time_ratio']:.3f} (baseline: the FKL step)")
+    print("every variant's step / the FKL step: " + ", ".join(f"{v} {r:.3f}x" for v, r in summary["ratio_to_fkl"].items()))
 
 
 def generation_speed(layers, width, new_tokens, prompts=64, batch=32):
@@ -330,7 +338,7 @@ def gpu_check(args):
         report["kd_pass"][dtype] = compare_variants(argparse.Namespace(**{**vars(args), "n": n, "vocab": vocab, "dtype": dtype,
                                                                           "device": "cuda" if cuda else "cpu",
                                                                           "variants": ",".join(VARIANTS)}))
-    report["step"] = step_benchmark(argparse.Namespace(**{**vars(args), **steps, "repeats": 1}))
+    report["step"] = step_benchmark(argparse.Namespace(**{**vars(args), **steps, "repeats": 1, "step_variants": "fkl"}))
     report["generation"] = generation_speed(12, 768, 256) if cuda else generation_speed(1, 64, 16, prompts=8, batch=8)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
@@ -372,6 +380,8 @@ def main():
                         "writes --out/gpu_check.json and .md")
     parser.add_argument("--step", action="store_true", help="step benchmark: ARKD step over FKL step in arkd.py")
     parser.add_argument("--steps", type=int, default=43, help="--step: optimizer steps per run")
+    parser.add_argument("--step_variants", default=STEP_VARIANTS, help="--step: comma-separated strategies with any "
+                        "further arkd.py flags, each timed against fkl")
     parser.add_argument("--teacher_size", default="3,240", help="--step: teacher layers,width")
     parser.add_argument("--student_size", default="2,128", help="--step: student layers,width")
     parser.add_argument("--step_batch", type=int, default=4, help="--step: sequences per micro-batch")

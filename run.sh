@@ -39,7 +39,7 @@ die() { echo "run.sh: $*" >&2; exit 1; }
                                                       # rkl, fixed and linear take fkl's path with another alpha
 # The study: ARKD first (its controls read its run: arkd-lr0 = policy lr 0, replay = its mean schedule,
 # fixed-avg = a fixed alpha at its time-averaged alpha), then lookahead, the grid and the schedules.
-[[ $MODE != study ]] || STRATEGIES=${STRATEGIES:-sft arkd arkd-lr0 replay fixed-avg lookahead fixed:0 fixed:0.25 fixed:0.5 fixed:0.75 fixed:1 linear:0.9,0.1 linear:0.1,0.9}
+[[ $MODE != study ]] || STRATEGIES=${STRATEGIES:-arkd arkd-lr0 replay fixed-avg lookahead fixed:0 fixed:0.25 fixed:0.5 fixed:0.75 fixed:1 linear:0.9,0.1 linear:0.1,0.9}
 [[ $MODE != mini ]] || STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.5 linear:0.9,0.1 greedy akl atkd okd arkd lookahead}
 STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.25 fixed:0.5 fixed:0.75 linear:0.9,0.1 linear:0.1,0.9 greedy akl atkd okd arkd}
 NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-29500}
@@ -219,6 +219,7 @@ measure() { # measure NAME MODEL: the MiniLLM evaluation (all but the study), th
       --teacher_samples "$OUT/teacher_samples.json" --out "$OUT/heldout/$1" "${HELDOUT[@]}"; }
 }
 measure teacher "$TEACHER"
+[[ $MODE != study ]] || measure sft "$STUDENT"   # the study's reference row, whatever STRATEGIES holds
 first_seed=${TRAIN_SEEDS%% *}
 for seed in $TRAIN_SEEDS; do       # ARKD before its controls: arkd-lr0 = policy lr 0, replay = its mean schedule,
   for strategy in $STRATEGIES; do  # fixed-avg = a fixed alpha at its time-averaged alpha

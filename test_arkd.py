@@ -1407,6 +1407,17 @@ def test_seqkd_samples_teacher_responses_then_trains(pair, tmp_path):
     assert [s["instruction"] for s in samples] == [o["instruction"] for o in originals][:len(samples)]
     assert [s["references"] for s in samples] != [o["references"] for o in originals][:len(samples)]
     assert data.load_records("dolly_dev", str(tmp_path / "seqkd_data"))[0] == data.load_records("dolly_dev", pair["data_dir"])[0]
+    own = tmp_path / "own_template" / "dolly"                  # a data directory whose records carry their prompts
+    own.mkdir(parents=True)
+    raw = data.read_jsonl(data.dataset_file("dolly_train", pair["data_dir"]))[:1004]
+    (own / "raw.jsonl").write_text("".join(data.record_line({**r, "prompt": f"<user>{r['instruction']}</user>\n"}) + "\n"
+                                           for r in raw))
+    tokenizer = plumbing.load_tokenizer(pair["teacher"])
+    teacher = plumbing.load_model(pair["teacher"], torch.device("cpu"), vocab_size=len(tokenizer)).eval()
+    assert arkd.build_seqkd_data(teacher, tokenizer, str(own.parent), str(tmp_path / "own_seqkd"), 4, 1, 4, 4) == 4
+    for name, count in (("dolly_train", 4), ("dolly_dev", 1000)):   # the teacher's samples keep the file's prompts
+        written = data.load_records(name, str(tmp_path / "own_seqkd"))
+        assert len(written) == count and all(r["prompt"] == f"<user>{r['instruction']}</user>\n" for r in written)
 
 
 @pytest.mark.parametrize("sgo", [[], ["--sgo_ratio", "0.5", "--max_new_tokens", "8"]])
