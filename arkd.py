@@ -12,6 +12,7 @@ one ARKD step:
 
     python arkd.py --method kd --strategy arkd --teacher T --student S --data_dir D --out RUN
     torchrun --nproc_per_node=8 arkd.py ...          # DDP: nccl on CUDA, gloo on CPU
+    torchrun --nproc_per_node=8 arkd.py --shard fsdp ...   # FSDP2: weights, gradients, AdamW state sharded
     python arkd.py --method kd --strategy arkd ... --out RUN --resume
     python arkd.py plot RUN                           # figures 5 and 6 of the paper as PNG
 
@@ -48,7 +49,7 @@ from policy import ARKDPolicy, LookaheadAlpha, all_reduce_sum, immediate_reward,
 RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "tau", "lm_weight", "lr",
                 "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "reward_every",
                 "policy_buffer", "policy_lr", "policy_entropy", "seqkd_data", "train_examples", "atkd_lam",
-                "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "lookahead_step", "alpha_schedule", "sgo_ratio")
+                "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "lookahead_step", "alpha_schedule", "sgo_ratio", "shard")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,6 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=8, help="sequences per device per micro-batch")
     p.add_argument("--grad_accum", type=int, default=0, help="micro-batches per step (0: global batch 32)")
     p.add_argument("--bf16", default="auto", choices=("auto", "yes", "no"), help="bf16 autocast (auto: on CUDA)")
+    p.add_argument("--shard", default="ddp", choices=("ddp", "fsdp"), help="with several processes: ddp (a full "
+                   "student per rank) or fsdp (PyTorch FSDP2: weights, gradients and AdamW state sharded)")
     p.add_argument("--seed", type=int, default=1, help="seed of data order, dropout and the policy")
     # ARKD policy
     p.add_argument("--reward_every", type=int, default=1, help="steps one action spans (reward at the end)")
@@ -124,6 +127,9 @@ def parse_args(argv=None):
         p.error("--sgo_ratio needs --method kd: the teacher's distribution is the target of a sampled response")
     if not (0 <= args.atkd_lam <= 1 and 0 <= args.okd_a_t <= 1) or args.okd_rank < 1:
         p.error("--atkd_lam and --okd_a_t must lie in [0, 1], --okd_rank must be >= 1")
+    if args.shard == "fsdp" and (args.method == "okd" or args.sgo_ratio or args.strategy == "lookahead"):
+        p.error("--shard fsdp trains --method sft, seqkd and kd, without --strategy lookahead and --sgo_ratio "
+                "(they read full gradients or sample on one rank alone): use --shard ddp")
     if args.method == "kd" and args.strategy == "atkd" and args.tau != 1:
         p.error("--strategy atkd is defined at temperature 1: drop --tau")
     return args
@@ -359,7 +365,7 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
     -> alpha FKL + (1 - alpha) RKL over every micro-batch -> clip and step -> close_reward_window
     (the reward on micro-batch 0 after the step, stored; every M rewards one REINFORCE update).
     """
-    student = model.module if run.world_size > 1 else model
+    student = getattr(model, "module", model)                  # DDP wraps it; FSDP2 shards it in place
     lookahead = policy if isinstance(policy, LookaheadAlpha) else None      # ours, in the policy's place
     policy = None if lookahead else policy
     direction = None                                            # lookahead: u = g_FKL - g_RKL of this step
@@ -409,10 +415,12 @@ def step_token_count(batches):
 
 def accumulating(model, batches, run):
     """(index, micro-batch) pairs, each but the last yielded inside DDP's no_sync(): gradients are then
-    synced once per step, and no_sync must wrap the forward as well as the backward."""
+    synced once per step, and no_sync must wrap the forward as well as the backward. FSDP2 reduces
+    every micro-batch's gradient to its shards (the sum is the same; no full gradient is kept)."""
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        with model.no_sync() if run.world_size > 1 and not last else contextlib.nullcontext():
+        with model.no_sync() if ddp and not last else contextlib.nullcontext():
             yield i, batch
 
 
@@ -493,7 +501,8 @@ def lookahead_alpha_step(run, student, lookahead, direction):
 def clip_and_step(args, run, student, teacher, optimizer, teacher_optimizer):
     """Clips the gradient norm and steps (OKD: the LoRA too); a non-finite norm makes no update (T4).
     Returns the norm, the same on every rank: the gradients are synced."""
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip))
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)   # FSDP2: a DTensor
     if math.isfinite(grad_norm):
         optimizer.step()
         if teacher_optimizer is not None:
@@ -588,23 +597,24 @@ def save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, 
     if run.world_size > 1:                  # rank 0 writes the file, so it needs every rank's state
         ranks = [None] * run.world_size
         dist.all_gather_object(ranks, mine)
+    weights, optimizer_state = plumbing.full_state(student, optimizer)    # FSDP2: gathered on rank 0
     if run.master:
         okd = teacher_optimizer is not None          # OKD: the teacher's LoRA and its optimizer too
-        state = {**vars(progress), "optimizer": optimizer.state_dict(), "ranks": ranks,
+        state = {**vars(progress), "optimizer": optimizer_state, "ranks": ranks,
                  "policy": policy.state_dict() if policy is not None else None,
                  "lora": lora_state_dict(teacher) if okd else None,
                  "teacher_optimizer": teacher_optimizer.state_dict() if okd else None,
                  "window": None if window is None else {"step": window.step, "before": window.before}}
         write_atomic(os.path.join(args.out, "last"), functools.partial(
             plumbing.save_model, student=student, tokenizer=tokenizer, info={**vars(args), "world_size": run.world_size},
-            training_state=state), keep_old=True)
+            training_state=state, weights=weights), keep_old=True)
     barrier()                               # no rank runs on while the checkpoint is being written
 
 
-def resume(checkpoint, args, run, teacher, optimizer, policy, teacher_optimizer=None):
+def resume(checkpoint, args, run, model, teacher, optimizer, policy, teacher_optimizer=None):
     """Progress and the open reward window of the checkpoint; restores optimizers, policy, LoRA, random states."""
     state = torch.load(os.path.join(checkpoint, "training_state.pt"), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    plumbing.load_optimizer_state(optimizer, state["optimizer"], model)
     if teacher_optimizer is not None:
         with torch.no_grad():
             for name, p in teacher.named_parameters():
@@ -630,10 +640,14 @@ def resume(checkpoint, args, run, teacher, optimizer, policy, teacher_optimizer=
 
 
 def build_training(args, run, student, teacher):
-    """(the model to train, possibly DDP-wrapped; its optimizer; OKD's LoRA optimizer; the adaptive alpha:
-    ARKD's policy or the lookahead alpha, None for the other strategies)."""
-    model = student if run.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
-        student, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    """(the model to train: the student, DDP-wrapped or FSDP2-sharded on more than one process; its
+    optimizer; OKD's LoRA optimizer; the adaptive alpha: ARKD's policy or the lookahead alpha, None for
+    the other strategies)."""
+    if run.world_size > 1 and args.shard == "fsdp":
+        model = plumbing.shard(student)
+    else:
+        model = student if run.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     teacher_optimizer = torch.optim.AdamW(lora_parameters(teacher), lr=args.okd_lr or args.lr, weight_decay=0.0) \
         if args.method == "okd" else None                   # its own state: other parameters (Choice O4)
@@ -656,9 +670,11 @@ def validate(args, run, student, tokenizer, val_examples, val_records, progress,
     metrics.write({"step": progress.step, "val_rougeL": score})
     if score > progress.best:
         progress.best = score
+        weights, _ = plumbing.full_state(student)       # FSDP2: gathered on rank 0 (every rank takes part)
         if run.master:
             write_atomic(os.path.join(args.out, "best"), functools.partial(
-                plumbing.save_model, student=student, tokenizer=tokenizer, info={"step": progress.step, "val_rougeL": score}))
+                plumbing.save_model, student=student, tokenizer=tokenizer, info={"step": progress.step, "val_rougeL": score},
+                weights=weights))
     return score
 
 
@@ -697,7 +713,7 @@ def main(argv=None):
     model, optimizer, teacher_optimizer, policy = build_training(args, run, student, teacher)
     progress, window = Progress(), None
     if checkpoint:
-        progress, window = resume(checkpoint, args, run, teacher, optimizer, policy, teacher_optimizer)
+        progress, window = resume(checkpoint, args, run, model, teacher, optimizer, policy, teacher_optimizer)
     usage.end("load")
     metrics = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master)
     line = plumbing.ProgressLine(run, progress.step, f"kd {args.strategy}" if args.method == "kd" else args.method)

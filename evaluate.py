@@ -68,24 +68,31 @@ def sample_response(model, prompt_ids, seed, max_new_tokens, eos_id, pad_id):
 def generate(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_tokens=MAX_NEW_TOKENS, progress=True):
     """Sampled responses (strings, in the order of prompt_ids) with the settings of docs/method.md 6.
 
-    Whole batches are sharded over ranks and the predictions gathered on every rank.
+    Whole batches are sharded over ranks and the predictions gathered on every rank. An FSDP2-sharded
+    model runs every forward as a collective: every rank then takes as many batches (the last one
+    again where it runs out) and generates until every rank's batch is done (synced_gpus).
     """
+    from torch.distributed.fsdp import FSDPModule
     from tqdm import tqdm
     rank, world_size = world()
     device = next(model.parameters()).device
     batches = [prompt_ids[i:i + batch_size] for i in range(0, len(prompt_ids), batch_size)]
+    synced = world_size > 1 and isinstance(model, FSDPModule)
+    slots = -(-len(batches) // world_size) * world_size if synced else len(batches)
     mine = {}
-    bar = tqdm(range(rank, len(batches), world_size), desc=f"generate seed {seed}", unit="batch",
+    bar = tqdm(range(rank, slots, world_size), desc=f"generate seed {seed}", unit="batch",
                disable=not progress or rank != 0, leave=False)
     for b in bar:
-        batch = {k: v.to(device) for k, v in data.collate_prompts(batches[b], tokenizer.pad_token_id).items()}
+        prompts = batches[min(b, len(batches) - 1)]
+        batch = {k: v.to(device) for k, v in data.collate_prompts(prompts, tokenizer.pad_token_id).items()}
         # Seeded per batch, and the caller's random state (a training run's dropout) left alone.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(batch_seed(seed, b))
-            out = model.generate(**batch, **GENERATION, max_new_tokens=max_new_tokens,
+            out = model.generate(**batch, **GENERATION, max_new_tokens=max_new_tokens, synced_gpus=synced,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new_tokens = out[:, batch["input_ids"].shape[1]:]
-        mine[b] = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        if b < len(batches):
+            new_tokens = out[:, batch["input_ids"].shape[1]:]
+            mine[b] = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     if world_size > 1:       # every rank needs every prediction, in dataset order
         parts = [None] * world_size
         dist.all_gather_object(parts, mine)

@@ -292,6 +292,47 @@ def check_vocabulary(model, tokenizer, where):
         raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens, the model only {width} output columns")
 
 
+def blocks_of(model):
+    """(name, ModuleList) of a causal LM's transformer blocks (GPT-2's h, LLaMA's layers)."""
+    total = model.config.num_hidden_layers
+    return next((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == total)
+
+
+def shard(model):
+    """PyTorch FSDP2 in place: each transformer block its own unit, then the rest (embeddings, final
+    norm, head), so one block's full weights exist at a time. The optimizer is made after this."""
+    from torch.distributed.fsdp import fully_shard
+    for block in blocks_of(model)[1]:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def full_state(model, optimizer=None):
+    """(weights, optimizer state) to save: under FSDP2 gathered into full CPU tensors on rank 0 (a
+    collective: every rank calls it; other ranks get empty dicts) and the optimizer's keyed by
+    parameter name; otherwise (None: the model's own, the optimizer's state_dict())."""
+    from torch.distributed.fsdp import FSDPModule
+    if not isinstance(model, FSDPModule):
+        return None, optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    names = {}                                      # a tied weight (GPT-2's head) is saved once, as unsharded
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    tied = {name for group in names.values() for name in group[1:]}
+    weights = {k: v for k, v in get_model_state_dict(model, options=options).items() if k not in tied}
+    return weights, get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+
+
+def load_optimizer_state(optimizer, state, model=None):
+    """The optimizer state of full_state back into an optimizer (under FSDP2 each rank takes its shards)."""
+    from torch.distributed.fsdp import FSDPModule
+    if not isinstance(model, FSDPModule):
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def keep_layers(source, layers, out):
     """A student made from the model in `source` by keeping `layers` of its blocks, evenly spaced with
     the first and the last among them, weights copied (Choice M1 of docs/method.md), saved with the
@@ -303,7 +344,7 @@ def keep_layers(source, layers, out):
     keep = [round(i * (total - 1) / (layers - 1)) for i in range(layers)] if layers > 1 else [0]
     model, tokenizer = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), load_tokenizer(source)
     check_vocabulary(model, tokenizer, source)
-    name, blocks = next((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == total)
+    name, blocks = blocks_of(model)
     kept = torch.nn.ModuleList(blocks[i] for i in keep)
     for index, block in enumerate(kept):
         attention = getattr(block, "self_attn", None) or getattr(block, "attn", None)   # LLaMA's, GPT-2's
@@ -334,10 +375,11 @@ def find_checkpoint(out):
     return None
 
 
-def save_model(directory, student, tokenizer, info, training_state=None):
+def save_model(directory, student, tokenizer, info, training_state=None, weights=None):
     """Plain Hugging Face weights (safetensors) that AutoModelForCausalLM loads, info.json, and for a
-    checkpoint training_state.pt (plain tensors and numbers)."""
-    student.save_pretrained(directory, safe_serialization=True)
+    checkpoint training_state.pt (plain tensors and numbers). weights: the full state dict of a
+    sharded student (full_state), else the student's own."""
+    student.save_pretrained(directory, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(directory)
     with open(os.path.join(directory, "info.json"), "w") as f:
         json.dump(info, f, indent=1)

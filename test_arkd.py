@@ -1851,6 +1851,66 @@ def test_two_rank_resume_inside_an_open_reward_window_with_dropout_is_exact(pair
     assert resumed["rows"][0]["reward"] is not None          # its reward replayed rank 1's dropout masks
 
 
+def _rows_worker(rank, port, argv, out_file):
+    _join_gloo(rank, 2, port)
+    result = arkd.main(argv)
+    if rank == 0:
+        torch.save([{k: r.get(k) for k in ("step", "alpha", "reward", "loss", "grad_norm")} for r in result["history"]],
+                   out_file)
+    os._exit(0)                     # see _two_rank_policy_worker
+
+
+def generation_prompts(tokenizer):
+    return [tokenizer(data.build_prompt(f"Reverse the list {i}."))["input_ids"] for i in range(3)]
+
+
+def _sharded_generation(rank, port, model_dir, out_file):
+    _join_gloo(rank, 2, port)
+    plumbing.init_processes()
+    tokenizer = plumbing.load_tokenizer(model_dir)
+    model = plumbing.shard(plumbing.load_model(model_dir, torch.device("cpu"), vocab_size=len(tokenizer)).eval())
+    predictions = evaluate.generate(model, tokenizer, generation_prompts(tokenizer), 10, 1, 12, progress=False)
+    if rank == 0:                   # 3 one-prompt batches on 2 ranks: rank 1 runs its last one twice, in step
+        plumbing.write_atomic(out_file, json.dumps(predictions))
+    os._exit(0)                     # see _two_rank_policy_worker
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(pair, tmp_path):
+    from safetensors.torch import load_file
+    plain = {k: v for k, v in pair.items() if k != "tokenizer"}
+    common = ("--strategy", "arkd", "--grad_accum", "2", "--max_steps", "6", "--eval_every", "3", "--val_examples", "3",
+              "--gen_batch_size", "1", "--policy_buffer", "2")      # 3 prompts on 2 ranks: one rank generates twice
+    runs = {"ddp": [], "fsdp": ["--shard", "fsdp"], "first": ["--shard", "fsdp", "--stop_after", "4"],
+            "resumed": ["--shard", "fsdp", "--resume"]}
+    for name, extra in runs.items():
+        out = tmp_path / ("resumed" if name == "first" else name)
+        mp.spawn(_rows_worker, args=(free_port(), train_argv(plain, out, *common, *extra), str(tmp_path / f"{name}.pt")),
+                 nprocs=2)
+    rows = {name: torch.load(tmp_path / f"{name}.pt") for name in runs}
+    weights = {name: load_file(str(tmp_path / name / "last" / "model.safetensors")) for name in ("ddp", "fsdp", "resumed")}
+
+    def same(a, b, atol):
+        assert [r["step"] for r in a] == [r["step"] for r in b]
+        for ra, rb in zip(a, b):
+            for key in ("alpha", "reward", "loss", "grad_norm"):
+                assert (ra[key] is None) == (rb[key] is None) and (ra[key] is None or abs(ra[key] - rb[key]) <= atol), (ra, rb)
+
+    same(rows["ddp"], rows["fsdp"], 1e-5)                                    # FSDP2 trains as DDP does
+    assert len({r["alpha"] for r in rows["fsdp"]}) == 6 and any(r["reward"] for r in rows["fsdp"])
+    same(rows["fsdp"][4:], rows["resumed"], 1e-6)                            # and resumes exactly
+    for name in ("fsdp", "resumed"):
+        assert weights[name].keys() == weights["ddp"].keys()                 # the same Hugging Face layout
+        assert all(torch.allclose(weights[name][k], weights["ddp"][k], atol=1e-5) for k in weights["ddp"])
+    mp.spawn(_sharded_generation, args=(free_port(), pair["student"], str(tmp_path / "sharded.json")), nprocs=2)
+    tokenizer = plumbing.load_tokenizer(pair["student"])              # sampling: the same on one unsharded process
+    model = plumbing.load_model(pair["student"], torch.device("cpu"), vocab_size=len(tokenizer)).eval()
+    alone = evaluate.generate(model, tokenizer, generation_prompts(tokenizer), 10, 1, 12, progress=False)
+    assert json.load(open(tmp_path / "sharded.json")) == alone and len(set(alone)) == 3
+    with pytest.raises(SystemExit):                                          # what FSDP2 does not run: before any work
+        arkd.parse_args(train_argv(plain, tmp_path / "no", "--shard", "fsdp", "--strategy", "lookahead"))
+
+
 def _world_worker(rank, world_size, port, argv, out_file):
     if world_size > 1:
         _join_gloo(rank, world_size, port)
