@@ -773,6 +773,7 @@ def finish(args, run, metrics, progress, usage, shapes, student, teacher):
         trainable += sum(p.numel() for p in lora_parameters(teacher)) if teacher is not None else 0
         usage.write(os.path.join(args.out, "usage.json"), kind="train", method=args.method, strategy=args.strategy,
                     micro_batch=args.batch_size, grad_accum=run.grad_accum, world_size=run.world_size, bf16=run.bf16,
+                    shard=args.shard,
                     trainable_params=trainable, **shapes)
     if run.world_size > 1:
         dist.destroy_process_group()

@@ -165,7 +165,9 @@ def project_stage(name, usage, args):
     a generation batch (activations, logits, KV cache): the peak measured here less the baseline
     process, weights and optimizer state, scaled linearly by the batch and, for a layer-cut stand-in,
     by the depth of the models that backpropagate (an upper bound: logits do not grow with depth)
-    + DDP's gradient buckets (4 bytes per parameter) on more than one GPU. Not included: the CUDA
+    + DDP's gradient buckets (4 bytes per parameter) on more than one GPU. A stage trained with
+    --shard fsdp (FSDP2) holds 1 / GPUs of the student's weights, gradients and AdamW moments, and no
+    buckets (the one block gathered at a time is left out, like the allocator's slack). Not included: the CUDA
     context and allocator slack (about 1 GB). Time: the full run's FLOPs counted from the shapes (flops_per_token) over --gpu_tflops
     sustained per GPU; generation (evaluation, validation, SeqKD sampling) as decoding steps of
     --decode_ms each.
@@ -200,9 +202,10 @@ def project_stage(name, usage, args):
     # Activations are kept for the models that backpropagate: the student, and OKD's teacher too.
     depth = max(scaled(student), scaled(teacher) if usage["method"] == "okd" else 1.0)
     working = max(0.0, steps["peak_gb"] - usage["baseline_gb"] - weights - 12 * usage["trainable_params"] / gib)
-    row["gpu_gb"] = (sum(s["bytes"] * scaled(s) for s in models) / gib + 12 * trained_full / gib
-                     + working * depth * micro / usage["micro_batch"]
-                     + (4 * full_params(student) / gib if args.gpus > 1 else 0))
+    split = args.gpus if usage.get("shard") == "fsdp" else 1
+    row["gpu_gb"] = ((student["bytes"] * scaled(student) / split + (teacher["bytes"] * scaled(teacher) if teacher else 0)) / gib
+                     + 12 * trained_full / split / gib + working * depth * micro / usage["micro_batch"]
+                     + (4 * full_params(student) / gib if args.gpus > 1 and split == 1 else 0))
     full_steps = 10 * (FULL_RUN["train_records"] // FULL_RUN["global_batch"])
     accum = FULL_RUN["global_batch"] // (micro * args.gpus)
     train_flops = flops(full_params(student), teacher and full_params(teacher), accum) * full_steps \

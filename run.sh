@@ -95,10 +95,8 @@ else
                STUDENT=${STUDENT-MiniLLM/init-gpt2-120M} STUDENT_BASE=gpt2 LR=${LR:-5e-4} ;;
     gpt2-340M) TEACHER=${TEACHER-MiniLLM/teacher-gpt2-1.5B} TEACHER_BASE=gpt2-xl
                STUDENT=${STUDENT-MiniLLM/init-gpt2-340M} STUDENT_BASE=gpt2-medium LR=${LR:-1e-4} ;;
-    llama)     TEACHER=${TEACHER-} TEACHER_BASE=""
-               STUDENT=${STUDENT-} STUDENT_BASE=TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T LR=${LR:-1e-4}
-               [[ -n $TEACHER ]] || die "PAIR=llama: set TEACHER to a LLaMA-2-7B already fine-tuned on Dolly" \
-                 "(full fine-tuning of 7B needs sharded training, which this repository does not implement)" ;;
+    llama)     TEACHER=${TEACHER-} TEACHER_BASE=meta-llama/Llama-2-7b-hf   # TEACHER="": its SFT, sharded (FSDP2)
+               STUDENT=${STUDENT-} STUDENT_BASE=TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T LR=${LR:-1e-4} ;;
     *) die "unknown PAIR '$PAIR': use gpt2-120M, gpt2-340M or llama" ;;
   esac
   GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
@@ -200,6 +198,7 @@ elif [[ $MODE != full ]]; then
 else
   stage data $PY data.py download --out "$DATA_DIR"
   TEACHER_SFT=(--lr 5e-5 --epochs 10) STUDENT_SFT=(--lr "$LR") KD=(--lr "$LR")
+  [[ $PAIR != llama ]] || TEACHER_SFT+=(--shard fsdp)   # 7B: its AdamW state alone (81 GB) fills a GPU
 fi
 if [[ -z $TEACHER ]]; then
   stage teacher-sft train "$OUT/teacher" --method sft --seed 1 --student "$TEACHER_BASE" "${TEACHER_SFT[@]}"

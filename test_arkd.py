@@ -2154,6 +2154,8 @@ def test_run_sh_rejects_bad_settings_before_any_work(tmp_path):
     done = run_sh(tmp_path / "d")                          # a full run on this GPU-less machine
     if not torch.cuda.is_available():
         assert done.returncode != 0 and "needs CUDA GPUs" in done.stderr
+        done = run_sh(tmp_path / "e", PAIR="llama", TEACHER="")     # teacher SFT (FSDP2) is a valid configuration:
+        assert done.returncode != 0 and "needs CUDA GPUs" in done.stderr   # only the GPUs are missing
     done = run_sh("/proc/not-writable", "smoke")
     assert done.returncode != 0 and "not writable" in done.stderr
 
@@ -2284,6 +2286,9 @@ def test_projection_of_a_training_stage_against_a_hand_computation():
     assert okd["gpu_gb"] == pytest.approx(weights + states + lora_states + okd_working * depth * micro / 2 + 4 * 100e6 / gib)
     teacher_backward = 2 * teacher_full * steps * 32 * 253 / 100e12 / 3600
     assert okd["gpu_hours"] - row["gpu_hours"] == pytest.approx(teacher_backward)
+    fsdp = rehearsal.project_stage("train-fkl", {**usage, "shard": "fsdp"}, projection_args())   # FSDP2 on 8 GPUs
+    assert fsdp["gpu_gb"] == pytest.approx((400e6 / 8 + 2 * teacher_full) / gib + states / 8 + working * micro / 2)
+    assert fsdp["gpu_hours"] == row["gpu_hours"]
 
 
 def test_projection_of_an_evaluation_stage_against_a_hand_computation():
