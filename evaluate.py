@@ -328,7 +328,7 @@ def report(run_dirs, out_dir, title="Results"):
     datasets = [d for d in data.DATASETS if any(d in r for r in runs.values())]
     datasets += sorted({d for r in runs.values() for d in r} - set(datasets))
     os.makedirs(out_dir, exist_ok=True)
-    lines = [f"# {title}", "", "Mean +- sample std over seeds, x 100.", ""]
+    lines = [f"# {title}", "", "Mean +- sample std over sampling seeds (one seed: its value alone), x 100.", ""]
     for metric, metric_title in (("rougeL", "Rouge-L"), ("bertscore_f1", "BERTScore F1"), ("exact_match", "Exact match")):
         if not any(metric in m for r in runs.values() for m in r.values()):
             continue
@@ -338,8 +338,8 @@ def report(run_dirs, out_dir, title="Results"):
         for label, results in runs.items():
             cells = [results.get(d, {}).get(metric) for d in datasets]
             grid.append([c["mean"] if c else float("nan") for c in cells])
-            lines.append(f"| {label} | " + " | ".join(f"{c['mean']:.2f} +- {c['std']:.2f}" if c else "-"
-                                                     for c in cells) + " |")
+            lines.append(f"| {label} | " + " | ".join("-" if not c else f"{c['mean']:.2f}" + (
+                f" +- {c['std']:.2f}" if len(c["seeds"]) > 1 else "") for c in cells) + " |")
         lines.append("")
         if metric != "exact_match":
             heatmap(grid, list(runs), datasets, f"{metric_title}: {title}" if title != "Results" else metric_title,

@@ -1228,16 +1228,17 @@ def statistics_mean(values):
 
 
 def test_report_gathers_runs_into_tables_and_heatmaps(tmp_path):
-    for label, base in (("fkl", 20.0), ("arkd", 25.0)):
-        results = {d: {"rougeL": {"mean": base + i, "std": 0.5, "seeds": {}},
-                       "bertscore_f1": {"mean": 80 + base / 10 + i, "std": 0.1, "seeds": {}}}
+    for label, base, seeds in (("fkl", 20.0, {"10": 0, "20": 0}), ("arkd", 25.0, {"10": 0, "20": 0}), ("one", 30.0, {"10": 0})):
+        results = {d: {"rougeL": {"mean": base + i, "std": 0.5, "seeds": seeds},
+                       "bertscore_f1": {"mean": 80 + base / 10 + i, "std": 0.1, "seeds": seeds}}
                    for i, d in enumerate(("dollyeval", "sni"))}
         os.makedirs(tmp_path / label)
         json.dump({"label": label, "results": results}, open(tmp_path / label / "results.json", "w"))
     subprocess.run([sys.executable, "evaluate.py", "report", "--runs", str(tmp_path / "fkl"), str(tmp_path / "arkd"),
-                    "--out", str(tmp_path / "report")], cwd=HERE, check=True, capture_output=True)
+                    str(tmp_path / "one"), "--out", str(tmp_path / "report")], cwd=HERE, check=True, capture_output=True)
     table = open(tmp_path / "report" / "results.md").read()
     assert "| arkd | 25.00 +- 0.50 | 26.00 +- 0.50 |" in table and "| fkl | 82.00 +- 0.10 | 83.00 +- 0.10 |" in table
+    assert "| one | 30.00 | 31.00 |" in table                    # one sampling seed: no spread to show
     assert json.load(open(tmp_path / "report" / "results.json"))["arkd"]["sni"]["rougeL"]["mean"] == 26.0
     for png in ("rougeL_heatmap.png", "bertscore_f1_heatmap.png"):
         assert open(tmp_path / "report" / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -2048,7 +2049,7 @@ def test_smoke_pipeline_produces_the_report_and_a_rerun_skips_every_stage(tmp_pa
     table = open(report / "results.md").read()
     for label in results:
         mean = results[label]["dollyeval"]["rougeL"]["mean"]
-        assert f"| {label} | {mean:.2f} +- " in table
+        assert f"| {label} | {mean:.2f} | " in table                   # one sampling seed: no spread shown
     again = run_sh(tmp_path, "smoke", **small)
     assert again.returncode == 0 and "[run ]" not in again.stdout and again.stdout.count("[skip]") >= 10
 
