@@ -239,7 +239,7 @@ def akl_benchmark(args):
     return summary
 
 
-STEP_VARIANTS = "fkl,arkd,lookahead,jsd:0.5,tvd,skl:0.1,srkl:0.1,fkl --sgo_ratio 0.25"
+STEP_VARIANTS = "fkl,arkd,lookahead,jsd:0.5,tvd,skl:0.1,srkl:0.1,fkl --sgo_ratio 0.25 --max_new_tokens 32"
 
 
 def step_benchmark(args):

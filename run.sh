@@ -66,8 +66,8 @@ elif [[ $MODE == mini ]]; then             # a real teacher; DATA_DIR is the use
   SOURCE_DIR=$DATA_DIR OUT=${OUT:-runs/mini}; DATA_DIR=$OUT/data
   [[ -f $SOURCE_DIR/dolly/raw.jsonl ]] || die "DATA_DIR=$SOURCE_DIR lacks dolly/raw.jsonl (the MiniLLM Hub layout)"
   PAIR=smollm2 SEEDS=${SEEDS:-10} NPROC=1 TRAIN_SEEDS=${TRAIN_SEEDS:-1}   # one sampling seed: CPU time
-  TEMPLATE=${TEMPLATE:-chat} LAYERS=${LAYERS:-6} MINI_TRAIN=${MINI_TRAIN:-512} MINI_TEST=${MINI_TEST:-30} PROBE_BATCHES=${PROBE_BATCHES:-6}
-  MINI_STEPS=${MINI_STEPS:-12} STUDENT_STEPS=${STUDENT_STEPS:-64}    # KD steps per run; SFT: one epoch of MINI_TRAIN
+  TEMPLATE=${TEMPLATE:-chat} LAYERS=${LAYERS:-6} MINI_TRAIN=${MINI_TRAIN:-512} MINI_TEST=${MINI_TEST:-30} PROBE_BATCHES=${PROBE_BATCHES:-4}
+  MINI_STEPS=${MINI_STEPS:-8} STUDENT_STEPS=${STUDENT_STEPS:-64}    # KD steps per run; SFT: one epoch of MINI_TRAIN
   TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-5e-4} KD_LR=${KD_LR:-2e-4} KD_STEPS=$MINI_STEPS
   SEQKD=(--train_examples $(( MINI_STEPS * 8 )))   # the teacher samples as many prompts as the KD runs read
   TRAIN=(--batch_size 8 --grad_accum 1 --eval_every 0 --val_examples 16 --max_new_tokens 64 --gen_batch_size 16)
