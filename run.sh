@@ -53,7 +53,7 @@ if [[ $MODE == smoke ]]; then
   EVAL=(--batch_size 40 --max_new_tokens 24)
   TITLE="SMOKE RUN: tiny models on the offline toy task (columns are toy files in the layout of the named sets); says nothing about the paper"
 elif [[ $MODE == study ]]; then
-  PAIR=study OUT=${OUT:-runs/study} SEEDS=${SEEDS:-10,20} NPROC=1 TRAIN_SEEDS=${TRAIN_SEEDS:-1 2 3}
+  PAIR=study OUT=${OUT:-runs/study} SEEDS=${SEEDS:-10,20} NPROC=1 TRAIN_SEEDS=${TRAIN_SEEDS:-1 2 3}   # 12 detect 1% of J
   STUDY_STEPS=${STUDY_STEPS:-800}          # KD steps per run: 100 REINFORCE updates at M = 8
   FIGURE1_STEPS=${FIGURE1_STEPS:-400}
   TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-3e-3} KD_LR=${KD_LR:-1e-3}
