@@ -21,7 +21,8 @@
 # given) -> SeqKD data -> every strategy -> evaluation -> report.
 #
 # Settings (environment): PAIR, NPROC (GPUs per node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT,
-# DATA_DIR, OUT, TEACHER, STUDENT, STRATEGIES, SEEDS, TRAIN_SEEDS, EPOCHS, LR, LM_WEIGHT, PYTHON; offline
+# DATA_DIR, OUT, TEACHER, STUDENT, STRATEGIES, SEEDS, TRAIN_SEEDS, EPOCHS, LR, LM_WEIGHT, SGO_RATIO (the share of
+# student-generated responses in every KD run, arkd.py --sgo_ratio), PYTHON; offline
 # modes also SMOKE_STEPS / STUDY_STEPS / MINI_STEPS (KD steps per run), REWARD_EVERY, FIGURE1_STEPS; the mini's LAYERS
 # (student blocks), MINI_TRAIN, MINI_TEST (records), PROBE_BATCHES; the rehearsal TEACHER_ARCH, TEACHER_SFT_ARCH,
 # STUDENT_ARCH (name[:blocks kept] of rehearsal.py's ARCHITECTURES), REAL_BATCH, NEW_TOKENS. Multi-node: run
@@ -116,6 +117,7 @@ for s in sys.argv[1:]:
     if s not in ('sft', 'seqkd', 'okd', 'arkd-lr0', 'fixed-avg'):
         try: losses.parse_strategy(s)
         except ValueError as e: sys.exit(f'run.sh: STRATEGIES: {e}')" $STRATEGIES
+[[ -z ${SGO_RATIO:-} || $SGO_RATIO =~ ^(0(\.[0-9]+)?|1(\.0*)?|\.[0-9]+)$ ]] || die "SGO_RATIO must be a number in [0, 1], got '$SGO_RATIO'"
 mkdir -p "$OUT/logs" "$OUT/done" 2>/dev/null && touch "$OUT/done/.writable" 2>/dev/null || die "OUT=$OUT is not writable"
 if [[ $MODE == full && -d $DATA_DIR && ! -e $OUT/done/data ]]; then   # a DATA_DIR of the user's must be complete
   for f in dolly/raw.jsonl dolly/valid.jsonl self-inst/valid.jsonl Vicuna/valid.jsonl sinst/11_/valid.jsonl uinst/11_/valid.jsonl; do
@@ -236,6 +238,7 @@ for seed in $TRAIN_SEEDS; do       # ARKD before its controls: arkd-lr0 = policy
 print(f'{sum(a) / len(a):.4f}')" "$OUT/runs/arkd-s$seed")") ;;
       *)         extra=(--strategy "$strategy") ;;
     esac
+    [[ $method != kd || -z ${SGO_RATIO:-} ]] || extra+=(--sgo_ratio "$SGO_RATIO")   # student-generated share
     stage "train-$name" train "$OUT/runs/$name" --method "$method" --seed "$seed" --teacher "$TEACHER" --student "$STUDENT" \
       "${KD[@]}" "${extra[@]}"
     measure "$name" "$OUT/runs/$name/best"

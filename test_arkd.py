@@ -2037,9 +2037,11 @@ def run_sh(out, *args, **env):
 
 @pytest.mark.slow
 def test_smoke_pipeline_produces_the_report_and_a_rerun_skips_every_stage(tmp_path):
-    small = {"STRATEGIES": "sft fkl arkd atkd okd", "SMOKE_STEPS": "10", "SEEDS": "10"}
+    small = {"STRATEGIES": "sft fkl arkd atkd okd", "SMOKE_STEPS": "10", "SEEDS": "10", "SGO_RATIO": "0.25"}
     done = run_sh(tmp_path, "smoke", **small)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    shares = {name: json.load(open(tmp_path / "runs" / name / "last" / "info.json"))["sgo_ratio"] for name in ("arkd", "okd")}
+    assert shares == {"arkd": 0.25, "okd": 0.0}                 # SGO_RATIO reaches every KD run, and only those
     report = tmp_path / "report"
     for name in ("results.md", "results.json", "rougeL_heatmap.png", "alpha.png", "reward.png"):
         assert (report / name).stat().st_size > 0, name
@@ -2150,6 +2152,8 @@ def test_run_sh_rejects_bad_settings_before_any_work(tmp_path):
     assert not (tmp_path / "a" / "done" / "data").exists()
     done = run_sh(tmp_path / "b", PAIR="gpt3")
     assert done.returncode != 0 and "unknown PAIR 'gpt3'" in done.stderr
+    done = run_sh(tmp_path / "f", "smoke", SGO_RATIO="1.5")
+    assert done.returncode != 0 and "SGO_RATIO must be a number in [0, 1], got '1.5'" in done.stderr
     done = run_sh(tmp_path / "c", "smok")
     assert done.returncode != 0 and "unknown mode 'smok'" in done.stderr
     done = run_sh(tmp_path / "d")                          # a full run on this GPU-less machine
