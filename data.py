@@ -347,7 +347,10 @@ def write_mini(source, out, tokenizer, train, dev, test, max_prompt, max_total, 
         raise ValueError(f"{raw_path}: {len(raw)} records; the file must hold at least MiniLLM's dev split (its first "
                          f"1000 records), and --dev ({dev}) lie in 1..1000")
     pool = raw[1000:] if len(raw) > 1000 else raw[dev:]
-    chosen = [r for r in pool if fits(r, max_total)][:train]
+    fitting = [r for r in pool if fits(r, max_total)]
+    chosen = fitting[:train]
+    log.info("dolly: %d of %d training records fit %d prompt and %d tokens in all; the first %d taken", len(fitting),
+             len(pool), max_prompt, max_total, len(chosen))
     if len(chosen) < train:
         raise ValueError(f"{raw_path}: only {len(chosen)} training records fit {max_prompt} prompt and {max_total} "
                          f"tokens in all; {train} asked for")
@@ -381,6 +384,7 @@ if __name__ == "__main__":
         parser.add_argument(f"--{name}", type=int, default=default, help=f"mini: {name} (see write_mini)")
     parser.add_argument("--template", default="minillm", choices=("minillm", "chat"), help="mini: the prompt template")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         if args.command == "download":
             download(args.out)
