@@ -127,18 +127,24 @@ def _record(raw, where):
             "prompt": build_prompt(raw["instruction"], input_text) if prompt is None else prompt}
 
 
+def hub_path(name):
+    """(Hub dataset repo, its file's path in a local copy: <repo name>/<file>) of dataset `name`."""
+    repo, filename, _, _ = DATASETS[name]
+    return repo, f"{repo.split('/')[1]}/{filename}"
+
+
 def dataset_file(name, data_dir=None):
     """Path of the file behind dataset `name`: DATA_DIR/<repo name>/<file>, else a Hub download."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    repo, filename, _, _ = DATASETS[name]
+    repo, relative = hub_path(name)
     if data_dir is None:
         from huggingface_hub import hf_hub_download   # only this path needs the network
-        return hf_hub_download(repo, filename, repo_type="dataset")
-    path = os.path.join(data_dir, repo.split("/")[1], filename)
+        return hf_hub_download(repo, DATASETS[name][1], repo_type="dataset")
+    path = os.path.join(data_dir, relative)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset {name!r}: no file {path} (expected the Hub layout of {repo}: "
-                                f"<data_dir>/{repo.split('/')[1]}/{filename})")
+                                f"<data_dir>/{relative})")
     return path
 
 
@@ -337,9 +343,10 @@ def write_mini(source, out, tokenizer, train, dev, test, max_prompt, max_total, 
     def templated(records):
         return [{**r, "prompt": chat_prompt(tokenizer, r)} for r in records] if template == "chat" else records
 
-    def fits(record, limit):
+    def fits(record, limit=None):                  # limit: prompt + reference + EOS; None: the prompt alone
         prompt = len(tokenizer(record["prompt"], add_special_tokens=False)["input_ids"])
-        return prompt <= max_prompt and prompt + len(tokenizer(record["references"][0])["input_ids"]) + 1 <= limit
+        return prompt <= max_prompt and (limit is None or
+                                         prompt + len(tokenizer(record["references"][0])["input_ids"]) + 1 <= limit)
 
     raw_path = dataset_file("dolly_train", source)
     raw = templated(read_jsonl(raw_path))
@@ -357,13 +364,12 @@ def write_mini(source, out, tokenizer, train, dev, test, max_prompt, max_total, 
     lines = {"dolly/raw.jsonl": raw[:1000] + chosen}
     for name in MINI_TEST_SETS:
         records = templated(load_records(name, source))
-        kept = [r for r in records if fits(r, float("inf"))][:test]
+        kept = [r for r in records if fits(r)][:test]
         if not kept:
             raise ValueError(f"{dataset_file(name, source)}: no record has a prompt of at most {max_prompt} tokens")
         log.info("%s: the first %d of %d records with a prompt of at most %d tokens", name, len(kept), len(records),
                  max_prompt)
-        repo, filename, _, _ = DATASETS[name]
-        lines[f"{repo.split('/')[1]}/{filename}"] = kept
+        lines[hub_path(name)[1]] = kept
     for relative, records in lines.items():
         write_atomic(os.path.join(out, relative), "".join(record_line(r) + "\n" for r in records))
     return {relative: len(records) for relative, records in lines.items()}

@@ -69,11 +69,12 @@ elif [[ $MODE == mini ]]; then             # a real teacher; DATA_DIR is the use
   PAIR=smollm2 SEEDS=${SEEDS:-10} NPROC=1 TRAIN_SEEDS=${TRAIN_SEEDS:-1}   # one sampling seed: CPU time
   TEMPLATE=${TEMPLATE:-chat} LAYERS=${LAYERS:-6} MINI_TRAIN=${MINI_TRAIN:-512} MINI_TEST=${MINI_TEST:-30} PROBE_BATCHES=${PROBE_BATCHES:-4}
   MINI_STEPS=${MINI_STEPS:-8} STUDENT_STEPS=${STUDENT_STEPS:-64}    # KD steps per run; SFT: one epoch of MINI_TRAIN
+  MINI_DEV=16 NEW_TOKENS=${NEW_TOKENS:-64}        # validation prompts; tokens sampled everywhere
   TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-5e-4} KD_LR=${KD_LR:-2e-4} KD_STEPS=$MINI_STEPS
   SEQKD=(--train_examples $(( MINI_STEPS * 8 )))   # the teacher samples as many prompts as the KD runs read
-  TRAIN=(--batch_size 8 --grad_accum 1 --eval_every 0 --val_examples 16 --max_new_tokens 64 --gen_batch_size 16)
-  EVAL=(--batch_size 16 --max_new_tokens 64 --datasets dollyeval,selfinst,vicunaeval)
-  HELDOUT=(--max_new_tokens 64)
+  TRAIN=(--batch_size 8 --grad_accum 1 --eval_every 0 --val_examples "$MINI_DEV" --max_new_tokens "$NEW_TOKENS" --gen_batch_size 16)
+  EVAL=(--batch_size 16 --max_new_tokens "$NEW_TOKENS" --datasets dollyeval,selfinst,vicunaeval)
+  HELDOUT=(--max_new_tokens "$NEW_TOKENS")
   TITLE="MINIATURE: SmolLM2-135M-Instruct -> $LAYERS of its 30 blocks, on $MINI_TRAIN real Dolly records ($MINI_STEPS KD steps)"
 elif [[ $MODE == rehearsal ]]; then        # ARCH specs are name[:layers kept] of rehearsal.py's ARCHITECTURES
   PAIR=${PAIR:-gpt2-120M} OUT=${OUT:-runs/rehearsal-$PAIR} SEEDS=${SEEDS:-10} NPROC=1 TRAIN_SEEDS=1
@@ -180,7 +181,7 @@ if [[ $MODE == rehearsal ]]; then
 elif [[ $MODE == mini ]]; then
   if [[ -z $TEACHER ]]; then stage teacher $PY plumbing.py gguf --out "$OUT/teacher"; TEACHER=$OUT/teacher; fi
   mini_data() { stage "$1" $PY data.py mini --source "$SOURCE_DIR" --out "$2" --tokenizer "$TEACHER" --train "$MINI_TRAIN" \
-                  --dev 16 --test "$MINI_TEST" --template "$3"; }
+                  --dev "$MINI_DEV" --test "$MINI_TEST" --template "$3"; }
   mini_data data "$DATA_DIR" "$TEMPLATE"
   other=$([[ $TEMPLATE == chat ]] && echo minillm || echo chat)   # Choice M2's evidence: the teacher on the other one
   mini_data "data-$other" "$OUT/data-$other" "$other"

@@ -6,6 +6,7 @@ and vocabulary entries with math.exp / math.log, or the direct definition on sma
 import argparse
 import ast
 import copy
+import functools
 import io
 import math
 import os
@@ -1814,11 +1815,15 @@ def save_result(result, path):
                 "student": result["student"].state_dict()}, path)
 
 
-def assert_same_training(a, b, atol):
-    assert [r["step"] for r in a["rows"]] == [r["step"] for r in b["rows"]]
-    for ra, rb in zip(a["rows"], b["rows"]):
-        for key in ("alpha", "reward", "loss"):
+def assert_same_rows(a, b, atol, keys=("alpha", "reward", "loss")):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in keys:
             assert (ra[key] is None) == (rb[key] is None) and (ra[key] is None or abs(ra[key] - rb[key]) <= atol), (ra, rb)
+
+
+def assert_same_training(a, b, atol):
+    assert_same_rows(a["rows"], b["rows"], atol)
     assert all(torch.allclose(x, y, atol=atol) for x, y in zip(a["policy"], b["policy"]))
     assert all(torch.allclose(a["student"][k], b["student"][k], atol=atol) for k in a["student"])
 
@@ -1891,12 +1896,7 @@ def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(pair, tmp_path):
     rows = {name: torch.load(tmp_path / f"{name}.pt") for name in runs}
     weights = {name: load_file(str(tmp_path / name / "last" / "model.safetensors")) for name in ("ddp", "fsdp", "resumed")}
 
-    def same(a, b, atol):
-        assert [r["step"] for r in a] == [r["step"] for r in b]
-        for ra, rb in zip(a, b):
-            for key in ("alpha", "reward", "loss", "grad_norm"):
-                assert (ra[key] is None) == (rb[key] is None) and (ra[key] is None or abs(ra[key] - rb[key]) <= atol), (ra, rb)
-
+    same = functools.partial(assert_same_rows, keys=("alpha", "reward", "loss", "grad_norm"))
     same(rows["ddp"], rows["fsdp"], 1e-5)                                    # FSDP2 trains as DDP does
     assert len({r["alpha"] for r in rows["fsdp"]}) == 6 and any(r["reward"] for r in rows["fsdp"])
     same(rows["fsdp"][4:], rows["resumed"], 1e-6)                            # and resumes exactly
