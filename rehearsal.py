@@ -239,20 +239,23 @@ def project(args):
     for kind, folder in (("train", "runs"), ("eval", "eval")):
         parent = os.path.join(out, folder)
         found += [(f"{kind}-{n}", os.path.join(parent, n)) for n in sorted(os.listdir(parent) if os.path.isdir(parent) else ())]
-    rows = []
+    rows, precisions = [], set()
     for name, folder in found:
         path = os.path.join(folder, "usage.json")
         if os.path.isfile(path):
             with open(path) as f:
                 usage = json.load(f)
+            precisions.add(bool(usage.get("bf16")))
             try:
                 rows.append(project_stage(name, usage, args))
             except KeyError as err:
                 raise ValueError(f"{path} lacks {err} (written by an older version? run that stage again)") from None
     if not rows:
         raise ValueError(f"{out}: no usage.json of a training or evaluation stage (run bash run.sh rehearsal first)")
+    precision = "bf16 autocast" if precisions == {True} else \
+        "float32 in stages run with BF16=no (their working memory is up to twice bf16's: the projection errs high)"
     lines = [f"# Rehearsal of PAIR={args.pair}: measured here, projected for {args.gpus} GPU(s)", "",
-             f"Here: {torch.get_num_threads()} CPU thread(s), bf16 autocast, random weights in the real shapes "
+             f"Here: {torch.get_num_threads()} CPU thread(s), {precision}, random weights in the real shapes "
              f"(layers kept / the architecture's); a step's time is the stage's last step (the first warms up). "
              f"Projection: micro-batch {min(8, 32 // args.gpus)} per GPU, "
              f"{args.gpu_tflops:.3g} TFLOP/s sustained per GPU and {args.decode_ms:.3g} ms per decoding step "

@@ -25,7 +25,7 @@
 # student-generated responses in every KD run, arkd.py --sgo_ratio), PYTHON; offline
 # modes also SMOKE_STEPS / STUDY_STEPS / MINI_STEPS (KD steps per run), REWARD_EVERY, FIGURE1_STEPS; the mini's LAYERS
 # (student blocks), MINI_TRAIN, MINI_TEST (records), PROBE_BATCHES; the rehearsal TEACHER_ARCH, TEACHER_SFT_ARCH,
-# STUDENT_ARCH (name[:blocks kept] of rehearsal.py's ARCHITECTURES), REAL_BATCH, NEW_TOKENS. Multi-node: run
+# STUDENT_ARCH (name[:blocks kept] of rehearsal.py's ARCHITECTURES), REAL_BATCH, NEW_TOKENS, BF16. Multi-node: run
 # the same command on every node with its NODE_RANK and an OUT on a shared filesystem.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -86,8 +86,10 @@ elif [[ $MODE == rehearsal ]]; then        # ARCH specs are name[:layers kept] o
     *) die "unknown PAIR '$PAIR': use gpt2-120M, gpt2-340M or llama" ;;
   esac
   TEACHER_ARCH=${TEACHER_ARCH:-gpt2-xl} TEACHER="" STUDENT="" KD_LR=$LR REAL_BATCH=${REAL_BATCH:-8}   # arkd: one GPU's micro-batch
-  TRAIN=(--batch_size 1 --grad_accum 1 --eval_every 0 --val_examples 2 --train_examples 16 --bf16 yes)
-  EVAL=(--batch_size 32 --bf16)
+  BF16=${BF16:-yes}   # no: float32, for a CPU without native bf16 (a bf16 step of GPT-2's shapes takes minutes there)
+  [[ $BF16 =~ ^(yes|no)$ ]] || die "BF16 must be yes or no, got '$BF16'"
+  TRAIN=(--batch_size 1 --grad_accum 1 --eval_every 0 --val_examples 2 --train_examples 16 --bf16 "$BF16")
+  EVAL=(--batch_size 32); [[ $BF16 == no ]] || EVAL+=(--bf16)
   if [[ -n ${NEW_TOKENS:-} ]]; then TRAIN+=(--max_new_tokens "$NEW_TOKENS"); EVAL+=(--max_new_tokens "$NEW_TOKENS"); fi
   TITLE="REHEARSAL: random weights in the real shapes of $PAIR (the scores mean nothing)"
 else
