@@ -149,7 +149,7 @@ stage() {   # stage NAME COMMAND...: runs once; log in OUT/logs/NAME.log, marker
   echo "[run ] $name (log: $log)"
   "$@" > "$log" 2>&1 & pid=$!
   while kill -0 "$pid" 2>/dev/null; do     # every minute, how far the stage is: its log's last line
-    sleep 1
+    sleep 0.2
     if (( SECONDS - shown >= 60 )); then
       shown=$SECONDS; echo "       $name, $(( SECONDS - start )) s: $(tail -n 1 "$log" | tr '\r' '\n' | tail -n 1 | cut -c 1-110)"
     fi
