@@ -2158,6 +2158,8 @@ def test_run_sh_rejects_bad_settings_before_any_work(tmp_path):
     assert done.returncode != 0 and "unknown PAIR 'gpt3'" in done.stderr
     done = run_sh(tmp_path / "f", "smoke", SGO_RATIO="1.5")
     assert done.returncode != 0 and "SGO_RATIO must be a number in [0, 1], got '1.5'" in done.stderr
+    done = run_sh(tmp_path / "g", "rehearsal", BF16="fp16")
+    assert done.returncode != 0 and "BF16 must be yes or no, got 'fp16'" in done.stderr and not (tmp_path / "g").exists()
     done = run_sh(tmp_path / "c", "smok")
     assert done.returncode != 0 and "unknown mode 'smok'" in done.stderr
     done = run_sh(tmp_path / "d")                          # a full run on this GPU-less machine
