@@ -258,21 +258,34 @@ def mean_ci(values):
     return statistics.fmean(values), T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
 
 
-@torch.no_grad()
-def response_scores(student, teacher, examples, pad_id, vocab_size, batch_size=32):
-    """Token means over the responses of `examples`, teacher-forced in eval mode: FKL, RKL, the
-    student's CE and the teacher's CE (-log p of each response token)."""
-    sums, teacher_ce = torch.zeros(len(STAT_NAMES), dtype=torch.float64), 0.0
+def response_batches(examples, pad_id, batch_size=32):
+    """(batch, next-token targets, mask of response tokens) for teacher forcing `examples`."""
     for lo in range(0, len(examples), batch_size):
         batch = data.collate_train(examples[lo:lo + batch_size], pad_id)
         targets = next_token_targets(batch.pop("labels"))
-        s_logits, t_logits = student(**batch).logits, teacher(**batch).logits
-        mask = targets != IGNORE_INDEX
-        sums += kd_pass(s_logits, t_logits, mask, 1.0, vocab_size, target_ids=targets, akl=False).stats
-        teacher_ce += float(torch.nn.functional.cross_entropy(t_logits[..., :vocab_size][mask].float(), targets[mask],
-                                                              reduction="sum"))
-    means = stat_means(sums)
-    return {**means, "teacher_ce": teacher_ce / max(means["tokens"], 1.0)}
+        yield batch, targets, targets != IGNORE_INDEX
+
+
+@torch.no_grad()
+def response_scores(student, teacher, examples, pad_id, vocab_size):
+    """Token means over the responses of `examples`, teacher-forced in eval mode: FKL, RKL and the
+    student's CE."""
+    sums = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+    for batch, targets, mask in response_batches(examples, pad_id):
+        sums += kd_pass(student(**batch).logits, teacher(**batch).logits, mask, 1.0, vocab_size, target_ids=targets,
+                        akl=False).stats
+    return stat_means(sums)
+
+
+@torch.no_grad()
+def response_ce(model, examples, pad_id, vocab_size):
+    """One model's mean -log p per response token of `examples`, teacher-forced in eval mode."""
+    total, tokens = 0.0, 0
+    for batch, targets, mask in response_batches(examples, pad_id):
+        logits = model(**batch).logits[..., :vocab_size][mask].float()
+        total += float(torch.nn.functional.cross_entropy(logits, targets[mask], reduction="sum"))
+        tokens += int(mask.sum())
+    return total / max(tokens, 1)
 
 
 def heldout_metrics(args):
@@ -298,14 +311,14 @@ def heldout_metrics(args):
         teacher_samples = json.load(f)
     student_samples = sample(student)
 
-    def on(samples):                                   # the prompts with these responses, tokenised
+    def ce_on(samples, model):                         # model's CE on the prompts with these responses
         as_records = [{**records[e["index"]], "references": [s]} for e, s in zip(examples, samples)]
-        return response_scores(student, teacher, data.encode_records(tokenizer, as_records)[0], tokenizer.pad_token_id, vocab)
+        return response_ce(model, data.encode_records(tokenizer, as_records)[0], tokenizer.pad_token_id, vocab)
 
     refs = response_scores(student, teacher, examples, tokenizer.pad_token_id, vocab)
     result = {"model": args.model, "records": len(examples), "fkl": refs["fkl"], "rkl": refs["rkl"],
               "J": refs["fkl"] + refs["rkl"], "ce": refs["student_ce"],
-              "precision": -on(student_samples)["teacher_ce"], "coverage": -on(teacher_samples)["student_ce"],
+              "precision": -ce_on(student_samples, teacher), "coverage": -ce_on(teacher_samples, student),
               "rougeL": statistics.fmean(evaluate.rouge_l(p, records[e["index"]]["references"])
                                          for p, e in zip(student_samples, examples))}
     os.makedirs(args.out, exist_ok=True)
