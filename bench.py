@@ -327,8 +327,7 @@ def gpu_check(args):
     """The GPU checklist in one command: kd_pass against the unfused formulations at real sizes (fp32 and
     bf16), the ARKD step against the FKL step at GPT-2 120M / XL shapes, training tokens per second,
     evaluation prompts per second at 256 new tokens, peak memory of each; OUT/gpu_check.json and .md.
-    Without CUDA it runs the same checks at reduced sizes, to show that it works; --variants picks the
-    kd loss formulations (all by default)."""
+    Without CUDA: the same checks at reduced sizes; --variants picks the kd loss formulations (default all)."""
     cuda = torch.cuda.is_available()
     n, vocab = (4096, 50257) if cuda else (64, 2048)
     steps = dict(teacher_size="48,1600", student_size="12,768", step_batch=8, steps=13) if cuda else \

@@ -272,8 +272,7 @@ def response_scores(student, teacher, examples, pad_id, vocab_size):
     student's CE."""
     sums = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
     for batch, targets, mask in response_batches(examples, pad_id):
-        sums += kd_pass(student(**batch).logits, teacher(**batch).logits, mask, 1.0, vocab_size, target_ids=targets,
-                        akl=False).stats
+        sums += kd_pass(student(**batch).logits, teacher(**batch).logits, mask, 1.0, vocab_size, target_ids=targets, akl=False).stats
     return stat_means(sums)
 
 
