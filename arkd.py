@@ -358,20 +358,23 @@ class RewardWindow:
         return step + 1 - self.step >= args.reward_every or step + 1 == run.total_steps
 
 
-def train_step(args, run, model, teacher, optimizer, policy, batches, step, window=None, teacher_optimizer=None):
+def train_step(args, run, model, teacher, optimizer, adaptive, batches, step, window=None, teacher_optimizer=None):
     """One optimizer step of any method. Returns (the step's log row, the open reward window).
 
+    adaptive: ARKD's policy, our lookahead alpha, or None (every other strategy's alpha is a rule).
     ARKD's step, in order: micro-batch 0's statistics -> choose_alpha (the policy acts on the state)
     -> alpha FKL + (1 - alpha) RKL over every micro-batch -> clip and step -> close_reward_window
     (the reward on micro-batch 0 after the step, stored; every M rewards one REINFORCE update).
     """
     student = getattr(model, "module", model)                  # DDP wraps it; FSDP2 shards it in place
-    lookahead = policy if isinstance(policy, LookaheadAlpha) else None      # ours, in the policy's place
-    policy = None if lookahead else policy
+    lookahead = adaptive if isinstance(adaptive, LookaheadAlpha) else None      # ours, in the policy's place
+    policy = None if lookahead else adaptive
     direction = None                                            # lookahead: u = g_FKL - g_RKL of this step
     n_tokens = step_token_count(batches)                        # all ranks, before any backward (T1)
     rng0 = rng_snapshot(run.device)                             # micro-batch 0's dropout masks (T3)
-    sums = torch.zeros(len(STAT_NAMES) + 3, dtype=torch.float64, device=run.device)   # stats, losses, tokens
+    stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=run.device)     # kd_pass's sums
+    totals = {name: torch.zeros((), dtype=torch.float64, device=run.device)          # on the device: no sync
+              for name in ("loss", "teacher_loss", "positions")}                    # per micro-batch
     alpha, row = None, {"step": step}
     for i, batch in accumulating(model, batches, run):          # DDP syncs gradients after the last one
         logits = forward(model, batch, run)
@@ -387,23 +390,28 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
         if teacher_optimizer is not None:                       # OKD: the LoRA's own loss, from the same forward
             teacher_loss = okd_teacher_loss(logits, teacher_logits, batch["targets"].to(run.device), args, run)
             (teacher_loss * run.world_size / n_tokens).backward()
-            sums[-2] += teacher_loss.detach().double()
+            totals["teacher_loss"] += teacher_loss.detach().double()
         (loss * run.world_size / n_tokens).backward()           # DDP averages over ranks: undo it (T1)
-        sums[:len(STAT_NAMES)] += out.stats if out is not None else 0
-        sums[-3] += loss.detach().double()                      # on the device: no sync per micro-batch
-        sums[-1] += float(batch["attention_mask"].sum())
+        stats += out.stats if out is not None else 0
+        totals["loss"] += loss.detach().double()
+        totals["positions"] += float(batch["attention_mask"].sum())
     if lookahead is not None:                                   # alpha from g_J and the last u: g_RKL + alpha u
         alpha = lookahead_alpha_step(run, student, lookahead, direction)
-        sums[-3] += alpha * (sums[STAT_NAMES.index("fkl")] - sums[STAT_NAMES.index("rkl")])   # the loss at alpha
+        totals["loss"] += alpha * (stats[STAT_NAMES.index("fkl")] - stats[STAT_NAMES.index("rkl")])   # the loss at alpha
     grad_norm = clip_and_step(args, run, student, teacher, optimizer, teacher_optimizer)
     if window is not None and window.closes_after(step, args, run):
-        window = close_reward_window(args, run, student, policy, window, row)
-    sums = all_reduce_sum(sums)                                 # logging only: one small collective, not three
+        row.update(close_reward_window(args, run, student, policy, window))
+        window = None
+    # Logging only: one small collective for all the sums, not one each.
+    summed = all_reduce_sum(torch.cat([stats, torch.stack(list(totals.values()))]))
+    stats, totals = summed[:len(STAT_NAMES)], dict(zip(totals, summed[len(STAT_NAMES):].tolist()))
     # The teacher's entropy depends on its logits alone: not finite means the teacher is the cause (T4).
-    row.update(loss=float(sums[-3]) / n_tokens, grad_norm=grad_norm, step_tokens=float(sums[-1]),
-               teacher_finite=math.isfinite(float(sums[STAT_NAMES.index("teacher_entropy")])))
+    row.update(loss=totals["loss"] / n_tokens, grad_norm=grad_norm, step_tokens=totals["positions"],
+               teacher_finite=math.isfinite(float(stats[STAT_NAMES.index("teacher_entropy")])))
     if args.method in ("kd", "okd"):
-        log_kd(row, sums, n_tokens, alpha, policy, run.strategy[0] == "akl", teacher_optimizer is not None)
+        row.update(kd_log(stats, alpha, policy, run.strategy[0] == "akl"))
+        if teacher_optimizer is not None:
+            row["teacher_loss"] = totals["teacher_loss"] / n_tokens
     return row, window
 
 
@@ -513,32 +521,32 @@ def clip_and_step(args, run, student, teacher, optimizer, teacher_optimizer):
     return grad_norm
 
 
-def close_reward_window(args, run, student, policy, window, row):
+def close_reward_window(args, run, student, policy, window):
     """ARKD: the reward of the window's action, r = (FKL - FKL') / FKL + (RKL - RKL') / RKL on its
     micro-batch 0 after the update, handed to the policy; every M rewards one REINFORCE update.
-    A non-finite reward drops the action (it teaches nothing). Returns None: no window is open."""
+    A non-finite reward drops the action (it teaches nothing). Returns the log fields: the reward
+    (None when dropped) and the update's statistics when one ran."""
     after = stat_means(reward_stats(student, window, args, run))
     reward = immediate_reward(window.before["fkl"], window.before["rkl"], after["fkl"], after["rkl"])
-    row["reward"] = reward if math.isfinite(reward) else None
     if not math.isfinite(reward):
         policy.drop_action()
-    elif policy.store_reward(reward):                           # M rewards stored:
-        row.update(policy.update())                             # one REINFORCE step
-    return None
+        return {"reward": None}
+    if policy.store_reward(reward):                             # M rewards stored:
+        return {"reward": reward, **policy.update()}            # one REINFORCE step
+    return {"reward": reward}
 
 
-def log_kd(row, sums, n_tokens, alpha, policy, akl, okd):
+def kd_log(stats, alpha, policy, akl):
     """The KD part of a step's log row: alpha (AKL: its mean weight; ATKD: none), every statistic's
-    token mean, the LoRA's loss (OKD) and the policy's Beta (ARKD, whose akl_alpha is its state's:
-    micro-batch 0 of an action's first step, the only place its head search runs)."""
-    means = stat_means(sums[:len(STAT_NAMES)])
+    token mean and the policy's Beta (ARKD, whose akl_alpha is its state's: micro-batch 0 of an
+    action's first step, the only place its head search runs)."""
+    means = stat_means(stats)
     if not akl:                             # the step's AKL weights were not all computed (kd_pass akl=False)
         del means["akl_alpha"]
-    row.update(alpha=means["akl_alpha"] if akl else alpha, **{k: v for k, v in means.items() if k != "tokens"})
-    if okd:
-        row["teacher_loss"] = float(sums[-2]) / n_tokens
+    row = {"alpha": means["akl_alpha"] if akl else alpha, **{k: v for k, v in means.items() if k != "tokens"}}
     if policy is not None:
         row["beta_a"], row["beta_b"] = policy.last_beta
+    return row
 
 
 def okd_teacher_loss(logits, teacher_logits, targets, args, run):
@@ -699,33 +707,34 @@ def main(argv=None):
     expected = {**{k: getattr(args, k) for k in RUN_DEFINING}, "world_size": run.world_size}
     checkpoint = plumbing.checkpoint_to_resume(args.out, args.resume, args.resume_previous, expected)
     torch.manual_seed(args.seed + run.rank)
-    tokenizer, student, teacher = load_models(args, run, checkpoint)
+    with usage.phase("load"):
+        tokenizer, student, teacher = load_models(args, run, checkpoint)
     shapes = {"student": plumbing.model_shape(student), "teacher": teacher and plumbing.model_shape(teacher)}
     train_dir = args.data_dir
     if args.method == "seqkd":                          # SeqKD trains on the teacher's samples (T5)
-        usage.end("load")
         train_dir = args.seqkd_data or os.path.join(args.out, "seqkd_data")
-        prompts = build_seqkd_data(teacher, tokenizer, args.data_dir, train_dir, args.train_examples,
-                                   args.seed, args.gen_batch_size, args.max_new_tokens)
-        usage.end("seqkd data", prompts=prompts)
+        with usage.phase("seqkd data") as counts:
+            counts["prompts"] = build_seqkd_data(teacher, tokenizer, args.data_dir, train_dir, args.train_examples,
+                                                 args.seed, args.gen_batch_size, args.max_new_tokens)
         teacher = shapes["teacher"] = None              # the steps hold no teacher
-    examples, val_examples, val_records = load_training_data(args, run, tokenizer, train_dir)
-    model, optimizer, teacher_optimizer, policy = build_training(args, run, student, teacher)
-    progress, window = Progress(), None
-    if checkpoint:
-        progress, window = resume(checkpoint, args, run, model, teacher, optimizer, policy, teacher_optimizer)
-    usage.end("load")
+    with usage.phase("load"):
+        examples, val_examples, val_records = load_training_data(args, run, tokenizer, train_dir)
+        model, optimizer, teacher_optimizer, adaptive = build_training(args, run, student, teacher)
+        progress, window = Progress(), None
+        if checkpoint:
+            progress, window = resume(checkpoint, args, run, model, teacher, optimizer, adaptive, teacher_optimizer)
     metrics = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master)
     line = plumbing.ProgressLine(run, progress.step, f"kd {args.strategy}" if args.method == "kd" else args.method)
     first_step, history = progress.step, []
     while progress.step < run.total_steps:
         started = time.perf_counter()
-        set_lr(progress.step, args, run, optimizer, teacher_optimizer)
-        batches = micro_batches(examples, progress.step, args, run, student, tokenizer)
-        row, window = train_step(args, run, model, teacher, optimizer, policy, batches, progress.step, window,
-                                 teacher_optimizer)
-        usage.end("step", positions=sum(b["input_ids"].numel() for b in batches),
-                  sequences=sum(len(b["input_ids"]) for b in batches))
+        with usage.phase("step") as counts:
+            set_lr(progress.step, args, run, optimizer, teacher_optimizer)
+            batches = micro_batches(examples, progress.step, args, run, student, tokenizer)
+            row, window = train_step(args, run, model, teacher, optimizer, adaptive, batches, progress.step, window,
+                                     teacher_optimizer)
+            counts.update(positions=sum(b["input_ids"].numel() for b in batches),
+                          sequences=sum(len(b["input_ids"]) for b in batches))
         stop, seconds = count_bad_step(row, progress, args), time.perf_counter() - started
         row.update(lr=optimizer.param_groups[0]["lr"], skipped_steps=progress.skipped, step_seconds=seconds,
                    tokens_per_second=row.pop("step_tokens") / seconds)
@@ -739,17 +748,18 @@ def main(argv=None):
         scheduled = progress.step == run.total_steps or (args.eval_every and progress.step % args.eval_every == 0)
         stopping = bool(args.stop_after) and progress.step - first_step >= args.stop_after
         if scheduled:
-            row["val_rougeL"] = validate(args, run, student, tokenizer, val_examples, val_records, progress, metrics)
-            usage.end("validation", prompts=len(val_examples))
+            with usage.phase("validation", prompts=len(val_examples)):
+                row["val_rougeL"] = validate(args, run, student, tokenizer, val_examples, val_records, progress, metrics)
         if scheduled or stopping:
             metrics.flush()                             # the log never lags its checkpoint
-            save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, window, teacher, teacher_optimizer)
-            usage.end("checkpoint")
+            with usage.phase("checkpoint"):
+                save_checkpoint(args, run, student, tokenizer, optimizer, adaptive, progress, window, teacher,
+                                teacher_optimizer)
         if stopping:
             print0(f"stopping after step {progress.step} as asked (--stop_after): continue with --resume")
             break
     finish(args, run, metrics, progress, usage, shapes, student, teacher)
-    return {"student": student, "teacher": teacher, "policy": policy, "history": history, "best": progress.best}
+    return {"student": student, "teacher": teacher, "policy": adaptive, "history": history, "best": progress.best}
 
 
 def set_lr(step, args, run, optimizer, teacher_optimizer):
@@ -781,9 +791,6 @@ def finish(args, run, metrics, progress, usage, shapes, student, teacher):
 
 if __name__ == "__main__":
     try:
-        if sys.argv[1:2] == ["plot"]:
-            evaluate.plot_run(sys.argv[2])
-        else:
-            main()
+        main()
     except (ValueError, OSError) as err:    # bad settings or files: the message, not a traceback
         sys.exit(f"arkd.py: {err}")

@@ -2,10 +2,11 @@
 
 Section 6 of docs/method.md, as a library (arkd.py validates and samples SeqKD data with it) and a CLI:
 
-    python evaluate.py --model PATH --data_dir DIR --datasets dollyeval,selfinst,vicunaeval,sni,unni \\
+    python evaluate.py score --model PATH --data_dir DIR --datasets dollyeval,selfinst,vicunaeval,sni,unni \\
         --seeds 10,20,30,40,50 --out DIR
     torchrun --nproc_per_node=N evaluate.py ...            # the same predictions, N times faster
     python evaluate.py report --runs DIR [DIR ...] --out DIR
+    python evaluate.py plot RUN          # alpha.png and reward.png of a KD run (the paper's figures 5, 6)
 
 Our choices where the paper is vague (listed in docs/method.md; each marked "Choice X" where it is made):
 E1. Results do not depend on the number of processes: prompts are cut into batches of --batch_size
@@ -240,18 +241,19 @@ def run_evaluation(args, device):
     seeds = [int(s) for s in args.seeds.split(",")]
     records = {name: data.load_records(name, args.data_dir) for name in datasets}   # fail before work
     usage = plumbing.Usage(device)                  # seconds and peak memory of each phase: OUT/usage.json
-    tokenizer = plumbing.load_tokenizer(args.model)
-    model = plumbing.load_model(args.model, device, torch.bfloat16 if args.bf16 else torch.float32, len(tokenizer)).eval()
-    bertscore = None if args.no_bertscore else BERTScore(args.bertscore_model, args.bertscore_layers,
-                                                          args.bertscore_batch_size, args.bertscore_idf,
-                                                          args.bertscore_rescale, device=str(device))
-    usage.end("load")
+    with usage.phase("load"):
+        tokenizer = plumbing.load_tokenizer(args.model)
+        model = plumbing.load_model(args.model, device, torch.bfloat16 if args.bf16 else torch.float32, len(tokenizer)).eval()
+        bertscore = None if args.no_bertscore else BERTScore(args.bertscore_model, args.bertscore_layers,
+                                                              args.bertscore_batch_size, args.bertscore_idf,
+                                                              args.bertscore_rescale, device=str(device))
     results = []
     for name in datasets:
         for seed in seeds:
-            results.append(evaluate_dataset(model, tokenizer, name, records[name], seed, args.out, args.batch_size,
-                                            args.max_new_tokens, bertscore))
-            usage.end("evaluation", prompts=results[-1]["n"] if rank == 0 else 0)
+            with usage.phase("evaluation") as counts:
+                results.append(evaluate_dataset(model, tokenizer, name, records[name], seed, args.out, args.batch_size,
+                                                args.max_new_tokens, bertscore))
+                counts["prompts"] = results[-1]["n"] if rank == 0 else 0
     if rank == 0:
         usage.write(os.path.join(args.out, "usage.json"), kind="evaluate", batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, bf16=args.bf16, world_size=world()[1], model=plumbing.model_shape(model))
@@ -383,6 +385,7 @@ def plot_run(run_dir):
         twin.legend(loc="upper center")
     ax.legend()
     save_figure(fig, os.path.join(run_dir, "reward.png"))
+    return [os.path.join(run_dir, "alpha.png"), os.path.join(run_dir, "reward.png")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,48 +393,49 @@ def plot_run(run_dir):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate a causal LM on the MiniLLM sets, or report runs.")
+    parser = argparse.ArgumentParser(description="Evaluate a causal LM on the MiniLLM sets, report runs, plot a run.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    score = commands.add_parser("score", help="sample and score a model on the evaluation sets")
     # model and data
-    parser.add_argument("--model", help="model directory (save_pretrained) or Hub id")
-    parser.add_argument("--data_dir", default=None, help="local MiniLLM Hub layout; default: download from the Hub")
-    parser.add_argument("--datasets", default=",".join(data.EVAL_SETS), help="comma-separated, of " + ", ".join(data.DATASETS))
-    parser.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
-    parser.add_argument("--out", required=True, help="output directory (resumes what is there)")
-    parser.add_argument("--label", default=None, help="name of this run in reports (default: model directory name)")
+    score.add_argument("--model", required=True, help="model directory (save_pretrained) or Hub id")
+    score.add_argument("--data_dir", default=None, help="local MiniLLM Hub layout; default: download from the Hub")
+    score.add_argument("--datasets", default=",".join(data.EVAL_SETS), help="comma-separated, of " + ", ".join(data.DATASETS))
+    score.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
+    score.add_argument("--out", required=True, help="output directory (resumes what is there)")
+    score.add_argument("--label", default=None, help="name of this run in reports (default: model directory name)")
     # generation
-    parser.add_argument("--batch_size", type=int, default=16, help="prompts per generation batch (fixes the results)")
-    parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS, help="tokens to sample per prompt")
-    parser.add_argument("--bf16", action="store_true", help="run the model in bfloat16 (CUDA)")
+    score.add_argument("--batch_size", type=int, default=16, help="prompts per generation batch (fixes the results)")
+    score.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS, help="tokens to sample per prompt")
+    score.add_argument("--bf16", action="store_true", help="run the model in bfloat16 (CUDA)")
     # BERTScore
-    parser.add_argument("--bertscore_model", default="roberta-large", help="bert_score model name or local path")
-    parser.add_argument("--bertscore_layers", type=int, default=None, help="layer to use (required for a local path)")
-    parser.add_argument("--bertscore_batch_size", type=int, default=64, help="BERTScore batch size")
-    parser.add_argument("--bertscore_idf", action="store_true", help="idf weighting (off by default)")
-    parser.add_argument("--bertscore_rescale", action="store_true", help="rescale with baseline (off by default)")
-    parser.add_argument("--no_bertscore", action="store_true", help="skip BERTScore")
+    score.add_argument("--bertscore_model", default="roberta-large", help="bert_score model name or local path")
+    score.add_argument("--bertscore_layers", type=int, default=None, help="layer to use (required for a local path)")
+    score.add_argument("--bertscore_batch_size", type=int, default=64, help="BERTScore batch size")
+    score.add_argument("--bertscore_idf", action="store_true", help="idf weighting (off by default)")
+    score.add_argument("--bertscore_rescale", action="store_true", help="rescale with baseline (off by default)")
+    score.add_argument("--no_bertscore", action="store_true", help="skip BERTScore")
+    report_ = commands.add_parser("report", help="gather evaluated runs into tables and heatmaps")
+    report_.add_argument("--runs", nargs="+", required=True, help="run directories holding results.json")
+    report_.add_argument("--out", required=True, help="where results.md, results.json and PNGs go")
+    report_.add_argument("--title", default="Results", help="heading of results.md and the heatmaps")
+    plot = commands.add_parser("plot", help="a KD run's alpha.png and reward.png (the paper's figures 5, 6)")
+    plot.add_argument("run", help="the run directory (its metrics.jsonl)")
     args = parser.parse_args(argv)
-    if not args.model:
-        parser.error("--model is required")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
+    if args.command == "score" and (args.batch_size < 1 or args.max_new_tokens < 1):
         parser.error("--batch_size and --max_new_tokens must be >= 1")
     return args
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.command == "report":
+        report(args.runs, args.out, args.title)
+        return print(f"wrote {os.path.join(args.out, 'results.md')}")
+    if args.command == "plot":
+        return print("wrote " + " and ".join(plot_run(args.run)))
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    if argv[:1] == ["report"]:
-        parser = argparse.ArgumentParser(description="Gather evaluated runs into tables and heatmaps.")
-        parser.add_argument("--runs", nargs="+", required=True, help="run directories holding results.json")
-        parser.add_argument("--out", required=True, help="where results.md, results.json and PNGs go")
-        parser.add_argument("--title", default="Results", help="heading of results.md and the heatmaps")
-        args = parser.parse_args(argv[1:])
-        report(args.runs, args.out, args.title)
-        print(f"wrote {os.path.join(args.out, 'results.md')}")
-        return
-    args = parse_args(argv)
     _, _, device = plumbing.init_processes()
     try:
         run_evaluation(args, device)
@@ -441,4 +445,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as err:    # bad settings or files: the message, not a traceback
+        sys.exit(f"evaluate.py: {err}")

