@@ -1,26 +1,20 @@
 """ARKD training: SFT, SeqKD and KD with every alpha strategy (ARKD included), on one GPU or many.
 
 The method, its equations and every choice made where the paper is vague are in docs/method.md;
-this file is its training loop, on top of losses.py and policy.py (the maths), data.py (records and
-batches), evaluate.py (sampling, Rouge-L) and plumbing.py (processes, models, checkpoint files,
-logs). Every strategy is trained by the same loop, so the comparison is fair. Read train_step for
-one ARKD step:
+this file is its training loop on top of losses.py and policy.py (the maths). Every strategy is
+trained by the same loop, so the comparison is fair. train_step is one ARKD step, top to bottom:
 
     token count -> micro-batch 0's statistics -> choose_alpha (a strategy rule, or policy.act)
     -> alpha FKL + (1 - alpha) RKL -> backward over the micro-batches -> clip_and_step
     -> close_reward_window: micro-batch 0 again after the step -> the reward -> REINFORCE every M
 
-    python arkd.py --method kd --strategy arkd --teacher T --student S --data_dir D --out RUN
-    torchrun --nproc_per_node=8 arkd.py ...          # DDP: nccl on CUDA, gloo on CPU
-    torchrun --nproc_per_node=8 arkd.py --shard fsdp ...   # FSDP2: weights, gradients, AdamW state sharded
-    python arkd.py --method kd --strategy arkd ... --out RUN --resume
-    python arkd.py plot RUN                           # figures 5 and 6 of the paper as PNG
+    python arkd.py --method kd --strategy arkd --teacher T --student S --data_dir D --out RUN [--resume]
+    torchrun --nproc_per_node=8 arkd.py [--shard fsdp] ...   # DDP (nccl on CUDA, gloo on CPU) or FSDP2
 
-Choices T1-T7 of docs/method.md are made here (each marked where it is made): the step's token
-count as the one denominator (T1), alpha from micro-batch 0 (T2), the reward forward replaying the
-training dropout masks (T3), skipped non-finite steps (T4), SeqKD by sampling (T5), warmup then
-cosine (T6), and what a checkpoint holds (T7); for OKD, the LoRA's a_t and optimizer (O3, O4).
-ATKD (`--strategy atkd`) and OKD (`--method okd`) run in the same step (docs/method.md 8).
+Choices T1-T9 of docs/method.md are made here, each marked where it is made: the step's token count as
+the one denominator (T1), alpha from micro-batch 0 (T2), the reward forward replaying the training
+dropout masks (T3), skipped non-finite steps (T4), SeqKD by sampling (T5), warmup then cosine (T6),
+what a checkpoint holds (T7), student-generated responses (T8), FSDP2 (T9); OKD's O3, O4.
 """
 import argparse
 import contextlib
@@ -100,8 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--policy_lr", type=float, default=3e-3, help="policy Adam learning rate")
     p.add_argument("--policy_entropy", type=float, default=0.1, help="entropy bonus c_H")
     p.add_argument("--lookahead_step", type=float, default=0.05, help="lookahead: alpha's move per step, eta")
-    p.add_argument("--alpha_schedule", default=None, help="replay: an ARKD run's metrics.jsonl; its policy's mean "
-                   "alpha a / (a + b) at every step is replayed")
+    p.add_argument("--alpha_schedule", default=None, help="replay: an ARKD run's metrics.jsonl (its mean alpha replayed)")
     # validation, checkpoints, logging
     p.add_argument("--eval_every", type=int, default=200, help="validate and checkpoint every N steps (0: at the end)")
     p.add_argument("--val_examples", type=int, default=500, help="dev prompts used for validation Rouge-L")
@@ -109,10 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--gen_batch_size", type=int, default=16, help="prompts per generation batch")
     p.add_argument("--train_examples", type=int, default=0, help="use the first N training records (0: all)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
-    p.add_argument("--resume_previous", action="store_true", help="continue from OUT/last.old, the checkpoint "
-                   "before the last one (when OUT/last does not load)")
-    p.add_argument("--stop_after", type=int, default=0, help="leave after N steps of this run, "
-                   "checkpointed, e.g. for a job time limit (0: run to the end)")
+    p.add_argument("--resume_previous", action="store_true", help="continue from OUT/last.old (OUT/last does not load)")
+    p.add_argument("--stop_after", type=int, default=0, help="leave, checkpointed, after N steps (a job's time limit)")
     p.add_argument("--max_bad_steps", type=int, default=10, help="stop after N non-finite steps in a row")
     args = p.parse_args(argv)
     if args.method == "kd":
@@ -651,7 +642,7 @@ def build_training(args, run, student, teacher):
     """(the model to train: the student, DDP-wrapped or FSDP2-sharded on more than one process; its
     optimizer; OKD's LoRA optimizer; the adaptive alpha: ARKD's policy or the lookahead alpha, None for
     the other strategies)."""
-    if run.world_size > 1 and args.shard == "fsdp":
+    if run.world_size > 1 and args.shard == "fsdp":         # Choice T9: FSDP2, each block its own unit
         model = plumbing.shard(student)
     else:
         model = student if run.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
@@ -703,38 +694,30 @@ def count_bad_step(row, progress, args):
 def main(argv=None):
     args = parse_args(argv)
     run = start(args)
-    usage = plumbing.Usage(run.device)                  # seconds and peak memory of each phase: OUT/usage.json
     expected = {**{k: getattr(args, k) for k in RUN_DEFINING}, "world_size": run.world_size}
     checkpoint = plumbing.checkpoint_to_resume(args.out, args.resume, args.resume_previous, expected)
     torch.manual_seed(args.seed + run.rank)
-    with usage.phase("load"):
-        tokenizer, student, teacher = load_models(args, run, checkpoint)
-    shapes = {"student": plumbing.model_shape(student), "teacher": teacher and plumbing.model_shape(teacher)}
+    tokenizer, student, teacher = load_models(args, run, checkpoint)
     train_dir = args.data_dir
     if args.method == "seqkd":                          # SeqKD trains on the teacher's samples (T5)
         train_dir = args.seqkd_data or os.path.join(args.out, "seqkd_data")
-        with usage.phase("seqkd data") as counts:
-            counts["prompts"] = build_seqkd_data(teacher, tokenizer, args.data_dir, train_dir, args.train_examples,
-                                                 args.seed, args.gen_batch_size, args.max_new_tokens)
-        teacher = shapes["teacher"] = None              # the steps hold no teacher
-    with usage.phase("load"):
-        examples, val_examples, val_records = load_training_data(args, run, tokenizer, train_dir)
-        model, optimizer, teacher_optimizer, adaptive = build_training(args, run, student, teacher)
-        progress, window = Progress(), None
-        if checkpoint:
-            progress, window = resume(checkpoint, args, run, model, teacher, optimizer, adaptive, teacher_optimizer)
+        build_seqkd_data(teacher, tokenizer, args.data_dir, train_dir, args.train_examples, args.seed,
+                         args.gen_batch_size, args.max_new_tokens)
+        teacher = None                                  # the steps hold no teacher
+    examples, val_examples, val_records = load_training_data(args, run, tokenizer, train_dir)
+    model, optimizer, teacher_optimizer, adaptive = build_training(args, run, student, teacher)
+    progress, window = Progress(), None
+    if checkpoint:
+        progress, window = resume(checkpoint, args, run, model, teacher, optimizer, adaptive, teacher_optimizer)
     metrics = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master)
     line = plumbing.ProgressLine(run, progress.step, f"kd {args.strategy}" if args.method == "kd" else args.method)
     first_step, history = progress.step, []
     while progress.step < run.total_steps:
         started = time.perf_counter()
-        with usage.phase("step") as counts:
-            set_lr(progress.step, args, run, optimizer, teacher_optimizer)
-            batches = micro_batches(examples, progress.step, args, run, student, tokenizer)
-            row, window = train_step(args, run, model, teacher, optimizer, adaptive, batches, progress.step, window,
-                                     teacher_optimizer)
-            counts.update(positions=sum(b["input_ids"].numel() for b in batches),
-                          sequences=sum(len(b["input_ids"]) for b in batches))
+        set_lr(progress.step, args, run, optimizer, teacher_optimizer)
+        batches = micro_batches(examples, progress.step, args, run, student, tokenizer)
+        row, window = train_step(args, run, model, teacher, optimizer, adaptive, batches, progress.step, window,
+                                 teacher_optimizer)
         stop, seconds = count_bad_step(row, progress, args), time.perf_counter() - started
         row.update(lr=optimizer.param_groups[0]["lr"], skipped_steps=progress.skipped, step_seconds=seconds,
                    tokens_per_second=row.pop("step_tokens") / seconds)
@@ -748,18 +731,16 @@ def main(argv=None):
         scheduled = progress.step == run.total_steps or (args.eval_every and progress.step % args.eval_every == 0)
         stopping = bool(args.stop_after) and progress.step - first_step >= args.stop_after
         if scheduled:
-            with usage.phase("validation", prompts=len(val_examples)):
-                row["val_rougeL"] = validate(args, run, student, tokenizer, val_examples, val_records, progress, metrics)
+            row["val_rougeL"] = validate(args, run, student, tokenizer, val_examples, val_records, progress, metrics)
         if scheduled or stopping:
             metrics.flush()                             # the log never lags its checkpoint
-            with usage.phase("checkpoint"):
-                save_checkpoint(args, run, student, tokenizer, optimizer, adaptive, progress, window, teacher,
-                                teacher_optimizer)
+            save_checkpoint(args, run, student, tokenizer, optimizer, adaptive, progress, window, teacher, teacher_optimizer)
         if stopping:
             print0(f"stopping after step {progress.step} as asked (--stop_after): continue with --resume")
             break
-    finish(args, run, metrics, progress, usage, shapes, student, teacher)
-    return {"student": student, "teacher": teacher, "policy": adaptive, "history": history, "best": progress.best}
+    finish(args, run, metrics, progress)
+    return {"student": student, "teacher": teacher, "policy": adaptive, "history": history, "best": progress.best,
+            "run": run}
 
 
 def set_lr(step, args, run, optimizer, teacher_optimizer):
@@ -769,8 +750,8 @@ def set_lr(step, args, run, optimizer, teacher_optimizer):
             group["lr"] = peak * cosine_lr(step, run.total_steps, run.warmup_steps)
 
 
-def finish(args, run, metrics, progress, usage, shapes, student, teacher):
-    """Closes the log, draws the KD plots, writes usage.json (rank 0) and leaves the process group."""
+def finish(args, run, metrics, progress):
+    """Closes the log, draws the KD plots (rank 0) and leaves the process group."""
     if run.master:
         metrics.file.close()
         if metrics.nonfinite_rows:
@@ -779,12 +760,6 @@ def finish(args, run, metrics, progress, usage, shapes, student, teacher):
             evaluate.plot_run(args.out)
         print0(f"done: step {progress.step} of {run.total_steps}, best validation Rouge-L {progress.best:.2f}, "
                f"{progress.skipped} skipped steps")
-        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-        trainable += sum(p.numel() for p in lora_parameters(teacher)) if teacher is not None else 0
-        usage.write(os.path.join(args.out, "usage.json"), kind="train", method=args.method, strategy=args.strategy,
-                    micro_batch=args.batch_size, grad_accum=run.grad_accum, world_size=run.world_size, bf16=run.bf16,
-                    shard=args.shard,
-                    trainable_params=trainable, **shapes)
     if run.world_size > 1:
         dist.destroy_process_group()
 

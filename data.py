@@ -1,19 +1,17 @@
 """MiniLLM-format instruction data: the sets, the prompt template, tokenisation, batching, the toy task.
 
-Section 5 of docs/method.md: the protocol MiniLLM, DistiLLM, GKD and ARKD share.
-Every file is JSON lines with `instruction`, `input`, `output` (a string, or for S-NI a list of
-references) and usually `prompt`. The sets are read from a local directory with the Hugging Face
-Hub layout (DATA_DIR/dolly/raw.jsonl, DATA_DIR/sinst/11_/valid.jsonl, ...), or downloaded from the
-Hub dataset repos when no directory is given.
+Section 5 of docs/method.md: the protocol MiniLLM, DistiLLM, GKD and ARKD share. Every file is JSON
+lines with `instruction`, `input`, `output` (a string, or for S-NI a list of references) and usually
+`prompt`, read from a local directory in the Hub layout (DATA_DIR/dolly/raw.jsonl, ...) or downloaded.
 
 Our choices where the paper is vague (listed in docs/method.md; each marked "Choice X" where it is made):
 D1. Over-long PROMPTS (> 256 tokens) are dropped and counted; a response that makes prompt + response
    exceed 512 tokens is cut at 512 (the EOS is then lost) and counted. Nothing is dropped silently.
 D2. Prompt and response are tokenised separately (the prompt ends in a newline, so no BPE merge
    crosses the boundary) and the response's first reference is the training target.
-D3. `selfinst` uses the first 242 records of MiniLLM/self-inst (the count the peers use), `unni` the first
-   10,000 of MiniLLM/uinst, and `dolly_dev` the first 1000 lines of MiniLLM/dolly raw.jsonl
-   (`dolly_train` the rest).
+D3. `selfinst` is the first 242 records of MiniLLM/self-inst (the peers' count), `unni` the first 10,000
+   of MiniLLM/uinst, `dolly_dev` the first 1000 lines of MiniLLM/dolly raw.jsonl (`dolly_train` the rest).
+D4. A record's prompt is its file's `prompt` field when it has one, else the template applied here.
 
     python data.py download --out DIR      # the MiniLLM sets from the Hub
     python data.py synthetic --out DIR     # the offline toy task in the same layout, and DIR/tokenizer
@@ -251,21 +249,8 @@ SYNTHETIC_SPLITS = {   # file in the Hub layout: (records, tasks, list lengths)
 }
 
 
-# The study's variant (--multimodal): two tasks whose answers have several right values, each
-# equally likely in the training data, so a teacher learns a multi-modal answer distribution.
-MULTIMODAL_TASKS = ("reverse", "sort", "pick", "between")
-
-
 def synthetic_record(rng, task, length):
-    """One toy instruction: word and number manipulations with an exact answer, or (pick, between)
-    with several right answers, one drawn uniformly."""
-    if task == "pick":
-        words = rng.sample(SYNTHETIC_WORDS, length + 1)
-        return {"instruction": "Name one of the words.", "input": " ".join(words), "output": rng.choice(words)}
-    if task == "between":
-        low = rng.randrange(10, 85)
-        return {"instruction": f"Write a number from {low} to {low + 2 * length}.", "input": "",
-                "output": str(rng.randint(low, low + 2 * length))}
+    """One toy instruction: word and number manipulations with an exact answer."""
     if task == "reverse":
         words = rng.sample(SYNTHETIC_WORDS, length)
         return {"instruction": "Reverse the order of the words.", "input": " ".join(words),
@@ -283,25 +268,25 @@ def synthetic_record(rng, task, length):
             "output": " ".join([words[0]] * 3)}
 
 
-def write_synthetic(data_dir, seed=0, multimodal=False):
-    """Writes the toy task in the MiniLLM Hub layout under data_dir, for offline end-to-end runs.
+def write_synthetic(data_dir, seed=0, splits=SYNTHETIC_SPLITS, make_record=synthetic_record, tokenizer=False):
+    """Writes the toy task in the MiniLLM Hub layout under data_dir (and with tokenizer=True a BPE
+    trained on it in data_dir/tokenizer), for offline end-to-end runs.
 
     It exists so that the whole pipeline (training, every strategy, evaluation, report) runs in
     minutes on any CPU with tiny models; its scores say nothing about the paper. The evaluation
     files mix the training tasks with longer lists, so they are partly out of distribution.
-    multimodal: every file holds MULTIMODAL_TASKS with the training lengths, and dolly/valid.jsonl
-    (the DollyEval layout: the study's held-out set) 200 records.
     """
     rng = random.Random(seed)
-    for relative, (count, tasks, lengths) in SYNTHETIC_SPLITS.items():
-        if multimodal:
-            count, tasks, lengths = (200 if relative == "dolly/valid.jsonl" else count), MULTIMODAL_TASKS, (2, 3, 4)
+    for relative, (count, tasks, lengths) in splits.items():
         lines = []
         for _ in range(count):
-            record = synthetic_record(rng, rng.choice(tasks), rng.choice(lengths))
+            record = make_record(rng, rng.choice(tasks), rng.choice(lengths))
             record["prompt"] = build_prompt(record["instruction"], record["input"])
             lines.append(json.dumps(record) + "\n")
         write_atomic(os.path.join(data_dir, relative), "".join(lines))
+    if tokenizer:
+        texts = [r["prompt"] + r["references"][0] for r in load_records("dolly_train", data_dir)]
+        train_tokenizer(texts).save_pretrained(os.path.join(data_dir, "tokenizer"))
     return data_dir
 
 
@@ -318,8 +303,6 @@ def main(argv=None):
     download_ = commands.add_parser("download", help="the MiniLLM sets from the Hub into OUT")
     synthetic = commands.add_parser("synthetic", help="the offline toy task and a tokenizer trained on it (OUT/tokenizer)")
     synthetic.add_argument("--seed", type=int, default=0, help="random seed of the toy data")
-    synthetic.add_argument("--multimodal", action="store_true", help="the study's variant, with tasks of several "
-                           "right answers")
     for command in (download_, synthetic):
         command.add_argument("--out", required=True, help="directory to write into")
     args = parser.parse_args(argv)
@@ -327,9 +310,7 @@ def main(argv=None):
         if args.command == "download":
             download(args.out)
         else:
-            write_synthetic(args.out, args.seed, args.multimodal)
-            texts = [r["prompt"] + r["references"][0] for r in load_records("dolly_train", args.out)]
-            train_tokenizer(texts).save_pretrained(os.path.join(args.out, "tokenizer"))
+            write_synthetic(args.out, args.seed, tokenizer=True)
     except (ValueError, OSError) as err:
         raise SystemExit(f"data.py {args.command}: {err}")
     print(args.out)

@@ -240,23 +240,14 @@ def run_evaluation(args, device):
         raise ValueError(f"--datasets: unknown {unknown}; known: {', '.join(data.DATASETS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     records = {name: data.load_records(name, args.data_dir) for name in datasets}   # fail before work
-    usage = plumbing.Usage(device)                  # seconds and peak memory of each phase: OUT/usage.json
-    with usage.phase("load"):
-        tokenizer = plumbing.load_tokenizer(args.model)
-        model = plumbing.load_model(args.model, device, torch.bfloat16 if args.bf16 else torch.float32, len(tokenizer)).eval()
-        bertscore = None if args.no_bertscore else BERTScore(args.bertscore_model, args.bertscore_layers,
-                                                              args.bertscore_batch_size, args.bertscore_idf,
-                                                              args.bertscore_rescale, device=str(device))
-    results = []
-    for name in datasets:
-        for seed in seeds:
-            with usage.phase("evaluation") as counts:
-                results.append(evaluate_dataset(model, tokenizer, name, records[name], seed, args.out, args.batch_size,
-                                                args.max_new_tokens, bertscore))
-                counts["prompts"] = results[-1]["n"] if rank == 0 else 0
+    tokenizer = plumbing.load_tokenizer(args.model)
+    model = plumbing.load_model(args.model, device, torch.bfloat16 if args.bf16 else torch.float32, len(tokenizer)).eval()
+    bertscore = None if args.no_bertscore else BERTScore(args.bertscore_model, args.bertscore_layers,
+                                                          args.bertscore_batch_size, args.bertscore_idf,
+                                                          args.bertscore_rescale, device=str(device))
+    results = [evaluate_dataset(model, tokenizer, name, records[name], seed, args.out, args.batch_size,
+                                args.max_new_tokens, bertscore) for name in datasets for seed in seeds]
     if rank == 0:
-        usage.write(os.path.join(args.out, "usage.json"), kind="evaluate", batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens, bf16=args.bf16, world_size=world()[1], model=plumbing.model_shape(model))
         summary = {"label": args.label or os.path.basename(os.path.normpath(args.model)),
                    "model": args.model, "generation": {**GENERATION, "max_new_tokens": args.max_new_tokens,
                                                        "batch_size": args.batch_size},

@@ -1,8 +1,7 @@
 """LoRA on a teacher's attention query and value projections, for OKD (online knowledge distillation).
 
 docs/method.md section 8. OKD keeps the teacher's weights frozen and trains a small low-rank module
-on its W_q and W_v together with the student. torch and the standard library only, like losses.py
-and policy.py, so it can be copied into any trainer:
+on its W_q and W_v together with the student (torch and the standard library only):
 
     params = add_lora(teacher, rank=32, scale=1.0)     # W_up starts at zero: the teacher is unchanged
     teacher_optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

@@ -8,17 +8,11 @@ copied into any trainer. Teacher p, student q, response position t:
     RKL_t = sum_v q_t(v) (log q_t(v) - log p_t(v))      reverse KL(q || p), mode-seeking
     L_KD  = alpha * FKL + (1 - alpha) * RKL
 
-Public API:
-    forward_kl, reverse_kl   the plain definitions, for logits of shape [..., V] -> [...]
-    entropy, top1_agreement  the policy's features 3, 4 and 6, plainly (kd_pass sums them in one pass)
-    akl_alpha                the per-position Adaptive-KL weight (Wu et al. 2024), no gradient
-    tckd, nckd, atkd_easy, atkd_loss
-                             ATKD's terms and loss (Zhong et al. 2024)
-    kd_pass                  the one chunked pass training uses: per-token FKL / RKL / CE with
-                             closed-form gradients, plus the statistics the ARKD policy reads
-    parse_strategy, strategy_alpha, STEP_RULES
-                             fkl, rkl, fixed:A, linear:A0,A1, greedy as a table of alpha rules
-    next_token_targets, stat_means, mix
+Public API: the plain definitions forward_kl, reverse_kl, entropy, top1_agreement, akl_alpha (Wu et
+al. 2024) and ATKD's tckd, nckd, atkd_easy, atkd_loss (Zhong et al. 2024), for logits [..., V] -> [...];
+kd_pass, the one chunked pass training uses (per-token FKL / RKL / CE with closed-form gradients, plus
+the statistics the ARKD policy reads); the strategies parse_strategy, strategy_alpha, STEP_RULES;
+next_token_targets, stat_means, mix.
 
 Our choices where the paper is vague (listed in docs/method.md; each marked "Choice X" where it is made):
 L1. Log-probabilities are floored at LOG_FLOOR = -1e4 (exp(-1e4) is 0 in every float format), so

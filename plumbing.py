@@ -1,31 +1,21 @@
-"""Plumbing every script shares: processes, atomic files, memory, models, checkpoints, logs.
+"""Plumbing the training and evaluation scripts run on; nothing here is the method (losses.py,
+policy.py and arkd.py's train_step are).
 
-Nothing here is the method (that is losses.py, policy.py and arkd.py's train_step); it is what the
-training, evaluation and benchmark scripts run on:
-
-    processes     world, init_processes, barrier, print0: the nanoGPT pattern, so the same code
-                  runs under `python` and under torchrun (collectives the policy needs live in
-                  policy.py, which must stay copyable alone)
+    processes     world, init_processes, barrier, print0: the nanoGPT pattern, so the same code runs under
+                  `python` and torchrun (the policy's collectives live in policy.py, copyable alone)
     files         write_atomic: a file or a directory replaced only once complete
-    memory        start_memory_window, peak_memory_bytes, Usage (OUT/usage.json, read by
-                  rehearsal.py's projection)
-    models        check_model_path, load_tokenizer, load_model, model_shape, save_model; the
-                  tiny offline models: train_tokenizer, tiny_model; the packaged SmolLM2 teacher:
-                  packaged_gguf, load_gguf, save_plain; a student cut from a model: keep_layers
-    checkpoints   find_checkpoint, checkpoint_to_resume, checkpoint_problem (Choice T7 of
-                  docs/method.md: what a checkpoint holds is arkd.py's save_checkpoint)
+    models        check_model_path, load_tokenizer, load_model, save_model, FSDP2's shard,
+                  full_state, load_optimizer_state; tiny offline models: train_tokenizer, tiny_model
+    checkpoints   find_checkpoint, checkpoint_to_resume, checkpoint_problem (Choice T7 of docs/method.md:
+                  what a checkpoint holds is arkd.py's save_checkpoint)
     logs          MetricsLog (metrics.jsonl), ProgressLine
 
     python plumbing.py tiny --tokenizer DIR --out MODEL [--n_embd 64 --n_layer 2 --n_head 2]
-    python plumbing.py gguf --out runs/smollm2-135m          # the SmolLM2 teacher as a Hugging Face folder
-    python plumbing.py cut --model runs/smollm2-135m --layers 6 --out runs/smollm2-6l
 """
 import argparse
-import contextlib
 import json
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -96,68 +86,6 @@ def write_atomic(path, content, keep_old=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Memory of this process: CUDA's allocator on a GPU, resident memory on a CPU
-
-
-def _resident_bytes(field):
-    """VmRSS (now) or VmHWM (the peak) of /proc/self/status; without it, the peak since the start."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))    # kB
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def start_memory_window(device):
-    """The memory in use now, with the peak reset to it: CUDA's allocator, else resident memory
-    (Linux resets the peak on clear_refs 5; elsewhere the peak so far is the baseline)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _resident_bytes("VmRSS")
-    except OSError:
-        return _resident_bytes("VmHWM")
-
-
-def peak_memory_bytes(device):
-    return torch.cuda.max_memory_allocated() if device.type == "cuda" else _resident_bytes("VmHWM")
-
-
-class Usage:
-    """Seconds and peak memory of the phases of one process's work (loading, steps, generation, ...),
-    written to OUT/usage.json (the rehearsal's projection reads it).
-
-    `with usage.phase(name) as counts:` times the block and takes its peak memory; the block may add
-    counts (prompts, positions). A phase that recurs (one optimizer step at a time) accumulates
-    seconds and counts, and keeps the largest peak; last_seconds is its latest (the first warms up).
-    """
-
-    def __init__(self, device):
-        self.device, self.phases = device, {}
-        self.baseline = start_memory_window(device)        # the process before any model is loaded
-
-    @contextlib.contextmanager
-    def phase(self, name, **counts):
-        started, start_bytes = time.perf_counter(), start_memory_window(self.device)
-        yield counts
-        entry = self.phases.setdefault(name, {"count": 0, "seconds": 0.0, "peak_gb": 0.0, "start_gb": start_bytes / 2**30})
-        entry["count"] += 1
-        entry["last_seconds"] = time.perf_counter() - started
-        entry["seconds"] += entry["last_seconds"]
-        entry["peak_gb"] = max(entry["peak_gb"], peak_memory_bytes(self.device) / 2**30)
-        for key, value in counts.items():
-            entry[key] = entry.get(key, 0) + value
-
-    def write(self, path, **facts):
-        write_atomic(path, json.dumps({"device": str(self.device), "baseline_gb": self.baseline / 2**30,
-                                       "phases": self.phases, **facts}, indent=1))
-
-
-# ----------------------------------------------------------------------------------------------
 # Models: loading, shapes, saving; tiny random ones for offline runs
 
 
@@ -198,17 +126,6 @@ def load_model(path, device, dtype=torch.float32, vocab_size=None):
     if vocab_size is not None and width < vocab_size:
         raise ValueError(f"model {path}: {width} output columns, fewer than the {vocab_size} tokens of the tokenizer")
     return model.to(device)
-
-
-def model_shape(model):
-    """{params, bytes, layers, layer_params, path} of a causal LM (bytes: of its weights as loaded; path:
-    where it was loaded from)."""
-    layers = model.config.num_hidden_layers
-    blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers)
-    return {"params": sum(p.numel() for p in model.parameters()),
-            "bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "layers": layers,
-            "layer_params": sum(p.numel() for p in blocks[0].parameters()),
-            "path": model.config.name_or_path}
 
 
 def train_tokenizer(texts, vocab_size=700):

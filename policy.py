@@ -13,15 +13,7 @@ into any trainer. At every optimizer step k (or every `reward_every` steps):
 4. every M actions REINFORCE updates the network: A_i = (r_i - mean r) / std r over the M stored
    rewards, loss = -mean(A_i log pi(alpha_i | s_i)) - c_H mean(entropy), one Adam step with the
    gradient norm clipped. log pi is recomputed for the stored (s_i, alpha_i) with the current
-   parameters.
-
-    policy = ARKDPolicy()
-    for step in range(total_steps):
-        state = make_state(stat_means(stats), step / total_steps, policy.last_alpha, policy.last_reward)
-        alpha = policy.act(state)
-        ...  # train one step with alpha, then measure fkl_after, rkl_after on the same batch
-        if policy.store_reward(immediate_reward(fkl, rkl, fkl_after, rkl_after)):
-            policy.update()                # every M rewards: one REINFORCE step
+   parameters. The README's loop shows the four in a trainer of your own.
 
 Our choices where the paper is vague (listed in docs/method.md; each marked "Choice X" where it is made):
 P1. The normaliser is updated with each new state before that state is normalised (the first

@@ -31,7 +31,7 @@ lab_settings() { :; }; lab_models() { :; }; lab_measure() { :; }; lab_strategy()
 # ---------------------------------------------------------------------------------------------
 # Settings, each checked before any work
 NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} MASTER_PORT=${MASTER_PORT:-29500}
-SEQKD=() EVAL_STAGES=yes SEED_NAMES=no LAB_STRATEGIES="" evals=() heldouts=()
+SEQKD=() EVAL_STAGES=yes SEED_NAMES=no LAB_STRATEGIES="" PY_RUN=() evals=() heldouts=()   # PY_RUN: a wrapper module
 EPOCHS=${EPOCHS:-10} LM_WEIGHT=${LM_WEIGHT:-0.0} REWARD_EVERY=${REWARD_EVERY:-1}
 if [[ $MODE == smoke ]]; then
   STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.25 fixed:0.5 fixed:0.75 linear:0.9,0.1 linear:0.1,0.9 greedy akl atkd okd arkd}
@@ -111,7 +111,7 @@ stage() {   # stage NAME COMMAND...: runs once; log in OUT/logs/NAME.log, marker
   echo "[done] $name in $(( SECONDS - start )) s"
 }
 launch() {  # one process offline, torchrun on GPUs
-  if [[ $MODE != full ]]; then "$PY" "$@"
+  if [[ $MODE != full ]]; then "$PY" "${PY_RUN[@]}" "$@"
   else torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
                 --master_port="$MASTER_PORT" --nproc_per_node="$NPROC" "$@"; fi
 }
@@ -120,8 +120,8 @@ train() {   # train RUN_DIR ARKD_ARGS...: resumes a run an interruption left beh
   local resume=(); [[ -e $dir/last/training_state.pt ]] && resume=(--resume)
   launch arkd.py --data_dir "$DATA_DIR" --out "$dir" --lm_weight "$LM_WEIGHT" "${TRAIN[@]}" "$@" "${resume[@]}"
 }
-toy_models() {  # toy_models [data.py synthetic flags]: the offline toy task and tiny random GPT-2s
-  stage data $PY data.py synthetic --out "$DATA_DIR" "$@"
+toy_models() {  # toy_models COMMAND...: the toy task's data (COMMAND writes it) and tiny random GPT-2s
+  stage data "$@"
   stage teacher-init $PY plumbing.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/teacher-init" --n_embd 128 --n_layer 2 --seed 1
   stage student-init $PY plumbing.py tiny --tokenizer "$DATA_DIR/tokenizer" --out "$OUT/student-init" --n_embd 64 --n_layer 1 --seed 2
   TEACHER_BASE=$OUT/teacher-init STUDENT_BASE=$OUT/student-init
@@ -130,7 +130,7 @@ toy_models() {  # toy_models [data.py synthetic flags]: the offline toy task and
 }
 
 if [[ $MODE == smoke ]]; then
-  toy_models
+  toy_models $PY data.py synthetic --out "$DATA_DIR"
 elif [[ $MODE == full ]]; then
   stage data $PY data.py download --out "$DATA_DIR"
   TEACHER_SFT=(--lr 5e-5 --epochs 10) STUDENT_SFT=(--lr "$LR") KD=(--lr "$LR")
@@ -174,7 +174,7 @@ done
 
 report() {
   [[ $EVAL_STAGES == no ]] || $PY evaluate.py report --runs "${evals[@]/#/$OUT/eval/}" --out "$OUT/report" --title "$TITLE"
-  [[ ${#heldouts[@]} == 0 ]] || $PY -m experiments.study --runs "${heldouts[@]/#/$OUT/heldout/}" --train_dir "$OUT/runs" \
+  [[ ${#heldouts[@]} == 0 ]] || $PY -m experiments.study report --runs "${heldouts[@]/#/$OUT/heldout/}" --train_dir "$OUT/runs" \
     --title "$TITLE" --out "$OUT/report$([[ $EVAL_STAGES == no ]] || echo /heldout)"
   if [[ -e $OUT/runs/arkd/alpha.png ]]; then cp "$OUT/runs/arkd/alpha.png" "$OUT/runs/arkd/reward.png" "$OUT/report/"; fi
   echo "${evals[*]} ${heldouts[*]}" > "$OUT/report/runs.txt"

@@ -1219,7 +1219,7 @@ def test_every_method_and_strategy_trains_and_lowers_its_loss(pair, tmp_path, me
         assert AutoModelForCausalLM.from_pretrained(str(tmp_path / directory)).config.n_layer == 1
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == list(range(8)) and "val_rougeL" in rows[-1]
-    assert json.load(open(tmp_path / "usage.json"))["bf16"] == ("--bf16" in extra)
+    assert result["run"].bf16 == ("--bf16" in extra)
 
 
 @pytest.fixture(scope="session")
@@ -1896,8 +1896,8 @@ def test_smoke_pipeline_produces_the_report_and_a_rerun_skips_every_stage(tmp_pa
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     shares = {name: json.load(open(tmp_path / "runs" / name / "last" / "info.json"))["sgo_ratio"] for name in ("arkd", "okd")}
     assert shares == {"arkd": 0.25, "okd": 0.0}                 # SGO_RATIO reaches every KD run, and only those
-    okd = json.load(open(tmp_path / "runs" / "okd" / "usage.json"))
-    assert okd["trainable_params"] > okd["student"]["params"]        # the teacher's LoRA trains too
+    lora = torch.load(tmp_path / "runs" / "okd" / "last" / "training_state.pt", weights_only=True)["lora"]
+    assert lora and all(v.abs().sum() > 0 for k, v in lora.items() if "up" in k)   # the teacher's LoRA trained
     report = tmp_path / "report"
     for name in ("results.md", "results.json", "rougeL_heatmap.png", "alpha.png", "reward.png"):
         assert (report / name).stat().st_size > 0, name
@@ -1934,30 +1934,6 @@ def test_run_sh_rejects_bad_settings_before_any_work(tmp_path):
     assert done.returncode != 0 and "not writable" in done.stderr
 
 
-def test_usage_accumulates_phases_and_sees_a_phase_peak(tmp_path):
-    # In a fresh process: a long-lived test worker's allocator may hand back pages it already holds, so
-    # a new block need not raise the resident peak there. 64 MiB above the peak so far: where
-    # /proc/self/clear_refs cannot be written (some containers), the window's start is that peak.
-    script = f"""
-import torch, plumbing
-usage = plumbing.Usage(torch.device("cpu"))
-with usage.phase("load"):
-    pass
-size = 64 * 2**20 + max(0, plumbing._resident_bytes("VmHWM") - plumbing._resident_bytes("VmRSS"))
-for _ in range(2):
-    with usage.phase("step", positions=512) as counts:
-        block = torch.ones(size // 4)                 # touched
-        del block
-        counts["sequences"] = 1
-usage.write({str(tmp_path / "usage.json")!r}, kind="train")
-"""
-    subprocess.run([sys.executable, "-c", script], cwd=HERE, check=True, timeout=120,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-    written = json.load(open(tmp_path / "usage.json"))
-    step = written["phases"]["step"]
-    assert step["count"] == 2 and step["positions"] == 1024 and step["sequences"] == 2
-    assert step["seconds"] > step["last_seconds"] > 0
-    assert step["peak_gb"] - step["start_gb"] >= 60 / 1024 and written["kind"] == "train"
 
 
 # ----------------------------------------------------------------------------------------------

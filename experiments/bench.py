@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 import losses
 import plumbing
-from plumbing import peak_memory_bytes, start_memory_window
+from experiments.usage import peak_memory_bytes, start_memory_window
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the reference
 

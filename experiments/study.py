@@ -2,7 +2,8 @@
 interval over training seeds, each run minus the best fixed alpha paired by seed, the headroom
 check, every ARKD seed's alpha trajectory.
 
-    python -m experiments.study --runs HELDOUT_DIRS... --train_dir RUNS --out REPORT
+    python -m experiments.study data --out DIR            # the study's toy task with several right answers
+    python -m experiments.study report --runs HELDOUT_DIRS... --train_dir RUNS --out REPORT
 """
 import argparse
 import glob
@@ -15,8 +16,28 @@ import sys
 
 from scipy import stats
 
+import data
 import evaluate
 import plumbing
+
+
+# The study's toy task: every split holds two tasks whose answers have several right values, each equally
+# likely in the training data (so a teacher learns a multi-modal answer distribution), beside two of the
+# smoke's; dolly/valid.jsonl (the DollyEval layout: the study's held-out set) holds 200 records.
+SPLITS = {relative: (200 if relative == "dolly/valid.jsonl" else count, ("reverse", "sort", "pick", "between"), (2, 3, 4))
+          for relative, (count, _, _) in data.SYNTHETIC_SPLITS.items()}
+
+
+def multimodal_record(rng, task, length):
+    """pick: any one of the words; between: any number in a range; else the smoke's task."""
+    if task == "pick":
+        words = rng.sample(data.SYNTHETIC_WORDS, length + 1)
+        return {"instruction": "Name one of the words.", "input": " ".join(words), "output": rng.choice(words)}
+    if task == "between":
+        low = rng.randrange(10, 85)
+        return {"instruction": f"Write a number from {low} to {low + 2 * length}.", "input": "",
+                "output": str(rng.randint(low, low + 2 * length))}
+    return data.synthetic_record(rng, task, length)
 
 
 def mean_ci(values):
@@ -101,11 +122,18 @@ def plot_alpha_seeds(run_dirs, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", required=True, help="measured runs named STRATEGY-sSEED (or one name)")
-    parser.add_argument("--train_dir", required=True, help="the training runs (for the ARKD alpha plot)")
-    parser.add_argument("--out", required=True, help="output directory: results.md, results.json, alpha_seeds.png")
-    parser.add_argument("--title", default="Miniature study", help="heading of results.md")
+    commands = parser.add_subparsers(dest="command", required=True)
+    toy = commands.add_parser("data", help="the study's toy task and a tokenizer trained on it (OUT/tokenizer)")
+    toy.add_argument("--seed", type=int, default=0, help="random seed of the toy data")
+    report = commands.add_parser("report", help="the study's report of held-out runs")
+    report.add_argument("--runs", nargs="+", required=True, help="measured runs named STRATEGY-sSEED (or one name)")
+    report.add_argument("--train_dir", required=True, help="the training runs (for the ARKD alpha plot)")
+    report.add_argument("--title", default="Miniature study", help="heading of results.md")
+    for command in (toy, report):
+        command.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
+    if args.command == "data":
+        return print(data.write_synthetic(args.out, args.seed, SPLITS, multimodal_record, tokenizer=True))
     study_report(args.runs, args.train_dir, args.out, args.title)
     print(f"wrote {os.path.join(args.out, 'results.md')}")
 

@@ -18,7 +18,7 @@ import data
 import evaluate
 import losses
 import plumbing
-from experiments import figure1, heldout, mini_data, models, rehearsal, study
+from experiments import figure1, heldout, mini_data, models, rehearsal, study, usage
 from test_arkd import HERE, run_sh, shared_file, train_argv
 
 def bench_variants():
@@ -236,11 +236,10 @@ def meta_model(config):
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
 def test_architectures_have_the_published_parameter_counts_and_cut_models_know_their_depth(name):
-    full = plumbing.model_shape(meta_model(rehearsal.architecture_config(name)))
-    assert full["params"] == PUBLISHED_PARAMS[name] and full["layers"] == rehearsal.architecture_config(name).full_layers
+    full = usage.model_shape(meta_model(rehearsal.architecture_config(name)))
+    assert full["params"] == PUBLISHED_PARAMS[name] and full["layers"] == full["full_layers"]
     assert full["bytes"] == 4 * PUBLISHED_PARAMS[name]                              # float32
-    cut_config = rehearsal.architecture_config(name, layers=2)
-    cut = {**plumbing.model_shape(meta_model(cut_config)), "full_layers": cut_config.full_layers}
+    cut = usage.model_shape(meta_model(rehearsal.architecture_config(name, layers=2)))
     assert cut["layers"] == 2 and cut["full_layers"] == full["layers"] and cut["layer_params"] == full["layer_params"]
     assert rehearsal.full_params(cut) == PUBLISHED_PARAMS[name]
 
@@ -249,7 +248,7 @@ def test_a_cut_real_architecture_saves_and_loads_with_its_depth_recorded(tmp_pat
     gpt2_tokenizer.save_pretrained(str(tmp_path / "tok"))
     rehearsal.real_shape_model("gpt2", str(tmp_path / "tok"), str(tmp_path / "model"), layers=1, seed=3)
     model = plumbing.load_model(str(tmp_path / "model"), torch.device("cpu"), vocab_size=len(gpt2_tokenizer))
-    shape = rehearsal.with_full_depth({"model": plumbing.model_shape(model)})["model"]     # from its config.json
+    shape = usage.model_shape(model)
     assert shape["layers"] == 1 and shape["full_layers"] == 12 and rehearsal.full_params(shape) == PUBLISHED_PARAMS["gpt2"]
     assert plumbing.load_tokenizer(str(tmp_path / "model")).get_vocab() == gpt2_tokenizer.get_vocab()
     assert not os.path.exists(str(tmp_path / "model") + ".tmp")                    # written atomically
@@ -385,13 +384,13 @@ def test_reduced_rehearsal_runs_every_stage_and_writes_the_projection(tmp_path):
     for stage in stages:
         assert f"| {stage} | " in table, stage
     assert "GPU hours" in done.stdout                        # the table is printed too
-    usage = {n: rehearsal.with_full_depth(json.load(open(tmp_path / d / "usage.json"))) for n, d in
+    usages = {n: json.load(open(tmp_path / d / "usage.json")) for n, d in
              (("teacher-sft", "teacher"), ("student-sft", "student"), ("arkd", "runs/arkd"), ("eval", "eval/teacher"))}
-    assert usage["teacher-sft"]["student"]["layers"] == 1 and usage["teacher-sft"]["student"]["full_layers"] == 12
-    assert usage["arkd"]["teacher"]["layers"] == 2                      # distilled from the uncut teacher-init
-    assert usage["arkd"]["micro_batch"] == 2 and usage["student-sft"]["micro_batch"] == 1 and not usage["arkd"]["bf16"]
+    assert usages["teacher-sft"]["student"]["layers"] == 1 and usages["teacher-sft"]["student"]["full_layers"] == 12
+    assert usages["arkd"]["teacher"]["layers"] == 2                      # distilled from the uncut teacher-init
+    assert usages["arkd"]["micro_batch"] == 2 and usages["student-sft"]["micro_batch"] == 1 and not usages["arkd"]["bf16"]
     assert "float32 in stages run with BF16=no" in table
-    assert usage["eval"]["max_new_tokens"] == 8 and usage["eval"]["phases"]["evaluation"]["prompts"] == 10
+    assert usages["eval"]["max_new_tokens"] == 8 and usages["eval"]["phases"]["evaluation"]["prompts"] == 10
     assert json.load(open(tmp_path / "eval" / "arkd" / "results.json"))["results"].keys() == set(data.EVAL_SETS)
 
 
@@ -420,8 +419,8 @@ def test_keep_layers_keeps_evenly_spaced_blocks_with_their_weights(pair, tmp_pat
     same, one = (AutoModelForCausalLM.from_pretrained(str(tmp_path / n)).eval() for n in ("all", "one"))
     ids = torch.randint(0, 100, (2, 7))
     assert torch.equal(same(input_ids=ids).logits, teacher(input_ids=ids).logits)
-    shape = plumbing.model_shape(teacher)
-    assert plumbing.model_shape(one)["params"] == shape["params"] - shape["layer_params"]
+    shape = usage.model_shape(teacher)
+    assert usage.model_shape(one)["params"] == shape["params"] - shape["layer_params"]
     assert torch.equal(one.transformer.h[0].mlp.c_fc.weight, teacher.transformer.h[0].mlp.c_fc.weight)
     assert one.generate(ids[:1], max_new_tokens=3, do_sample=False).shape == (1, 10)
 
@@ -504,14 +503,14 @@ def test_the_converted_smollm2_teacher_has_the_gguf_models_logits_and_cuts_into_
     with torch.no_grad():
         reference = smollm2["loaded"](**ids).logits
         assert torch.equal(teacher(**ids).logits, reference)
-        shape = plumbing.model_shape(teacher)
+        shape = usage.model_shape(teacher)
         assert shape["params"] == 134_515_008 and shape["layers"] == 30
         assert models.keep_layers(smollm2["folder"], 30, str(tmp_path / "all")) == list(range(30))
         same = AutoModelForCausalLM.from_pretrained(str(tmp_path / "all")).eval()
-        assert torch.equal(same(**ids).logits, reference) and plumbing.model_shape(same)["params"] == shape["params"]
+        assert torch.equal(same(**ids).logits, reference) and usage.model_shape(same)["params"] == shape["params"]
         assert models.keep_layers(smollm2["folder"], 6, str(tmp_path / "six")) == [0, 6, 12, 17, 23, 29]
         student = AutoModelForCausalLM.from_pretrained(str(tmp_path / "six")).eval()
-        assert plumbing.model_shape(student)["params"] == shape["params"] - 24 * shape["layer_params"]   # 49.6M
+        assert usage.model_shape(student)["params"] == shape["params"] - 24 * shape["layer_params"]   # 49.6M
         assert torch.equal(student.model.layers[2].mlp.up_proj.weight, teacher.model.layers[12].mlp.up_proj.weight)
         assert student.generate(**tokenizer(prompts[:1], return_tensors="pt"), max_new_tokens=3, do_sample=False).shape[1] > 3
 
@@ -545,3 +544,30 @@ def test_a_student_cut_from_smollm2_learns_from_it_on_real_dolly_records(smollm2
                "--val_examples", "2", "--max_new_tokens", "4"])
     after = heldout_fkl(str(tmp_path / "run" / "best"))
     assert len(heldout) == 8 and after < 0.9 * before, (before, after)
+
+
+def test_usage_accumulates_phases_and_sees_a_phase_peak(tmp_path):
+    # In a fresh process: a long-lived test worker's allocator may hand back pages it already holds, so
+    # a new block need not raise the resident peak there. 64 MiB above the peak so far: where
+    # /proc/self/clear_refs cannot be written (some containers), the window's start is that peak.
+    script = f"""
+import torch
+from experiments import usage as measure
+usage = measure.Usage(torch.device("cpu"))
+with usage.phase("load"):
+    pass
+size = 64 * 2**20 + max(0, measure._resident_bytes("VmHWM") - measure._resident_bytes("VmRSS"))
+for _ in range(2):
+    with usage.phase("step", positions=512) as counts:
+        block = torch.ones(size // 4)                 # touched
+        del block
+        counts["sequences"] = 1
+usage.write({str(tmp_path / "usage.json")!r}, kind="train")
+"""
+    subprocess.run([sys.executable, "-c", script], cwd=HERE, check=True, timeout=120,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    written = json.load(open(tmp_path / "usage.json"))
+    step = written["phases"]["step"]
+    assert step["count"] == 2 and step["positions"] == 1024 and step["sequences"] == 2
+    assert step["seconds"] > step["last_seconds"] > 0
+    assert step["peak_gb"] - step["start_gb"] >= 60 / 1024 and written["kind"] == "train"
