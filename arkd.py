@@ -89,7 +89,7 @@ def parse_args(argv=None):
                    "student per rank) or fsdp (PyTorch FSDP2: weights, gradients and AdamW state sharded)")
     p.add_argument("--seed", type=int, default=1, help="seed of data order, dropout and the policy")
     # ARKD policy
-    p.add_argument("--reward_every", type=int, default=1, help="steps one action spans (reward at the end)")
+    p.add_argument("--reward_every", type=int, default=1, help="steps one action spans (Choice R1)")
     p.add_argument("--policy_buffer", type=int, default=8, help="actions per REINFORCE update (M)")
     p.add_argument("--policy_lr", type=float, default=3e-3, help="policy Adam learning rate")
     p.add_argument("--policy_entropy", type=float, default=0.1, help="entropy bonus c_H")
@@ -122,7 +122,7 @@ def parse_args(argv=None):
         p.error("--shard fsdp trains --method sft, seqkd and kd, without --strategy lookahead and --sgo_ratio "
                 "(they read full gradients or sample on one rank alone): use --shard ddp")
     if args.method == "kd" and args.strategy == "atkd" and args.tau != 1:
-        p.error("--strategy atkd is defined at temperature 1: drop --tau")
+        p.error("--strategy atkd is defined at temperature 1: drop --tau")     # Choice A3
     return args
 
 
@@ -476,8 +476,8 @@ def micro_batch_loss(args, run, logits, batch, out, alpha):
 
 def add_direction(direction, student, out, scale):
     """lookahead: direction + d(scale * sum(FKL - RKL)) / d(parameters), by a backward of its own
-    that keeps the graph for the step's backward; `.grad` is left alone. (kd_pass's gradients then
-    run twice: it must not write them into the logits, two_backward in kd_outputs.)"""
+    that keeps the graph for the step's backward (Choice H3); `.grad` is left alone. kd_pass's gradients
+    then run twice: it must not write them into the logits (two_backward in kd_outputs)."""
     params = [p for p in student.parameters() if p.requires_grad]
     grads = torch.autograd.grad((out.fkl - out.rkl).sum() * scale, params, retain_graph=True)
     return list(grads) if direction is None else [d.add_(g) for d, g in zip(direction, grads)]

@@ -152,14 +152,14 @@ def _rows(logits):
 
 def atkd_easy(unc):
     """ATKD's easy tokens of one micro-batch: the teacher's uncertainty UNC = 1 - p(g) below the LOWER
-    median of its response tokens (torch.median, as the authors; the hard group keeps the middle one)."""
+    median of its response tokens (torch.median, as the authors; the hard group keeps the middle one): Choice A1."""
     return unc < unc.median() if len(unc) else torch.zeros_like(unc, dtype=torch.bool)
 
 
 def atkd_loss(tckd_t, nckd_t, easy, lam=0.2):
     """Per-token ATKD loss: 2 lam NCKD on easy tokens, 2 (1 - lam) (TCKD + NCKD) on hard ones.
 
-    Summed and divided by the step's token count (Choice T1), this equals the authors' group-mean form
+    Summed and divided by the step's token count (Choices T1, A2), this equals the authors' group-mean form
     lam mean_easy(NCKD) + (1 - lam) mean_hard(TCKD + NCKD) when the two groups are equal in size.
     """
     return torch.where(easy, 2 * lam * nckd_t, 2 * (1 - lam) * (tckd_t + nckd_t))

@@ -312,8 +312,8 @@ def lookahead_alpha(alpha, dot, norm_objective, norm_direction, step_size):
     With a plain gradient step theta_t = theta_{t-1} - lr (g_RKL + alpha_{t-1} u_{t-1}), the first-order
     effect of alpha_{t-1} on J = FKL + RKL after that step is dJ(theta_t) / d alpha_{t-1}
     = -lr g_J(theta_t) . u_{t-1}, with g_J measured on step t's batch, which step t-1 did not train on
-    (the hypergradient of Baydin et al., 2018). dot = g_J(theta_t) . u_{t-1}; dividing by both
-    norms makes the move a cosine times eta, free of the gradients' scale."""
+    (the hypergradient of Baydin et al., 2018; Choices H1, H2: J as the objective, the plain gradient step).
+    dot = g_J(theta_t) . u_{t-1}; dividing by both norms makes the move a cosine times eta, free of scale."""
     if norm_objective == 0 or norm_direction == 0:
         return alpha
     return min(max(alpha + step_size * dot / (norm_objective * norm_direction), 0.0), 1.0)

@@ -1,5 +1,5 @@
 """The miniature's data (run.sh mini): a subset of the real MiniLLM data sized for a CPU, optionally
-in the teacher's chat template (Choice M2 of docs/method.md).
+in the teacher's chat template (Choices M2, M3 of docs/method.md).
 
     python -m experiments.mini_data --source MINILLM_DATA --out runs/mini/data --tokenizer TEACHER --template chat
 """

@@ -531,11 +531,11 @@ def test_a_student_cut_from_smollm2_learns_from_it_on_real_dolly_records(smollm2
     mini_data.write_mini(source, str(tmp_path / "data"), tokenizer, 24, 4, 8, 96, 128, template="chat")
     models.keep_layers(folder, 2, str(tmp_path / "student"))
     teacher = plumbing.load_model(folder, torch.device("cpu"), vocab_size=len(tokenizer)).eval()
-    heldout, _ = data.encode_records(tokenizer, data.load_records("dollyeval", str(tmp_path / "data")), "dollyeval")
+    held_out, _ = data.encode_records(tokenizer, data.load_records("dollyeval", str(tmp_path / "data")), "dollyeval")
 
     def heldout_fkl(path):
         student = plumbing.load_model(path, torch.device("cpu"), vocab_size=len(tokenizer)).eval()
-        return heldout.response_scores(student, teacher, heldout, tokenizer.pad_token_id, len(tokenizer))["fkl"]
+        return heldout.response_scores(student, teacher, held_out, tokenizer.pad_token_id, len(tokenizer))["fkl"]
 
     before = heldout_fkl(str(tmp_path / "student"))
     arkd.main(["--method", "kd", "--strategy", "fkl", "--teacher", folder, "--student", str(tmp_path / "student"),
@@ -543,7 +543,7 @@ def test_a_student_cut_from_smollm2_learns_from_it_on_real_dolly_records(smollm2
                "--grad_accum", "1", "--max_steps", "6", "--lr", "1e-3", "--warmup_ratio", "0", "--eval_every", "0",
                "--val_examples", "2", "--max_new_tokens", "4"])
     after = heldout_fkl(str(tmp_path / "run" / "best"))
-    assert len(heldout) == 8 and after < 0.9 * before, (before, after)
+    assert len(held_out) == 8 and after < 0.9 * before, (before, after)
 
 
 def test_usage_accumulates_phases_and_sees_a_phase_peak(tmp_path):
