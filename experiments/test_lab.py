@@ -571,3 +571,45 @@ usage.write({str(tmp_path / "usage.json")!r}, kind="train")
     assert step["count"] == 2 and step["positions"] == 1024 and step["sequences"] == 2
     assert step["seconds"] > step["last_seconds"] > 0
     assert step["peak_gb"] - step["start_gb"] >= 60 / 1024 and written["kind"] == "train"
+
+
+@pytest.mark.slow
+def test_the_command_lines_of_the_miniatures_models_and_data_run(pair, tmp_path):
+    """One quick invocation of each laboratory command no pipeline test runs (the study, heldout, probe,
+    figure1, bench, rehearsal and usage commands run in the tests above)."""
+    def run(*argv):
+        done = subprocess.run([sys.executable, "-m", *argv], cwd=HERE, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+    assert "kept blocks [0]" in run("experiments.models", "cut", "--model", pair["teacher"], "--layers", "1",
+                                    "--out", str(tmp_path / "cut"))
+    run("experiments.mini_data", "--source", pair["data_dir"], "--out", str(tmp_path / "mini"), "--tokenizer",
+        pair["teacher"], "--train", "8", "--dev", "4", "--test", "3", "--max_prompt", "256", "--max_total", "512")
+    assert len(data.load_records("dolly_train", str(tmp_path / "mini"))) == 8
+    assert len(data.load_records("selfinst", str(tmp_path / "mini"))) == 3
+
+
+def test_same_numbers_names_every_difference_and_ignores_timings():
+    from experiments.same_numbers import differences
+    rows = [{"step": 0, "loss": 1.0, "alpha": 0.5, "step_seconds": 1.0}, {"step": 1, "loss": 0.5, "reward": None}]
+    weights = {"w": torch.zeros(3)}
+    assert differences(rows, [{**rows[0], "step_seconds": 9.0}, rows[1]], weights, {"w": torch.zeros(3)}) == []
+    moved = [rows[0], {**rows[1], "loss": 0.5 + 1e-3}]
+    assert differences(rows, moved, weights, weights) == ["step 1 loss: 0.5 (before 0.501)"]
+    assert differences(rows, rows, weights, {"w": torch.tensor([0.0, 1e-3, 0.0])}) == ["weight w differs"]
+    assert differences(rows, rows[:1], weights, weights) == ["2 rows, 1 before"]
+    assert differences(rows, [rows[0], {"step": 1, "loss": 0.5, "reward": 0.1}], weights, weights) == \
+        ["step 1 reward: None (before 0.1)"]
+
+
+@pytest.mark.slow
+def test_same_numbers_against_the_commit_before_the_move(tmp_path):
+    """The refactor that made experiments/ kept the numbers (docs/reliability.md): ARKD against d623f57."""
+    if subprocess.run(["git", "-C", HERE, "cat-file", "-e", "d623f57^{commit}"], capture_output=True).returncode:
+        pytest.skip("d623f57 is not in this clone's history (a shallow clone)")
+    done = subprocess.run([sys.executable, "-m", "experiments.same_numbers", "--against", "d623f57", "--runs",
+                           "kd arkd", "--json", str(tmp_path / "same.json")], cwd=HERE, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.load(open(tmp_path / "same.json"))["runs"]["kd arkd"] == {"rows": 7, "differences": []}
