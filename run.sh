@@ -15,12 +15,13 @@
 # Settings (environment): PAIR, NPROC (GPUs per node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT,
 # DATA_DIR, OUT, TEACHER, STUDENT, STRATEGIES, SEEDS (sampling), TRAIN_SEEDS, EPOCHS, LR, LM_WEIGHT,
 # SGO_RATIO (the share of student-generated responses in every KD run, arkd.py --sgo_ratio),
-# REWARD_EVERY, PYTHON; the smoke's SMOKE_STEPS (KD steps per run). Multi-node: run the same command
-# on every node with its NODE_RANK and an OUT on a shared filesystem.
+# REWARD_EVERY, PYTHON; the smoke's SMOKE_STEPS (KD steps per run); DRY_RUN=1 prints every stage's
+# command line and runs none. Multi-node: run the same command on every node with its NODE_RANK and
+# an OUT on a shared filesystem.
 set -euo pipefail
 cd "$(dirname "$0")"
 MODE=${1:-full}
-PY=${PYTHON:-python}
+PY=${PYTHON:-python} DRY_RUN=${DRY_RUN:-}
 die() { echo "run.sh: $*" >&2; exit 1; }
 [[ $MODE =~ ^(full|smoke|study|mini|rehearsal)$ ]] || die "unknown mode '$MODE': use 'bash run.sh', 'bash run.sh smoke', 'study', 'mini' or 'rehearsal'"
 
@@ -96,6 +97,10 @@ echo "run.sh $MODE: PAIR=$PAIR OUT=$OUT DATA_DIR=$DATA_DIR STRATEGIES='$STRATEGI
 # Stages
 stage() {   # stage NAME COMMAND...: runs once; log in OUT/logs/NAME.log, marker in OUT/done/NAME
   local name=$1; shift
+  if [[ -n $DRY_RUN ]]; then   # the plan: each stage's command line, nothing run
+    if declare -F "$1" >/dev/null; then echo "[plan] $name: $(PY=plan_py "$@" | tr '\n' ' ')"; else echo "[plan] $name: $*"; fi
+    return
+  fi
   if [[ -e $OUT/done/$name ]]; then echo "[skip] $name"; return; fi
   local start=$SECONDS log=$OUT/logs/$name.log shown=$SECONDS pid
   echo "[run ] $name (log: $log)"
@@ -110,6 +115,7 @@ stage() {   # stage NAME COMMAND...: runs once; log in OUT/logs/NAME.log, marker
   touch "$OUT/done/$name"
   echo "[done] $name in $(( SECONDS - start )) s"
 }
+plan_py() { echo "${PYTHON:-python}" "$@"; }   # DRY_RUN: a stage's python, printed
 launch() {  # one process offline, torchrun on GPUs
   if [[ $MODE != full ]]; then "$PY" "${PY_RUN[@]}" "$@"
   else torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
@@ -176,6 +182,7 @@ report() {
   [[ $EVAL_STAGES == no ]] || $PY evaluate.py report --runs "${evals[@]/#/$OUT/eval/}" --out "$OUT/report" --title "$TITLE"
   [[ ${#heldouts[@]} == 0 ]] || $PY -m experiments.study report --runs "${heldouts[@]/#/$OUT/heldout/}" --train_dir "$OUT/runs" \
     --title "$TITLE" --out "$OUT/report$([[ $EVAL_STAGES == no ]] || echo /heldout)"
+  [[ -z $DRY_RUN ]] || return 0
   if [[ -e $OUT/runs/arkd/alpha.png ]]; then cp "$OUT/runs/arkd/alpha.png" "$OUT/runs/arkd/reward.png" "$OUT/report/"; fi
   echo "${evals[*]} ${heldouts[*]}" > "$OUT/report/runs.txt"
 }

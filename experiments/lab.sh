@@ -115,7 +115,8 @@ lab_strategy() {  # lab_strategy STRATEGY SEED: the study's controls of ARKD (se
                extra=(--strategy arkd --reward_every "$REWARD_EVERY" --batch_size "$REAL_BATCH") ;;
     arkd-lr0)  extra=(--strategy arkd --reward_every "$REWARD_EVERY" --policy_lr 0) ;;
     replay)    extra=(--strategy replay --alpha_schedule "$OUT/runs/arkd-s$2/metrics.jsonl") ;;
-    fixed-avg) extra=(--strategy "fixed:$($PY -c "import sys, evaluate; a = [r['alpha'] for r in evaluate.read_metrics(sys.argv[1])]
+    fixed-avg) [[ -z $DRY_RUN ]] || { extra=(--strategy "fixed:ARKD_MEAN"); return 0; }     # its alpha: ARKD's run
+               extra=(--strategy "fixed:$($PY -c "import sys, evaluate; a = [r['alpha'] for r in evaluate.read_metrics(sys.argv[1])]
 print(f'{sum(a) / len(a):.4f}')" "$OUT/runs/arkd-s$2")") ;;
     *)         return 1 ;;
   esac
@@ -124,13 +125,13 @@ print(f'{sum(a) / len(a):.4f}')" "$OUT/runs/arkd-s$2")") ;;
 lab_after() {
   if [[ $MODE == study ]]; then
     stage figure1 $PY -m experiments.figure1 --out "$OUT/figure1" --figure1_seeds "$TRAIN_SEEDS" --figure1_steps "$FIGURE1_STEPS"
-  elif [[ $MODE == mini && -d $OUT/runs/fkl-s$first_seed/last ]]; then   # from the FKL run's weights and AdamW moments
+  elif [[ $MODE == mini && ( -d $OUT/runs/fkl-s$first_seed/last || -n $DRY_RUN ) ]]; then   # from the FKL run's weights and AdamW moments
     stage probe $PY -m experiments.probe --probe_batches "$PROBE_BATCHES" --probe_alphas 0,1 -- --teacher "$TEACHER" \
       --student "$OUT/runs/fkl-s$first_seed/last" --data_dir "$DATA_DIR" --out "$OUT/probe" "${TRAIN[@]}" \
       --lr "$($PY -c "print($KD_LR / 2)")"                 # the cosine schedule's lr halfway
   elif [[ $MODE == rehearsal ]]; then
     rm -f "$OUT/done/projection"                       # cheap, and it reads every stage's usage.json
     stage projection $PY -m experiments.rehearsal project "$OUT" --pair "$PAIR"
-    cat "$OUT/report/rehearsal.md"
+    [[ -n $DRY_RUN ]] || cat "$OUT/report/rehearsal.md"
   fi
 }
