@@ -175,17 +175,53 @@ def _akl_alpha_and_top1(p, abs_err, mu):
 
     The head is every token before the cumulative mass first exceeds mu in the teacher's descending
     order (ties: the lower index first, as a stable sort), and always the top-1. It is found without
-    sorting the vocabulary: where the top-1 alone exceeds mu (a confident teacher) the head is the
-    top-1; the other rows go through _head_error_by_bins, a few passes linear in V.
+    sorting the vocabulary, exactly, in three tiers: where the top-1 alone exceeds mu (a confident
+    teacher) the head is the top-1; else, where the tokens above 1/64 of the top-1 hold more than mu
+    (a peaked teacher), the head is among those few and only they are sorted; the other rows (a flat
+    teacher) go through _head_error_by_bins. Each tier is a few passes linear in V.
     """
     top_p, top1 = p.max(-1)                                      # the first maximal index: the sort's top-1
-    rows = (top_p <= mu).nonzero().squeeze(1)
-    if len(rows) == len(p):                                      # a flat teacher: every row, no copy
+    g_head = abs_err.gather(1, top1.unsqueeze(1)).squeeze(1).double()
+    peaked = (top_p <= mu) & (top_p > mu / 64)                   # the head: more than one token, at most 64
+    unresolved = ((top_p <= mu) & ~peaked).nonzero().squeeze(1)
+    peaked = peaked.nonzero().squeeze(1)
+    if len(peaked):                                              # candidates: the tokens above top_p / 64
+        rows, cols = (p[peaked] > (top_p[peaked] / 64).unsqueeze(1)).nonzero(as_tuple=True)
+        rows = peaked[rows]                                      # back to the rows of p
+        cand = p[rows, cols].double()
+        mass = torch.zeros(len(p), dtype=torch.float64, device=p.device).index_add_(0, rows, cand)
+        holds = (mass.to(p.dtype) > mu)                          # the head ends among the candidates
+        keep = holds[rows]
+        resolved = _head_error_in_order(rows[keep], cand[keep], abs_err[rows[keep], cols[keep]].double(),
+                                        torch.zeros(len(p), dtype=torch.float64, device=p.device), mu, p.dtype)
+        g_head[peaked] = torch.where(holds[peaked], resolved[peaked], g_head[peaked])
+        unresolved = torch.cat([unresolved, peaked[~holds[peaked]]])
+    if len(unresolved) == len(p):                                # a flat teacher: every row, no copy
         return _head_share(*_head_error_by_bins(p, abs_err, mu)).to(abs_err.dtype), top1
-    g_head, g_all = abs_err.gather(1, top1.unsqueeze(1)).squeeze(1), abs_err.sum(-1)
-    if len(rows):
-        g_head[rows] = _head_error_by_bins(p[rows], abs_err[rows], mu)[0].to(g_head.dtype)
-    return _head_share(g_head, g_all), top1
+    if len(unresolved):
+        g_head[unresolved] = _head_error_by_bins(p[unresolved], abs_err[unresolved], mu)[0]
+    return _head_share(g_head, abs_err.sum(-1).double()).to(abs_err.dtype), top1
+
+
+def _head_error_in_order(rows, cand, cand_err, mass_above, mu, dtype):
+    """Per row of mass_above [m]: the sum of cand_err over its candidates (rows, cand: their row and p,
+    float64) that belong to the head, taken in the stable descending order of p after the tokens above
+    them (mass_above). A row's first candidate is its top-1 when nothing is above it."""
+    m = len(mass_above)
+    if len(rows) == 0:
+        return torch.zeros(m, dtype=torch.float64, device=mass_above.device)
+    # One stable sort: by row, then by p descending; ties keep nonzero's order, the lower column first.
+    order = (2.0 * rows + (1.0 - cand)).sort(stable=True).indices
+    rows, cand, cand_err = rows[order], cand[order], cand_err[order]
+    counts = torch.bincount(rows, minlength=m)
+    position = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]   # 0 for a row's first
+    # Each row's cumulative mass in the sort's order, the tokens above first: [m, 1 + most candidates].
+    running = torch.zeros(m, 1 + int(counts.max()), dtype=torch.float64, device=rows.device)
+    running[:, 0] = mass_above
+    running[rows, position + 1] = cand
+    cumulative = running.cumsum(1)[rows, position + 1]
+    in_head = (cumulative.to(dtype) <= mu) | ((position == 0) & (mass_above[rows] == 0))   # the top-1 always
+    return torch.zeros(m, dtype=torch.float64, device=rows.device).index_add_(0, rows, cand_err * in_head)
 
 
 AKL_BINS = 8192     # float32 bits >> 17 of p <= 1: its exponent and 6 mantissa bits (the sign is 0)
@@ -215,19 +251,7 @@ def _head_error_by_bins(p, abs_err, mu):
     mass_above = mass.gather(1, (boundary + 1).unsqueeze(1)).squeeze(1)                # the bins above: all in the head
     error_above = error.gather(1, (boundary + 1).unsqueeze(1)).squeeze(1)
     rows, cols = (flat == boundary.to(torch.int32).unsqueeze(1) + offsets).nonzero(as_tuple=True)     # row-major
-    cand, cand_err = p[rows, cols].double(), abs_err[rows, cols].double()
-    # One stable sort: by row, then by p descending; ties keep nonzero's order, the lower column first.
-    order = (2.0 * rows + (1.0 - cand)).sort(stable=True).indices
-    rows, cand, cand_err = rows[order], cand[order], cand_err[order]
-    counts = torch.bincount(rows, minlength=m)
-    position = torch.arange(len(rows), device=device) - (counts.cumsum(0) - counts)[rows]   # 0 for a row's first
-    # Each row's cumulative mass in the sort's order, the bins above first: [m, 1 + most candidates].
-    running = torch.zeros(m, 1 + int(counts.max()), dtype=torch.float64, device=device)
-    running[:, 0] = mass_above
-    running[rows, position + 1] = cand
-    cumulative = running.cumsum(1)[rows, position + 1]
-    in_head = (cumulative.to(p.dtype) <= mu) | ((position == 0) & (mass_above[rows] == 0))   # the top-1 always
-    inside = torch.zeros(m, dtype=torch.float64, device=device).index_add_(0, rows, cand_err * in_head)
+    inside = _head_error_in_order(rows, p[rows, cols].double(), abs_err[rows, cols].double(), mass_above, mu, p.dtype)
     return error_above + inside, error[:, 0]
 
 
@@ -454,8 +478,8 @@ class _KDPassFunction(torch.autograd.Function):
         cdtype, n = _compute_dtype(student.dtype), len(rows)
         grad = student if inplace_grad else torch.empty_like(student)
         unused = torch.ones(len(student), dtype=torch.bool, device=student.device)
-        unused[rows] = False
-        grad[unused] = 0                  # rows outside the mask and padded columns: no gradient
+        unused[rows] = False              # rows outside the mask and padded columns: no gradient (filled
+        grad.index_fill_(0, unused.nonzero().squeeze(1), 0)     # by index: a boolean fill reads all rows)
         grad[:, vocab:] = 0
         g_view, rkl_unscaled = grad[:, :vocab], rkl / tau ** 2
         work = torch.empty(4, min(chunk, n), vocab, dtype=cdtype, device=student.device)

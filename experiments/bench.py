@@ -22,14 +22,17 @@ max_memory_allocated on CUDA) and the ratios to naive. --json prints one JSON ob
 
 The logits are synthetic but shaped like a trained LM's: Gaussian noise over the vocabulary plus
 8 boosted tokens per row whose top logit varies between rows (most rows peaked, the top-1 alone
-their AKL head; the share is printed). --flat makes the teacher flat (entropy about 10 nats, as
-early in training): the AKL search's hard case. --akl measures kd_pass with the AKL head search
-against kd_pass without it (akl=False) on both teachers, in alternating subprocesses.
+their AKL head; the share is printed). --teacher flat makes the teacher flat (entropy about 10
+nats, as early in training): the AKL search's hard case; --teacher onehot nearly one-hot. --akl
+measures kd_pass with the AKL head search, without it (akl=False) and the floor on every teacher,
+in alternating subprocesses. --against REV times this tree's kd_pass against the losses.py of git
+revision REV in the same way: run it before and after changing losses.py.
 
     python -m experiments.bench                          # N=4096, V=50257, fp32, CUDA when available
     python -m experiments.bench --dtype bf16 --n 1024 --json
-    python -m experiments.bench --flat
-    python -m experiments.bench --akl                    # the AKL search's cost on a peaked and on a flat teacher
+    python -m experiments.bench --teacher flat
+    python -m experiments.bench --akl --n 1024 --repeats 5        # the AKL search's cost and the floor, every teacher
+    python -m experiments.bench --against HEAD~1 --n 1024 --repeats 5
 
 The step benchmark times whole optimizer steps of arkd.py on the offline toy task, ARKD (reward
 forward and policy update included) against plain FKL, on random GPT-2s built from configs:
@@ -66,10 +69,14 @@ REFERENCE_ONLY = ("trl_gjsd", "distillm")     # other quantities: compared for t
 ALPHA, MU = 0.5, 0.5
 
 
-def make_logits(n, vocab, dtype, device, seed=0, rows_per_chunk=16, flat=False):
+TEACHERS = {"peaked": (10, 10), "flat": (2, 2), "onehot": (40, 10)}     # top logit: low + width * U(0, 1)
+
+
+def make_logits(n, vocab, dtype, device, seed=0, rows_per_chunk=16, kind="peaked"):
     """Teacher and student logits [n, vocab], generated a few rows at a time straight into tensors
-    of the target dtype, so that no full-size temporary inflates the memory baseline. flat: a teacher
-    of high entropy (top logits 2..4 above the noise instead of 10..20), as early in training."""
+    of the target dtype, so that no full-size temporary inflates the memory baseline. kind, the teacher's:
+    "peaked" (top logits 10..20 above the noise, a trained LM's), "flat" (2..4: high entropy, as early
+    in training) or "onehot" (40..50: the top-1 holds nearly all the mass)."""
     g = torch.Generator(device=device).manual_seed(seed)
     student = torch.empty(n, vocab, dtype=dtype, device=device)
     teacher = torch.empty(n, vocab, dtype=dtype, device=device)
@@ -77,8 +84,8 @@ def make_logits(n, vocab, dtype, device, seed=0, rows_per_chunk=16, flat=False):
     for lo in range(0, n, rows_per_chunk):
         rows = min(rows_per_chunk, n - lo)
         t = torch.randn(rows, vocab, generator=g, device=device)
-        top = (2 + 2 * torch.rand(rows, 1, generator=g, device=device)) if flat else \
-            (10 + 10 * torch.rand(rows, 1, generator=g, device=device))         # top logit 2..4 or 10..20
+        low, width = TEACHERS[kind]
+        top = low + width * torch.rand(rows, 1, generator=g, device=device)
         t.scatter_add_(1, torch.randint(0, vocab, (rows, 8), generator=g, device=device), top * decay)
         teacher[lo:lo + rows] = t
         student[lo:lo + rows] = torch.randn(rows, vocab, generator=g, device=device).mul_(0.7).add_(t, alpha=0.8)
@@ -155,7 +162,13 @@ def top1_resolved_share(teacher):
 
 
 def run_variant(args):
-    """Child process: time one variant; prints one JSON line."""
+    """Child process: time one variant (with --losses, that file's kd_pass); prints one JSON line."""
+    global losses
+    if args.losses:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("losses_under_test", args.losses)
+        losses = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(losses)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -164,7 +177,7 @@ def run_variant(args):
             "kd_pass_inplace": lambda s, t: kd_pass_step(s, t, inplace_grad=True)}[args.variant]
     # A small warm-up run first: loading kernels and library pages is not the variant's memory.
     step(*(x.requires_grad_(i == 0) for i, x in enumerate(make_logits(64, args.vocab, dtype, device))))
-    pristine, teacher = make_logits(args.n, args.vocab, dtype, device, flat=args.flat)
+    pristine, teacher = make_logits(args.n, args.vocab, dtype, device, kind=args.teacher)
     student = pristine.clone().requires_grad_()
     baseline = start_memory_window(device)
     times, loss = [], None
@@ -189,15 +202,7 @@ def run_variant(args):
 
 def compare_variants(args):
     """Each variant of args.variants in its own subprocess; their times, peak memories and ratios."""
-    results = {}
-    for variant in args.variants.split(","):
-        cmd = [sys.executable, "-m", "experiments.bench", "--variant", variant, "--n", str(args.n),
-               "--vocab", str(args.vocab), "--dtype", args.dtype, "--device", args.device,
-               "--repeats", str(args.repeats), "--threads", str(args.threads)] + (["--flat"] if args.flat else [])
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"bench: variant {variant} failed:\n{done.stderr[-2000:]}")
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    results = {variant: child(args, variant, args.teacher, args.repeats) for variant in args.variants.split(",")}
     naive = results["naive"]
     for name, r in results.items():     # a fast variant that computes something else is no result
         if name not in REFERENCE_ONLY and r["loss"] is not None and abs(r["loss"] - naive["loss"]) > 1e-4 * abs(naive["loss"]) + 1e-6:
@@ -206,7 +211,7 @@ def compare_variants(args):
         r["time_ratio"] = r["median_s"] / naive["median_s"]
         r["peak_memory_ratio"] = r["peak_extra_bytes"] / naive["peak_extra_bytes"] if naive["peak_extra_bytes"] else None
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
-    summary = {"n": args.n, "vocab": args.vocab, "dtype": args.dtype, "device": device_name, "flat": args.flat,
+    summary = {"n": args.n, "vocab": args.vocab, "dtype": args.dtype, "device": device_name, "teacher": args.teacher,
                "repeats": args.repeats, "variants": results}
     for peer in REFERENCE_ONLY:        # kd_pass against each peer formulation, measured in the same run
         if peer in results and "kd_pass" in results:
@@ -219,26 +224,57 @@ def compare_variants(args):
     return summary
 
 
+def child(args, variant, teacher, repeats=1, losses_file=None):
+    """One subprocess timing `variant` on `teacher` (with losses_file's kd_pass when given): its JSON."""
+    cmd = [sys.executable, "-m", "experiments.bench", "--variant", variant, "--n", str(args.n), "--vocab", str(args.vocab),
+           "--dtype", args.dtype, "--device", args.device, "--repeats", str(repeats), "--threads", str(args.threads),
+           "--teacher", teacher] + (["--losses", losses_file] if losses_file else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        sys.exit(f"bench: variant {variant} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def alternating(args, runs):
+    """Median seconds of each (name: (variant, teacher, losses file)) over --repeats rounds, the runs of a
+    round one after another in their own subprocesses: a noisy machine slows all of them alike."""
+    times, facts = {name: [] for name in runs}, {}
+    for _ in range(args.repeats):
+        for name, (variant, teacher, losses_file) in runs.items():
+            result = child(args, variant, teacher, losses_file=losses_file)
+            times[name].append(result["median_s"])
+            facts[name] = {k: result[k] for k in ("teacher_entropy", "top1_resolved_share") if k in result}
+    return {name: statistics.median(t) for name, t in times.items()}, facts
+
+
 def akl_benchmark(args):
-    """kd_pass with the AKL head search over kd_pass without it, on the peaked and on the flat teacher:
-    --repeats alternating rounds of one subprocess each, the ratio of the median times."""
+    """kd_pass with the AKL head search over kd_pass without it, and the floor, on each teacher: the
+    ratio of the median times over --repeats alternating rounds."""
     summary = {}
-    for teacher in ("peaked", "flat"):
-        times = {"kd_pass": [], "kd_pass_no_akl": []}
-        for _ in range(args.repeats):
-            for variant in times:
-                cmd = [sys.executable, "-m", "experiments.bench", "--variant", variant, "--n", str(args.n), "--vocab",
-                       str(args.vocab), "--dtype", args.dtype, "--device", args.device, "--repeats", "1",
-                       "--threads", str(args.threads)] + (["--flat"] if teacher == "flat" else [])
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode != 0:
-                    sys.exit(f"bench: variant {variant} failed:\n{done.stderr[-2000:]}")
-                result = json.loads(done.stdout.strip().splitlines()[-1])
-                times[variant].append(result["median_s"])
-                summary.setdefault(teacher, {}).update({k: result[k] for k in ("teacher_entropy", "top1_resolved_share") if k in result})
-        medians = {v: statistics.median(t) for v, t in times.items()}
-        summary[teacher].update(median_s=medians, akl_ratio=medians["kd_pass"] / medians["kd_pass_no_akl"])
+    for teacher in TEACHERS:
+        runs = {v: (v, teacher, None) for v in ("kd_pass", "kd_pass_no_akl", "floor")}
+        medians, facts = alternating(args, runs)
+        summary[teacher] = {**facts["kd_pass"], "median_s": medians,
+                            "akl_ratio": medians["kd_pass"] / medians["kd_pass_no_akl"],
+                            "no_akl_over_floor": medians["kd_pass_no_akl"] / medians["floor"]}
     return summary
+
+
+def against_benchmark(args):
+    """This tree's kd_pass (with and without the AKL search) against the losses.py of git revision
+    --against, on the peaked and the flat teacher, in alternating rounds: now / before per row."""
+    shown = subprocess.run(["git", "-C", ROOT, "show", f"{args.against}:losses.py"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise ValueError(f"--against {args.against}: {shown.stderr.strip()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        before = os.path.join(tmp, "losses.py")
+        with open(before, "w") as f:
+            f.write(shown.stdout)
+        runs = {f"{v} {t} {when}": (v, t, before if when == "before" else None)
+                for t in ("peaked", "flat") for v in ("kd_pass", "kd_pass_no_akl") for when in ("now", "before")}
+        medians, _ = alternating(args, runs)
+    return {key[:-4]: {"now_s": medians[key], "before_s": medians[key[:-3] + "before"],
+                       "ratio": medians[key] / medians[key[:-3] + "before"]} for key in medians if key.endswith(" now")}
 
 
 STEP_VARIANTS = "fkl,arkd,lookahead,jsd:0.5,tvd,skl:0.1,srkl:0.1,fkl --sgo_ratio 0.25 --max_new_tokens 32"
@@ -375,8 +411,12 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--flat", action="store_true", help="a high-entropy teacher (the AKL head search's hard case)")
-    parser.add_argument("--akl", action="store_true", help="kd_pass with AKL over kd_pass without it, on both teachers")
+    parser.add_argument("--teacher", default="peaked", choices=tuple(TEACHERS), help="the teacher's logits: peaked "
+                        "(a trained LM's), flat (the AKL head search's hard case), onehot")
+    parser.add_argument("--akl", action="store_true", help="kd_pass with AKL over kd_pass without it, and the floor, on "
+                        "every teacher, in alternating rounds")
+    parser.add_argument("--against", help="this tree's kd_pass against the losses.py of this git revision, alternating")
+    parser.add_argument("--losses", help=argparse.SUPPRESS)                  # set in the child: a losses.py to time
     parser.add_argument("--gpu_check", action="store_true", help="the GPU checklist (reduced sizes without CUDA); "
                         "writes --out/gpu_check.json and .md")
     parser.add_argument("--step", action="store_true", help="step benchmark: ARKD step over FKL step in arkd.py")
@@ -395,9 +435,20 @@ def main():
         summary = akl_benchmark(args)
         if args.json:
             return print(json.dumps(summary, indent=1))
+        print(f"N={args.n} V={args.vocab} {args.dtype}, {args.threads} thread(s), median of {args.repeats} alternating rounds")
         for teacher, r in summary.items():
-            print(f"{teacher} teacher ({r['teacher_entropy']:.1f} nats): kd_pass {r['median_s']['kd_pass']:.3f} s, without AKL "
-                  f"{r['median_s']['kd_pass_no_akl']:.3f} s: {r['akl_ratio']:.3f}x (baseline: kd_pass(akl=False))")
+            m = r["median_s"]
+            print(f"{teacher} teacher ({r['teacher_entropy']:.1f} nats): kd_pass {m['kd_pass']:.3f} s, without AKL "
+                  f"{m['kd_pass_no_akl']:.3f} s, floor {m['floor']:.3f} s; AKL {r['akl_ratio']:.3f}x (baseline: "
+                  f"kd_pass(akl=False)); without AKL {r['no_akl_over_floor']:.2f}x (baseline: the floor)")
+        return
+    if args.against:
+        summary = against_benchmark(args)
+        if args.json:
+            return print(json.dumps(summary, indent=1))
+        for name, r in summary.items():
+            print(f"{name}: now {r['now_s']:.3f} s, {args.against} {r['before_s']:.3f} s: {r['ratio']:.3f}x "
+                  f"(baseline: {args.against}'s losses.py)")
         return
     if args.step:
         summary = step_benchmark(args)
@@ -415,9 +466,10 @@ def main():
         return
     print(f"N={args.n} V={args.vocab} {args.dtype} on {device_name}; inputs "
           f"{naive['input_bytes'] / 2**20:.0f} MiB; median of {args.repeats}")
-    print(f"{'variant':<16} {'time s':>8} {'x naive':>8} {'peak extra MiB':>15} {'x naive':>8}")
+    floor = results["floor"]["median_s"] if "floor" in results else float("nan")
+    print(f"{'variant':<16} {'time s':>8} {'x naive':>8} {'x floor':>8} {'peak extra MiB':>15} {'x naive':>8}")
     for name, r in results.items():
-        print(f"{name:<16} {r['median_s']:8.3f} {r['time_ratio']:8.3f} "
+        print(f"{name:<16} {r['median_s']:8.3f} {r['time_ratio']:8.3f} {r['median_s'] / floor:8.2f} "
               f"{r['peak_extra_bytes'] / 2**20:15.1f} {r['peak_memory_ratio'] or float('nan'):8.3f}")
     if "kd_pass" in results:
         print(f"teacher entropy {results['kd_pass']['teacher_entropy']:.1f} nats; the AKL head is the top-1 alone in "

@@ -281,38 +281,36 @@ def project(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="The dress rehearsal's data, models and projection.")
-    parser.add_argument("command", choices=("data", "init", "project"), help="data: records of the real lengths and "
-                        "OUT/tokenizer; init: --arch with random weights; project: the table of the stages under OUT")
-    parser.add_argument("project_dir", nargs="?", help="project: the rehearsal's OUT")
-    parser.add_argument("--out", help="data, init: directory to write into; project: default PROJECT_DIR/report")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the data or the model")
-    parser.add_argument("--tokenizer", help="init: tokenizer directory; data: gpt2 (default) or bpe (a 32k "
-                        "byte-level BPE standing in for LLaMA's)")
-    parser.add_argument("--arch", choices=tuple(ARCHITECTURES), help="init: the architecture")
-    parser.add_argument("--layers", type=int, default=None, help="init: keep the first N blocks (default: all)")
-    parser.add_argument("--train_records", type=int, default=32, help="data: training records after the 1000 dev lines")
-    parser.add_argument("--eval_records", type=int, default=2, help="data: records of each evaluation set")
-    parser.add_argument("--pair", default="gpt2-120M", help="project: the pair rehearsed (for the heading)")
-    parser.add_argument("--gpus", type=int, default=8, choices=(1, 2, 4, 8, 16, 32),
-                        help="project: GPUs of the full run (a divisor of the global batch 32)")
-    parser.add_argument("--gpu_tflops", type=float, default=100.0, help="project: sustained bf16 TFLOP/s per GPU (assumed)")
-    parser.add_argument("--decode_ms", type=float, default=30.0, help="project: ms per generation step of a batch (assumed)")
-    parser.add_argument("--gpu_check_json", help="project: take both speeds from this experiments.bench --gpu_check report instead")
+    commands = parser.add_subparsers(dest="command", required=True)
+    data = commands.add_parser("data", help="records of the real lengths and OUT/tokenizer")
+    data.add_argument("--out", required=True, help="directory to write into")
+    data.add_argument("--tokenizer", default="gpt2", choices=("gpt2", "bpe"), help="gpt2, or bpe (a 32k byte-level "
+                      "BPE standing in for LLaMA's)")
+    data.add_argument("--train_records", type=int, default=32, help="training records after the 1000 dev lines")
+    data.add_argument("--eval_records", type=int, default=2, help="records of each evaluation set")
+    init = commands.add_parser("init", help="an architecture with random weights")
+    init.add_argument("--arch", required=True, choices=tuple(ARCHITECTURES), help="the architecture")
+    init.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    init.add_argument("--out", required=True, help="directory to write the model into")
+    init.add_argument("--layers", type=int, default=None, help="keep the first N blocks (default: all)")
+    for command in (data, init):
+        command.add_argument("--seed", type=int, default=0, help="random seed of the data or the model")
+    project_ = commands.add_parser("project", help="the table of the stages under PROJECT_DIR")
+    project_.add_argument("project_dir", help="the rehearsal's OUT")
+    project_.add_argument("--out", help="default: PROJECT_DIR/report")
+    project_.add_argument("--pair", default="gpt2-120M", help="the pair rehearsed (for the heading)")
+    project_.add_argument("--gpus", type=int, default=8, choices=(1, 2, 4, 8, 16, 32),
+                          help="GPUs of the full run (a divisor of the global batch 32)")
+    project_.add_argument("--gpu_tflops", type=float, default=100.0, help="sustained bf16 TFLOP/s per GPU (assumed)")
+    project_.add_argument("--decode_ms", type=float, default=30.0, help="ms per generation step of a batch (assumed)")
+    project_.add_argument("--gpu_check_json", help="take both speeds from this experiments.bench --gpu_check report instead")
     args = parser.parse_args(argv)
     if args.command == "project":
-        if not args.project_dir:
-            parser.error("project needs the rehearsal's OUT")
         args.project, args.out = args.project_dir, args.out or os.path.join(args.project_dir, "report")
         return project(args)
-    if not args.out:
-        parser.error(f"{args.command} needs --out")
     if args.command == "init":
-        if not (args.arch and args.tokenizer):
-            parser.error("init needs --arch and --tokenizer")
         return real_shape_model(args.arch, args.tokenizer, args.out, args.layers, args.seed)
-    if args.tokenizer not in (None, "gpt2", "bpe"):
-        parser.error("data: --tokenizer is gpt2 or bpe")
-    return rehearsal_data(args.out, args.tokenizer or "gpt2", args.train_records, args.eval_records, args.seed)
+    return rehearsal_data(args.out, args.tokenizer, args.train_records, args.eval_records, args.seed)
 
 
 if __name__ == "__main__":

@@ -613,3 +613,244 @@ def test_same_numbers_against_the_commit_before_the_move(tmp_path):
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert json.load(open(tmp_path / "same.json"))["runs"]["kd arkd"] == {"rows": 7, "differences": []}
+
+
+# ----------------------------------------------------------------------------------------------
+# Every flag of every laboratory command reaches the function that reads it: one table (a flag added
+# without a row fails the census). Runs that take minutes are replaced by recorders of their inputs;
+# each command's real run is one of the tests above.
+
+from conftest import command_line_options  # noqa: E402
+from experiments import bench, probe, same_numbers  # noqa: E402
+
+
+def recorded(patch, module, name, returns=None):
+    """module.name replaced by a recorder of its calls (args, kwargs); returns `returns`."""
+    calls = []
+    patch.setattr(module, name, lambda *a, **k: calls.append((a, k)) or returns)
+    return calls
+
+
+def bench_run(argv, tmp_path):
+    """experiments.bench's main on argv, its children faked: the command lines it launched and what it printed."""
+    launched = []
+
+    def fake(cmd, **kwargs):
+        launched.append(cmd)
+        out = {"variant": cmd[cmd.index("--variant") + 1] if "--variant" in cmd else None, "median_s": 1.0, "times_s": [1.0],
+               "peak_extra_bytes": 1, "loss": 1.0, "input_bytes": 1, "teacher_entropy": 1.0, "top1_resolved_share": 0.5}
+        if "arkd.py" in " ".join(cmd):             # a --step child: its metrics file
+            os.makedirs(cmd[cmd.index("--out") + 1], exist_ok=True)
+            with open(os.path.join(cmd[cmd.index("--out") + 1], "metrics.jsonl"), "w") as f:
+                f.writelines(json.dumps({"step": i, "step_seconds": 1.0, "tokens_per_second": 1.0}) + "\n" for i in range(5))
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(out) + "\n", "")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench.subprocess, "run", fake)
+        patch.setattr(sys, "argv", ["bench", *argv])
+        models_made = recorded(patch, plumbing, "tiny_model")
+        checks = recorded(patch, bench, "gpu_check")
+        import io
+        from contextlib import redirect_stdout
+        printed = io.StringIO()
+        with redirect_stdout(printed):
+            try:
+                bench.main()
+            except Exception as err:                # the faked tiny models do not load: --step stops there
+                printed.write(f"stopped: {err}")
+    return {"launched": [" ".join(map(str, c)) for c in launched], "printed": printed.getvalue(), "models": models_made,
+            "gpu_check": checks}
+
+
+def bench_child_loss(tmp_path, *extra):
+    done = subprocess.run([sys.executable, "-m", "experiments.bench", "--variant", "kd_pass", "--n", "8", "--vocab", "50",
+                           "--repeats", "1", "--device", "cpu", *extra], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def doubled_losses(tmp_path):
+    """A copy of losses.py whose mix is twice the real one: a child that times it reports twice the loss."""
+    text = open(os.path.join(HERE, "losses.py")).read().replace("    return alpha * fkl + (1 - alpha) * rkl",
+                                                                 "    return 2 * (alpha * fkl + (1 - alpha) * rkl)")
+    (tmp_path / "losses.py").write_text(text)
+    return str(tmp_path / "losses.py")
+
+
+BENCH_FLAGS = {   # flag: (argv, check(run, tmp_path))
+    "--n": (["--n", "32"], lambda r, t: all(" --n 32 " in c for c in r["launched"])),
+    "--vocab": (["--vocab", "99"], lambda r, t: all(" --vocab 99 " in c for c in r["launched"])),
+    "--dtype": (["--dtype", "bf16"], lambda r, t: all(" --dtype bf16 " in c for c in r["launched"])),
+    "--device": (["--device", "cuda"], lambda r, t: all(" --device cuda " in c for c in r["launched"])),
+    "--repeats": (["--repeats", "2", "--akl"], lambda r, t: len(r["launched"]) == 2 * 3 * 3),
+    "--threads": (["--threads", "2"], lambda r, t: all(" --threads 2" in c for c in r["launched"])),
+    "--variants": (["--variants", "naive,floor"], lambda r, t: sorted(c.split("--variant ")[1].split()[0]
+                                                                     for c in r["launched"]) == ["floor", "naive"]),
+    "--json": (["--json", "--variants", "naive,kd_pass"], lambda r, t: json.loads(r["printed"])["variants"].keys()
+               == {"naive", "kd_pass"}),
+    "--teacher": (["--teacher", "onehot"], lambda r, t: all(" --teacher onehot" in c for c in r["launched"])),
+    "--akl": (["--akl", "--repeats", "1"], lambda r, t: sorted(c.split("--teacher ")[1].split()[0] for c in r["launched"])
+              == ["flat"] * 3 + ["onehot"] * 3 + ["peaked"] * 3 and "(baseline: the floor)" in r["printed"]),
+    "--against": (["--against", "HEAD", "--repeats", "1"], lambda r, t: sum(" --losses " in c for c in r["launched"]) == 4
+                  and sum(" --variant " in c for c in r["launched"]) == 8 and "show HEAD:losses.py" in r["launched"][0]
+                  and "(baseline: HEAD's losses.py)" in r["printed"]),
+    "--losses": (None, lambda r, t: bench_child_loss(t, "--losses", doubled_losses(t))["loss"]
+                 == pytest.approx(2 * bench_child_loss(t)["loss"])),
+    "--variant": (None, lambda r, t: bench_child_loss(t)["variant"] == "kd_pass"),
+    "--gpu_check": (["--gpu_check", "--out", "OUT"], lambda r, t: len(r["gpu_check"]) == 1),
+    "--out": (["--gpu_check", "--out", "OUT"], lambda r, t: r["gpu_check"][0][0][0].out == str(t / "OUT")),
+    "--step": (["--step"], lambda r, t: r["models"] and not r["launched"] or "arkd.py" in r["launched"][0]),
+    "--teacher_size": (["--step", "--teacher_size", "1,32"], lambda r, t: r["models"][0][0][2:4] == (32, 1)),
+    "--student_size": (["--step", "--student_size", "3,48"], lambda r, t: r["models"][1][0][2:4] == (48, 3)),
+}
+# --steps, --step_variants and --step_batch are read by step_benchmark only once the tiny models load:
+# the real --step run of the GPU check (test_gpu_check_runs_at_reduced_sizes_without_cuda) passes
+# --steps and --step_variants; test_bench_step_flags_reach_the_arkd_runs below checks all three.
+BENCH_FLAGS_STEP = {"--steps", "--step_variants", "--step_batch"}
+
+
+def test_every_bench_flag_has_a_row():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["bench"])
+        options = set(command_line_options(bench.main))
+    assert options == set(BENCH_FLAGS) | BENCH_FLAGS_STEP
+
+
+@pytest.mark.parametrize("flag", sorted(BENCH_FLAGS))
+def test_each_bench_flag_reaches_what_reads_it(flag, tmp_path):
+    argv, check = BENCH_FLAGS[flag]
+    run = bench_run([str(tmp_path / a) if a == "OUT" else a for a in argv], tmp_path) if argv is not None else None
+    assert check(run, tmp_path), flag
+
+
+def test_bench_step_flags_reach_the_arkd_runs(pair, tmp_path, monkeypatch):
+    """--steps, --step_variants, --step_batch: the arkd.py command lines step_benchmark builds (their runs faked)."""
+    launched = []
+
+    def fake(cmd, **kwargs):
+        launched.append(cmd)
+        out = cmd[cmd.index("--out") + 1]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps({"step": i, "step_seconds": 1.0, "tokens_per_second": 1.0}) + "\n" for i in range(5))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(bench.subprocess, "run", fake)
+    args = argparse.Namespace(teacher_size="1,32", student_size="1,32", repeats=1, steps=7, step_variants="fkl,tvd",
+                              step_batch=3, threads=1)
+    summary = bench.step_benchmark(args)
+    strategies = [c[c.index("--strategy") + 1] for c in launched]
+    assert sorted(strategies) == ["arkd", "fkl", "lookahead", "tvd"] and summary["batch"] == 3
+    assert all(c[c.index("--max_steps") + 1] == "7" and c[c.index("--batch_size") + 1] == "3" for c in launched)
+
+
+LAB_COMMANDS = {   # command: (main, argv making its parser, {flag: (argv, worker, check(calls))})
+    "figure1": (figure1.main, ["--out", "x"], "figure1", {
+        "--out": (["--out", "O"], lambda c: c[0][0][0].out == "O"),
+        "--figure1_steps": (["--out", "O", "--figure1_steps", "9"], lambda c: c[0][0][0].figure1_steps == 9),
+        "--figure1_seeds": (["--out", "O", "--figure1_seeds", "4 5"], lambda c: c[0][0][0].figure1_seeds == "4 5")}),
+    "heldout": (heldout.main, ["--model", "m", "--teacher", "t", "--data_dir", "d", "--teacher_samples", "s", "--out", "o"],
+                "heldout_metrics", {f: None for f in ("--model", "--teacher", "--data_dir", "--teacher_samples", "--out",
+                                                       "--heldout_seed", "--max_new_tokens")}),
+    "probe": (probe.main, ["--probe_batches", "3", "--", "--out", "x"], "reward_probe", {
+        "--probe_batches": (["--probe_batches", "5", "--", "--out", "x"], lambda c: c[0][0][0].probe_batches == 5),
+        "--probe_alphas": (["--probe_alphas", "0,1", "--", "--out", "x"], lambda c: c[0][0][0].probe_alphas == "0,1"),
+        "--probe_step": (["--probe_step", "4", "--", "--out", "x"], lambda c: c[0][0][0].probe_step == 4),
+        "--probe_next_alpha": (["--probe_next_alpha", "0.25", "--", "--out", "x"],
+                               lambda c: c[0][0][0].probe_next_alpha == 0.25 and c[0][0][1] == ["--out", "x"])}),
+    "same_numbers": (same_numbers.main, ["--against", "x"], "compare", {
+        "--against": (["--against", "abc"], lambda c: c[0][0][0] == "abc"),
+        "--runs": (["--against", "x", "--runs", "kd fkl", "sft -"], lambda c: c[0][0][1] == ["kd fkl", "sft -"]),
+        "--steps": (["--against", "x", "--steps", "3"], lambda c: c[0][0][2] == 3),
+        "--json": None}),
+}
+# heldout's flags: the held-out test passes every one and reads its output (test_heldout_metrics_match_a_direct_computation);
+# same_numbers --json: test_same_numbers_against_the_commit_before_the_move reads the file it names.
+
+
+def test_every_lab_command_flag_has_a_row():
+    for name, (main, argv, _, rows) in LAB_COMMANDS.items():
+        assert set(command_line_options(main, argv)) == set(rows), name
+    assert set(command_line_options(rehearsal.main, ["project", "x"])) == set(REHEARSAL_FLAGS)
+    assert set(command_line_options(study.main, ["data", "--out", "x"])) == set(STUDY_FLAGS)
+    assert set(command_line_options(mini_data.main, ["--source", "s", "--out", "o", "--tokenizer", "t"])) == set(MINI_DATA_FLAGS)
+    assert set(command_line_options(models.main, ["cut", "--model", "m", "--layers", "1", "--out", "o"])) == set(MODELS_FLAGS)
+
+
+@pytest.mark.parametrize("command,flag", [(c, f) for c, (_, _, _, rows) in LAB_COMMANDS.items() for f, r in rows.items() if r])
+def test_each_lab_flag_reaches_the_function_that_reads_it(command, flag, monkeypatch):
+    main, _, worker, rows = LAB_COMMANDS[command]
+    argv, check = rows[flag]
+    module = {"figure1": figure1, "probe": probe, "same_numbers": same_numbers}[command]
+    calls = recorded(monkeypatch, module, worker, returns={})
+    if command == "same_numbers":
+        monkeypatch.setattr(same_numbers.tempfile, "TemporaryDirectory", lambda: __import__("contextlib").nullcontext("w"))
+    main(argv)
+    assert check(calls), (command, flag)
+
+
+REHEARSAL_FLAGS = {   # flag: (argv, worker, check(calls))
+    "data --out": (["data", "--out", "D"], "rehearsal_data", lambda c: c[0][0][0] == "D"),
+    "data --tokenizer": (["data", "--out", "D", "--tokenizer", "bpe"], "rehearsal_data", lambda c: c[0][0][1] == "bpe"),
+    "data --seed": (["data", "--out", "D", "--seed", "3"], "rehearsal_data", lambda c: c[0][0][4] == 3),
+    "data --train_records": (["data", "--out", "D", "--train_records", "5"], "rehearsal_data", lambda c: c[0][0][2] == 5),
+    "data --eval_records": (["data", "--out", "D", "--eval_records", "4"], "rehearsal_data", lambda c: c[0][0][3] == 4),
+    "init --arch": (["init", "--arch", "gpt2-medium", "--tokenizer", "T", "--out", "M"], "real_shape_model",
+                    lambda c: c[0][0][:3] == ("gpt2-medium", "T", "M")),
+    "init --tokenizer": (["init", "--arch", "gpt2", "--tokenizer", "T2", "--out", "M"], "real_shape_model", lambda c: c[0][0][1] == "T2"),
+    "init --out": (["init", "--arch", "gpt2", "--tokenizer", "T", "--out", "M2"], "real_shape_model", lambda c: c[0][0][2] == "M2"),
+    "init --layers": (["init", "--arch", "gpt2", "--tokenizer", "T", "--out", "M", "--layers", "2"], "real_shape_model",
+                      lambda c: c[0][0][3] == 2),
+    "init --seed": (["init", "--arch", "gpt2", "--tokenizer", "T", "--out", "M", "--seed", "6"], "real_shape_model",
+                    lambda c: c[0][0][4] == 6),
+    "project project_dir": (["project", "P"], "project", lambda c: c[0][0][0].project == "P"
+                            and c[0][0][0].out == os.path.join("P", "report")),
+    "project --out": (["project", "P", "--out", "R"], "project", lambda c: c[0][0][0].out == "R"),
+    "project --pair": (["project", "P", "--pair", "llama"], "project", lambda c: c[0][0][0].pair == "llama"),
+    "project --gpus": (["project", "P", "--gpus", "4"], "project", lambda c: c[0][0][0].gpus == 4),
+    "project --gpu_tflops": (["project", "P", "--gpu_tflops", "50"], "project", lambda c: c[0][0][0].gpu_tflops == 50.0),
+    "project --decode_ms": (["project", "P", "--decode_ms", "10"], "project", lambda c: c[0][0][0].decode_ms == 10.0),
+    "project --gpu_check_json": (["project", "P", "--gpu_check_json", "G"], "project", lambda c: c[0][0][0].gpu_check_json == "G"),
+}
+STUDY_FLAGS = {
+    "data --out": (["data", "--out", "D"], "write_synthetic", lambda c: c[0][0][0] == "D"),
+    "data --seed": (["data", "--out", "D", "--seed", "4"], "write_synthetic", lambda c: c[0][0][1] == 4),
+    "report --runs": (["report", "--runs", "a", "b", "--train_dir", "T", "--out", "O"], "study_report", lambda c: c[0][0][0] == ["a", "b"]),
+    "report --train_dir": (["report", "--runs", "a", "--train_dir", "T2", "--out", "O"], "study_report", lambda c: c[0][0][1] == "T2"),
+    "report --out": (["report", "--runs", "a", "--train_dir", "T", "--out", "O2"], "study_report", lambda c: c[0][0][2] == "O2"),
+    "report --title": (["report", "--runs", "a", "--train_dir", "T", "--out", "O", "--title", "X"], "study_report",
+                       lambda c: c[0][0][3] == "X"),
+}
+MINI_DATA_FLAGS = {f: i for i, f in enumerate(("--source", "--out", "--tokenizer", "--train", "--dev", "--test", "--max_prompt",
+                                               "--max_total", "--template"))}
+MODELS_FLAGS = {"gguf --gguf": ("load_gguf", 0), "gguf --out": ("save_plain", 2), "cut --model": ("keep_layers", 0),
+                "cut --layers": ("keep_layers", 1), "cut --out": ("keep_layers", 2)}
+
+
+@pytest.mark.parametrize("flag", sorted(REHEARSAL_FLAGS) + [f"study {f}" for f in sorted(STUDY_FLAGS)])
+def test_each_rehearsal_and_study_flag_reaches_the_function_that_reads_it(flag, monkeypatch):
+    module, table = (study, STUDY_FLAGS) if flag.startswith("study ") else (rehearsal, REHEARSAL_FLAGS)
+    argv, worker, check = table[flag.removeprefix("study ")]
+    calls = recorded(monkeypatch, data if worker == "write_synthetic" else module, worker, returns={})
+    if worker == "study_report":
+        calls = recorded(monkeypatch, study, worker, returns=({}, {}))
+    module.main(argv)
+    assert check(calls), flag
+
+
+def test_each_mini_data_and_models_flag_reaches_the_function_that_reads_it(monkeypatch):
+    values = {"--source": "S", "--out": "O", "--tokenizer": "T", "--train": 11, "--dev": 12, "--test": 13,
+              "--max_prompt": 14, "--max_total": 15, "--template": "chat"}
+    calls = recorded(monkeypatch, mini_data, "write_mini", returns={})
+    monkeypatch.setattr(mini_data, "load_tokenizer", lambda path: f"tokenizer of {path}")
+    mini_data.main([str(a) for f, v in values.items() for a in (f, v)])
+    (args, _), = calls
+    assert list(args) == ["S", "O", "tokenizer of T", 11, 12, 13, 14, 15, "chat"]
+    for flag, (worker, position) in MODELS_FLAGS.items():
+        command, option = flag.split()
+        if command == "gguf":                                     # neither loads nor converts anything
+            monkeypatch.setattr(models, "load_gguf", lambda path: (None, None))
+            monkeypatch.setattr(models, "save_plain", lambda *a: None)
+        calls = recorded(monkeypatch, models, worker, returns=(None, None) if worker == "load_gguf" else [0])
+        argv = [command, "--out", "OUT"] + (["--gguf", "GG"] if command == "gguf" else ["--model", "MM", "--layers", "3"])
+        models.main(argv)
+        expected = {"--gguf": "GG", "--out": "OUT", "--model": "MM", "--layers": 3}[option]
+        assert calls[0][0][position] == expected, flag
