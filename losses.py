@@ -119,11 +119,10 @@ def entropy(logits, tau=1.0):
 
 
 def top1_agreement(student_logits, teacher_logits):
-    """1.0 where the teacher's top-1 token (the lowest index among tied maxima) is also a maximum of the
-    student's logits, else 0.0 (a student tie counts as agreement). [..., V] x [..., V] -> [...].
-    Policy feature 6: kd_pass sums the same."""
-    top = teacher_logits.argmax(-1, keepdim=True)
-    return (student_logits.gather(-1, top) == student_logits.amax(-1, keepdim=True)).squeeze(-1).to(torch.float32)
+    """1.0 where some token is a maximum of both the teacher's and the student's logits (a tie on either
+    side counts), else 0.0. [..., V] x [..., V] -> [...]. Policy feature 6: kd_pass sums the same."""
+    teacher_top = teacher_logits == teacher_logits.amax(-1, keepdim=True)
+    return (teacher_top & (student_logits == student_logits.amax(-1, keepdim=True))).any(-1).to(torch.float32)
 
 
 def tckd(student_logits, teacher_logits, target_ids, vocab_size=None):
@@ -282,23 +281,26 @@ def akl_alpha(student_logits, teacher_logits, mu=0.5, tau=1.0, vocab_size=None):
 # The chunked pass: one read of each logit row, closed-form gradients, nothing of size [N, V] kept
 
 
-def _softmax_parts_(z, probs, tau):
-    """In place: z [n, V] (a private fp32 copy) becomes log softmax(z / tau), floored; probs [n, V]
-    receives softmax(z / tau).
-
-    Returns (log_probs, probs, lse) with lse = logsumexp(z / tau) [n]; one exp per element
-    (probs = exp(z - max) / sum, log_probs = z - max - log sum, no second exp).
-    """
+def _shift_(z, tau):
+    """In place: z [n, V] (a private fp32 copy) becomes z / tau - max(z / tau), exactly 0 at each row's
+    maxima and below 0 elsewhere. Returns the max [n, 1]."""
     if tau != 1.0:
         z.div_(tau)
     z_max = z.amax(dim=-1, keepdim=True)
     z.sub_(z_max)
+    return z_max
+
+
+def _softmax_parts_(z, z_max, probs):
+    """In place, after _shift_: z becomes log softmax(z / tau), floored; probs [n, V] receives
+    softmax(z / tau). Returns lse = logsumexp(z / tau) [n]; one exp per element (probs = exp(z - max)
+    / sum, log_probs = z - max - log sum, no second exp)."""
     torch.exp(z, out=probs)
     total = probs.sum(-1, keepdim=True)
     probs.div_(total)
     log_total = total.log_()
     z.sub_(log_total).clamp_min_(LOG_FLOOR)              # Choice L1
-    return z, probs, (z_max + log_total).squeeze(1)
+    return (z_max + log_total).squeeze(1)
 
 
 def _load_chunk(work, student, teacher, idx):
@@ -436,8 +438,12 @@ class _KDPassFunction(torch.autograd.Function):
                 target_logit = zs.gather(1, targets[sl].unsqueeze(1)).squeeze(1)
                 if tau != 1.0:
                     lse_ce[sl] = torch.logsumexp(zs, dim=-1)
-            log_q, q, lse_s[sl] = _softmax_parts_(zs, q, tau)
-            log_p, p, lse_t[sl] = _softmax_parts_(zt, p, tau)
+            s_max, t_max = _shift_(zs, tau), _shift_(zt, tau)
+            # Top-1 agreement: some token is a maximum of both. Shifted rows are 0 exactly there, and the
+            # sum of two floats <= 0 is 0 only where both are: one add and one max, no argmax.
+            agree = torch.add(zs, zt, out=q).amax(-1) == 0
+            lse_s[sl], lse_t[sl] = _softmax_parts_(zs, s_max, q), _softmax_parts_(zt, t_max, p)
+            log_q, log_p = zs, zt
             if len(targets):                                           # floored like log q
                 ce[sl] = ((lse_s if tau == 1.0 else lse_ce)[sl] - target_logit).clamp_max(-LOG_FLOOR)
             if atkd:
@@ -454,11 +460,7 @@ class _KDPassFunction(torch.autograd.Function):
             fkl[sl], rkl[sl] = p_diff * tau ** 2, -q_diff * tau ** 2
             h_p, h_q = -(p_diff + p_log_q), -q_log_q                  # log p = diff + log q
             if akl_on:                                                 # the head search: only when asked
-                akl[sl], top_t = _akl_alpha_and_top1(p, torch.sub(p, q, out=diff).abs_(), mu)
-            else:
-                top_t = p.argmax(-1)
-            # The student agrees when the teacher's top-1 is also its own maximum (ties count).
-            agree = log_q.gather(1, top_t.unsqueeze(1)) == log_q.amax(-1, keepdim=True)
+                akl[sl] = _akl_alpha_and_top1(p, torch.sub(p, q, out=diff).abs_(), mu)[0]
             stats[1:7] += torch.stack([fkl[sl].sum(), rkl[sl].sum(), h_p.sum(), h_q.sum(),
                                        akl[sl].sum(), agree.sum()]).double()
         if len(targets):

@@ -183,6 +183,7 @@ report() {
   [[ ${#heldouts[@]} == 0 ]] || $PY -m experiments.study report --runs "${heldouts[@]/#/$OUT/heldout/}" --train_dir "$OUT/runs" \
     --title "$TITLE" --out "$OUT/report$([[ $EVAL_STAGES == no ]] || echo /heldout)"
   [[ -z $DRY_RUN ]] || return 0
+  mkdir -p "$OUT/report"
   if [[ -e $OUT/runs/arkd/alpha.png ]]; then cp "$OUT/runs/arkd/alpha.png" "$OUT/runs/arkd/reward.png" "$OUT/report/"; fi
   echo "${evals[*]} ${heldouts[*]}" > "$OUT/report/runs.txt"
 }

@@ -91,19 +91,21 @@ def test_entropy_and_top1_agreement_match_a_plain_loop_and_kd_pass_statistics(ta
     sums kd_pass returns (with and without the AKL head search), on padded columns and tied rows."""
     torch.manual_seed(4)
     s, t = torch.randn(3, 5, 9, dtype=torch.float64) * 2, torch.randn(3, 5, 9, dtype=torch.float64) * 2
-    t[0, 0, :7] = 5.0                                       # a teacher tie over every real column
-    s[0, 0, :7] = torch.arange(7.0)                         # the student's maximum at column 6, not 0
-    t[0, 1, 2] = t[0, 1, 5] = 9.0                           # the teacher's top-1 is column 2 (lowest index)
+    t[0, 0, :7] = 5.0                                       # a teacher tie over every real column:
+    s[0, 0, :7] = torch.arange(7.0)                         # the student's maximum (column 6) is one of them
+    t[0, 1, 2] = t[0, 1, 5] = 9.0                           # the teacher's maxima: columns 2 and 5
     s[0, 1, :7] = 0.0
-    s[0, 1, 2] = s[0, 1, 5] = 3.0                           # a student tie on it: agreement
+    s[0, 1, 2] = s[0, 1, 5] = 3.0                           # a student tie on them: agreement
+    t[0, 2, :7], s[0, 2, :7] = 0.0, 0.0
+    t[0, 2, 1], s[0, 2, 2] = 4.0, 4.0                       # different maxima: none shared
     h_t, h_s = losses.entropy(t[..., :7], tau), losses.entropy(s[..., :7], tau)
     agree = losses.top1_agreement(s[..., :7], t[..., :7])
     for i, (srow, trow) in enumerate(zip(rows_of(s[..., :7]), rows_of(t[..., :7]))):
         assert h_t.flatten()[i].item() == pytest.approx(ref_entropy(ref_softmax(trow, tau)), abs=1e-10)
         assert h_s.flatten()[i].item() == pytest.approx(ref_entropy(ref_softmax(srow, tau)), abs=1e-10)
-        top = trow.index(max(trow))                                          # the first maximal index
-        assert agree.flatten()[i].item() == float(srow[top] == max(srow))
-    assert agree[0, 0] == 0 and agree[0, 1] == 1
+        shared = any(tv == max(trow) and sv == max(srow) for tv, sv in zip(trow, srow))   # a maximum of both
+        assert agree.flatten()[i].item() == float(shared)
+    assert agree[0, 0] == 1 and agree[0, 1] == 1 and agree[0, 2] == 0
     mask = torch.ones(3, 5, dtype=torch.bool)
     mask[2, 3:] = False
     for akl in (True, False):
@@ -176,7 +178,7 @@ def test_kd_pass_values_and_statistics_match_a_plain_loop(tau):
         for name, value in (("fkl", tau ** 2 * ref_kl(p, q)), ("rkl", tau ** 2 * ref_kl(q, p)),
                             ("teacher_entropy", ref_entropy(p)), ("student_entropy", ref_entropy(q)),
                             ("akl_alpha", ref_akl_share(p, q)), ("student_ce", ce),
-                            ("top1_agreement", float(p.index(max(p)) == q.index(max(q))))):
+                            ("top1_agreement", float(any(a == max(p) and b == max(q) for a, b in zip(p, q))))):
             sums[name] += value
     sums["tokens"] = n
     assert out.stats.dtype == torch.float64
@@ -2574,3 +2576,100 @@ def test_each_run_sh_setting_changes_the_plan(name, pair, base_plans, mini_sourc
                  else sys.executable if value == "SELF" else value)
         settings[name] = value
     assert check(run_sh_plan(tmp_path, mode, **settings), base_plans(mode), str(tmp_path)), name
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# run.sh's stages with every command faked: `-c` snippets run in the real python; a command whose line
+# holds $FAIL_ON exits 3; every call is logged.
+echo "$*" >> "$CALLS"
+if [[ $1 == -c ]]; then exec {python} "$@"; fi
+if [[ -n ${{FAIL_ON:-}} && "$*" == *"$FAIL_ON"* ]]; then echo "planted failure" >&2; exit 3; fi
+exit 0
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_stage_stops_the_run_names_it_is_not_marked_done_and_a_rerun_resumes_there(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable))
+    fake.chmod(0o755)
+    settings = dict(PYTHON=str(fake), CALLS=str(tmp_path / "calls"), STRATEGIES="fkl arkd")
+    done = run_sh(tmp_path / "out", "smoke", FAIL_ON="--out " + str(tmp_path / "out" / "runs" / "arkd"), **settings)
+    assert done.returncode != 0 and "stage 'train-arkd' failed" in done.stderr and "planted failure" in done.stderr
+    markers = set(os.listdir(tmp_path / "out" / "done"))
+    assert "train-fkl" in markers and "train-arkd" not in markers and "report" not in markers
+    open(tmp_path / "calls", "w").close()
+    again = run_sh(tmp_path / "out", "smoke", **settings)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "[skip] train-fkl" in again.stdout and "[done] train-arkd" in again.stdout and "[done] report" in again.stdout
+    stages = [line for line in open(tmp_path / "calls") if not line.startswith("-c")]
+    assert not any("runs/fkl " in line for line in stages)            # nothing done is run again
+    assert "train-arkd" in set(os.listdir(tmp_path / "out" / "done"))
+
+
+def test_every_model_is_in_the_mode_its_phase_needs(pair, tmp_path, monkeypatch):
+    """Side effects against the expectation, not against another run: the student trains (and reruns its
+    reward forward) in train mode, samples (validation, student-generated responses) in eval mode and is
+    back in train mode after; the teacher stays in eval mode throughout."""
+    seen = []
+    forward, generate, sample = arkd.forward, evaluate.generate, evaluate.sample_response
+    monkeypatch.setattr(arkd, "forward", lambda model, batch, run: seen.append(
+        ("forward", getattr(model, "module", model).config.n_embd, model.training)) or forward(model, batch, run))
+    monkeypatch.setattr(evaluate, "generate", lambda model, *a, **k: seen.append(
+        ("generate", model.config.n_embd, model.training)) or generate(model, *a, **k))
+    monkeypatch.setattr(evaluate, "sample_response", lambda model, *a, **k: seen.append(
+        ("sample", model.config.n_embd, model.training)) or sample(model, *a, **k))
+    result = arkd.main(train_argv(pair, tmp_path, "--strategy", "arkd", "--sgo_ratio", "0.5", "--eval_every", "2",
+                                  "--max_steps", "4", "--policy_buffer", "2"))
+    student, teacher = 64, 128                                     # the pair's widths
+    assert {mode for kind, width, mode in seen if kind == "forward" and width == student} == {True}
+    assert {mode for kind, width, mode in seen if width == teacher} == {False}
+    assert {mode for kind, width, mode in seen if kind in ("generate", "sample")} == {False}
+    assert [kind for kind, _, _ in seen].count("generate") == 2 and "sample" in [kind for kind, _, _ in seen]
+    assert result["student"].training and not result["teacher"].training
+    forwards = [i for i, (kind, width, _) in enumerate(seen) if kind == "forward" and width == student]
+    assert forwards[-1] > max(i for i, (kind, _, _) in enumerate(seen) if kind == "sample")   # training went on after
+
+
+def capture_figures(monkeypatch):
+    """evaluate.save_figure, recording each figure (its axes' lines, images, texts) before it is saved."""
+    figures = {}
+    save = evaluate.save_figure
+
+    def record(fig, path):
+        figures[os.path.basename(path)] = [{"lines": {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()},
+                                            "images": [image.get_array() for image in ax.get_images()],
+                                            "texts": [text.get_text() for text in ax.texts], "title": ax.get_title()}
+                                           for ax in fig.get_axes()]
+        save(fig, path)
+    monkeypatch.setattr(evaluate, "save_figure", record)
+    return figures
+
+
+def test_the_run_plots_draw_the_logged_numbers(tmp_path, monkeypatch):
+    """alpha.png: the sampled alpha and the policy's mean a / (a + b); reward.png: FKL, RKL and the reward,
+    each the series of metrics.jsonl (not another column, not a constant)."""
+    rows = [{"step": s, "fkl": 1.0 / (s + 1), "rkl": 2.0 - 0.1 * s, "alpha": 0.2 + 0.1 * s, "beta_a": 1.0 + s,
+             "beta_b": 3.0, "reward": (0.05 * s if s % 2 else None)} for s in range(4)]
+    os.makedirs(tmp_path / "run")
+    open(tmp_path / "run" / "metrics.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rows) +
+                                                       json.dumps({"step": 4, "val_rougeL": 3.0}) + "\n")
+    figures = capture_figures(monkeypatch)
+    evaluate.plot_run(str(tmp_path / "run"))
+    alpha = figures["alpha.png"][0]["lines"]
+    assert alpha["alpha (FKL weight)"] == pytest.approx([0.2, 0.3, 0.4, 0.5])
+    assert alpha["policy mean a / (a + b)"] == pytest.approx([(1 + s) / (4 + s) for s in range(4)])
+    fkl_rkl, reward = figures["reward.png"][0]["lines"], figures["reward.png"][1]["lines"]
+    assert fkl_rkl["FKL"] == pytest.approx([1, 1 / 2, 1 / 3, 1 / 4]) and fkl_rkl["RKL"] == pytest.approx([2, 1.9, 1.8, 1.7])
+    assert reward["reward"] == pytest.approx([0.05, 0.15])          # the rewarded steps only
+
+
+def test_the_heatmap_colours_each_column_from_worst_to_best_student_and_leaves_the_teacher_grey(tmp_path, monkeypatch):
+    figures = capture_figures(monkeypatch)
+    values = [[30.0, 20.0], [10.0, 5.0], [12.0, float("nan")], [14.0, 9.0]]
+    evaluate.heatmap(values, ["teacher", "fkl", "rkl", "arkd"], ["dollyeval", "sni"], "T", str(tmp_path / "h.png"))
+    image = figures["h.png"][0]["images"][0]
+    assert math.isnan(image[0, 0]) and math.isnan(image[0, 1])                   # the teacher: outside the scale
+    assert list(image[1:, 0]) == pytest.approx([0.0, 0.5, 1.0])                  # (10, 12, 14): worst to best
+    assert image[1, 1] == 0.0 and image[3, 1] == 1.0 and math.isnan(image[2, 1])
+    assert figures["h.png"][0]["texts"] == ["30.0", "20.0", "10.0", "5.0", "12.0", "14.0", "9.0"]

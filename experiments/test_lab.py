@@ -854,3 +854,35 @@ def test_each_mini_data_and_models_flag_reaches_the_function_that_reads_it(monke
         models.main(argv)
         expected = {"--gguf": "GG", "--out": "OUT", "--model": "MM", "--layers": 3}[option]
         assert calls[0][0][position] == expected, flag
+
+
+def test_figure1_draws_each_strategys_own_student_and_the_teacher(tmp_path, monkeypatch):
+    """figure1.png's series are the distributions figure1.json holds, one per strategy, all different."""
+    from test_arkd import capture_figures
+    figures = capture_figures(monkeypatch)
+    results = figure1.figure1(argparse.Namespace(out=str(tmp_path), figure1_steps=30, figure1_seeds="1"))
+    for ax, context in zip(figures["figure1.png"], (0, len(figure1.FIGURE1_CONTEXTS) - 1)):
+        lines = ax["lines"]
+        for strategy in ("fkl", "rkl", "fixed:0.5", "arkd"):
+            assert lines[f"student q: {strategy}"] == pytest.approx(results[f"{strategy}-s1"]["q"][context])
+        assert lines["student q: fkl"] != pytest.approx(lines["student q: rkl"], abs=1e-3)
+    saved = json.load(open(tmp_path / "figure1.json"))["results"]
+    assert torch.allclose(torch.tensor(saved["rkl-s1"]["q"]), torch.tensor(results["rkl-s1"]["q"]))
+
+
+def test_the_study_alpha_plot_draws_every_seeds_alpha_and_policy_mean(tmp_path, monkeypatch):
+    from test_arkd import capture_figures
+    figures = capture_figures(monkeypatch)
+    runs = []
+    for seed in (1, 2):
+        run = tmp_path / f"arkd-s{seed}"
+        os.makedirs(run)
+        rows = [{"step": s, "fkl": 1.0, "alpha": 0.1 * seed + 0.01 * s, "beta_a": seed + s, "beta_b": 2.0} for s in range(3)]
+        open(run / "metrics.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(str(run))
+    study.plot_alpha_seeds(runs, str(tmp_path / "alpha_seeds.png"))
+    lines = figures["alpha_seeds.png"][0]["lines"]
+    assert lines["arkd-s1: policy mean"] == pytest.approx([1 / 3, 2 / 4, 3 / 5])
+    assert lines["arkd-s2: policy mean"] == pytest.approx([2 / 4, 3 / 5, 4 / 6])
+    sampled = [series for label, series in lines.items() if not label.endswith("policy mean")]
+    assert sorted(map(tuple, sampled)) == [pytest.approx((0.1, 0.11, 0.12)), pytest.approx((0.2, 0.21, 0.22))]
