@@ -169,37 +169,33 @@ def _head_share(g_head, g_all):
     return torch.where(g_all > 0, g_head / g_all.clamp_min(torch.finfo(g_all.dtype).tiny), torch.full_like(g_all, 0.5))
 
 
-def _akl_alpha_and_top1(p, abs_err, mu):
-    """(g_head / (g_head + g_tail) [n], teacher top-1 index [n]) for p, abs_err = |p - q|: [n, V].
+def _akl_alpha(p, abs_err, mu):
+    """g_head / (g_head + g_tail) [n] for p, abs_err = |p - q|: [n, V].
 
     The head is every token before the cumulative mass first exceeds mu in the teacher's descending
     order (ties: the lower index first, as a stable sort), and always the top-1. It is found without
-    sorting the vocabulary, exactly, in three tiers: where the top-1 alone exceeds mu (a confident
-    teacher) the head is the top-1; else, where the tokens above 1/64 of the top-1 hold more than mu
-    (a peaked teacher), the head is among those few and only they are sorted; the other rows (a flat
-    teacher) go through _head_error_by_bins. Each tier is a few passes linear in V.
+    sorting the vocabulary: where the top-1 alone exceeds mu (a confident teacher) the head is the
+    top-1; the other rows go through _head_error_by_bins, a few passes linear in V.
     """
-    top_p, top1 = p.max(-1)                                      # the first maximal index: the sort's top-1
-    g_head = abs_err.gather(1, top1.unsqueeze(1)).squeeze(1).double()
-    peaked = (top_p <= mu) & (top_p > mu / 64)                   # the head: more than one token, at most 64
-    unresolved = ((top_p <= mu) & ~peaked).nonzero().squeeze(1)
-    peaked = peaked.nonzero().squeeze(1)
-    if len(peaked):                                              # candidates: the tokens above top_p / 64
-        rows, cols = (p[peaked] > (top_p[peaked] / 64).unsqueeze(1)).nonzero(as_tuple=True)
-        rows = peaked[rows]                                      # back to the rows of p
-        cand = p[rows, cols].double()
-        mass = torch.zeros(len(p), dtype=torch.float64, device=p.device).index_add_(0, rows, cand)
-        holds = (mass.to(p.dtype) > mu)                          # the head ends among the candidates
-        keep = holds[rows]
-        resolved = _head_error_in_order(rows[keep], cand[keep], abs_err[rows[keep], cols[keep]].double(),
-                                        torch.zeros(len(p), dtype=torch.float64, device=p.device), mu, p.dtype)
-        g_head[peaked] = torch.where(holds[peaked], resolved[peaked], g_head[peaked])
-        unresolved = torch.cat([unresolved, peaked[~holds[peaked]]])
-    if len(unresolved) == len(p):                                # a flat teacher: every row, no copy
-        return _head_share(*_head_error_by_bins(p, abs_err, mu)).to(abs_err.dtype), top1
-    if len(unresolved):
-        g_head[unresolved] = _head_error_by_bins(p[unresolved], abs_err[unresolved], mu)[0]
-    return _head_share(g_head, abs_err.sum(-1).double()).to(abs_err.dtype), top1
+    top_p = p.amax(-1)
+    rows = (top_p <= mu).nonzero().squeeze(1)
+    if len(rows) == len(p):                                      # a flat teacher: every row, no copy
+        return _head_share(*_head_error_by_bins(p, abs_err, mu)).to(abs_err.dtype)
+    g_head = abs_err.gather(1, _first_argmax(p, top_p).unsqueeze(1)).squeeze(1)   # the sort's top-1
+    if len(rows):
+        g_head[rows] = _head_error_by_bins(p[rows], abs_err[rows], mu)[0].to(g_head.dtype)
+    return _head_share(g_head, abs_err.sum(-1))
+
+
+def _first_argmax(x, x_max, block=1024):
+    """The first index of each row's maximum x_max in x [n, V], as x.argmax(-1) gives it but faster on a
+    CPU (where argmax is a slow reduction): the first block of `block` columns whose maximum is the
+    row's, then the first index in that block."""
+    whole = x.shape[1] // block * block
+    maxima = [x[:, :whole].view(len(x), -1, block).amax(-1)] + ([x[:, whole:].amax(-1, keepdim=True)] if whole < x.shape[1] else [])
+    first = (torch.cat(maxima, 1) == x_max.unsqueeze(1)).to(torch.uint8).argmax(-1)
+    columns = (first.unsqueeze(1) * block + torch.arange(block, device=x.device)).clamp_max(x.shape[1] - 1)
+    return first * block + (x.gather(1, columns) == x_max.unsqueeze(1)).to(torch.uint8).argmax(-1)
 
 
 def _head_error_in_order(rows, cand, cand_err, mass_above, mu, dtype):
@@ -255,13 +251,6 @@ def _head_error_by_bins(p, abs_err, mu):
 
 
 @torch.no_grad()
-def akl_alpha_rows(p, q, mu=0.5):
-    """Per-row AKL weight alpha_t = g_head / (g_head + g_tail) from probabilities p, q: [n, V] -> [n]."""
-    _check_mu(mu)
-    return _akl_alpha_and_top1(p, (p - q).abs(), mu)[0]
-
-
-@torch.no_grad()
 def akl_alpha(student_logits, teacher_logits, mu=0.5, tau=1.0, vocab_size=None):
     """Per-position AKL weight on FKL (docs/method.md 2): [..., V] x [..., V] -> [...], no gradient.
 
@@ -270,11 +259,12 @@ def akl_alpha(student_logits, teacher_logits, mu=0.5, tau=1.0, vocab_size=None):
     order) before the cumulative mass first exceeds mu, and always the top-1:
     p = [.4, .3, .2, .1], mu = .5 gives head {.4}.
     """
+    _check_mu(mu)
     student_logits, teacher_logits = _cut_vocab(student_logits, teacher_logits, vocab_size)
     vocab = student_logits.shape[-1]
     q = log_probs(student_logits, tau).exp().reshape(-1, vocab)
     p = log_probs(teacher_logits, tau).exp().reshape(-1, vocab)
-    return akl_alpha_rows(p, q, mu).reshape(student_logits.shape[:-1])
+    return _akl_alpha(p, (p - q).abs(), mu).reshape(student_logits.shape[:-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,7 +450,7 @@ class _KDPassFunction(torch.autograd.Function):
             fkl[sl], rkl[sl] = p_diff * tau ** 2, -q_diff * tau ** 2
             h_p, h_q = -(p_diff + p_log_q), -q_log_q                  # log p = diff + log q
             if akl_on:                                                 # the head search: only when asked
-                akl[sl] = _akl_alpha_and_top1(p, torch.sub(p, q, out=diff).abs_(), mu)[0]
+                akl[sl] = _akl_alpha(p, torch.sub(p, q, out=diff).abs_(), mu)
             stats[1:7] += torch.stack([fkl[sl].sum(), rkl[sl].sum(), h_p.sum(), h_q.sum(),
                                        akl[sl].sum(), agree.sum()]).double()
         if len(targets):

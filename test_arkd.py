@@ -565,7 +565,7 @@ def test_akl_matches_a_plain_loop_and_a_stable_sort_on_both_paths():
     p, q = torch.softmax(teacher, -1), torch.softmax(student, -1)
     top1_alone = p.max(-1).values > 0.5
     assert 0 < int(top1_alone.sum()) < 60                     # both paths of the search are taken
-    found = losses.akl_alpha_rows(p, q)
+    found = losses._akl_alpha(p, (p - q).abs(), 0.5)
     assert torch.allclose(found, akl_by_stable_sort(p, q), atol=1e-12, rtol=0)   # summed in another order
     for i in range(60):
         assert found[i].item() == pytest.approx(ref_akl_share(p[i].tolist(), q[i].tolist()), abs=1e-12)
@@ -590,41 +590,20 @@ def test_the_bin_search_finds_the_sorts_head_on_flat_peaked_tied_and_one_hot_row
         g_head, g_all = losses._head_error_by_bins(p, err, 0.5)            # the bins alone, on every row
         assert torch.allclose(g_all, err.double().sum(-1), atol=1e-12), name
         assert torch.allclose(g_head / g_all, akl_by_stable_sort(p, q).double(), atol=1e-12 if dtype == torch.float64 else 1e-6), name
-        alpha, top1 = losses._akl_alpha_and_top1(p, err, 0.5)
+        alpha = losses._akl_alpha(p, err, 0.5)
         assert torch.allclose(alpha, akl_by_stable_sort(p, q), atol=1e-12 if dtype == torch.float64 else 1e-6), name
-        assert torch.equal(top1, p.sort(dim=-1, descending=True, stable=True).indices[:, 0]), name
-    uniform = losses.akl_alpha_rows(rows["uniform"][:3], q[:3].double())   # ties: the plain loop's stable order
+    uniform = losses._akl_alpha(rows["uniform"][:3], (rows["uniform"][:3] - q[:3].double()).abs(), 0.5)   # ties: the plain loop's stable order
     for i in range(3):
         assert uniform[i].item() == pytest.approx(ref_akl_share(rows["uniform"][i].tolist(), q[i].tolist()), abs=1e-12)
 
 
-def test_the_three_tiers_of_the_head_search_each_give_the_sorts_head(monkeypatch):
-    """Confident rows (the top-1 alone), peaked rows (the head among the tokens above 1/64 of the top-1,
-    ties at that threshold included), peaked rows whose candidates hold too little (to the bins) and flat
-    rows (the bins): each tier against the full stable sort, and each row in the tier it belongs to."""
-    vocab, rows = 2000, []
-
-    def row(*tops, rest):
-        p = torch.full((vocab,), rest, dtype=torch.float64)
-        p[:len(tops)] = torch.tensor(tops, dtype=torch.float64)
-        return p / p.sum()
-    rows.append(row(0.7, 0.1, rest=1e-4))                         # confident
-    rows.append(row(0.3, 0.25, 0.2, rest=1e-5))                    # peaked: three candidates hold the head
-    top = 0.3 / (0.3 + 0.25 + 0.2 + 1997 * 1e-5)
-    tied = row(0.3, 0.25, 0.2, rest=1e-5)
-    tied[3:40] = top / 64                                          # exactly at the threshold: not candidates
-    rows.append(tied / tied.sum())
-    rows.append(row(0.2, rest=0.8 / 1999 * 0.9))                  # peaked, but its candidates hold <= mu
-    rows.append(torch.softmax(torch.randn(vocab, dtype=torch.float64) * 0.2, -1))       # flat
-    p = torch.stack(rows)
-    q = torch.softmax(torch.randn(len(rows), vocab, dtype=torch.float64), -1)
-    binned = []
-    original = losses._head_error_by_bins
-    monkeypatch.setattr(losses, "_head_error_by_bins", lambda a, b, mu: binned.append(len(a)) or original(a, b, mu))
-    alpha, top1 = losses._akl_alpha_and_top1(p, (p - q).abs(), 0.5)
-    assert torch.allclose(alpha, akl_by_stable_sort(p, q), atol=1e-12, rtol=0)
-    assert binned == [2]                                           # the too-little peaked row and the flat one
-    assert torch.equal(top1, p.sort(dim=-1, descending=True, stable=True).indices[:, 0])
+def test_the_first_argmax_by_blocks_is_argmax_on_ties_and_every_width():
+    torch.manual_seed(0)
+    for width, block in ((7, 16), (16, 16), (17, 16), (1000, 16), (3000, 1024), (50257, 1024)):
+        tied = torch.randint(0, 4, (32, width)).float()                 # many tied maxima per row
+        assert torch.equal(losses._first_argmax(tied, tied.amax(-1), block), tied.argmax(-1)), width
+        x = torch.randn(32, width)
+        assert torch.equal(losses._first_argmax(x, x.amax(-1), block), x.argmax(-1)), width
 
 
 def test_kd_pass_without_the_akl_search_changes_nothing_else():
