@@ -150,10 +150,8 @@ class Run:
 
 def read_alpha_schedule(path):
     """The mean alpha a / (a + b) of an ARKD run's policy at each step, from its metrics.jsonl."""
-    if path is None:
-        raise ValueError("--strategy replay needs --alpha_schedule: an ARKD run's metrics.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--alpha_schedule {path} does not exist")
+    if path is None or not os.path.isfile(path):
+        raise ValueError(f"--strategy replay needs --alpha_schedule, an ARKD run's metrics.jsonl: {path} is not a file")
     rows = {}
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):

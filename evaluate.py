@@ -387,7 +387,6 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate a causal LM on the MiniLLM sets, report runs, plot a run.")
     commands = parser.add_subparsers(dest="command", required=True)
     score = commands.add_parser("score", help="sample and score a model on the evaluation sets")
-    # model and data
     score.add_argument("--model", required=True, help="model directory (save_pretrained) or Hub id")
     score.add_argument("--data_dir", default=None, help="local MiniLLM Hub layout; default: download from the Hub")
     score.add_argument("--datasets", default=",".join(data.EVAL_SETS), help="comma-separated, of " + ", ".join(data.DATASETS))

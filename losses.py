@@ -15,15 +15,14 @@ the statistics the ARKD policy reads); the strategies parse_strategy, strategy_a
 next_token_targets, stat_means, mix.
 
 Our choices where the paper is vague (listed in docs/method.md; each marked "Choice X" where it is made):
-L1. Log-probabilities are floored at LOG_FLOOR = -1e4 (exp(-1e4) is 0 in every float format), so
-   0 * log 0 is 0 without a branch, and a token that one side rules out with a -inf logit while
-   the other does not costs a large finite penalty instead of inf / NaN. Nothing else is affected:
-   any log-probability of a finite row of logits in fp32 is far above the floor.
+L1. Log-probabilities are floored at LOG_FLOOR = -1e4: 0 * log 0 is 0 without a branch, and a token
+   one side rules out with a -inf logit costs a large finite penalty, not inf / NaN (finite fp32 rows
+   never reach the floor).
 L2. The policy's entropies and the AKL weights use the same temperature tau as the divergences.
-L3. The student cross-entropy (an optional extra loss term, and policy feature 7) is at tau = 1,
-   on the reference tokens.
-L4. Statistics are summed in float64 together with a token count, so that they add exactly over
-   micro-batches and ranks; a mean over zero tokens is 0, never NaN.
+L3. The student cross-entropy (an optional loss term, and policy feature 7) is at tau = 1.
+L4. Statistics are summed in float64 with a token count: they add exactly over micro-batches and
+   ranks; a mean over zero tokens is 0, never NaN.
+L5. Top-1 agreement is 1 where some token is a maximum of both models (a tie on either side counts).
 """
 import math
 from dataclasses import dataclass
@@ -120,7 +119,7 @@ def entropy(logits, tau=1.0):
 
 def top1_agreement(student_logits, teacher_logits):
     """1.0 where some token is a maximum of both the teacher's and the student's logits (a tie on either
-    side counts), else 0.0. [..., V] x [..., V] -> [...]. Policy feature 6: kd_pass sums the same."""
+    side counts: Choice L5), else 0.0. [..., V] x [..., V] -> [...]. Policy feature 6: kd_pass sums it."""
     teacher_top = teacher_logits == teacher_logits.amax(-1, keepdim=True)
     return (teacher_top & (student_logits == student_logits.amax(-1, keepdim=True))).any(-1).to(torch.float32)
 

@@ -16,26 +16,14 @@ into any trainer. At every optimizer step k (or every `reward_every` steps):
    parameters. The README's loop shows the four in a trainer of your own.
 
 Our choices where the paper is vague (listed in docs/method.md; each marked "Choice X" where it is made):
-P1. The normaliser is updated with each new state before that state is normalised (the first
-   state maps to 0), and the transition stores the normalised state, so the recomputed log pi sees
-   exactly what the action saw.
-P2. The baseline is the mean reward of the M stored transitions (an earlier EMA baseline over past
-   rewards is gone: whitening subtracted the buffer mean anyway, so it never acted). M actions are
-   taken at nearly the same learning rate, so this baseline also removes what the step size alone
-   adds to the reward.
+P1. The normaliser sees each state before normalising it; transitions store the normalised state.
+P2. The baseline is the mean reward of the M stored transitions (it also removes what the step size adds).
 P3. Sampled alpha is clipped to [1e-6, 1 - 1e-6], where log pi of the Beta is finite.
-P4. The reward divides by max(KL, 1e-8), so a student equal to its teacher gives 0, not NaN.
-P5. Sampling uses the policy's own random state (in its state_dict): the trainer's random streams
-   and the policy's do not disturb each other, and a resumed run samples the same alphas.
-P6. All ranks run the same update on the same data; rank 0's parameters are then broadcast, so
-   float differences between ranks can never make the policies drift apart.
-P7. Defaults M = 8, Adam lr 3e-3, c_H = 0.1, chosen on synthetic bandits (docs/method.md 3): at a
-   reward signal-to-noise ratio of 2 they find a fixed optimum within 1000 actions (14 of 16 seeds)
-   and follow one that moves once in 10 of 16 (all 16 at 4); at 1 or below no setting we tried
-   does so reliably.
-P8. The normaliser's statistics come from the first 32 states and then freeze; bounded features map
-   to 2x - 1, log-KLs, entropies and the CE are centred, not scaled, and only the reward is
-   standardised (RunningNorm), so trends stay visible in the state.
+P4. The reward divides by max(KL, 1e-8): a student equal to its teacher gives 0, not NaN.
+P5. The policy samples from its own random stream (in its state_dict): a resumed run samples the same.
+P6. All ranks run the same update; rank 0's parameters are then broadcast: the policies never drift.
+P7. Defaults M = 8, Adam lr 3e-3, c_H = 0.1, chosen on synthetic bandits (docs/method.md 3).
+P8. Normaliser statistics from the first 32 states, then frozen; only the reward is standardised.
 """
 import copy
 import math
