@@ -11,10 +11,9 @@ trained by the same loop, so the comparison is fair. train_step is one ARKD step
     python arkd.py --method kd --strategy arkd --teacher T --student S --data_dir D --out RUN [--resume]
     torchrun --nproc_per_node=8 arkd.py [--shard fsdp] ...   # DDP (nccl on CUDA, gloo on CPU) or FSDP2
 
-Choices T1-T9 of docs/method.md are made here, each marked where it is made: the step's token count as
-the one denominator (T1), alpha from micro-batch 0 (T2), the reward forward replaying the training
-dropout masks (T3), skipped non-finite steps (T4), SeqKD by sampling (T5), warmup then cosine (T6),
-what a checkpoint holds (T7), student-generated responses (T8), FSDP2 (T9); OKD's O3, O4.
+Choices T1-T9 of docs/method.md are made (and marked) here: one token-count denominator (T1), alpha
+from micro-batch 0 (T2), the reward replaying the dropout masks (T3), skipped non-finite steps (T4),
+SeqKD by sampling (T5), warmup then cosine (T6), the checkpoint (T7), SGO (T8), FSDP2 (T9); O3, O4.
 """
 import argparse
 import contextlib
@@ -40,7 +39,7 @@ from losses import (DIVERGENCES, IGNORE_INDEX, STAT_NAMES, STEP_RULES, atkd_easy
 from policy import ARKDPolicy, LookaheadAlpha, all_reduce_sum, immediate_reward, make_state
 
 # Flags that define a run: a checkpoint resumes only under the same values (and world size).
-RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "tau", "lm_weight", "lr",
+RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "max_prompt", "max_total", "tau", "lm_weight", "lr",
                 "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "reward_every",
                 "policy_buffer", "policy_lr", "policy_entropy", "seqkd_data", "train_examples", "atkd_lam",
                 "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "lookahead_step", "alpha_schedule", "sgo_ratio", "shard")
@@ -60,7 +59,10 @@ def parse_args(argv=None):
                    "atkd, lookahead (ours), replay (--alpha_schedule), jsd:B, tvd, skl:A, srkl:A")
     p.add_argument("--teacher", default="MiniLLM/teacher-gpt2-1.5B", help="teacher model (kd, seqkd)")
     p.add_argument("--student", default="MiniLLM/init-gpt2-120M", help="student initialisation")
-    p.add_argument("--data_dir", default=None, help="MiniLLM Hub layout on disk; default: the Hub")
+    p.add_argument("--data_dir", default=None, help="MiniLLM data: a folder in the Hub layout, a folder holding a "
+                   "set's file, or one JSONL file (it then trains and validates); default: the Hub")
+    p.add_argument("--max_prompt", type=int, default=data.MAX_PROMPT_TOKENS, help="longer prompts are dropped (counted)")
+    p.add_argument("--max_total", type=int, default=data.MAX_TOTAL_TOKENS, help="prompt + response cut at this (counted)")
     p.add_argument("--seqkd_data", default=None, help="seqkd: where teacher samples go (default OUT/seqkd_data)")
     p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, plots")
     # objective
@@ -101,6 +103,10 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=256, help="tokens sampled per prompt (validation, SeqKD)")
     p.add_argument("--gen_batch_size", type=int, default=16, help="prompts per generation batch")
     p.add_argument("--train_examples", type=int, default=0, help="use the first N training records (0: all)")
+    p.add_argument("--keep_checkpoints", type=int, default=2, choices=(1, 2), help="training checkpoints kept (each "
+                   "holds weights and AdamW: 12 bytes a parameter): OUT/last, and with 2 OUT/last.old too")
+    p.add_argument("--report_to", default="none", choices=("none", "tensorboard"), help="tensorboard: the rows of "
+                   "metrics.jsonl also as scalars under OUT/tensorboard")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
     p.add_argument("--resume_previous", action="store_true", help="continue from OUT/last.old (OUT/last does not load)")
     p.add_argument("--stop_after", type=int, default=0, help="leave, checkpointed, after N steps (a job's time limit)")
@@ -109,9 +115,11 @@ def parse_args(argv=None):
     if args.method == "kd":
         parse_strategy(args.strategy)                  # unknown names fail here, before any work
     for name in ("lr", "batch_size", "epochs", "reward_every", "policy_buffer", "val_examples", "max_bad_steps",
-                 "lookahead_step"):
+                 "lookahead_step", "max_prompt"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be > 0")
+    if args.max_total <= args.max_prompt:
+        p.error(f"--max_total ({args.max_total}) must exceed --max_prompt ({args.max_prompt}): responses need room")
     if args.tau <= 0 or args.lm_weight < 0 or not 0 <= args.warmup_ratio < 1 or not 0 <= args.sgo_ratio <= 1:
         p.error("--tau must be > 0, --lm_weight >= 0, --warmup_ratio in [0, 1), --sgo_ratio in [0, 1]")
     if args.sgo_ratio and args.method != "kd":
@@ -215,9 +223,9 @@ def load_models(args, run, checkpoint=None):
 def load_training_data(args, run, tokenizer, train_dir):
     """(training examples, dev examples, dev records); fixes run.total_steps and run.warmup_steps."""
     records = data.load_records("dolly_train", train_dir)[:args.train_examples or None]
-    examples, _ = data.encode_records(tokenizer, records, "dolly_train")
+    examples, _ = data.encode_records(tokenizer, records, "dolly_train", args.max_prompt, args.max_total)
     val_records = data.load_records("dolly_dev", args.data_dir)[:args.val_examples]
-    val_examples, _ = data.encode_records(tokenizer, val_records, "dolly_dev")
+    val_examples, _ = data.encode_records(tokenizer, val_records, "dolly_dev", args.max_prompt, args.max_total)
     steps_per_epoch = len(examples) // (args.batch_size * run.grad_accum * run.world_size)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(examples)} training examples are fewer than one global batch")
@@ -259,15 +267,14 @@ def on_policy_example(student, tokenizer, example, args, step):
     was_training = student.training
     student.eval()
     response = evaluate.sample_response(student, prompt, (args.seed * 1_000_003 + step) * 1_000_003 + example["index"],
-                                        min(args.max_new_tokens, data.MAX_TOTAL_TOKENS - len(prompt)),
+                                        min(args.max_new_tokens, args.max_total - len(prompt)),
                                         tokenizer.eos_token_id, tokenizer.pad_token_id)
     student.train(was_training)
     return {"index": example["index"], "prompt_ids": prompt, "input_ids": prompt + response,
             "labels": [IGNORE_INDEX] * len(prompt) + response}
 
 
-def build_seqkd_data(teacher, tokenizer, data_dir, out_dir, train_examples, seed, batch_size, max_new_tokens,
-                     part_size=256):
+def build_seqkd_data(teacher, tokenizer, args, out_dir, part_size=256):
     """SeqKD data: OUT_DIR/dolly/raw.jsonl holds the dev lines as they are, then the training prompts with
     the teacher's sampled responses (evaluation settings, docs/method.md Choice T5). Each part of
     part_size prompts is its own file, so an interrupted run resumes where it stopped. Returns the number
@@ -277,8 +284,8 @@ def build_seqkd_data(teacher, tokenizer, data_dir, out_dir, train_examples, seed
         return 0
     parts_dir = os.path.join(out_dir, "parts")
     os.makedirs(parts_dir, exist_ok=True)
-    train = data.load_records("dolly_train", data_dir)[:train_examples or None]
-    examples, _ = data.encode_records(tokenizer, train, "seqkd prompts")
+    train = data.load_records("dolly_train", args.data_dir)[:args.train_examples or None]
+    examples, _ = data.encode_records(tokenizer, train, "seqkd prompts", args.max_prompt, args.max_total)
     rank, sampled = world()[0], 0
     for start in range(0, len(examples), part_size):
         part = os.path.join(parts_dir, f"{start:07d}.jsonl")
@@ -286,14 +293,14 @@ def build_seqkd_data(teacher, tokenizer, data_dir, out_dir, train_examples, seed
             continue
         chunk = examples[start:start + part_size]
         sampled += len(chunk)
-        samples = evaluate.generate(teacher, tokenizer, [e["prompt_ids"] for e in chunk], seed * 7919 + start,
-                                    batch_size, max_new_tokens)
+        samples = evaluate.generate(teacher, tokenizer, [e["prompt_ids"] for e in chunk], args.seed * 7919 + start,
+                                    args.gen_batch_size, args.max_new_tokens)
         if rank == 0:
             lines = [data.record_line({**train[e["index"]], "references": [s]}) for e, s in zip(chunk, samples) if s.strip()]
             write_atomic(part, "\n".join(lines) + "\n")
         barrier()
     if rank == 0:
-        dev = data.load_records("dolly_dev", data_dir)
+        dev = data.load_records("dolly_dev", args.data_dir)
         lines = [data.record_line(r) for r in dev]
         for name in sorted(os.listdir(parts_dir)):
             with open(os.path.join(parts_dir, name), encoding="utf-8") as f:
@@ -604,7 +611,7 @@ def save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, 
                  "window": None if window is None else {"step": window.step, "before": window.before}}
         write_atomic(os.path.join(args.out, "last"), functools.partial(
             plumbing.save_model, student=student, tokenizer=tokenizer, info={**vars(args), "world_size": run.world_size},
-            training_state=state, weights=weights), keep_old=True)
+            training_state=state, weights=weights), keep_old=args.keep_checkpoints > 1)
     barrier()                               # no rank runs on while the checkpoint is being written
 
 
@@ -676,8 +683,7 @@ def validate(args, run, student, tokenizer, val_examples, val_records, progress,
 
 
 def count_bad_step(row, progress, args):
-    """Choice T4: a step whose gradient is not finite made no update. Returns the error that stops
-    the run after --max_bad_steps of them in a row (None otherwise)."""
+    """Choice T4: a non-finite gradient made no update; the error once --max_bad_steps come in a row."""
     if math.isfinite(row["grad_norm"]):
         progress.bad_steps = 0
         return None
@@ -699,15 +705,15 @@ def main(argv=None):
     train_dir = args.data_dir
     if args.method == "seqkd":                          # SeqKD trains on the teacher's samples (T5)
         train_dir = args.seqkd_data or os.path.join(args.out, "seqkd_data")
-        build_seqkd_data(teacher, tokenizer, args.data_dir, train_dir, args.train_examples, args.seed,
-                         args.gen_batch_size, args.max_new_tokens)
+        build_seqkd_data(teacher, tokenizer, args, train_dir)
         teacher = None                                  # the steps hold no teacher
     examples, val_examples, val_records = load_training_data(args, run, tokenizer, train_dir)
     model, optimizer, teacher_optimizer, adaptive = build_training(args, run, student, teacher)
     progress, window = Progress(), None
     if checkpoint:
         progress, window = resume(checkpoint, args, run, model, teacher, optimizer, adaptive, teacher_optimizer)
-    metrics = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master)
+    metrics = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master,
+                                  os.path.join(args.out, "tensorboard") if args.report_to == "tensorboard" else None)
     line = plumbing.ProgressLine(run, progress.step, f"kd {args.strategy}" if args.method == "kd" else args.method)
     first_step, history = progress.step, []
     while progress.step < run.total_steps:
@@ -751,7 +757,7 @@ def set_lr(step, args, run, optimizer, teacher_optimizer):
 def finish(args, run, metrics, progress):
     """Closes the log, draws the KD plots (rank 0) and leaves the process group."""
     if run.master:
-        metrics.file.close()
+        metrics.close()
         if metrics.nonfinite_rows:
             print0(f"warning: {metrics.nonfinite_rows} rows of {metrics.path} held non-finite values, written as null")
         if args.method == "kd":

@@ -63,16 +63,10 @@ def build_prompt(instruction, input_text=""):
 
 
 def read_jsonl(path):
-    """Records of a MiniLLM-format file: {instruction, input, references, prompt} dicts.
-
-    Every bad line is one ValueError naming the file and the line: not UTF-8, not JSON (also numbers
-    too long to parse and nesting too deep), not an object, `instruction` missing or not a string,
-    `input` neither a string nor absent/null, `output` neither a string nor a non-empty list of
-    strings, `prompt` neither a string nor absent/null, or a string that is not valid Unicode (a lone
-    surrogate escape). Nothing is converted silently; blank lines are skipped; an empty file or a path
-    that is not a file is an error. A record's prompt is its `prompt` field, as the file has it
-    (MiniLLM's files hold the template already applied; run.sh mini's may hold a chat template,
-    Choice M2), else the MiniLLM template applied here (Choice D4).
+    """Records of a MiniLLM-format file: {instruction, input, references, prompt} dicts. Every bad line
+    (not UTF-8, not JSON, not an object, a field of the wrong type, a lone surrogate) is one ValueError
+    naming the file and the line; nothing is converted silently; blank lines are skipped; an empty file is
+    an error. A record's prompt is its `prompt` field as the file has it, else the template (Choice D4).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: not a file")
@@ -103,18 +97,14 @@ def _record(raw, where):
     for field in ("instruction", "output"):
         if field not in raw:
             raise ValueError(f"{where}: record has no '{field}' field")
-    if not isinstance(raw["instruction"], str):
-        raise ValueError(f"{where}: 'instruction' must be a string, got {type(raw['instruction']).__name__}")
-    input_text = raw.get("input")
-    if input_text is not None and not isinstance(input_text, str):
-        raise ValueError(f"{where}: 'input' must be a string (or absent), got {type(input_text).__name__}")
-    output = raw["output"]
+    for field, optional in (("instruction", False), ("input", True), ("prompt", True)):
+        if not isinstance(raw.get(field), str) and not (optional and raw.get(field) is None):
+            raise ValueError(f"{where}: '{field}' must be a string{' (or absent)' if optional else ''}, "
+                             f"got {type(raw.get(field)).__name__}")
+    input_text, prompt, output = raw.get("input"), raw.get("prompt"), raw["output"]
     references = [output] if isinstance(output, str) else output
     if not (isinstance(references, list) and references and all(isinstance(r, str) for r in references)):
         raise ValueError(f"{where}: 'output' must be a string or a non-empty list of strings")
-    prompt = raw.get("prompt")
-    if prompt is not None and not isinstance(prompt, str):
-        raise ValueError(f"{where}: 'prompt' must be a string (or absent), got {type(prompt).__name__}")
     for text in [raw["instruction"], input_text or "", prompt or ""] + references:
         try:
             text.encode("utf-8")
@@ -132,18 +122,20 @@ def hub_path(name):
 
 
 def dataset_file(name, data_dir=None):
-    """Path of the file behind dataset `name`: DATA_DIR/<repo name>/<file>, else a Hub download."""
+    """Path of the file behind dataset `name`: data_dir itself when it is a file (every set reads it),
+    DATA_DIR/<repo name>/<file> (the Hub layout), DATA_DIR/<file> (a folder holding that file alone),
+    else (no data_dir) a Hub download."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     repo, relative = hub_path(name)
     if data_dir is None:
         from huggingface_hub import hf_hub_download   # only this path needs the network
         return hf_hub_download(repo, DATASETS[name][1], repo_type="dataset")
-    path = os.path.join(data_dir, relative)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"dataset {name!r}: no file {path} (expected the Hub layout of {repo}: "
-                                f"<data_dir>/{relative})")
-    return path
+    for path in (data_dir, os.path.join(data_dir, relative), os.path.join(data_dir, os.path.basename(relative))):
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"dataset {name!r}: {data_dir} is not a JSONL file and holds neither {relative} (the Hub "
+                            f"layout of {repo}) nor {os.path.basename(relative)}")
 
 
 def download(data_dir):
@@ -154,13 +146,17 @@ def download(data_dir):
 
 
 def load_records(name, data_dir=None):
-    """The records of one set (docs/method.md 5), sliced as DATASETS says."""
-    _, _, start, end = DATASETS.get(name, (None, None, 0, None))
-    path = dataset_file(name, data_dir)
-    records = read_jsonl(path)[start:end]
-    if not records:
-        raise ValueError(f"dataset {name!r}: {path} holds no records in [{start}:{end}]")
-    return records
+    """The records of one set (docs/method.md 5): a file given as data_dir whole, a MiniLLM file sliced as
+    DATASETS says (dolly_train: raw.jsonl after its 1000 dev lines)."""
+    path = dataset_file(name, data_dir)                  # names an unknown set first
+    _, _, start, end = DATASETS[name]
+    records = read_jsonl(path)
+    if data_dir is not None and os.path.isfile(data_dir):
+        return records
+    if len(records) <= start:
+        raise ValueError(f"dataset {name!r}: {path} holds {len(records)} records, and {name} starts after the first "
+                         f"{start} (MiniLLM's dev split): give a file of training records as --data_dir FILE")
+    return records[start:end]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,29 +192,27 @@ def encode_records(tokenizer, records, name="data", max_prompt=MAX_PROMPT_TOKENS
     return examples, {"records": len(records), "dropped_long_prompt": dropped, "cut_long_response": cut}
 
 
+def padded(rows, fill, left=False):
+    """The lists `rows` as one long tensor [B, T], padded with `fill` on the right (on the left: left=True)."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        start = width - len(r) if left else 0
+        out[i, start:start + len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
 def collate_train(examples, pad_id):
     """Right-padded training batch: input_ids, attention_mask [B, T]; labels -100 on padding."""
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[row, :n] = torch.tensor(e["input_ids"])
-        labels[row, :n] = torch.tensor(e["labels"])
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    ids = [e["input_ids"] for e in examples]
+    return {"input_ids": padded(ids, pad_id), "attention_mask": padded([[1] * len(i) for i in ids], 0),
+            "labels": padded([e["labels"] for e in examples], IGNORE_INDEX)}
 
 
 def collate_prompts(prompt_ids, pad_id):
     """Left-padded generation batch from lists of prompt ids: input_ids, attention_mask [B, T]."""
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for row, p in enumerate(prompt_ids):
-        input_ids[row, width - len(p):] = torch.tensor(p)
-        attention_mask[row, width - len(p):] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    return {"input_ids": padded(prompt_ids, pad_id, left=True),
+            "attention_mask": padded([[1] * len(p) for p in prompt_ids], 0, left=True)}
 
 
 def epoch_order(n, seed, epoch):

@@ -9,10 +9,8 @@ Section 6 of docs/method.md, as a library (arkd.py validates and samples SeqKD d
     python evaluate.py plot RUN          # alpha.png and reward.png of a KD run (the paper's figures 5, 6)
 
 Our choices where the paper is vague (listed in docs/method.md; each marked "Choice X" where it is made):
-E1. Results do not depend on the number of processes: prompts are cut into batches of --batch_size
-   in dataset order, batch b is sampled with the torch seed seed * 1000003 + b on whichever rank
-   gets it (round robin), and predictions are gathered back into dataset order. (MiniLLM adds the
-   rank to the seed, so its numbers change with the GPU count.)
+E1. Results do not depend on the number of processes: batch b of --batch_size prompts (dataset order)
+   is sampled with seed * 1000003 + b on whichever rank gets it (MiniLLM adds the rank to the seed).
 E2. Exact match compares lower-cased text with punctuation removed and whitespace collapsed.
 E3. With several references (S-NI), Rouge-L and BERTScore take the best reference.
 E4. An empty prediction scores 0 on every metric (bert_score itself crashes on one).
@@ -131,12 +129,8 @@ def exact_match(prediction, references):
 
 
 class BERTScore:
-    """BERTScore F1 x 100 with the model loaded once (bert_score.BERTScorer).
-
-    model: a bert_score model name (default roberta-large, layer 17) or a local path, which needs
-    num_layers. idf and baseline rescaling are off unless asked. `settings` is recorded with
-    every result.
-    """
+    """BERTScore F1 x 100, the model loaded once: a bert_score name (roberta-large, layer 17) or a local
+    path with num_layers; idf and baseline rescaling only when asked; `settings` go with every result."""
 
     def __init__(self, model="roberta-large", num_layers=None, batch_size=64, idf=False,
                  rescale_with_baseline=False, device=None):
@@ -180,7 +174,7 @@ def mean_std(values):
 
 
 def evaluate_dataset(model, tokenizer, name, records, seed, out_dir, batch_size, max_new_tokens,
-                     bertscore=None):
+                     bertscore=None, limits=(data.MAX_PROMPT_TOKENS, data.MAX_TOTAL_TOKENS)):
     """Generates and scores one (dataset, seed); writes predictions jsonl and scores json.
 
     Skips the pair when its scores file exists, so an interrupted evaluation resumes.
@@ -190,7 +184,7 @@ def evaluate_dataset(model, tokenizer, name, records, seed, out_dir, batch_size,
     if os.path.exists(scores_path):
         with open(scores_path) as f:
             return json.load(f)
-    examples, counts = data.encode_records(tokenizer, records, name)
+    examples, counts = data.encode_records(tokenizer, records, name, *limits)
     start = time.perf_counter()
     predictions = generate(model, tokenizer, [e["prompt_ids"] for e in examples], seed, batch_size, max_new_tokens)
     elapsed = time.perf_counter() - start
@@ -246,7 +240,8 @@ def run_evaluation(args, device):
                                                           args.bertscore_batch_size, args.bertscore_idf,
                                                           args.bertscore_rescale, device=str(device))
     results = [evaluate_dataset(model, tokenizer, name, records[name], seed, args.out, args.batch_size,
-                                args.max_new_tokens, bertscore) for name in datasets for seed in seeds]
+                                args.max_new_tokens, bertscore, (args.max_prompt, args.max_total))
+               for name in datasets for seed in seeds]
     if rank == 0:
         summary = {"label": args.label or os.path.basename(os.path.normpath(args.model)),
                    "model": args.model, "generation": {**GENERATION, "max_new_tokens": args.max_new_tokens,
@@ -388,7 +383,10 @@ def parse_args(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     score = commands.add_parser("score", help="sample and score a model on the evaluation sets")
     score.add_argument("--model", required=True, help="model directory (save_pretrained) or Hub id")
-    score.add_argument("--data_dir", default=None, help="local MiniLLM Hub layout; default: download from the Hub")
+    score.add_argument("--data_dir", default=None, help="MiniLLM data: a Hub-layout folder, a folder holding a set's "
+                       "file, or one JSONL file (every set reads it); default: the Hub")
+    score.add_argument("--max_prompt", type=int, default=data.MAX_PROMPT_TOKENS, help="longer prompts are dropped (counted)")
+    score.add_argument("--max_total", type=int, default=data.MAX_TOTAL_TOKENS, help="prompt + reference cut at this")
     score.add_argument("--datasets", default=",".join(data.EVAL_SETS), help="comma-separated, of " + ", ".join(data.DATASETS))
     score.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
     score.add_argument("--out", required=True, help="output directory (resumes what is there)")
@@ -411,8 +409,8 @@ def parse_args(argv=None):
     plot = commands.add_parser("plot", help="a KD run's alpha.png and reward.png (the paper's figures 5, 6)")
     plot.add_argument("run", help="the run directory (its metrics.jsonl)")
     args = parser.parse_args(argv)
-    if args.command == "score" and (args.batch_size < 1 or args.max_new_tokens < 1):
-        parser.error("--batch_size and --max_new_tokens must be >= 1")
+    if args.command == "score" and (args.batch_size < 1 or args.max_new_tokens < 1 or args.max_prompt < 1):
+        parser.error("--batch_size, --max_new_tokens and --max_prompt must be >= 1")
     return args
 
 

@@ -8,12 +8,9 @@ on its W_q and W_v together with the student (torch and the standard library onl
 
     h_q <- h_q + scale * x W_down W_up        (the same for h_v; W_down [d_in, r], W_up [r, d_out])
 
-Recognised layouts: GPT-2's fused `c_attn` (a Conv1D whose output is [q | k | v]; only the q and v
-thirds get a LoRA) and LLaMA-style separate `q_proj` / `v_proj` linear layers.
-
-Choices (docs/method.md 8): O1 W_down is drawn like a linear layer's weight (Kaiming uniform) and
-W_up starts at zero, so step 0 equals the frozen teacher exactly; O2 the scale s = 1 (the paper
-only says "s >= 1, tunable").
+Layouts: GPT-2's fused `c_attn` (a Conv1D giving [q | k | v]: only q and v get a LoRA) and LLaMA's
+`q_proj` / `v_proj`. Choices (docs/method.md 8): O1 W_down Kaiming uniform, W_up zero, so step 0 is
+the frozen teacher exactly; O2 the scale s = 1 (the paper: "s >= 1, tunable").
 """
 import math
 

@@ -9,10 +9,10 @@ copied into any trainer. Teacher p, student q, response position t:
     L_KD  = alpha * FKL + (1 - alpha) * RKL
 
 Public API: the plain definitions forward_kl, reverse_kl, entropy, top1_agreement, akl_alpha (Wu et
-al. 2024) and ATKD's tckd, nckd, atkd_easy, atkd_loss (Zhong et al. 2024), for logits [..., V] -> [...];
+al. 2024) and ATKD's atkd_terms, atkd_easy, atkd_loss (Zhong et al. 2024), for logits [..., V] -> [...];
 kd_pass, the one chunked pass training uses (per-token FKL / RKL / CE with closed-form gradients, plus
 the statistics the ARKD policy reads); the strategies parse_strategy, strategy_alpha, STEP_RULES;
-next_token_targets, stat_means, mix.
+response_targets (the shifted targets and the response mask), next_token_targets, stat_means, mix.
 
 Our choices where the paper is vague (listed in docs/method.md; each marked "Choice X" where it is made):
 L1. Log-probabilities are floored at LOG_FLOOR = -1e4: 0 * log 0 is 0 without a branch, and a token
@@ -42,14 +42,9 @@ STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "ark
 # Input checks
 
 
-def _check_tau(tau):
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
-
-
-def _check_mu(mu):
-    if not (isinstance(mu, (int, float)) and 0 < mu < 1):
-        raise ValueError(f"mu must lie in (0, 1), got {mu!r}")
+def _check_tau(tau, mu=0.5):
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0 and isinstance(mu, (int, float)) and 0 < mu < 1):
+        raise ValueError(f"tau must be a finite number > 0 and mu lie in (0, 1), got tau={tau!r}, mu={mu!r}")
 
 
 def _check_divergence(kind, c):
@@ -124,28 +119,17 @@ def top1_agreement(student_logits, teacher_logits):
     return (teacher_top & (student_logits == student_logits.amax(-1, keepdim=True))).any(-1).to(torch.float32)
 
 
-def tckd(student_logits, teacher_logits, target_ids, vocab_size=None):
-    """ATKD's target-oriented term at tau = 1, g the reference token of each position:
-    TCKD_t = KL([p(g), 1 - p(g)] || [q(g), 1 - q(g)]). [..., V] x [..., V] x [...] -> [...]."""
+def atkd_terms(student_logits, teacher_logits, target_ids, vocab_size=None):
+    """ATKD's two terms at tau = 1, g the reference token of each position: (TCKD, NCKD) [...] each,
+    TCKD_t = KL([p(g), 1 - p(g)] || [q(g), 1 - q(g)]) and NCKD_t = KL(p_hat || q_hat), p_hat and q_hat =
+    p and q renormalised over the non-target tokens, from the non-target logits directly (finite as
+    p(g) -> 1; 0 only when every non-target teacher logit is -inf). FKL = TCKD + (1 - p(g)) NCKD."""
     student_logits, teacher_logits = _cut_vocab(student_logits, teacher_logits, vocab_size)
-    log_q, log_p, rows = _rows(student_logits), _rows(teacher_logits), target_ids.reshape(-1)
-    value = _tckd_from_logs(log_p, log_q, rows, _non_target_lse(log_p, rows), _non_target_lse(log_q, rows))
-    return value.reshape(target_ids.shape)
-
-
-def nckd(student_logits, teacher_logits, target_ids, vocab_size=None):
-    """ATKD's diversity term at tau = 1: NCKD_t = KL(p_hat || q_hat), p_hat and q_hat = p and q
-    renormalised over the non-target tokens, computed from the non-target logits directly (finite and
-    non-zero as p(g) -> 1; 0 only when every non-target teacher logit is -inf). FKL = TCKD + (1 - p(g)) NCKD.
-    [..., V] x [..., V] x [...] -> [...]."""
-    student_logits, teacher_logits = _cut_vocab(student_logits, teacher_logits, vocab_size)
-    log_q, log_p, rows = _rows(student_logits), _rows(teacher_logits), target_ids.reshape(-1)
-    value = _nckd_from_logs(log_p - log_q, log_q, rows, _non_target_lse(log_p, rows), _non_target_lse(log_q, rows))
-    return value.reshape(target_ids.shape)
-
-
-def _rows(logits):
-    return log_probs(logits).reshape(-1, logits.shape[-1])
+    log_q, log_p = (log_probs(z).reshape(-1, z.shape[-1]) for z in (student_logits, teacher_logits))
+    rows = target_ids.reshape(-1)
+    nt_p, nt_q = _non_target_lse(log_p, rows), _non_target_lse(log_q, rows)
+    return (_tckd_from_logs(log_p, log_q, rows, nt_p, nt_q).reshape(target_ids.shape),
+            _nckd_from_logs(log_p - log_q, log_q, rows, nt_p, nt_q).reshape(target_ids.shape))
 
 
 def atkd_easy(unc):
@@ -258,7 +242,7 @@ def akl_alpha(student_logits, teacher_logits, mu=0.5, tau=1.0, vocab_size=None):
     order) before the cumulative mass first exceeds mu, and always the top-1:
     p = [.4, .3, .2, .1], mu = .5 gives head {.4}.
     """
-    _check_mu(mu)
+    _check_tau(tau, mu)
     student_logits, teacher_logits = _cut_vocab(student_logits, teacher_logits, vocab_size)
     vocab = student_logits.shape[-1]
     q = log_probs(student_logits, tau).exp().reshape(-1, vocab)
@@ -452,8 +436,7 @@ class _KDPassFunction(torch.autograd.Function):
                 akl[sl] = _akl_alpha(p, torch.sub(p, q, out=diff).abs_(), mu)
             stats[1:7] += torch.stack([fkl[sl].sum(), rkl[sl].sum(), h_p.sum(), h_q.sum(),
                                        akl[sl].sum(), agree.sum()]).double()
-        if len(targets):
-            stats[7] = ce.sum().double()
+        stats[7] = ce.sum().double()
         unc = nt_p.exp()                                               # 1 - p(g), without a subtraction
         ctx.save_for_backward(student, teacher, rows, targets, rkl, lse_s, lse_t, lse_ce, nt_p, nt_q)
         ctx.settings = (tau, vocab, chunk, inplace_grad, atkd, divergence)
@@ -508,18 +491,11 @@ class _KDPassFunction(torch.autograd.Function):
 
 @dataclass
 class KDPassResult:
-    """Output of kd_pass. N = number of masked tokens.
-
-    fkl, rkl: [N] per-token divergences (times tau^2), differentiable in the student logits.
-    ce: [N] student cross-entropy on target_ids at tau = 1, differentiable; None without targets.
-    akl_alpha: [N] per-token g_head / (g_head + g_tail): the AKL weight on FKL, no gradient (None
-        when kd_pass ran with akl=False).
-    tckd, nckd: [N] ATKD's target and non-target terms (atkd=True only, else None), differentiable.
-    unc: [N] 1 - p(g), the teacher's mass off the reference token (atkd=True only), no gradient.
-    div: [N] the divergence asked for by `divergence` (times tau^2), differentiable; else None.
-    stats: float64 [len(STAT_NAMES)]: the token count and the sums of every statistic; add them
-        over micro-batches and all-reduce them over ranks, then divide (stat_means).
-    """
+    """Output of kd_pass, per masked token [N]: fkl, rkl (times tau^2) and ce (at tau = 1; None without
+    target_ids), differentiable; akl_alpha, the AKL weight on FKL (None with akl=False); ATKD's tckd,
+    nckd (differentiable) and unc = 1 - p(g) (atkd=True only); div, the asked-for peer divergence.
+    stats: float64 [len(STAT_NAMES)], the token count and every statistic's sum: add over
+    micro-batches, all-reduce over ranks, then divide (stat_means)."""
     fkl: torch.Tensor
     rkl: torch.Tensor
     ce: torch.Tensor | None
@@ -542,25 +518,18 @@ def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chun
     must match. Rows are processed chunk_tokens at a time (default: about 1M elements on CPU,
     32M on CUDA) in at least fp32.
 
-    akl=False skips the AKL head search (35-55% of the pass on CPU): akl_alpha is then None and its
-    entry in stats NaN. Only the `akl` strategy and the ARKD policy's state need it.
-
-    atkd=True also returns ATKD's per-token TCKD and NCKD (differentiable, closed-form gradients) and
-    the teacher's uncertainty 1 - p(g); it needs target_ids and tau = 1, and costs nothing when off.
-
-    divergence=(kind, c) also returns a peer's divergence per token with its closed-form gradient
-    (_divergence_and_slope): ("jsd", beta) TRL's generalized JSD, ("tvd", 0), ("skl", a) and
-    ("srkl", a) DistiLLM's skew KL(p || a p + (1 - a) q) and KL(q || a q + (1 - a) p).
-
-    inplace_grad=True writes the gradient into student_logits' own storage during backward, saving
-    a [tokens, V] buffer. Use it only when nothing reads the logits after backward (autograd's
-    version check raises if another saved use or a second backward needs them).
+    akl=False skips the AKL head search: akl_alpha is then None and its stats entry NaN (only the `akl`
+    strategy and the ARKD policy's state need it). atkd=True also returns ATKD's TCKD, NCKD and 1 - p(g)
+    (it needs target_ids and tau = 1). divergence=(kind, c) also returns a peer's divergence with its
+    closed-form gradient: ("jsd", beta) TRL's generalized JSD, ("tvd", 0), ("skl", a), ("srkl", a)
+    DistiLLM's skew KLs (_divergence_and_slope). inplace_grad=True writes the gradient into
+    student_logits' storage, saving a [tokens, V] buffer, when nothing reads the logits after backward.
+    Without target_ids the CE statistic is NaN (never a silent 0).
 
     Typical loss for an optimizer step with global response-token count n_global:
         out = kd_pass(...); loss = mix(out.fkl, out.rkl, alpha).sum() / n_global
     """
-    _check_tau(tau)
-    _check_mu(mu)
+    _check_tau(tau, mu)
     _cut_vocab(student_logits, teacher_logits, vocab_size)   # shape checks; the cut happens per chunk
     vocab = vocab_size or student_logits.shape[-1]
     if tuple(mask.shape) != tuple(student_logits.shape[:-1]):
@@ -569,6 +538,12 @@ def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chun
     teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     rows = mask.reshape(-1).nonzero().squeeze(1)
     targets = torch.empty(0, dtype=torch.long, device=student.device)
+    if target_ids is None and vocab < teacher.shape[1] and len(teacher):    # a cheap check on a few rows:
+        few = teacher[:16].float()                                            # padding holds little mass
+        dropped = float((few[:, vocab:].logsumexp(-1) - few.logsumexp(-1)).exp().mean())
+        if dropped > 0.5:
+            raise ValueError(f"vocab_size={vocab} drops columns that hold {dropped:.0%} of the teacher's probability: "
+                             "it must cut padding only; pass the tokenizer's length, len(tokenizer)")
     if target_ids is not None:
         if tuple(target_ids.shape) != tuple(mask.shape):
             raise ValueError(f"target_ids {tuple(target_ids.shape)} does not match mask {tuple(mask.shape)}")
@@ -590,8 +565,25 @@ def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chun
     fkl, rkl, ce, akl_alpha, stats, tckd, nckd, unc, div = _KDPassFunction.apply(
         student, teacher, rows, targets, float(tau), vocab, float(mu), int(chunk), inplace_grad, bool(atkd), bool(akl),
         divergence)
+    if target_ids is None:
+        stats[7] = float("nan")                                  # not computed: never a silent 0
     return KDPassResult(fkl, rkl, ce if target_ids is not None else None, akl_alpha if akl else None, stats,
                         *((tckd, nckd, unc) if atkd else (None, None, None)), div if divergence else None)
+
+
+def response_targets(input_ids, prompt_lengths, attention_mask=None):
+    """(targets, mask) for kd_pass from right-padded input_ids [B, T], each row's prompt length and the
+    attention mask: targets[:, t] is the token at t + 1 where that token is a response token (past its
+    prompt, not padding), else IGNORE_INDEX; mask = targets != IGNORE_INDEX. Shifted and masked here,
+    so that no loop of one's own forgets either (an unshifted or unmasked target trains on the prompt)."""
+    lengths = torch.as_tensor(prompt_lengths, device=input_ids.device).reshape(-1, 1)
+    if len(lengths) != len(input_ids) or not bool(((lengths >= 1) & (lengths <= input_ids.shape[1])).all()):
+        raise ValueError(f"prompt_lengths: one per row of input_ids {tuple(input_ids.shape)}, each in 1..{input_ids.shape[1]}")
+    response = torch.arange(input_ids.shape[1], device=input_ids.device) >= lengths
+    if attention_mask is not None:
+        response &= attention_mask.bool()
+    targets = next_token_targets(torch.where(response, input_ids, IGNORE_INDEX))
+    return targets, targets != IGNORE_INDEX
 
 
 def next_token_targets(labels, ignore_index=IGNORE_INDEX):

@@ -59,12 +59,9 @@ def print0(*args):
 
 def write_atomic(path, content, keep_old=False):
     """Replaces `path` only once its new content is complete: a crash never leaves half of it.
-
-    content: a string (the text of a file) or a function write(tmp) that fills the directory tmp.
-    A directory goes through two renames (path -> path.old, tmp -> path); a crash between them
-    leaves path.old, which arkd.find_checkpoint also looks at. keep_old keeps path.old afterwards
-    (the previous checkpoint).
-    """
+    content: a string (a file's text) or write(tmp), which fills the directory tmp. A directory goes
+    through two renames (path -> path.old, tmp -> path); a crash between them leaves path.old, which
+    find_checkpoint also reads. keep_old keeps path.old afterwards (the previous checkpoint)."""
     tmp, old = path + ".tmp", path + ".old"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if isinstance(content, str):
@@ -280,12 +277,16 @@ def checkpoint_problem(checkpoint, expected):
 
 class MetricsLog:
     """One JSON row per step plus validation rows. Non-finite numbers are written as null (and
-    counted); on resume the rows after the checkpoint, and a torn last line, are dropped."""
+    counted); on resume the rows after the checkpoint, and a torn last line, are dropped. board: a
+    folder that also receives every number as a TensorBoard scalar (the file stays the record)."""
 
-    def __init__(self, path, resume_step, master):
-        self.path, self.file, self.nonfinite_rows = path, None, 0
+    def __init__(self, path, resume_step, master, board=None):
+        self.path, self.file, self.nonfinite_rows, self.board = path, None, 0, None
         if not master:
             return
+        if board:
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(board)
         kept = []
         if resume_step is not None and os.path.exists(path):
             with open(path, encoding="utf-8", errors="replace") as f:
@@ -307,31 +308,36 @@ class MetricsLog:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}
         self.nonfinite_rows += clean != row
         self.file.write(json.dumps(clean, allow_nan=False) + "\n")
+        for name, value in clean.items() if self.board else ():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
+                self.board.add_scalar(name, value, clean["step"])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+        if self.board is not None:
+            self.board.close()
 
     def flush(self):
         """Rows written so far reach the disk: called before a checkpoint is declared done."""
         if self.file is not None:
             self.file.flush()
             os.fsync(self.file.fileno())
+        if self.board is not None:
+            self.board.flush()
 
 
 class ProgressLine:
-    """A progress bar in a terminal; in a log file a plain line every 30 seconds."""
+    """A line on rank 0 every 10 seconds and at the last step: the step, loss, alpha and speed."""
 
     def __init__(self, run, start_step, label):
-        from tqdm import tqdm
         self.run, self.label, self.last_print = run, label, 0.0
-        tty = run.master and sys.stderr.isatty()
-        self.bar = tqdm(total=run.total_steps, initial=start_step, desc=label, disable=not tty)
 
     def update(self, row):
-        text = f"loss {row['loss']:.4f}" + (f" alpha {row['alpha']:.3f}" if row.get("alpha") is not None else "")
-        if not self.bar.disable:
-            self.bar.update(1)
-            self.bar.set_postfix_str(text, refresh=False)
-        elif self.run.master and (time.time() - self.last_print >= 30 or row["step"] + 1 == self.run.total_steps):
+        if self.run.master and (time.time() - self.last_print >= 10 or row["step"] + 1 == self.run.total_steps):
             self.last_print = time.time()
-            print(f"{self.label} step {row['step'] + 1}/{self.run.total_steps}: {text}, "
+            alpha = f" alpha {row['alpha']:.3f}" if row.get("alpha") is not None else ""
+            print(f"{self.label} step {row['step'] + 1}/{self.run.total_steps}: loss {row['loss']:.4f}{alpha}, "
                   f"{row['step_seconds']:.2f} s/step", flush=True)
 
 

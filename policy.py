@@ -53,22 +53,23 @@ def _comm_device():
         else torch.device("cpu")
 
 
-def all_reduce_sum(tensor):
-    """Sum of `tensor` over all ranks (a new tensor on tensor's device)."""
+def _collective(tensor, op):
+    """op(buffer) on a copy of `tensor` on the communication device: a new tensor on tensor's device."""
     if not _distributed():
         return tensor.clone()
     buffer = tensor.detach().to(_comm_device(), copy=True)
-    dist.all_reduce(buffer)
+    op(buffer)
     return buffer.to(tensor.device)
+
+
+def all_reduce_sum(tensor):
+    """Sum of `tensor` over all ranks (a new tensor on tensor's device)."""
+    return _collective(tensor, dist.all_reduce)
 
 
 def broadcast_from_rank0(tensor):
     """Rank 0's value of `tensor` on every rank (a new tensor on tensor's device)."""
-    if not _distributed():
-        return tensor.clone()
-    buffer = tensor.detach().to(_comm_device(), copy=True)
-    dist.broadcast(buffer, src=0)
-    return buffer.to(tensor.device)
+    return _collective(tensor, lambda buffer: dist.broadcast(buffer, src=0))
 
 
 def _is_rank0():
@@ -86,10 +87,19 @@ def make_state(means, progress, prev_alpha, prev_reward):
     student_entropy, akl_alpha, top1_agreement, student_ce (losses.stat_means gives them).
     KLs enter as log(max(KL, 1e-8)): they span decades during training.
     """
-    missing = [k for k in ("fkl", "rkl", "teacher_entropy", "student_entropy", "akl_alpha",
-                           "top1_agreement", "student_ce") if k not in means]
+    if not isinstance(means, dict):
+        raise ValueError(f"make_state: means must be the dict losses.stat_means(stats) gives, got {type(means).__name__}")
+    names = ("fkl", "rkl", "teacher_entropy", "student_entropy", "akl_alpha", "top1_agreement", "student_ce")
+    missing = [k for k in names if k not in means]
     if missing:
         raise ValueError(f"make_state: missing statistics {missing}")
+    causes = {"akl_alpha": "run kd_pass with akl=True for the state's batch", "student_ce": "pass kd_pass target_ids"}
+    for name in names:
+        if not math.isfinite(means[name]):
+            raise ValueError(f"make_state: {name} is {means[name]}" + (f": {causes[name]}" if name in causes else ""))
+    if not (0 <= progress <= 1 and 0 <= prev_alpha <= 1 and math.isfinite(prev_reward)):
+        raise ValueError(f"make_state: progress and prev_alpha must lie in [0, 1], prev_reward be finite; got "
+                         f"{progress}, {prev_alpha}, {prev_reward}")
     values = [math.log(max(means["fkl"], KL_EPS)), math.log(max(means["rkl"], KL_EPS)),
               means["teacher_entropy"], means["student_entropy"], means["akl_alpha"],
               means["top1_agreement"], means["student_ce"], progress, prev_alpha, prev_reward]
@@ -116,11 +126,9 @@ NORM_WARMUP = 32
 
 
 class RunningNorm:
-    """The state normaliser (Choice P8). Mean and variance (Welford, float64) of the first `warmup`
-    states, then frozen; per feature `kinds`: "bounded" 2x - 1, "centred" x - mean, "standardised"
-    (x - mean) / sqrt(var + 1e-8); all clipped to [-5, 5]. A statistic of all history would chase
-    every trend: progress would normalise to a constant and a falling log-KL would settle at one
-    value, so the policy could not tell early from late."""
+    """The state normaliser (Choice P8): mean and variance (Welford, float64) of the first `warmup` states,
+    then frozen (of all history, they would chase every trend: progress would normalise to a constant);
+    per feature: "bounded" 2x - 1, "centred" x - mean, "standardised" (x - mean) / std; clipped to +-5."""
 
     def __init__(self, size, kinds=None, warmup=NORM_WARMUP):
         kinds = kinds or ("standardised",) * size
@@ -309,10 +317,8 @@ def lookahead_alpha(alpha, dot, norm_objective, norm_direction, step_size):
 
 class LookaheadAlpha:
     """Holds alpha_{t-1} and u_{t-1} = g_FKL - g_RKL of the last step (parameter-shaped tensors).
-
     choose(objective_grads, direction_grads): the step's alpha from g_J of this step's batch and the
-    last step's u (lookahead_alpha), then remembers this step's u. Both lists must be the same on
-    every rank (synced gradients), so every rank computes the same alpha."""
+    last u (lookahead_alpha), then keeps this step's u. Synced gradients: every rank gets the same alpha."""
 
     def __init__(self, alpha=0.5, step_size=0.05):
         self.alpha, self.step_size, self.direction = alpha, step_size, None

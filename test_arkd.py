@@ -332,7 +332,7 @@ def test_padded_vocabulary_columns_are_cut_not_renormalised():
     student, teacher, mask, _ = random_batch(seed=5, vocab=20, padded=0, dtype=torch.float32)
     padded_s = torch.cat([student.detach(), torch.randn(3, 6, 4) + 5], -1).requires_grad_()
     padded_t = torch.cat([teacher, torch.randn(3, 6, 7) + 5], -1)     # 24 vs 27 columns
-    out = kd_pass(padded_s, padded_t, mask, vocab_size=20)
+    out = kd_pass(padded_s, padded_t, mask, vocab_size=20, target_ids=torch.zeros(3, 6, dtype=torch.long))
     ref = kd_pass(student, teacher, mask)
     assert torch.allclose(out.fkl, ref.fkl) and torch.allclose(out.rkl, ref.rkl)
     assert torch.allclose(forward_kl(padded_s, padded_t, vocab_size=20)[mask], ref.fkl, atol=1e-6)
@@ -363,7 +363,7 @@ def test_tckd_and_nckd_match_plain_loops_and_decompose_fkl():
     torch.manual_seed(0)
     s, t = torch.randn(3, 4, 11, dtype=torch.float64) * 2, torch.randn(3, 4, 11, dtype=torch.float64) * 2
     targets = torch.randint(0, 11, (3, 4))
-    tc, nc, fk = losses.tckd(s, t, targets), losses.nckd(s, t, targets), forward_kl(s, t)
+    tc, nc, fk = *losses.atkd_terms(s, t, targets), forward_kl(s, t)
     for j, (ps, pt) in enumerate(zip(rows_of(s), rows_of(t))):
         p, q, g = ref_softmax(pt), ref_softmax(ps), int(targets.reshape(-1)[j])
         ref_t, ref_n = ref_tckd_nckd(p, q, g)
@@ -378,10 +378,10 @@ def test_nckd_stays_exact_on_confident_teacher_rows_where_the_quotient_fails():
     t[:, 7] += torch.tensor([12.0, 16.0, 20.0, 30.0])          # p(g) -> 1: UNC from ~1e-4 down to ~1e-11
     s = torch.randn(4, 50)
     targets = torch.full((4,), 7)
-    exact = losses.nckd(s.double(), t.double(), targets)        # float64 reference
-    ours = losses.nckd(s, t, targets)                           # float32, from the non-target logits
+    exact = losses.atkd_terms(s.double(), t.double(), targets)[1]        # float64 reference
+    ours = losses.atkd_terms(s, t, targets)[1]                           # float32, from the non-target logits
     assert torch.allclose(ours.double(), exact, rtol=1e-4) and (ours > 0.1).all()
-    quotient = (forward_kl(s, t) - losses.tckd(s, t, targets)) / (1 - torch.softmax(t, -1)[:, 7])
+    quotient = (forward_kl(s, t) - losses.atkd_terms(s, t, targets)[0]) / (1 - torch.softmax(t, -1)[:, 7])
     assert not torch.allclose(quotient.double(), exact, rtol=1e-2)   # the form ATKD must not use
     out = kd_pass(s.clone().requires_grad_(), t, torch.ones(4, dtype=torch.bool), target_ids=targets, atkd=True)
     assert torch.allclose(out.nckd.double(), exact, rtol=1e-4)
@@ -393,13 +393,12 @@ def test_atkd_terms_on_one_hot_teachers_and_minus_inf_columns():
     t = torch.full((3, 6), -math.inf, dtype=torch.float64)
     t[:, 2] = 0.0                                                # one-hot teacher on the target
     targets = torch.full((3,), 2)
-    assert torch.equal(losses.nckd(s, t, targets), torch.zeros(3, dtype=torch.float64))   # no non-target mass
-    assert torch.allclose(losses.tckd(s, t, targets), -torch.log_softmax(s, -1)[:, 2])   # KL([1, 0] || [q_g, .])
+    assert torch.equal(losses.atkd_terms(s, t, targets)[1], torch.zeros(3, dtype=torch.float64))   # no non-target mass
+    assert torch.allclose(losses.atkd_terms(s, t, targets)[0], -torch.log_softmax(s, -1)[:, 2])   # KL([1, 0] || [q_g, .])
     t2 = torch.randn(3, 6, dtype=torch.float64)
     s2, t2[:, 4], = s.clone(), -math.inf                        # a column both sides rule out
     s2[:, 4] = -math.inf
-    for fn in (losses.tckd, losses.nckd):
-        full, cut = fn(s2, t2, targets), fn(s2[:, [0, 1, 2, 3, 5]], t2[:, [0, 1, 2, 3, 5]], targets)
+    for full, cut in zip(losses.atkd_terms(s2, t2, targets), losses.atkd_terms(s2[:, [0, 1, 2, 3, 5]], t2[:, [0, 1, 2, 3, 5]], targets)):
         assert torch.isfinite(full).all() and torch.allclose(full, cut)
 
 
@@ -413,7 +412,7 @@ def test_kd_pass_atkd_terms_and_gradients_match_the_definitions():
     targets[0, 0] = 3
     w_t, w_n = torch.rand(int(mask.sum()), dtype=torch.float64), torch.rand(int(mask.sum()), dtype=torch.float64)
     out = kd_pass(s, t, mask, target_ids=targets, atkd=True, chunk_tokens=3)
-    ref_t, ref_n = losses.tckd(s, t, targets)[mask], losses.nckd(s, t, targets)[mask]
+    ref_t, ref_n = losses.atkd_terms(s, t, targets)[0][mask], losses.atkd_terms(s, t, targets)[1][mask]
     assert torch.allclose(out.tckd, ref_t, atol=1e-12) and torch.allclose(out.nckd, ref_n, atol=1e-12)
     ours, = torch.autograd.grad((w_t * out.tckd + w_n * out.nckd).sum(), s)
     ref, = torch.autograd.grad((w_t * ref_t + w_n * ref_n).sum(), s)
@@ -481,7 +480,9 @@ def test_peer_divergences_and_gradients_match_the_definitions_with_padded_column
     teacher = torch.randn(2, 5, 13, generator=g, dtype=torch.float64) * 2
     teacher[..., 11:] = 50.0                                # padded columns: cut, never renormalised
     mask = torch.rand(2, 5, generator=g) > 0.3
-    out = kd_pass(student, teacher, mask, tau, vocab_size=11, chunk_tokens=3, divergence=(kind, c))
+    # With target_ids (the trainer's call): the dropped columns' mass is then no sign of a wrong cut.
+    out = kd_pass(student, teacher, mask, tau, vocab_size=11, chunk_tokens=3, divergence=(kind, c),
+                  target_ids=torch.zeros(2, 5, dtype=torch.long))
     reference = ref_divergence(kind, c, student, teacher, tau, vocab=11)[mask]
     assert torch.allclose(out.div, reference, atol=1e-10)
     weights = torch.rand(len(reference), generator=g, dtype=torch.float64)
@@ -923,11 +924,15 @@ def test_core_files_import_only_torch_and_the_standard_library(name):
 
 @pytest.mark.slow
 def test_readme_example_runs_with_only_the_two_files(tmp_path):
-    """The README's loop, copied as written into a folder holding only losses.py and policy.py."""
+    """Every Python block of the README's ARKD-step section, extracted and run as written in a folder
+    holding only losses.py and policy.py: the loop (16 batches, 2 without a response token, skipped and
+    counted; 14 rewards, one REINFORCE update at M = 8), then the strategy snippet."""
     import re
     import shutil
     readme = open(os.path.join(HERE, "README.md")).read()
-    example = re.search(r"## The ARKD step.*?```python\n(.*?)```", readme, re.S).group(1)
+    section = readme[readme.index("## The ARKD step"):readme.index("## The methods")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
     for name in ("losses.py", "policy.py"):
         shutil.copy(os.path.join(HERE, name), tmp_path / name)
     prelude = f"""
@@ -942,20 +947,21 @@ tokenizer = Tok()
 teacher = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)).eval()
 student = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))  # padded
 optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
-labels = torch.randint(0, 50, (2, 12)); labels[:, :4] = -100
 loader = [dict(input_ids=torch.randint(0, 50, (2, 12)), attention_mask=torch.ones(2, 12, dtype=torch.long),
-               labels=labels) for _ in range(16)]
+               prompt_lengths=[12, 12] if i in (3, 9) else [4, 6]) for i in range(16)]   # 3 and 9: prompts only
 total_steps = len(loader)
 """
     check = """
-assert loss.dtype == torch.float32 and policy.updates == 2, (loss.dtype, policy.updates)   # 16 rewards, M = 8
-assert policy.last_reward != 0
+assert loss.dtype == torch.float32 and policy.updates == 1 and len(policy.transitions) == 6, policy.updates
+assert skipped == 2 and policy.last_reward != 0
+assert alphas[0] == 0.8 and abs(alphas[1] - 0.2) < 1e-12 and loss.dtype == torch.float32
 print("example ran", policy.updates)
 """
     script = tmp_path / "example.py"
-    script.write_text(prelude + example + check)
+    script.write_text(prelude + "\n".join(blocks) + check)
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "example ran 2" in done.stdout, done.stderr[-3000:]
+    assert done.returncode == 0 and "example ran 1" in done.stdout, done.stderr[-3000:]
+    assert "step 3: no response token, batch skipped (1 so far)" in done.stdout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1356,7 +1362,9 @@ def test_seqkd_samples_teacher_responses_then_trains(pair, tmp_path):
                                            for r in raw))
     tokenizer = plumbing.load_tokenizer(pair["teacher"])
     teacher = plumbing.load_model(pair["teacher"], torch.device("cpu"), vocab_size=len(tokenizer)).eval()
-    assert arkd.build_seqkd_data(teacher, tokenizer, str(own.parent), str(tmp_path / "own_seqkd"), 4, 1, 4, 4) == 4
+    settings = arkd.parse_args(["--out", "x", "--data_dir", str(own.parent), "--train_examples", "4", "--seed", "1",
+                                "--gen_batch_size", "4", "--max_new_tokens", "4"])
+    assert arkd.build_seqkd_data(teacher, tokenizer, settings, str(tmp_path / "own_seqkd")) == 4
     for name, count in (("dolly_train", 4), ("dolly_dev", 1000)):   # the teacher's samples keep the file's prompts
         written = data.load_records(name, str(tmp_path / "own_seqkd"))
         assert len(written) == count and all(r["prompt"] == f"<user>{r['instruction']}</user>\n" for r in written)
@@ -2273,7 +2281,24 @@ ARKD_FLAGS = {
                  and t.steps[-1]["loss"] == pytest.approx(b.steps[-1]["loss"], rel=1e-5)),
     "--resume_previous": (("kd", "arkd"), (), "RESUME_PREVIOUS", lambda t, b: [r["step"] for r in t.steps] == [1, 2, 3]),
     "--stop_after": (("kd", "arkd"), (), "2", lambda t, b: len(t.steps) == 2 and os.path.isdir(os.path.join(t.out, "last"))),
+    "--max_prompt": (("kd", "fkl"), ("--max_steps", "0", "--epochs", "1", "--train_examples", "64", "--val_examples",
+                                      "30"), "55", lambda t, b: 0 < len(t.steps) < len(b.steps)),   # the toy's: 39-57 tokens
+    "--max_total": (("kd", "fkl"), ("--max_prompt", "58"), "60", lambda t, b: max(
+        m["input_ids"].shape[1] for s in t.calls["batches"] for m in s) <= 60 < max(
+        m["input_ids"].shape[1] for s in b.calls["batches"] for m in s)),    # the toy's sequences: up to 62 tokens
+    "--keep_checkpoints": (("kd", "fkl"), ("--eval_every", "1"), "1", lambda t, b: not os.path.exists(os.path.join(
+        t.out, "last.old")) and os.path.isdir(os.path.join(t.out, "last")) and os.path.isdir(os.path.join(b.out, "last.old"))),
+    "--report_to": (("kd", "fkl"), (), "tensorboard", lambda t, b: tensorboard_scalars(t.out, "loss") == pytest.approx(
+        [r["loss"] for r in t.steps], rel=1e-6) and not os.path.exists(os.path.join(b.out, "tensorboard"))),
 }
+
+
+def tensorboard_scalars(out, tag):
+    """The values of one scalar tag in OUT/tensorboard's event files, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(os.path.join(out, "tensorboard"))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
 # Read by count_bad_step alone (a run with non-finite steps: test_non_finite_steps_stop_the_run_only_when_in_a_row).
 ARKD_FLAGS_BY_FUNCTION = {"--max_bad_steps"}
 # Flags whose effect needs what one process cannot show, each with the test that shows it.
@@ -2372,6 +2397,11 @@ EVALUATE_FLAGS = {
     "score --bertscore_batch_size": ("5", lambda t, b: t.scorer[0]["batch_size"] == 5),
     "score --bertscore_idf": (None, lambda t, b: t.scorer[0]["idf"] and t.scorer[0].get("idf_computed") and not b.scorer[0]["idf"]),
     "score --bertscore_rescale": (None, lambda t, b: t.scorer[0]["rescale_with_baseline"] and not b.scorer[0]["rescale_with_baseline"]),
+    "score --max_prompt": ("50", lambda t, b: t.summary["results"]["dollyeval"]["rougeL"]["seeds"] and json.load(open(
+        os.path.join(t.out, "dollyeval", "seed10.json")))["dropped_long_prompt"] > 0 == json.load(open(os.path.join(
+            b.out, "dollyeval", "seed10.json")))["dropped_long_prompt"]),
+    "score --max_total": ("58", lambda t, b: json.load(open(os.path.join(t.out, "dollyeval", "seed10.json")))["cut_long_response"]
+                          > json.load(open(os.path.join(b.out, "dollyeval", "seed10.json")))["cut_long_response"]),
     "score --no_bertscore": (None, lambda t, b: t.scorer == [] and "bertscore_f1" not in t.summary["results"]["dollyeval"]
                              and "bertscore_f1" in b.summary["results"]["dollyeval"]),
 }
@@ -2652,3 +2682,75 @@ def test_the_heatmap_colours_each_column_from_worst_to_best_student_and_leaves_t
     assert list(image[1:, 0]) == pytest.approx([0.0, 0.5, 1.0])                  # (10, 12, 14): worst to best
     assert image[1, 1] == 0.0 and image[3, 1] == 1.0 and math.isnan(image[2, 1])
     assert figures["h.png"][0]["texts"] == ["30.0", "20.0", "10.0", "5.0", "12.0", "14.0", "9.0"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The copied API refuses what it cannot compute right (losses.py, policy.py)
+
+
+def test_response_targets_shift_and_mask_the_prompt_and_the_padding():
+    input_ids = torch.tensor([[5, 6, 7, 8, 9, 0], [1, 2, 3, 4, 0, 0]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
+    targets, mask = losses.response_targets(input_ids, [2, 3], attention)
+    # Row 0: prompt 5 6, response 7 8 9; the logits at t predict the token at t + 1.
+    assert targets.tolist() == [[-100, 7, 8, 9, -100, -100], [-100, -100, 4, -100, -100, -100]]
+    assert torch.equal(mask, targets != -100)
+    for bad in ([2], [0, 3], [2, 7]):                  # one per row, each within the row
+        with pytest.raises(ValueError, match="prompt_lengths"):
+            losses.response_targets(input_ids, bad, attention)
+
+
+def test_the_copied_api_refuses_what_it_cannot_compute_right():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 40), torch.randn(2, 5, 40) * 3
+    # A vocabulary cut that drops real tokens (not padding) is named; a cut of padding columns is fine.
+    with pytest.raises(ValueError, match="vocab_size=4 drops columns that hold .* len\\(tokenizer\\)"):
+        kd_pass(s, t, torch.ones(2, 5, dtype=torch.bool), vocab_size=4)                # 36 of 40 real columns
+    padded = torch.cat([t, torch.full((2, 5, 8), -30.0)], -1)
+    kd_pass(torch.cat([s, torch.zeros(2, 5, 8)], -1), padded, torch.ones(2, 5, dtype=torch.bool), vocab_size=40)
+    # Without target_ids the CE statistic is NaN (never a silent 0), and make_state names the cause.
+    out = kd_pass(s, t, torch.ones(2, 5, dtype=torch.bool))
+    means = stat_means(out.stats)
+    assert math.isnan(means["student_ce"])
+    with pytest.raises(ValueError, match="student_ce is nan: pass kd_pass target_ids"):
+        make_state(means, 0.5, 0.5, 0.0)
+    no_akl = stat_means(kd_pass(s, t, torch.ones(2, 5, dtype=torch.bool), target_ids=torch.zeros(2, 5, dtype=torch.long),
+                                akl=False).stats)
+    with pytest.raises(ValueError, match="akl_alpha is nan: run kd_pass with akl=True"):
+        make_state(no_akl, 0.5, 0.5, 0.0)
+    good = {**no_akl, "akl_alpha": 0.5}
+    assert make_state(good, 1.0, 0.0, -2.0).shape == (10,)                        # the bounds themselves pass
+    for progress, prev_alpha, prev_reward in ((1.5, 0.5, 0.0), (-0.1, 0.5, 0.0), (0.5, 1.2, 0.0), (0.5, 0.5, float("nan"))):
+        with pytest.raises(ValueError, match="progress and prev_alpha must lie in"):
+            make_state(good, progress, prev_alpha, prev_reward)
+    with pytest.raises(ValueError, match="means must be the dict losses.stat_means"):
+        make_state(out.stats, 0.5, 0.5, 0.0)                                      # the raw sums, not their means
+
+
+def test_data_is_a_hub_folder_a_folder_holding_a_sets_file_or_one_file_and_a_short_copy_is_named(toy, tmp_path):
+    raw = data.dataset_file("dolly_train", toy["data_dir"])                  # the Hub layout: 3000 records
+    assert len(data.load_records("dolly_train", toy["data_dir"])) == 3000 - 1000
+    flat = tmp_path / "flat"                                                 # a folder holding the set's file alone
+    flat.mkdir()
+    (flat / "raw.jsonl").write_text(open(raw).read())
+    assert data.load_records("dolly_train", str(flat)) == data.load_records("dolly_train", toy["data_dir"])
+    assert data.load_records("dolly_dev", str(flat))[0] == data.load_records("dolly_dev", toy["data_dir"])[0]
+    lines = open(raw).read().splitlines()
+    one = write_lines(str(tmp_path / "mine.jsonl"), lines[:40])               # one file: every set reads it whole
+    assert len(data.load_records("dolly_train", one)) == 40 == len(data.load_records("dollyeval", one))
+    short = tmp_path / "short"
+    (short / "dolly").mkdir(parents=True)
+    (short / "dolly" / "raw.jsonl").write_text("\n".join(lines[:300]) + "\n")   # a copy shorter than the dev split
+    with pytest.raises(ValueError, match=r"raw.jsonl holds 300 records, and dolly_train starts after the first 1000 .*"
+                                         r"--data_dir FILE"):
+        data.load_records("dolly_train", str(short))
+    with pytest.raises(FileNotFoundError, match="is not a JSONL file and holds neither self-inst/valid.jsonl"):
+        data.load_records("selfinst", str(flat))
+
+
+def test_arkd_trains_from_one_jsonl_file(pair, tmp_path):
+    lines = open(data.dataset_file("dolly_train", pair["data_dir"])).read().splitlines()[1000:1064]
+    one = write_lines(str(tmp_path / "train.jsonl"), lines)
+    result = arkd.main(train_argv(pair, tmp_path / "run", "--strategy", "fkl", "--data_dir", one, "--max_steps", "2",
+                                  "--train_examples", "0"))
+    assert len(result["history"]) == 2 and result["run"].total_steps == 2

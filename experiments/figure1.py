@@ -56,7 +56,7 @@ def fit_one_mode_student(teacher, strategy, steps, seed, lr=0.2):
     alphas = []
     for step in range(steps):
         out = kd_pass(student(), teacher, mask)
-        before = stat_means(out.stats)
+        before = {**stat_means(out.stats), "student_ce": 0.0}      # no reference tokens here: the CE feature held at 0
         alpha = policy.act(make_state(before, step / steps, policy.last_alpha, policy.last_reward)) if policy \
             else strategy_alpha(parse_strategy(strategy), step, steps, out.stats)
         optimizer.zero_grad()

@@ -77,8 +77,8 @@ lab_models() {
   if [[ $MODE == study ]]; then
     toy_models $PY -m experiments.study data --out "$DATA_DIR"
   elif [[ $MODE == mini ]]; then
-    if [[ -z $TEACHER ]]; then stage teacher $PY -m experiments.models gguf --out "$OUT/teacher"; TEACHER=$OUT/teacher; fi
-    mini_data() { stage "$1" $PY -m experiments.mini_data --source "$SOURCE_DIR" --out "$2" --tokenizer "$TEACHER" \
+    if [[ -z $TEACHER ]]; then stage teacher $PY -m experiments.mini gguf --out "$OUT/teacher"; TEACHER=$OUT/teacher; fi
+    mini_data() { stage "$1" $PY -m experiments.mini data --source "$SOURCE_DIR" --out "$2" --tokenizer "$TEACHER" \
                     --train "$MINI_TRAIN" --dev "$MINI_DEV" --test "$MINI_TEST" --template "$3"; }
     mini_data data "$DATA_DIR" "$TEMPLATE"
     local other; other=$([[ $TEMPLATE == chat ]] && echo minillm || echo chat)   # Choice M2's evidence: the other template
@@ -86,7 +86,7 @@ lab_models() {
     stage "eval-teacher-$other" $PY evaluate.py score --model "$TEACHER" --data_dir "$OUT/data-$other" --seeds "$SEEDS" \
       --out "$OUT/eval/teacher-$other" --label "teacher, $other template" "${EVAL[@]}" --datasets dollyeval
     evals+=("teacher-$other")
-    stage student-init $PY -m experiments.models cut --model "$TEACHER" --layers "$LAYERS" --out "$OUT/student-init"
+    stage student-init $PY -m experiments.mini cut --model "$TEACHER" --layers "$LAYERS" --out "$OUT/student-init"
     STUDENT_BASE=$OUT/student-init STUDENT_SFT=(--max_steps "$STUDENT_STEPS" --lr "$LR") KD=(--max_steps "$KD_STEPS" --lr "$KD_LR")
   else
     stage data $PY -m experiments.rehearsal data --out "$DATA_DIR" --tokenizer "$TOKENIZER"
@@ -105,7 +105,7 @@ lab_measure() {   # lab_measure NAME MODEL: the held-out metrics (study, mini) o
     return 0
   fi
   heldouts+=("$1")
-  stage "heldout-$1" $PY -m experiments.heldout --model "$2" --teacher "$TEACHER" --data_dir "$DATA_DIR" \
+  stage "heldout-$1" $PY -m experiments.study heldout --model "$2" --teacher "$TEACHER" --data_dir "$DATA_DIR" \
     --teacher_samples "$OUT/teacher_samples.json" --out "$OUT/heldout/$1" "${HELDOUT[@]}"
 }
 

@@ -1,8 +1,11 @@
-"""The miniature study's report (run.sh study, run.sh mini): every held-out metric's mean and 95%
-interval over training seeds, each run minus the best fixed alpha paired by seed, the headroom
-check, every ARKD seed's alpha trajectory.
+"""The miniature study (run.sh study; its held-out metrics and report also run.sh mini's): the toy task
+with several right answers; held-out metrics of a model against the teacher (FKL, RKL and their sum
+J teacher-forced on the references, the student's CE, precision and coverage of sampled responses,
+Rouge-L); the report: every metric's mean and 95% interval over training seeds, each run minus the
+best fixed alpha paired by seed, the headroom check, every ARKD seed's alpha trajectory.
 
     python -m experiments.study data --out DIR            # the study's toy task with several right answers
+    python -m experiments.study heldout --model M --teacher T --data_dir D --teacher_samples S.json --out DIR
     python -m experiments.study report --runs HELDOUT_DIRS... --train_dir RUNS --out REPORT
 """
 import argparse
@@ -14,11 +17,13 @@ import re
 import statistics
 import sys
 
+import torch
 from scipy import stats
 
 import data
 import evaluate
 import plumbing
+from losses import IGNORE_INDEX, STAT_NAMES, kd_pass, next_token_targets, stat_means
 
 
 # The study's toy task: every split holds two tasks whose answers have several right values, each equally
@@ -46,6 +51,75 @@ def mean_ci(values):
         return statistics.fmean(values), float("nan")
     t = stats.t.ppf(0.975, len(values) - 1)
     return statistics.fmean(values), float(t) * statistics.stdev(values) / len(values) ** 0.5
+
+
+def response_batches(examples, pad_id, batch_size=32):
+    """(batch, next-token targets, mask of response tokens) for teacher forcing `examples`."""
+    for lo in range(0, len(examples), batch_size):
+        batch = data.collate_train(examples[lo:lo + batch_size], pad_id)
+        targets = next_token_targets(batch.pop("labels"))
+        yield batch, targets, targets != IGNORE_INDEX
+
+
+@torch.no_grad()
+def response_scores(student, teacher, examples, pad_id, vocab_size):
+    """Token means over the responses of `examples`, teacher-forced in eval mode: FKL, RKL and the
+    student's CE."""
+    sums = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+    for batch, targets, mask in response_batches(examples, pad_id):
+        sums += kd_pass(student(**batch).logits, teacher(**batch).logits, mask, 1.0, vocab_size, target_ids=targets, akl=False).stats
+    return stat_means(sums)
+
+
+@torch.no_grad()
+def response_ce(model, examples, pad_id, vocab_size):
+    """One model's mean -log p per response token of `examples`, teacher-forced in eval mode."""
+    total, tokens = 0.0, 0
+    for batch, targets, mask in response_batches(examples, pad_id):
+        logits = model(**batch).logits[..., :vocab_size][mask].float()
+        total += float(torch.nn.functional.cross_entropy(logits, targets[mask], reduction="sum"))
+        tokens += int(mask.sum())
+    return total / max(tokens, 1)
+
+
+def heldout_metrics(args):
+    """The study's held-out metrics of one model against the teacher on the DollyEval file (written to
+    OUT/heldout.json): teacher-forced on the references FKL, RKL, their sum J (the primary metric) and
+    the student's CE; precision, the teacher's mean log-probability per token of the student's sampled
+    responses; coverage, the student's of the teacher's (sampled once, kept in --teacher_samples);
+    Rouge-L of the student's samples (secondary)."""
+    tokenizer = plumbing.load_tokenizer(args.model)
+    vocab = len(tokenizer)
+    student, teacher = (plumbing.load_model(path, torch.device("cpu"), torch.float32, vocab).eval()
+                        for path in (args.model, args.teacher))
+    records = data.load_records("dollyeval", args.data_dir)
+    examples, _ = data.encode_records(tokenizer, records, "dollyeval", args.max_prompt, args.max_total)
+    prompts = [e["prompt_ids"] for e in examples]
+
+    def sample(model):
+        return evaluate.generate(model, tokenizer, prompts, args.heldout_seed, 64, args.max_new_tokens, progress=False)
+
+    if not os.path.isfile(args.teacher_samples):
+        plumbing.write_atomic(args.teacher_samples, json.dumps(sample(teacher)))
+    with open(args.teacher_samples, encoding="utf-8") as f:
+        teacher_samples = json.load(f)
+    student_samples = sample(student)
+
+    def ce_on(samples, model):                         # model's CE on the prompts with these responses
+        as_records = [{**records[e["index"]], "references": [s]} for e, s in zip(examples, samples)]
+        encoded = data.encode_records(tokenizer, as_records, "samples", args.max_prompt, args.max_total)[0]
+        return response_ce(model, encoded, tokenizer.pad_token_id, vocab)
+
+    refs = response_scores(student, teacher, examples, tokenizer.pad_token_id, vocab)
+    result = {"model": args.model, "records": len(examples), "fkl": refs["fkl"], "rkl": refs["rkl"],
+              "J": refs["fkl"] + refs["rkl"], "ce": refs["student_ce"],
+              "precision": -ce_on(student_samples, teacher), "coverage": -ce_on(teacher_samples, student),
+              "rougeL": statistics.fmean(evaluate.rouge_l(p, records[e["index"]]["references"])
+                                         for p, e in zip(student_samples, examples))}
+    os.makedirs(args.out, exist_ok=True)
+    plumbing.write_atomic(os.path.join(args.out, "heldout.json"), json.dumps(result, indent=1))
+    print(" ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+    return result
 
 
 # Lower is better for J, FKL, RKL and CE; higher for precision, coverage and Rouge-L.
@@ -125,15 +199,26 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     toy = commands.add_parser("data", help="the study's toy task and a tokenizer trained on it (OUT/tokenizer)")
     toy.add_argument("--seed", type=int, default=0, help="random seed of the toy data")
+    heldout = commands.add_parser("heldout", help="one model's held-out metrics against the teacher (heldout.json)")
+    heldout.add_argument("--model", required=True, help="the model to measure")
+    heldout.add_argument("--teacher", required=True, help="the teacher")
+    heldout.add_argument("--data_dir", required=True, help="the data (its DollyEval file is the held-out set)")
+    heldout.add_argument("--teacher_samples", required=True, help="the teacher's samples (JSON; written if missing)")
+    heldout.add_argument("--heldout_seed", type=int, default=10, help="sampling seed")
+    heldout.add_argument("--max_new_tokens", type=int, default=24, help="tokens sampled per prompt")
+    heldout.add_argument("--max_prompt", type=int, default=data.MAX_PROMPT_TOKENS, help="longer prompts are dropped")
+    heldout.add_argument("--max_total", type=int, default=data.MAX_TOTAL_TOKENS, help="prompt + reference cut at this")
     report = commands.add_parser("report", help="the study's report of held-out runs")
     report.add_argument("--runs", nargs="+", required=True, help="measured runs named STRATEGY-sSEED (or one name)")
     report.add_argument("--train_dir", required=True, help="the training runs (for the ARKD alpha plot)")
     report.add_argument("--title", default="Miniature study", help="heading of results.md")
-    for command in (toy, report):
+    for command in (toy, heldout, report):
         command.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
     if args.command == "data":
         return print(data.write_synthetic(args.out, args.seed, SPLITS, multimodal_record, tokenizer=True))
+    if args.command == "heldout":
+        return heldout_metrics(args)
     study_report(args.runs, args.train_dir, args.out, args.title)
     print(f"wrote {os.path.join(args.out, 'results.md')}")
 

