@@ -2754,3 +2754,13 @@ def test_arkd_trains_from_one_jsonl_file(pair, tmp_path):
     result = arkd.main(train_argv(pair, tmp_path / "run", "--strategy", "fkl", "--data_dir", one, "--max_steps", "2",
                                   "--train_examples", "0"))
     assert len(result["history"]) == 2 and result["run"].total_steps == 2
+
+
+def test_a_checkpoint_holds_twelve_bytes_a_parameter(pair, tmp_path):
+    """The README's footprint: weights (4 bytes a float32 parameter) and AdamW's two moments (8 more)."""
+    result = arkd.main(train_argv(pair, tmp_path, "--strategy", "fkl", "--max_steps", "1", "--keep_checkpoints", "1"))
+    params = sum(p.numel() for p in result["student"].parameters())
+    stored = sum(os.path.getsize(tmp_path / "last" / name) for name in ("model.safetensors", "training_state.pt"))
+    assert 12 * params <= stored <= 12.5 * params, stored / params
+    assert 4 * params <= os.path.getsize(tmp_path / "best" / "model.safetensors") <= 4.1 * params
+    assert not os.path.exists(tmp_path / "last.old")

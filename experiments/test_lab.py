@@ -583,7 +583,7 @@ def test_the_command_lines_of_the_miniatures_models_and_data_run(pair, tmp_path)
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout
-    assert "kept blocks [0]" in run("experiments.models", "cut", "--model", pair["teacher"], "--layers", "1",
+    assert "kept blocks [0]" in run("experiments.mini", "cut", "--model", pair["teacher"], "--layers", "1",
                                     "--out", str(tmp_path / "cut"))
     run("experiments.mini", "data", "--source", pair["data_dir"], "--out", str(tmp_path / "mini"), "--tokenizer",
         pair["teacher"], "--train", "8", "--dev", "4", "--test", "3", "--max_prompt", "256", "--max_total", "512")
