@@ -922,6 +922,22 @@ def test_core_files_import_only_torch_and_the_standard_library(name):
         assert all(m.split(".")[0] in allowed for m in modules), (name, modules)
 
 
+def test_the_reference_stands_clear_of_the_laboratory_and_under_its_line_cap():
+    """Top-level Python never imports experiments/ (the laboratory may import the reference); the
+    reference's files, tests aside, stay within 3,000 lines."""
+    reference = [n for n in sorted(os.listdir(HERE)) if n.endswith(".py") and not n.startswith(("test_", "conftest"))]
+    assert set(reference) == {"arkd.py", "data.py", "evaluate.py", "lora.py", "losses.py", "plumbing.py", "policy.py"}
+    lines = 0
+    for name in reference:
+        text = open(os.path.join(HERE, name)).read()
+        lines += text.count("\n")
+        for node in ast.walk(ast.parse(text)):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(m.split(".")[0] == "experiments" for m in modules), (name, modules)
+    assert lines <= 3000, lines
+
+
 @pytest.mark.slow
 def test_readme_example_runs_with_only_the_two_files(tmp_path):
     """Every Python block of the README's ARKD-step section, extracted and run as written in a folder
