@@ -2780,3 +2780,30 @@ def test_a_checkpoint_holds_twelve_bytes_a_parameter(pair, tmp_path):
     assert 12 * params <= stored <= 12.5 * params, stored / params
     assert 4 * params <= os.path.getsize(tmp_path / "best" / "model.safetensors") <= 4.1 * params
     assert not os.path.exists(tmp_path / "last.old")
+
+
+def test_the_small_rules_on_both_sides_of_their_edges():
+    """What mutation testing found unguarded (docs/reliability.md): each rule just inside and just outside."""
+    from losses import greedy_alpha
+    # greedy: FKL / (FKL + RKL) whatever their order and scale; 0.5 only when both are 0.
+    assert greedy_alpha(torch.tensor([1.0, 0.2, 0.6])) == pytest.approx(0.25)
+    assert greedy_alpha(torch.tensor([1.0, 3.0, 1.0])) == pytest.approx(0.75)
+    assert greedy_alpha(torch.tensor([1.0, 0.0, 0.0])) == 0.5
+    # A schedule's progress is clamped to [0, 1]: a step past the end keeps the last alpha.
+    linear = parse_strategy("linear:0.9,0.1")
+    assert strategy_alpha(linear, 9, 10) == pytest.approx(0.1) == strategy_alpha(linear, 25, 10)
+    assert strategy_alpha(linear, -5, 10) == pytest.approx(0.9)
+    # A prompt of one token is a prompt (its response starts at position 1); zero is refused.
+    targets, mask = losses.response_targets(torch.tensor([[5, 6, 7]]), [1])
+    assert targets.tolist() == [[6, 7, -100]] and mask.tolist() == [[True, True, False]]
+    # ATKD's split of an empty micro-batch is empty, not an error.
+    assert losses.atkd_easy(torch.zeros(0)).shape == (0,)
+    # Plain definitions upcast low precision and cut padded columns on both directions.
+    assert losses.log_probs(torch.zeros(2, 5, dtype=torch.bfloat16)).dtype == torch.float32
+    assert losses.top1_agreement(torch.zeros(2, 5, dtype=torch.bfloat16), torch.zeros(2, 5)).dtype == torch.float32
+    s, t = torch.randn(3, 7), torch.randn(3, 7)
+    padded_s, padded_t = torch.cat([s, torch.randn(3, 2) + 9], -1), torch.cat([t, torch.randn(3, 2) + 9], -1)
+    assert torch.allclose(reverse_kl(padded_s, padded_t, vocab_size=7), reverse_kl(s, t))
+    # The lookahead step moves alpha for any non-zero norms, a unit one included.
+    assert policy.lookahead_alpha(0.5, 1.0, 1.0, 1.0, 0.1) == pytest.approx(0.6)
+    assert policy.lookahead_alpha(0.5, 1.0, 0.0, 1.0, 0.1) == 0.5
