@@ -1,48 +1,30 @@
 """Speed: losses.kd_pass against unfused formulations, the ARKD step against the FKL step, the GPU
 checklist. Every figure is a ratio of variants measured side by side in one run, its baseline named.
+Each variant computes forward + backward of a KD loss over N tokens and V columns, in its own process
+(one thread by default); the parent prints median times, the peak extra memory over the inputs and
+the ratios (--json: one JSON object):
 
-For N tokens and a vocabulary of V, each variant computes forward + backward of a KD loss:
-
-    naive            0.5 FKL + 0.5 RKL with every ARKD policy statistic (entropies, top-1
-                     agreement, AKL head share by a full sort), separate full-size softmax /
-                     log_softmax tensors, autograd through all of it: the same quantities as kd_pass
-    trl_gjsd         TRL's generalized JSD loss (beta 0.5) from its published equation, full
-                     tensors, autograd: a peer's loss alone, no statistics (time and memory only)
-    distillm         DistiLLM-style 0.5 FKL (as a cross-entropy) + 0.5 RKL, full tensors, autograd,
-                     no statistics (time and memory only)
+    naive            0.5 FKL + 0.5 RKL and every policy statistic (the AKL head by a full sort) with
+                     full-size tensors and autograd: the same quantities as kd_pass
+    trl_gjsd         TRL's generalized JSD (beta 0.5) from its published equation: its loss alone
+    distillm         DistiLLM-style 0.5 FKL (as a cross-entropy) + 0.5 RKL: its loss alone
     kd_pass          losses.kd_pass: one chunked pass, closed-form gradients, every statistic
-    kd_pass_no_akl   the same without the AKL head search (akl=False: what every strategy but akl
-                     and arkd runs)
+    kd_pass_no_akl   the same without the AKL head search (what every strategy but akl and arkd runs)
     kd_pass_inplace  kd_pass writing the gradient into the consumed logits (inplace_grad=True)
     floor            a lower bound: read both logit tensors, two exp per element, write a gradient
 
-Each variant runs in its own subprocess (one thread by default, for stable timings); the parent
-prints the median time over --repeats runs, the peak extra memory over the inputs (max RSS on CPU,
-max_memory_allocated on CUDA) and the ratios to naive. --json prints one JSON object.
-
-The logits are synthetic but shaped like a trained LM's: Gaussian noise over the vocabulary plus
-8 boosted tokens per row whose top logit varies between rows (most rows peaked, the top-1 alone
-their AKL head; the share is printed). --teacher flat makes the teacher flat (entropy about 10
-nats, as early in training): the AKL search's hard case; --teacher onehot nearly one-hot. --akl
-measures kd_pass with the AKL head search, without it (akl=False) and the floor on every teacher,
-in alternating subprocesses. --against REV times this tree's kd_pass against the losses.py of git
-revision REV in the same way: run it before and after changing losses.py.
+The logits are synthetic, shaped like a trained LM's (noise plus 8 boosted tokens per row): --teacher
+peaked (default), flat (about 10 nats: the AKL search's hard case) or onehot. --akl times kd_pass with
+and without the AKL search and the floor on every teacher in alternating rounds; --against REV times
+this tree's kd_pass against git revision REV's losses.py in the same way (run it when changing
+losses.py). --step times whole optimizer steps of arkd.py on the toy task (ARKD, lookahead, the peer
+divergences, a student-generated share) against the FKL step; --gpu_check runs all of it at the full
+run's sizes (reduced without CUDA) with evaluation prompts per second (experiments.rehearsal reads it).
 
     python -m experiments.bench                          # N=4096, V=50257, fp32, CUDA when available
-    python -m experiments.bench --dtype bf16 --n 1024 --json
-    python -m experiments.bench --teacher flat
-    python -m experiments.bench --akl --n 1024 --repeats 5        # the AKL search's cost and the floor, every teacher
+    python -m experiments.bench --akl --n 1024 --repeats 5
     python -m experiments.bench --against HEAD~1 --n 1024 --repeats 5
-
-The step benchmark times whole optimizer steps of arkd.py on the offline toy task, ARKD (reward
-forward and policy update included) against plain FKL, on random GPT-2s built from configs:
-
-    python -m experiments.bench --step                   # CPU: teacher 3 x 240 (~4x the student 2 x 128), accumulation 4
-    python -m experiments.bench --step --teacher_size 24,1024 --student_size 12,768 --step_batch 8   # GPU, GPT-2 shapes
-
-The GPU checklist runs all of it at the full run's sizes (reduced sizes without CUDA) and adds
-evaluation prompts per second at 256 new tokens; experiments.rehearsal's projection can read its report:
-
+    python -m experiments.bench --step --teacher_size 24,1024 --student_size 12,768 --step_batch 8   # GPT-2 shapes
     python -m experiments.bench --gpu_check --out runs/gpu_check      # gpu_check.json and gpu_check.md
 """
 import argparse
