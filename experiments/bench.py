@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import losses
 import plumbing
 from experiments.usage import peak_memory_bytes, start_memory_window
+from experiments import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the reference
 
@@ -463,7 +464,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as err:
-        sys.exit(f"experiments.bench: {err}")
+    cli(main, "bench")

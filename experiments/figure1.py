@@ -9,13 +9,13 @@ import json
 import math
 import os
 import statistics
-import sys
 
 import torch
 
 import evaluate
 from losses import forward_kl, kd_pass, mix, parse_strategy, reverse_kl, stat_means, strategy_alpha
 from policy import ARKDPolicy, immediate_reward, make_state
+from experiments import cli
 
 FIGURE1_VOCAB, FIGURE1_MODES, FIGURE1_WIDTH = 100, (30, 70), 4.0
 FIGURE1_CONTEXTS = (0.5, 0.6, 0.7, 0.8)             # the weight of mode a in each context
@@ -115,7 +115,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as err:
-        sys.exit(f"experiments.figure1: {err}")
+    cli(main, "figure1")

@@ -20,6 +20,7 @@ import torch
 
 import arkd
 import evaluate
+from experiments import cli
 
 
 class FixedAction:
@@ -149,7 +150,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as err:
-        sys.exit(f"experiments.probe: {err}")
+    cli(main, "probe")

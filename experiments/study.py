@@ -15,7 +15,6 @@ import math
 import os
 import re
 import statistics
-import sys
 
 import torch
 from scipy import stats
@@ -24,6 +23,7 @@ import data
 import evaluate
 import plumbing
 from losses import IGNORE_INDEX, STAT_NAMES, kd_pass, next_token_targets, stat_means
+from experiments import cli
 
 
 # The study's toy task: every split holds two tasks whose answers have several right values, each equally
@@ -224,7 +224,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as err:
-        sys.exit(f"experiments.study: {err}")
+    cli(main, "study")

@@ -1,6 +1,6 @@
 """Tests of the laboratory (pytest, CPU): the bench, the reward probe, the held-out metrics, the study's
 report, Figure 1, the rehearsal's architectures, data and projection, the miniature's models and data.
-Shared fixtures: ../conftest.py; shared helpers: the reference's test_arkd.py."""
+Shared fixtures and helpers: the reference's test_arkd.py."""
 import argparse
 import copy
 import json
@@ -19,7 +19,7 @@ import evaluate
 import losses
 import plumbing
 from experiments import figure1, mini, rehearsal, study, usage
-from test_arkd import HERE, run_sh, shared_file, train_argv
+from test_arkd import HERE, gpt2_tokenizer, pair, run_sh, shared_file, toy, train_argv  # noqa: F401 (fixtures)
 
 def bench_variants():
     return ("naive", "trl_gjsd", "distillm", "kd_pass", "kd_pass_no_akl", "kd_pass_inplace", "floor")
@@ -621,7 +621,7 @@ def test_same_numbers_against_the_commit_before_the_move(tmp_path):
 # without a row fails the census). Runs that take minutes are replaced by recorders of their inputs;
 # each command's real run is one of the tests above.
 
-from conftest import command_line_options  # noqa: E402
+from test_arkd import command_line_options  # noqa: E402
 from experiments import bench, probe, same_numbers  # noqa: E402
 
 
