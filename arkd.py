@@ -42,7 +42,8 @@ from policy import ARKDPolicy, LookaheadAlpha, all_reduce_sum, immediate_reward,
 RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "max_prompt", "max_total", "tau", "lm_weight", "lr",
                 "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "reward_every",
                 "policy_buffer", "policy_lr", "policy_entropy", "seqkd_data", "train_examples", "atkd_lam",
-                "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "lookahead_step", "alpha_schedule", "sgo_ratio", "shard")
+                "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "lookahead_step", "alpha_schedule", "sgo_ratio", "shard",
+                "reward_batch", "reward_horizon", "policy_advantage", "lookahead_precondition")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +96,14 @@ def parse_args(argv=None):
     p.add_argument("--policy_buffer", type=int, default=8, help="actions per REINFORCE update (M)")
     p.add_argument("--policy_lr", type=float, default=3e-3, help="policy Adam learning rate")
     p.add_argument("--policy_entropy", type=float, default=0.1, help="entropy bonus c_H")
+    p.add_argument("--reward_batch", default="same", choices=("same", "next"), help="arkd: the reward's batch: the "
+                   "action's micro-batch 0 (the paper's), or the first one after its window, before it is trained on")
+    p.add_argument("--reward_horizon", type=int, default=1, help="arkd: an action's return sums its reward and the next K - 1")
+    p.add_argument("--policy_advantage", default="whitened", choices=("whitened", "fixed_scale"), help="arkd: "
+                   "advantages whitened per update, or scaled by the first 32 returns' spread (their size kept)")
     p.add_argument("--lookahead_step", type=float, default=0.05, help="lookahead: alpha's move per step, eta")
+    p.add_argument("--lookahead_precondition", default="none", choices=("none", "adam"), help="lookahead: the "
+                   "direction u as the gradient (none) or as the step AdamW takes with it (adam: u / (sqrt(v) + eps))")
     p.add_argument("--alpha_schedule", default=None, help="replay: an ARKD run's metrics.jsonl (its mean alpha replayed)")
     # validation, checkpoints, logging
     p.add_argument("--eval_every", type=int, default=200, help="validate and checkpoint every N steps (0: at the end)")
@@ -115,7 +123,7 @@ def parse_args(argv=None):
     if args.method == "kd":
         parse_strategy(args.strategy)                  # unknown names fail here, before any work
     for name in ("lr", "batch_size", "epochs", "reward_every", "policy_buffer", "val_examples", "max_bad_steps",
-                 "lookahead_step", "max_prompt"):
+                 "lookahead_step", "max_prompt", "reward_horizon"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be > 0")
     if args.max_total <= args.max_prompt:
@@ -129,6 +137,11 @@ def parse_args(argv=None):
     if args.shard == "fsdp" and (args.method == "okd" or args.sgo_ratio or args.strategy == "lookahead"):
         p.error("--shard fsdp trains --method sft, seqkd and kd, without --strategy lookahead and --sgo_ratio "
                 "(they read full gradients or sample on one rank alone): use --shard ddp")
+    strategy = args.strategy if args.method == "kd" else None
+    if ((args.reward_batch, args.reward_horizon, args.policy_advantage) != ("same", 1, "whitened") and strategy != "arkd"
+            or args.lookahead_precondition != "none" and strategy != "lookahead"):
+        p.error("--reward_batch, --reward_horizon and --policy_advantage need --method kd --strategy arkd; "
+                "--lookahead_precondition needs --strategy lookahead")
     if args.method == "kd" and args.strategy == "atkd" and args.tau != 1:
         p.error("--strategy atkd is defined at temperature 1: drop --tau")     # Choice A3
     return args
@@ -354,10 +367,12 @@ class RewardWindow:
         return step + 1 - self.step >= args.reward_every or step + 1 == run.total_steps
 
 
-def train_step(args, run, model, teacher, optimizer, adaptive, batches, step, window=None, teacher_optimizer=None):
+def train_step(args, run, model, teacher, optimizer, adaptive, batches, step, window=None, teacher_optimizer=None,
+               held_out=None):
     """One optimizer step of any method. Returns (the step's log row, the open reward window).
 
     adaptive: ARKD's policy, our lookahead alpha, or None (every other strategy's alpha is a rule).
+    held_out: --reward_batch next: the micro-batch 0 of step + reward_every, which a new action's reward reads.
     ARKD's step, in order: micro-batch 0's statistics -> choose_alpha (the policy acts on the state)
     -> alpha FKL + (1 - alpha) RKL over every micro-batch -> clip and step -> close_reward_window
     (the reward on micro-batch 0 after the step, stored; every M rewards one REINFORCE update).
@@ -380,6 +395,8 @@ def train_step(args, run, model, teacher, optimizer, adaptive, batches, step, wi
         if i == 0 and out is not None:                          # alpha is needed before the first backward (T2)
             alpha, window = choose_alpha(run, policy, window, all_reduce_sum(out.stats), step,
                                          (rng0, batch, teacher_logits), row)
+            if state_read and window is not None and held_out is not None:
+                window = held_out_window(args, run, student, teacher, step, held_out)
         if lookahead is not None:                               # g_RKL to .grad now, u to its own buffer
             alpha, direction = 0.0, add_direction(direction, student, out, run.world_size / n_tokens)
         loss = micro_batch_loss(args, run, logits, batch, out, alpha)    # summed over its response tokens
@@ -392,7 +409,7 @@ def train_step(args, run, model, teacher, optimizer, adaptive, batches, step, wi
         totals["loss"] += loss.detach().double()
         totals["positions"] += float(batch["attention_mask"].sum())
     if lookahead is not None:                                   # alpha from g_J and the last u: g_RKL + alpha u
-        alpha = lookahead_alpha_step(run, student, lookahead, direction)
+        alpha = lookahead_alpha_step(args, run, student, optimizer, lookahead, direction)
         totals["loss"] += alpha * (stats[STAT_NAMES.index("fkl")] - stats[STAT_NAMES.index("rkl")])   # the loss at alpha
     grad_norm = clip_and_step(args, run, student, teacher, optimizer, teacher_optimizer)
     if window is not None and window.closes_after(step, args, run):
@@ -488,18 +505,31 @@ def add_direction(direction, student, out, scale):
     return list(grads) if direction is None else [d.add_(g) for d, g in zip(direction, grads)]
 
 
-def lookahead_alpha_step(run, student, lookahead, direction):
+def lookahead_alpha_step(args, run, student, optimizer, lookahead, direction):
     """lookahead (ours, docs/method.md 9): u averaged over ranks as DDP averages .grad (= g_RKL);
     g_J = g_FKL + g_RKL = 2 g_RKL + u; the step's alpha from g_J and the last step's u
-    (policy.lookahead_alpha); then .grad becomes g_RKL + alpha u, the gradient of the step's mix."""
+    (policy.lookahead_alpha); then .grad becomes g_RKL + alpha u, the gradient of the step's mix.
+    --lookahead_precondition adam keeps u / (sqrt(v_hat) + eps), AdamW's step along u, as the next
+    step's direction: alpha moves the weights by that, not by u (Choice H4; v_hat from the last step)."""
     params = [p for p in student.parameters() if p.requires_grad]
     if run.world_size > 1:
         flat = all_reduce_sum(torch.cat([u.flatten() for u in direction])) / run.world_size
         direction = [f.view_as(u) for f, u in zip(flat.split([u.numel() for u in direction]), direction)]
-    alpha = lookahead.choose([2 * p.grad + u for p, u in zip(params, direction)], direction)
+    kept = direction if args.lookahead_precondition == "none" else [
+        u * adam_scale(optimizer, p) for p, u in zip(params, direction)]
+    alpha = lookahead.choose([2 * p.grad + u for p, u in zip(params, direction)], kept)
     for p, u in zip(params, direction):
         p.grad.add_(u, alpha=alpha)
     return alpha
+
+
+def adam_scale(optimizer, p):
+    """1 / (sqrt(v_hat) + eps): how (Adam)W scales p's gradient in its step (1 before its first step)."""
+    state, group = optimizer.state.get(p, {}), optimizer.param_groups[0]
+    if "exp_avg_sq" not in state:
+        return 1.0
+    v_hat = state["exp_avg_sq"] / (1 - group["betas"][1] ** float(state["step"]))
+    return 1 / (v_hat.sqrt() + group["eps"])
 
 
 def clip_and_step(args, run, student, teacher, optimizer, teacher_optimizer):
@@ -564,6 +594,16 @@ def step_lora(teacher, teacher_optimizer, args, run):
             p.grad.copy_(g.view_as(p))
     torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     teacher_optimizer.step()
+
+
+def held_out_window(args, run, student, teacher, step, batch):
+    """--reward_batch next (Choice R2): the window of a new action reads a batch it never trains on;
+    its statistics before the update come from a forward now, with the dropout masks of its rerun."""
+    with torch.no_grad():
+        teacher_logits = forward(teacher, batch, run)
+    window = RewardWindow(step, None, rng_snapshot(run.device), batch, teacher_logits)
+    window.before = stat_means(reward_stats(student, window, args, run))
+    return window
 
 
 @torch.no_grad()
@@ -655,8 +695,9 @@ def build_training(args, run, student, teacher):
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     teacher_optimizer = torch.optim.AdamW(lora_parameters(teacher), lr=args.okd_lr or args.lr, weight_decay=0.0) \
         if args.method == "okd" else None                   # its own state: other parameters (Choice O4)
-    policy = ARKDPolicy(buffer_size=args.policy_buffer, lr=args.policy_lr, entropy_coef=args.policy_entropy,
-                        seed=args.seed) if args.method == "kd" and args.strategy == "arkd" else None
+    policy = ARKDPolicy(buffer_size=args.policy_buffer, lr=args.policy_lr, entropy_coef=args.policy_entropy, seed=args.seed,
+                        horizon=args.reward_horizon, advantage=args.policy_advantage) \
+        if args.method == "kd" and args.strategy == "arkd" else None
     if args.method == "kd" and args.strategy == "lookahead":       # ours: in the policy's place (method.md 9)
         policy = LookaheadAlpha(step_size=args.lookahead_step)
     return model, optimizer, teacher_optimizer, policy
@@ -720,8 +761,10 @@ def main(argv=None):
         started = time.perf_counter()
         set_lr(progress.step, args, run, optimizer, teacher_optimizer)
         batches = micro_batches(examples, progress.step, args, run, student, tokenizer)
+        held_out = micro_batches(examples, progress.step + args.reward_every, args, run)[0] \
+            if args.reward_batch == "next" else None     # its dataset responses, also with --sgo_ratio
         row, window = train_step(args, run, model, teacher, optimizer, adaptive, batches, progress.step, window,
-                                 teacher_optimizer)
+                                 teacher_optimizer, held_out)
         stop, seconds = count_bad_step(row, progress, args), time.perf_counter() - started
         row.update(lr=optimizer.param_groups[0]["lr"], skipped_steps=progress.skipped, step_seconds=seconds,
                    tokens_per_second=row.pop("step_tokens") / seconds)

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import losses
 import policy
 from losses import akl_alpha, forward_kl, kd_pass, parse_strategy, reverse_kl, stat_means, strategy_alpha
-from policy import ARKDPolicy, immediate_reward, make_state
+from policy import ARKDPolicy, LookaheadAlpha, immediate_reward, make_state
 
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1463,7 +1463,9 @@ def test_seqkd_samples_teacher_responses_then_trains(pair, tmp_path):
         assert len(written) == count and all(r["prompt"] == f"<user>{r['instruction']}</user>\n" for r in written)
 
 
-@pytest.mark.parametrize("sgo", [[], ["--sgo_ratio", "0.5", "--max_new_tokens", "8"]])
+@pytest.mark.parametrize("sgo", [[], ["--sgo_ratio", "0.5", "--max_new_tokens", "8"], [
+    "--reward_batch", "next", "--reward_horizon", "2", "--policy_advantage", "fixed_scale", "--policy_buffer", "2",
+    "--reward_every", "1"]])
 def test_exact_resume_continues_as_if_never_stopped(pair, tmp_path, sgo):
     common = ("--method", "kd", "--strategy", "arkd", "--reward_every", "2", "--eval_every", "3", "--max_steps", "7", *sgo)
     straight = arkd.main(train_argv(pair, tmp_path / "straight", *common))
@@ -1490,6 +1492,10 @@ def test_bad_settings_fail_before_training(pair, tmp_path):
         arkd.main(train_argv(pair, tmp_path, "--data_dir", str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         arkd.main(train_argv(pair, tmp_path / "fresh", "--resume"))
+    for flags in (("--reward_horizon", "0"), ("--strategy", "fkl", "--reward_batch", "next"),
+                  ("--strategy", "arkd", "--lookahead_precondition", "adam"), ("--method", "sft", "--reward_horizon", "2")):
+        with pytest.raises(SystemExit):                         # a signal option without its strategy: never ignored
+            arkd.parse_args(train_argv(pair, tmp_path, *flags))
     other = train_tokenizer(["completely different text for another vocabulary"] * 20, vocab_size=300)
     stranger = save_tiny_gpt2(other, str(tmp_path / "stranger"))
     with pytest.raises(ValueError, match=f"teacher {stranger}.*student {pair['student']}.*different tokenizers"):
@@ -2090,6 +2096,66 @@ def test_advantages_are_whitened_from_a_buffer_of_exactly_four_rewards():
     assert pol.update()["policy_loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_a_horizon_sums_each_action_s_reward_and_the_next_ones_and_a_fixed_scale_keeps_their_size():
+    """Bug classes (issue 30's signal options): the horizon ignored (each action's own reward), a return
+    paired with the wrong action, a window's returns whitened in spite of advantage="fixed_scale", the
+    scale taken from the window alone, or not frozen after 32 returns."""
+    rewards = [0.1, 0.4, 0.2, 0.9, -0.3, 0.5, 0.0, 0.7, 0.3, 0.6]
+    pol = ARKDPolicy(buffer_size=4, horizon=3, advantage="fixed_scale", seed=3)
+    actions, stored_returns, losses = [], [], []
+    for r in rewards:
+        actions.append((pol.act(torch.randn(10)), pol.pending[0]))
+        if pol.store_reward(r):
+            stored_returns += [t[2] for t in pol.transitions]
+            states = torch.stack([s for s, _, _ in pol.transitions])
+            returns = torch.tensor([t[2] for t in pol.transitions], dtype=torch.float64)
+            beta = pol.distribution(states)
+            log_pi = beta.log_prob(torch.tensor([a for _, a, _ in pol.transitions]))
+            scale = torch.tensor(stored_returns, dtype=torch.float64).std(unbiased=False)    # all returns so far
+            adv = (returns - returns.mean()) / scale
+            expected = -(adv.float() * log_pi).mean() - 0.1 * beta.entropy().mean()
+            losses.append((pol.update()["policy_loss"], expected.item()))
+    expected_returns = [sum(rewards[i:i + 3]) for i in range(8)]            # 8 complete returns of 10 rewards
+    assert stored_returns == pytest.approx(expected_returns) and len(losses) == 2
+    assert len(pol.open) == 2 and pol.open[0][1] == actions[8][0] and pol.open[0][2] == pytest.approx(rewards[8:])
+    for got, want in losses:
+        assert got == pytest.approx(want, rel=1e-5)
+    frozen = ARKDPolicy(buffer_size=40, advantage="fixed_scale")
+    for r in range(40):
+        frozen.act(torch.zeros(10))
+        frozen.store_reward(float(r))
+    assert frozen.return_norm.count == 32 and float(frozen.return_norm.mean[0]) == pytest.approx(15.5)
+    with pytest.raises(ValueError, match="horizon"):
+        ARKDPolicy(horizon=0)
+    with pytest.raises(ValueError, match="advantage"):
+        ARKDPolicy(advantage="raw")
+
+
+def test_adam_scale_is_how_adamw_scales_a_gradient_and_preconditions_the_lookahead_direction():
+    """Bug classes: v not bias-corrected, eps inside the square root, a scale before AdamW's first step;
+    the preconditioned direction not the one kept for the next step (--lookahead_precondition ignored)."""
+    p = torch.nn.Parameter(torch.tensor([0.5, -2.0, 3.0]))
+    optimizer = torch.optim.AdamW([p], lr=0.1, betas=(0.9, 0.99), eps=1e-3)
+    assert arkd.adam_scale(optimizer, p) == 1.0
+    grads = [torch.tensor([0.2, -1.0, 4.0]), torch.tensor([-0.6, 0.5, 1.0])]
+    v = torch.zeros(3)
+    for t, g in enumerate(grads, 1):
+        p.grad = g.clone()
+        optimizer.step()
+        v = 0.99 * v + 0.01 * g * g
+        assert torch.allclose(arkd.adam_scale(optimizer, p), 1 / ((v / (1 - 0.99 ** t)).sqrt() + 1e-3), rtol=1e-6)
+    student = torch.nn.Linear(3, 1, bias=False)
+    student.weight.grad = torch.tensor([[1.0, 0.0, -1.0]])
+    opt = torch.optim.AdamW(student.parameters(), lr=0.1)
+    opt.step()
+    student.weight.grad = torch.tensor([[1.0, 0.0, -1.0]])
+    u = [torch.tensor([[2.0, 1.0, 0.5]])]
+    for mode, kept in (("none", u[0]), ("adam", u[0] * arkd.adam_scale(opt, student.weight))):
+        look = LookaheadAlpha()
+        arkd.lookahead_alpha_step(argparse.Namespace(lookahead_precondition=mode), fake_run(), student, opt, look, u)
+        assert torch.allclose(look.direction[0], kept) and not torch.allclose(u[0] * arkd.adam_scale(opt, student.weight), u[0])
+
+
 def test_lora_adds_scale_times_x_down_up_and_sits_on_llama_q_and_v():
     """Bug classes: the update scaled by s / r (the PEFT convention) instead of s; k_proj wrapped for v_proj."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -2279,11 +2345,12 @@ def run_traced(pair, out, *flags, method="kd", strategy="arkd", steps=4):
     """arkd.main on the tiny pair (4 steps, batch 4 x 2) with spies on what reads the settings: the rows,
     the result, and the arguments kd_pass, clip_grad_norm_, evaluate.generate and train_step got."""
     from types import SimpleNamespace
-    calls = {"kd_pass": [], "clip": [], "generate": [], "batches": []}
+    calls = {"kd_pass": [], "clip": [], "generate": [], "batches": [], "reward": []}
     spies = {(arkd, "kd_pass"): lambda f: lambda *a, **k: calls["kd_pass"].append(a[5]) or f(*a, **k),
              (torch.nn.utils, "clip_grad_norm_"): lambda f: lambda *a, **k: calls["clip"].append(a[1]) or f(*a, **k),
              (evaluate, "generate"): lambda f: lambda *a, **k: calls["generate"].append((len(a[2]), a[4], a[5])) or f(*a, **k),
-             (arkd, "train_step"): lambda f: lambda *a, **k: calls["batches"].append(a[6]) or f(*a, **k)}
+             (arkd, "train_step"): lambda f: lambda *a, **k: calls["batches"].append(a[6]) or f(*a, **k),
+             (arkd, "reward_stats"): lambda f: lambda *a, **k: calls["reward"].append(a[1].batch["input_ids"]) or f(*a, **k)}
     argv = train_argv(pair, out, "--method", method, "--max_steps", str(steps), "--val_examples", "3", *flags)
     argv += ["--strategy", strategy] if "--strategy" not in flags else []
     with pytest.MonkeyPatch.context() as patch:
@@ -2361,6 +2428,13 @@ ARKD_FLAGS = {
         t.result["policy"].net.state_dict().values(), ARKDPolicy(buffer_size=4, seed=1).net.state_dict().values()))),
     "--policy_entropy": (("kd", "arkd"), (), "5.0", lambda t, b: not all(torch.equal(p, q) for p, q in zip(
         t.result["policy"].net.state_dict().values(), b.result["policy"].net.state_dict().values()))),
+    "--reward_batch": (("kd", "arkd"), (), "next", lambda t, b: all(torch.equal(x, y) for x, y in zip(t.calls["reward"], [
+        t.calls["batches"][s + 1][0]["input_ids"] for s in range(3) for _ in "ba"])) and len(t.calls["reward"]) == 8
+        and all(torch.equal(x, y[0]["input_ids"]) for x, y in zip(b.calls["reward"], b.calls["batches"]))),
+    "--reward_horizon": (("kd", "arkd"), (), "3", lambda t, b: len(t.result["policy"].open) == 2 and not b.result["policy"].open),
+    "--policy_advantage": (("kd", "arkd"), ("--policy_buffer", "2"), "fixed_scale", lambda t, b: t.steps[1][
+        "policy_loss"] != pytest.approx(b.steps[1]["policy_loss"], rel=1e-3)),
+    "--lookahead_precondition": (("kd", "lookahead"), (), "adam", lambda t, b: t.steps[2]["alpha"] != b.steps[2]["alpha"]),
     "--lookahead_step": (("kd", "lookahead"), (), "0.5", lambda t, b: abs(t.steps[2]["alpha"] - 0.5) > abs(b.steps[2]["alpha"] - 0.5)),
     "--alpha_schedule": (("kd", "fkl"), (), "SCHEDULE", lambda t, b: [r["alpha"] for r in t.steps] == [0.25, 0.75, 0.5, 0.25]),
     "--eval_every": (("kd", "fkl"), (), "2", lambda t, b: [r["step"] for r in t.rows if "val_rougeL" in r] == [2, 4]),
