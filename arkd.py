@@ -11,9 +11,9 @@ trained by the same loop, so the comparison is fair. train_step is one ARKD step
     python arkd.py --method kd --strategy arkd --teacher T --student S --data_dir D --out RUN [--resume]
     torchrun --nproc_per_node=8 arkd.py [--shard fsdp] ...   # DDP (nccl on CUDA, gloo on CPU) or FSDP2
 
-Choices T1-T9 of docs/method.md are made (and marked) here: one token-count denominator (T1), alpha
-from micro-batch 0 (T2), the reward replaying the dropout masks (T3), skipped non-finite steps (T4),
-SeqKD by sampling (T5), warmup then cosine (T6), the checkpoint (T7), SGO (T8), FSDP2 (T9); O3, O4.
+Choices of docs/method.md made (and marked) here: one token-count denominator (T1), alpha from micro-batch 0
+(T2), replayed dropout masks (T3), skipped non-finite steps (T4), SeqKD (T5), the schedule (T6), the
+checkpoint (T7), SGO (T8), FSDP2 (T9), the held-out reward (R2), the preconditioned lookahead (H4); O3, O4.
 """
 import argparse
 import contextlib
@@ -96,14 +96,12 @@ def parse_args(argv=None):
     p.add_argument("--policy_buffer", type=int, default=8, help="actions per REINFORCE update (M)")
     p.add_argument("--policy_lr", type=float, default=3e-3, help="policy Adam learning rate")
     p.add_argument("--policy_entropy", type=float, default=0.1, help="entropy bonus c_H")
-    p.add_argument("--reward_batch", default="same", choices=("same", "next"), help="arkd: the reward's batch: the "
-                   "action's micro-batch 0 (the paper's), or the first one after its window, before it is trained on")
+    p.add_argument("--reward_batch", default="same", choices=("same", "next"), help="arkd: the action's batch or the next")
     p.add_argument("--reward_horizon", type=int, default=1, help="arkd: an action's return sums its reward and the next K - 1")
     p.add_argument("--policy_advantage", default="whitened", choices=("whitened", "fixed_scale"), help="arkd: "
-                   "advantages whitened per update, or scaled by the first 32 returns' spread (their size kept)")
+                   "whitened per update, or scaled by the first 32 returns' spread")
     p.add_argument("--lookahead_step", type=float, default=0.05, help="lookahead: alpha's move per step, eta")
-    p.add_argument("--lookahead_precondition", default="none", choices=("none", "adam"), help="lookahead: the "
-                   "direction u as the gradient (none) or as the step AdamW takes with it (adam: u / (sqrt(v) + eps))")
+    p.add_argument("--lookahead_precondition", default="none", choices=("none", "adam"), help="lookahead: u or AdamW's step")
     p.add_argument("--alpha_schedule", default=None, help="replay: an ARKD run's metrics.jsonl (its mean alpha replayed)")
     # validation, checkpoints, logging
     p.add_argument("--eval_every", type=int, default=200, help="validate and checkpoint every N steps (0: at the end)")
@@ -137,11 +135,10 @@ def parse_args(argv=None):
     if args.shard == "fsdp" and (args.method == "okd" or args.sgo_ratio or args.strategy == "lookahead"):
         p.error("--shard fsdp trains --method sft, seqkd and kd, without --strategy lookahead and --sgo_ratio "
                 "(they read full gradients or sample on one rank alone): use --shard ddp")
-    strategy = args.strategy if args.method == "kd" else None
+    strategy = args.strategy if args.method == "kd" else None     # signal options (docs/method.md 3) need theirs
     if ((args.reward_batch, args.reward_horizon, args.policy_advantage) != ("same", 1, "whitened") and strategy != "arkd"
             or args.lookahead_precondition != "none" and strategy != "lookahead"):
-        p.error("--reward_batch, --reward_horizon and --policy_advantage need --method kd --strategy arkd; "
-                "--lookahead_precondition needs --strategy lookahead")
+        p.error("--reward_batch, --reward_horizon, --policy_advantage need --strategy arkd; --lookahead_precondition lookahead")
     if args.method == "kd" and args.strategy == "atkd" and args.tau != 1:
         p.error("--strategy atkd is defined at temperature 1: drop --tau")     # Choice A3
     return args
@@ -248,15 +245,10 @@ def load_training_data(args, run, tokenizer, train_dir):
 
 
 def micro_batches(examples, step, args, run, student=None, tokenizer=None):
-    """The micro-batches of optimizer step `step` on this rank (a pure function of the step and, with
-    --sgo_ratio and a student, of its weights).
-
-    Every epoch has its own seeded order; rank r takes every world_size-th example of it, so
-    1 process x accumulation 4 and 2 processes x accumulation 2 see the same examples in a step.
-    With --sgo_ratio, the examples at the step's global positions j with floor((j + 1) lambda) >
-    floor(j lambda) (a share lambda, spread evenly, whatever the ranks) get a response the student
-    samples from their prompt, seeded by (seed, step, example): Choice T8.
-    """
+    """The micro-batches of step `step` on this rank, a pure function of the step (and with --sgo_ratio of
+    the student). Each epoch has a seeded order; rank r takes every world_size-th example (1 process x 4
+    micro-batches and 2 x 2 see the same step). --sgo_ratio: the examples at global positions j with
+    floor((j + 1) lambda) > floor(j lambda) get the student's own response, seeded by (seed, step, example): T8."""
     per_step = args.batch_size * run.grad_accum
     steps_per_epoch = len(examples) // (per_step * run.world_size)
     epoch, within = divmod(step, steps_per_epoch)
@@ -288,10 +280,9 @@ def on_policy_example(student, tokenizer, example, args, step):
 
 
 def build_seqkd_data(teacher, tokenizer, args, out_dir, part_size=256):
-    """SeqKD data: OUT_DIR/dolly/raw.jsonl holds the dev lines as they are, then the training prompts with
-    the teacher's sampled responses (evaluation settings, docs/method.md Choice T5). Each part of
-    part_size prompts is its own file, so an interrupted run resumes where it stopped. Returns the number
-    of prompts this call sampled."""
+    """SeqKD data: OUT_DIR/dolly/raw.jsonl holds the dev lines, then the training prompts with the teacher's
+    sampled responses (Choice T5), written in parts of part_size prompts so that an interrupted run
+    resumes. Returns the number of prompts this call sampled."""
     target = os.path.join(out_dir, "dolly", "raw.jsonl")
     if os.path.exists(target):
         return 0
@@ -354,9 +345,8 @@ def restore_rng(snapshot, device):
 
 @dataclass
 class RewardWindow:
-    """An ARKD action awaiting its reward: the step that chose it, micro-batch 0 with its teacher
-    logits and this rank's random state before its forward (to replay its dropout masks), and the
-    mean statistics of micro-batch 0 (all ranks) before the update."""
+    """An ARKD action awaiting its reward: the step that chose it, the batch's mean statistics (all ranks)
+    before the update, this rank's random state before its forward (its dropout masks), the batch, its teacher logits."""
     step: int
     before: dict
     rng: dict
@@ -371,11 +361,9 @@ def train_step(args, run, model, teacher, optimizer, adaptive, batches, step, wi
                held_out=None):
     """One optimizer step of any method. Returns (the step's log row, the open reward window).
 
-    adaptive: ARKD's policy, our lookahead alpha, or None (every other strategy's alpha is a rule).
-    held_out: --reward_batch next: the micro-batch 0 of step + reward_every, which a new action's reward reads.
-    ARKD's step, in order: micro-batch 0's statistics -> choose_alpha (the policy acts on the state)
-    -> alpha FKL + (1 - alpha) RKL over every micro-batch -> clip and step -> close_reward_window
-    (the reward on micro-batch 0 after the step, stored; every M rewards one REINFORCE update).
+    adaptive: ARKD's policy, our lookahead alpha, or None (every other strategy's alpha is a rule);
+    held_out (--reward_batch next): micro-batch 0 of step + reward_every, read by a new action's reward.
+    ARKD's step in order: the module docstring's.
     """
     student = getattr(model, "module", model)                  # DDP wraps it; FSDP2 shards it in place
     lookahead = adaptive if isinstance(adaptive, LookaheadAlpha) else None      # ours, in the policy's place
@@ -446,9 +434,8 @@ def accumulating(model, batches, run):
 
 
 def kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer, two_backward=False):
-    """(kd_pass of the student's logits against the teacher's, the teacher's logits); (None, None)
-    for SFT and SeqKD. The AKL head search runs only where it is read: every micro-batch of `akl`,
-    and for ARKD the micro-batch whose statistics make a new action's state (state_read)."""
+    """(kd_pass of the student's logits against the teacher's, the teacher's logits); (None, None) for SFT and
+    SeqKD. The AKL head search runs where it is read: `akl`, and ARKD's new action's state (state_read)."""
     if args.method in ("sft", "seqkd"):
         return None, None
     with torch.no_grad() if teacher_optimizer is None else contextlib.nullcontext():   # OKD: the LoRA learns
@@ -463,12 +450,10 @@ def kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer,
 
 
 def choose_alpha(run, policy, window, stats0, step, reward_batch, row):
-    """The step's alpha from micro-batch 0's statistics summed over ranks, so every rank trains with
-    the same one: a strategy's rule (None for akl and atkd, which weigh each token), or for ARKD
-    the policy's action on the state, held for --reward_every steps by the reward window it opens.
-
-    reward_batch: (random state before micro-batch 0's forward, micro-batch 0, its teacher logits),
-    kept by the window so that the reward reruns exactly that forward. Returns (alpha, window)."""
+    """(alpha, window): from micro-batch 0's statistics summed over ranks (every rank trains with the same
+    alpha), a strategy's rule (None for akl and atkd: they weigh each token), or for ARKD the policy's
+    action on the state, held for --reward_every steps by the window it opens; that window keeps
+    reward_batch (the random state before micro-batch 0's forward, the batch, its teacher logits)."""
     if policy is None:
         rule = run.strategy[0] in STEP_RULES              # akl, atkd weigh each token; lookahead comes later
         return (strategy_alpha(run.strategy, step, run.total_steps, stats0) if rule else None), window
@@ -508,9 +493,8 @@ def add_direction(direction, student, out, scale):
 def lookahead_alpha_step(args, run, student, optimizer, lookahead, direction):
     """lookahead (ours, docs/method.md 9): u averaged over ranks as DDP averages .grad (= g_RKL);
     g_J = g_FKL + g_RKL = 2 g_RKL + u; the step's alpha from g_J and the last step's u
-    (policy.lookahead_alpha); then .grad becomes g_RKL + alpha u, the gradient of the step's mix.
-    --lookahead_precondition adam keeps u / (sqrt(v_hat) + eps), AdamW's step along u, as the next
-    step's direction: alpha moves the weights by that, not by u (Choice H4; v_hat from the last step)."""
+    (policy.lookahead_alpha); then .grad becomes g_RKL + alpha u, the gradient of the step's mix. With
+    --lookahead_precondition adam the next step reads u / (sqrt(v_hat) + eps), AdamW's step (Choice H4)."""
     params = [p for p in student.parameters() if p.requires_grad]
     if run.world_size > 1:
         flat = all_reduce_sum(torch.cat([u.flatten() for u in direction])) / run.world_size
@@ -548,10 +532,9 @@ def clip_and_step(args, run, student, teacher, optimizer, teacher_optimizer):
 
 
 def close_reward_window(args, run, student, policy, window):
-    """ARKD: the reward of the window's action, r = (FKL - FKL') / FKL + (RKL - RKL') / RKL on its
-    micro-batch 0 after the update, handed to the policy; every M rewards one REINFORCE update.
-    A non-finite reward drops the action (it teaches nothing). Returns the log fields: the reward
-    (None when dropped) and the update's statistics when one ran."""
+    """ARKD: the reward r = (FKL - FKL') / FKL + (RKL - RKL') / RKL of the window's action on its batch after
+    the update, to the policy (a REINFORCE update every M; a non-finite reward drops the action).
+    Returns the log fields: the reward (None when dropped), the update's statistics when one ran."""
     after = stat_means(reward_stats(student, window, args, run))
     reward = immediate_reward(window.before["fkl"], window.before["rkl"], after["fkl"], after["rkl"])
     if not math.isfinite(reward):
@@ -563,9 +546,8 @@ def close_reward_window(args, run, student, policy, window):
 
 
 def kd_log(stats, alpha, policy, akl):
-    """The KD part of a step's log row: alpha (AKL: its mean weight; ATKD: none), every statistic's
-    token mean and the policy's Beta (ARKD, whose akl_alpha is its state's: micro-batch 0 of an
-    action's first step, the only place its head search runs)."""
+    """The KD part of a step's log row: alpha (AKL: its mean weight; ATKD: none), every statistic's token
+    mean, the policy's Beta (ARKD: akl_alpha is its state's, the only place its head search runs)."""
     means = stat_means(stats)
     if not akl:                             # the step's AKL weights were not all computed (kd_pass akl=False)
         del means["akl_alpha"]
@@ -576,10 +558,9 @@ def kd_log(stats, alpha, policy, akl):
 
 
 def okd_teacher_loss(logits, teacher_logits, targets, args, run):
-    """OKD's loss for the teacher's LoRA, summed over the response tokens (method.md 8):
-    a_t KL(q || p) + (1 - a_t) CE(p, reference), p the adapted teacher, q the student (detached).
-    kd_pass with the roles swapped computes KL(q || p) as its "FKL", with the closed-form gradient
-    tau (p - q) for the teacher's logits, and the teacher's CE: the same memory bound as the rest."""
+    """OKD's loss for the teacher's LoRA, summed over the response tokens (method.md 8): a_t KL(q || p) +
+    (1 - a_t) CE(p, reference), p the adapted teacher, q the student (detached); kd_pass with the roles
+    swapped gives KL(q || p) as its "FKL" (closed-form gradient) and the teacher's CE."""
     back = kd_pass(teacher_logits, logits.detach(), targets != IGNORE_INDEX, args.tau, run.vocab_size,
                    args.chunk_tokens, target_ids=targets, akl=False)
     return (args.okd_a_t * back.fkl + (1 - args.okd_a_t) * back.ce).sum()
@@ -684,9 +665,8 @@ def resume(checkpoint, args, run, model, teacher, optimizer, policy, teacher_opt
 
 
 def build_training(args, run, student, teacher):
-    """(the model to train: the student, DDP-wrapped or FSDP2-sharded on more than one process; its
-    optimizer; OKD's LoRA optimizer; the adaptive alpha: ARKD's policy or the lookahead alpha, None for
-    the other strategies)."""
+    """(the student, DDP-wrapped or FSDP2-sharded on several processes; its optimizer; OKD's LoRA optimizer;
+    the adaptive alpha: ARKD's policy or the lookahead alpha, else None)."""
     if run.world_size > 1 and args.shard == "fsdp":         # Choice T9: FSDP2, each block its own unit
         model = plumbing.shard(student)
     else:
@@ -755,7 +735,7 @@ def main(argv=None):
         progress, window = resume(checkpoint, args, run, model, teacher, optimizer, adaptive, teacher_optimizer)
     metrics = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master,
                                   os.path.join(args.out, "tensorboard") if args.report_to == "tensorboard" else None)
-    line = plumbing.ProgressLine(run, progress.step, f"kd {args.strategy}" if args.method == "kd" else args.method)
+    line = plumbing.ProgressLine(run, f"kd {args.strategy}" if args.method == "kd" else args.method)
     first_step, history = progress.step, []
     while progress.step < run.total_steps:
         started = time.perf_counter()

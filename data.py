@@ -4,14 +4,9 @@ Section 5 of docs/method.md: the protocol MiniLLM, DistiLLM, GKD and ARKD share.
 lines with `instruction`, `input`, `output` (a string, or for S-NI a list of references) and usually
 `prompt`, read from a local directory in the Hub layout (DATA_DIR/dolly/raw.jsonl, ...) or downloaded.
 
-Our choices where the paper is vague (listed in docs/method.md; each marked "Choice X" where it is made):
-D1. Over-long PROMPTS (> 256 tokens) are dropped and counted; a response that makes prompt + response
-   exceed 512 tokens is cut at 512 (the EOS is then lost) and counted. Nothing is dropped silently.
-D2. Prompt and response are tokenised separately (the prompt ends in a newline, so no BPE merge
-   crosses the boundary) and the response's first reference is the training target.
-D3. `selfinst` is the first 242 records of MiniLLM/self-inst (the peers' count), `unni` the first 10,000
-   of MiniLLM/uinst, `dolly_dev` the first 1000 lines of MiniLLM/dolly raw.jsonl (`dolly_train` the rest).
-D4. A record's prompt is its file's `prompt` field when it has one, else the template applied here.
+Our choices D1-D4 where the paper is vague (docs/method.md 5) are marked "Choice X" where made: long
+prompts dropped and long responses cut, both counted (D1); prompt and response tokenised apart (D2);
+the sets' slices (D3); a record's own `prompt` field before the template (D4).
 
     python data.py download --out DIR      # the MiniLLM sets from the Hub
     python data.py synthetic --out DIR     # the offline toy task in the same layout, and DIR/tokenizer
@@ -63,11 +58,9 @@ def build_prompt(instruction, input_text=""):
 
 
 def read_jsonl(path):
-    """Records of a MiniLLM-format file: {instruction, input, references, prompt} dicts. Every bad line
-    (not UTF-8, not JSON, not an object, a field of the wrong type, a lone surrogate) is one ValueError
-    naming the file and the line; nothing is converted silently; blank lines are skipped; an empty file is
-    an error. A record's prompt is its `prompt` field as the file has it, else the template (Choice D4).
-    """
+    """Records of a MiniLLM-format file: {instruction, input, references, prompt} dicts. A bad line (not UTF-8,
+    not JSON, not an object, a field of a wrong type, a lone surrogate) is a ValueError naming file and line;
+    blank lines are skipped; an empty file is an error. The prompt: its `prompt` field, else the template (D4)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: not a file")
     records = []

@@ -8,13 +8,9 @@ Section 6 of docs/method.md, as a library (arkd.py validates and samples SeqKD d
     python evaluate.py report --runs DIR [DIR ...] --out DIR
     python evaluate.py plot RUN          # alpha.png and reward.png of a KD run (the paper's figures 5, 6)
 
-Our choices where the paper is vague (listed in docs/method.md; each marked "Choice X" where it is made):
-E1. Results do not depend on the number of processes: batch b of --batch_size prompts (dataset order)
-   is sampled with seed * 1000003 + b on whichever rank gets it (MiniLLM adds the rank to the seed).
-E2. Exact match compares lower-cased text with punctuation removed and whitespace collapsed.
-E3. With several references (S-NI), Rouge-L and BERTScore take the best reference.
-E4. An empty prediction scores 0 on every metric (bert_score itself crashes on one).
-E5. The spread over seeds is the sample standard deviation (n - 1); one seed gives 0.
+Our choices E1-E5 where the paper is vague (docs/method.md 6) are marked "Choice X" where made:
+sampling seeds by batch, not rank (E1); exact match normalised (E2); the best of several references
+(E3); an empty prediction scores 0 (E4); the sample standard deviation over seeds (E5).
 """
 import argparse
 import json
@@ -45,11 +41,6 @@ METRICS = ("rougeL", "exact_match", "bertscore_f1")
 # Sampling
 
 
-def batch_seed(seed, batch_index):
-    """The sampling seed of one batch: independent of the rank and the number of ranks (Choice E1)."""
-    return seed * 1_000_003 + batch_index
-
-
 @torch.no_grad()
 def sample_response(model, prompt_ids, seed, max_new_tokens, eos_id, pad_id):
     """One response (token ids, EOS included when sampled) to one prompt with the settings of
@@ -65,12 +56,9 @@ def sample_response(model, prompt_ids, seed, max_new_tokens, eos_id, pad_id):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_tokens=MAX_NEW_TOKENS, progress=True):
-    """Sampled responses (strings, in the order of prompt_ids) with the settings of docs/method.md 6.
-
-    Whole batches are sharded over ranks and the predictions gathered on every rank. An FSDP2-sharded
-    model runs every forward as a collective: every rank then takes as many batches (the last one
-    again where it runs out) and generates until every rank's batch is done (synced_gpus).
-    """
+    """Sampled responses (strings, in the order of prompt_ids) with the settings of docs/method.md 6. Whole
+    batches are sharded over ranks, the predictions gathered on every rank. Under FSDP2 every forward is a
+    collective: each rank takes as many batches (the last again) and runs until all are done (synced_gpus)."""
     from torch.distributed.fsdp import FSDPModule
     from tqdm import tqdm
     rank, world_size = world()
@@ -84,9 +72,9 @@ def generate(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_tokens=M
     for b in bar:
         prompts = batches[min(b, len(batches) - 1)]
         batch = {k: v.to(device) for k, v in data.collate_prompts(prompts, tokenizer.pad_token_id).items()}
-        # Seeded per batch, and the caller's random state (a training run's dropout) left alone.
+        # Seeded by batch, whatever the rank (Choice E1); the caller's random state (its dropout) left alone.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(batch_seed(seed, b))
+            torch.manual_seed(seed * 1_000_003 + b)
             out = model.generate(**batch, **GENERATION, max_new_tokens=max_new_tokens, synced_gpus=synced,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         if b < len(batches):
@@ -273,12 +261,9 @@ def save_figure(fig, path):
 
 
 def heatmap(values, row_labels, col_labels, title, path, reference="teacher"):
-    """strategy x dataset heatmap (the paper's figures 3, 4 and 7) as a PNG.
-
-    Colours are scaled per column over the student rows, so that differences between students are
-    visible even when the teacher is far ahead; the `reference` row (the teacher) is drawn in grey
-    with its numbers, outside the colour scale. NaN cells are left blank.
-    """
+    """strategy x dataset heatmap (the paper's figures 3, 4 and 7) as a PNG. Colours are scaled per column over
+    the students, so that they differ visibly even when the teacher is far ahead; the `reference` row is grey,
+    outside the colour scale, with its numbers. NaN cells are left blank."""
     grid = torch.tensor(values, dtype=torch.float64).reshape(len(row_labels), len(col_labels))
     students = torch.tensor([label != reference for label in row_labels])
     scaled = torch.full_like(grid, float("nan"))

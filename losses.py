@@ -587,12 +587,8 @@ def response_targets(input_ids, prompt_lengths, attention_mask=None):
 
 
 def next_token_targets(labels, ignore_index=IGNORE_INDEX):
-    """Aligns Hugging Face labels [B, T] with the logits that predict them: [B, T] where
-    targets[:, t] = labels[:, t + 1] and the last position is ignore_index.
-
-    mask = targets != ignore_index selects the response positions for kd_pass. Keeping the full
-    length (rather than slicing logits[:, :-1]) lets inplace_grad reuse the logits' buffer.
-    """
+    """Hugging Face labels [B, T] aligned with the logits that predict them: targets[:, t] = labels[:, t + 1],
+    the last position ignore_index (the full length, not logits[:, :-1], lets inplace_grad reuse the logits)."""
     targets = torch.full_like(labels, ignore_index)
     targets[:, :-1] = labels[:, 1:]
     return targets
@@ -641,10 +637,7 @@ STRATEGY_ARITY = {"fkl": 0, "rkl": 0, "fixed": 1, "linear": 2, "greedy": 0, "akl
 
 
 def parse_strategy(text):
-    """'linear:0.9,0.1' -> ('linear', (0.9, 0.1)); every alpha must lie in [0, 1].
-
-    Raises ValueError naming the valid strategies for an unknown name or a bad number.
-    """
+    """'linear:0.9,0.1' -> ('linear', (0.9, 0.1)); a ValueError naming the valid ones for a bad name or number."""
     kind, _, arguments = str(text).strip().partition(":")
     numbers = tuple(arguments.split(",")) if arguments else ()
     if kind not in STRATEGY_ARITY or len(numbers) != STRATEGY_ARITY[kind]:
@@ -665,10 +658,8 @@ def parse_strategy(text):
 
 
 def strategy_alpha(strategy, step, total_steps, stats=None):
-    """alpha of optimizer step `step` (0-based) of `total_steps` for a parsed strategy with a step rule.
-
-    linear moves from A0 at step 0 to A1 at the last step; greedy needs the step's summed stats.
-    """
+    """alpha of step `step` (0-based) of `total_steps` by a step rule: linear goes from A0 at step 0 to A1 at
+    the last; greedy needs the step's summed stats."""
     kind, numbers = strategy
     if kind not in STEP_RULES:
         raise ValueError(f"strategy {kind!r} has no step rule: akl and atkd weigh each token, arkd asks its "

@@ -58,10 +58,9 @@ def print0(*args):
 
 
 def write_atomic(path, content, keep_old=False):
-    """Replaces `path` only once its new content is complete: a crash never leaves half of it.
-    content: a string (a file's text) or write(tmp), which fills the directory tmp. A directory goes
-    through two renames (path -> path.old, tmp -> path); a crash between them leaves path.old, which
-    find_checkpoint also reads. keep_old keeps path.old afterwards (the previous checkpoint)."""
+    """Replaces `path` only once its new content is complete: a string (a file's text) or write(tmp), which
+    fills the directory tmp. A directory goes through two renames (path -> path.old, tmp -> path); a crash
+    between them leaves path.old, which find_checkpoint reads. keep_old keeps path.old (the last checkpoint)."""
     tmp, old = path + ".tmp", path + ".old"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if isinstance(content, str):
@@ -211,9 +210,8 @@ def find_checkpoint(out):
 
 
 def save_model(directory, student, tokenizer, info, training_state=None, weights=None):
-    """Plain Hugging Face weights (safetensors) that AutoModelForCausalLM loads, info.json, and for a
-    checkpoint training_state.pt (plain tensors and numbers). weights: the full state dict of a
-    sharded student (full_state), else the student's own."""
+    """Plain Hugging Face weights (safetensors), info.json, and for a checkpoint training_state.pt (plain tensors
+    and numbers). weights: the full state dict of a sharded student (full_state), else the student's own."""
     student.save_pretrained(directory, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(directory)
     with open(os.path.join(directory, "info.json"), "w") as f:
@@ -330,7 +328,7 @@ class MetricsLog:
 class ProgressLine:
     """A line on rank 0 every 10 seconds and at the last step: the step, loss, alpha and speed."""
 
-    def __init__(self, run, start_step, label):
+    def __init__(self, run, label):
         self.run, self.label, self.last_print = run, label, 0.0
 
     def update(self, row):

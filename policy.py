@@ -24,10 +24,8 @@ P5. The policy samples from its own random stream (in its state_dict): a resumed
 P6. All ranks run the same update; rank 0's parameters are then broadcast: the policies never drift.
 P7. Defaults M = 8, Adam lr 3e-3, c_H = 0.1, chosen on synthetic bandits (docs/method.md 3).
 P8. Normaliser statistics from the first 32 states, then frozen; only the reward is standardised.
-Signal options beyond the paper (docs/method.md 3, "the learning signal"): `horizon` K > 1 makes an
-action's return the sum of its reward and the next K - 1 (about its batch's relative progress over K
-steps); advantage="fixed_scale" divides the centred returns by the standard deviation of the first 32
-returns, frozen, in place of whitening each window: a window of weak signal then makes a small update.
+Signal options (docs/method.md 3): horizon K sums an action's reward and the next K - 1 (its return);
+advantage="fixed_scale" scales by the first 32 returns' spread, not each window's: weak signal, small update.
 """
 import copy
 import math
@@ -51,17 +49,13 @@ def _distributed():
     return dist.is_available() and dist.is_initialized()
 
 
-def _comm_device():
-    # NCCL only moves CUDA tensors; gloo moves CPU ones.
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-        else torch.device("cpu")
-
-
 def _collective(tensor, op):
-    """op(buffer) on a copy of `tensor` on the communication device: a new tensor on tensor's device."""
+    """op(buffer) on a copy of `tensor` on the communication device (NCCL moves CUDA tensors, gloo CPU
+    ones): a new tensor on tensor's device."""
     if not _distributed():
         return tensor.clone()
-    buffer = tensor.detach().to(_comm_device(), copy=True)
+    cuda = dist.get_backend() == "nccl"
+    buffer = tensor.detach().to(torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu", copy=True)
     op(buffer)
     return buffer.to(tensor.device)
 
@@ -243,9 +237,8 @@ class ARKDPolicy:
     def store_reward(self, reward):
         """Pairs `reward` (the same on every rank) with the pending action.
 
-        The reward also joins the returns of the horizon - 1 actions before it (horizon > 1); an action
-        becomes a transition once its return is complete. Returns True when M transitions are stored:
-        the caller then runs update().
+        The reward also joins the returns of the horizon - 1 actions before it; an action becomes a
+        transition once its return is complete. True when M transitions are stored: then run update().
         """
         if self.pending is None:
             raise RuntimeError("store_reward() called without a pending act()")
@@ -323,12 +316,9 @@ class ARKDPolicy:
 def lookahead_alpha(alpha, dot, norm_objective, norm_direction, step_size):
     """alpha_t = clip(alpha_{t-1} + eta * dot / (|g_J| |u|), 0, 1): one step of hypergradient descent.
 
-    The step's loss is linear in alpha: its gradient is g_RKL + alpha u with u = g_FKL - g_RKL.
-    With a plain gradient step theta_t = theta_{t-1} - lr (g_RKL + alpha_{t-1} u_{t-1}), the first-order
-    effect of alpha_{t-1} on J = FKL + RKL after that step is dJ(theta_t) / d alpha_{t-1}
-    = -lr g_J(theta_t) . u_{t-1}, with g_J measured on step t's batch, which step t-1 did not train on
-    (the hypergradient of Baydin et al., 2018; Choices H1, H2: J as the objective, the plain gradient step).
-    dot = g_J(theta_t) . u_{t-1}; dividing by both norms makes the move a cosine times eta, free of scale."""
+    The step's gradient is g_RKL + alpha u, u = g_FKL - g_RKL; after a gradient step along it,
+    dJ(theta_t) / d alpha_{t-1} = -lr g_J(theta_t) . u_{t-1} for J = FKL + RKL on step t's batch (Baydin
+    et al. 2018; Choices H1, H2, H4). dot = g_J . u; the cosine makes the move eta at most, free of scale."""
     if norm_objective == 0 or norm_direction == 0:
         return alpha
     return min(max(alpha + step_size * dot / (norm_objective * norm_direction), 0.0), 1.0)
