@@ -1,8 +1,8 @@
 """Headroom: a constructed task family where a schedule of alpha beats every fixed alpha, and what
 ARKD, its controls and its signal options find there (docs/headroom.md: pre-registration, results).
 
-    python -m experiments.headroom select --out runs/headroom      # the grid and the schedules, selection seeds
-    python -m experiments.headroom arms --out runs/headroom        # every arm on fresh seeds, the report
+    OMP_NUM_THREADS=1 python -m experiments.headroom select --out runs/headroom   # best fixed alpha and schedule
+    OMP_NUM_THREADS=1 python -m experiments.headroom arms --out runs/headroom     # every arm, fresh seeds, the report
 
 The task: over an ordered vocabulary of 64 tokens, context c (features x_c in R^3) has a teacher with
 two modes of width 2.5: a minor one (mass 1 - w_c) near token 16 and a major one (w_c in [0.6, 0.8])
@@ -282,12 +282,11 @@ def write_report(report, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="The headroom experiment (docs/headroom.md).")
-    p.add_argument("command", choices=("select", "arms"), help="select: the best fixed alpha and schedule on the "
-                   "selection seeds; arms: every arm on fresh seeds, with the report")
-    p.add_argument("--out", required=True, help="where selection.json, results.json and report.md go")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    commands = p.add_subparsers(dest="command", required=True)
+    for name, text in (("select", "the best fixed alpha and schedule on the selection seeds (OUT/selection.json)"),
+                       ("arms", "every arm on fresh seeds (OUT/results.json, OUT/report.md)")):
+        commands.add_parser(name, help=text).add_argument("--out", required=True, help="the experiment's folder")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     select(args.out) if args.command == "select" else run_all(args.out)
 
 

@@ -886,3 +886,60 @@ def test_the_study_alpha_plot_draws_every_seeds_alpha_and_policy_mean(tmp_path, 
     assert lines["arkd-s2: policy mean"] == pytest.approx([2 / 4, 3 / 5, 4 / 6])
     sampled = [series for label, series in lines.items() if not label.endswith("policy mean")]
     assert sorted(map(tuple, sampled)) == [pytest.approx((0.1, 0.11, 0.12)), pytest.approx((0.2, 0.21, 0.22))]
+
+
+# ----------------------------------------------------------------------------------------------
+# The headroom experiment (docs/headroom.md)
+
+from experiments import headroom  # noqa: E402
+
+HEADROOM_FLAGS = {"select --out": (["select", "--out", "O"], "select"), "arms --out": (["arms", "--out", "O"], "run_all")}
+
+
+def test_every_headroom_flag_reaches_its_function(monkeypatch):
+    assert set(command_line_options(headroom.main, ["select", "--out", "x"])) == set(HEADROOM_FLAGS)
+    for flag, (argv, worker) in HEADROOM_FLAGS.items():
+        calls = recorded(monkeypatch, headroom, worker)
+        headroom.main(argv)
+        assert calls == [(("O",), {})], flag
+
+
+def test_headroom_task_and_arms_against_direct_computations():
+    """Bug classes: a teacher that is not a distribution or a student that does not start on the minor
+    mode; a schedule's switch at the wrong step; ARKD's arm options ignored (updates counted: 30 steps
+    make 3 updates at M = 8, 2 with a 10-step return); per-seed alphas of fixed_at mixed up; an oracle
+    alpha off its grid."""
+    x, _, log_p, _, targets = headroom.make_task(7)
+    assert torch.allclose(log_p.exp().sum(-1), torch.ones(len(log_p), dtype=torch.float64))
+    zero = torch.zeros(1, 2, headroom.FEATURES + 1, dtype=torch.float64)
+    assert int(headroom.student_logits(zero, x[:1].unsqueeze(0)).argmax()) == 16
+    arms = [("fixed", 0.3), ("switch", 0.5), ("fixed_at", [0.2, 0.7]), ("arkd", {}), ("arkd", {"horizon": 10}),
+            ("oracle", None)]
+    results, alphas, updates = headroom.run_arms(arms, (1, 2), 30, 4)
+    assert alphas["fixed-0.3"] == pytest.approx([0.3, 0.3]) and alphas["switch-0.5"] == pytest.approx([0.5, 0.5])
+    assert alphas["fixed-at-arkd-mean"] == pytest.approx([0.2, 0.7])
+    assert updates == {"arkd": 3, "arkd-horizon10": 2}
+    assert all(abs(a * 300 - round(a * 300)) < 1e-6 for a in alphas["oracle"]) and len(results["oracle"]) == 2
+    assert all(0 <= a <= 1 for a in alphas["oracle"]) and all(v > 0 for v in results["fixed-0.3"])
+
+
+def test_headroom_analysis_holm_and_bonferroni_against_a_direct_computation():
+    from scipy import stats as st
+    base = [1.0, 1.1, 0.9, 1.05]
+    results = {"fixed-0.0": base, "fixed-0.5": [2.0, 2.1, 2.2, 2.0], "switch-0.1": [0.3, 0.36, 0.2, 0.34],
+               "arkd": [0.95, 1.12, 0.8, 1.0], "oracle": [1.5, 1.3, 1.4, 1.6]}
+    out = headroom.analyse(results, "fixed-0.0", "switch-0.1", {"arkd": 500})
+    arms = ["switch-0.1", "arkd", "oracle"]
+    p = {k: st.ttest_rel(results[k], base).pvalue for k in arms}
+    order = sorted(arms, key=p.get)
+    holm = {k: min(1.0, max((len(arms) - i) * p[j] for i, j in enumerate(order[:order.index(k) + 1]))) for k in arms}
+    for k in arms:
+        diff = [a - b for a, b in zip(results[k], base)]
+        assert out["arms"][k]["p_holm"] == pytest.approx(holm[k], rel=1e-9), k
+        half = st.t.ppf(1 - 0.025 / 3, 3) * st.tstd(diff) / 2
+        assert out["arms"][k]["half_width"] == pytest.approx(half, rel=1e-9), k
+    gain = sum(b - s for b, s in zip(base, results["switch-0.1"])) / 4
+    assert out["gain"] == pytest.approx(gain) and out["arms"]["arkd"]["share_of_gain"] == pytest.approx(
+        -(sum(results["arkd"]) - sum(base)) / 4 / gain)
+    assert out["verified"]["beats_every_fixed_on_every_seed"] and out["verified"]["gap_in_seed_sds"] > 10
+    assert out["verdict"] == "negative"                 # 6% of the gain after 500 updates
