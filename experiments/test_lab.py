@@ -943,3 +943,10 @@ def test_headroom_analysis_holm_and_bonferroni_against_a_direct_computation():
         -(sum(results["arkd"]) - sum(base)) / 4 / gain)
     assert out["verified"]["beats_every_fixed_on_every_seed"] and out["verified"]["gap_in_seed_sds"] > 10
     assert out["verdict"] == "negative"                 # 6% of the gain after 500 updates
+
+
+def test_headroom_akl_by_sort_equals_the_reference_akl_alpha():
+    from losses import akl_alpha
+    torch.manual_seed(3)
+    s, t = torch.randn(5, 7, 64, dtype=torch.float64) * 2, torch.randn(5, 7, 64, dtype=torch.float64) * 3
+    assert torch.allclose(headroom.akl_by_sort(s.softmax(-1), t.softmax(-1)), akl_alpha(s, t), atol=1e-12)
