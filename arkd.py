@@ -43,7 +43,7 @@ RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "max_pro
                 "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "reward_every",
                 "policy_buffer", "policy_lr", "policy_entropy", "seqkd_data", "train_examples", "atkd_lam",
                 "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "lookahead_step", "alpha_schedule", "sgo_ratio", "shard",
-                "reward_batch", "reward_horizon", "policy_advantage", "lookahead_precondition")
+                "reward_batch", "reward_horizon", "policy_advantage", "lookahead_precondition", "gen_batch_size")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--eval_every", type=int, default=200, help="validate and checkpoint every N steps (0: at the end)")
     p.add_argument("--val_examples", type=int, default=500, help="dev prompts used for validation Rouge-L")
     p.add_argument("--max_new_tokens", type=int, default=256, help="tokens sampled per prompt (validation, SeqKD)")
-    p.add_argument("--gen_batch_size", type=int, default=16, help="prompts per generation batch")
+    p.add_argument("--gen_batch_size", type=int, default=16, help="prompts per generate call (validation, SeqKD, SGO)")
     p.add_argument("--train_examples", type=int, default=0, help="use the first N training records (0: all)")
     p.add_argument("--keep_checkpoints", type=int, default=2, choices=(1, 2), help="training checkpoints kept (each "
                    "holds weights and AdamW: 12 bytes a parameter): OUT/last, and with 2 OUT/last.old too")
@@ -121,7 +121,7 @@ def parse_args(argv=None):
     if args.method == "kd":
         parse_strategy(args.strategy)                  # unknown names fail here, before any work
     for name in ("lr", "batch_size", "epochs", "reward_every", "policy_buffer", "val_examples", "max_bad_steps",
-                 "lookahead_step", "max_prompt", "reward_horizon"):
+                 "lookahead_step", "max_prompt", "reward_horizon", "gen_batch_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be > 0")
     if args.max_total <= args.max_prompt:
@@ -132,9 +132,9 @@ def parse_args(argv=None):
         p.error("--sgo_ratio needs --method kd: the teacher's distribution is the target of a sampled response")
     if not (0 <= args.atkd_lam <= 1 and 0 <= args.okd_a_t <= 1) or args.okd_rank < 1:
         p.error("--atkd_lam and --okd_a_t must lie in [0, 1], --okd_rank must be >= 1")
-    if args.shard == "fsdp" and (args.method == "okd" or args.sgo_ratio or args.strategy == "lookahead"):
-        p.error("--shard fsdp trains --method sft, seqkd and kd, without --strategy lookahead and --sgo_ratio "
-                "(they read full gradients or sample on one rank alone): use --shard ddp")
+    if args.shard == "fsdp" and (args.method == "okd" or args.strategy == "lookahead"):
+        p.error("--shard fsdp trains --method sft, seqkd and kd, without --strategy lookahead (it reads full "
+                "gradients): use --shard ddp")
     strategy = args.strategy if args.method == "kd" else None     # signal options (docs/method.md 3) need theirs
     if ((args.reward_batch, args.reward_horizon, args.policy_advantage) != ("same", 1, "whitened") and strategy != "arkd"
             or args.lookahead_precondition != "none" and strategy != "lookahead"):
@@ -248,16 +248,20 @@ def micro_batches(examples, step, args, run, student=None, tokenizer=None):
     """The micro-batches of step `step` on this rank, a pure function of the step (and with --sgo_ratio of
     the student). Each epoch has a seeded order; rank r takes every world_size-th example (1 process x 4
     micro-batches and 2 x 2 see the same step). --sgo_ratio: the examples at global positions j with
-    floor((j + 1) lambda) > floor(j lambda) get the student's own response, seeded by (seed, step, example): T8."""
-    per_step = args.batch_size * run.grad_accum
-    steps_per_epoch = len(examples) // (per_step * run.world_size)
-    epoch, within = divmod(step, steps_per_epoch)
-    mine = data.epoch_order(len(examples), args.seed, epoch)[run.rank::run.world_size]
-    chosen = [examples[j] for j in mine[within * per_step:(within + 1) * per_step]]
+    floor((j + 1) lambda) > floor(j lambda) get the student's own response (on_policy_responses): T8."""
+    per_step, world_size = args.batch_size * run.grad_accum, run.world_size
+    epoch, within = divmod(step, len(examples) // (per_step * world_size))
+    order = data.epoch_order(len(examples), args.seed, epoch)[within * per_step * world_size:]
+    step_examples = [examples[j] for j in order[:per_step * world_size]]     # global position j: rank j % world_size
     if student is not None and args.sgo_ratio > 0:
         lam = args.sgo_ratio
-        chosen = [on_policy_example(student, tokenizer, e, args, step) if math.floor((j + 1) * lam) > math.floor(j * lam)
-                  else e for e, j in zip(chosen, range(run.rank, per_step * run.world_size, run.world_size))]
+        positions = [j for j in range(len(step_examples)) if math.floor((j + 1) * lam) > math.floor(j * lam)]
+        for j, response in zip(positions, on_policy_responses(student, tokenizer, [step_examples[j] for j in positions],
+                                                              args, step)):
+            prompt = step_examples[j]["prompt_ids"]
+            step_examples[j] = {"index": step_examples[j]["index"], "prompt_ids": prompt, "input_ids": prompt + response,
+                                "labels": [IGNORE_INDEX] * len(prompt) + response}
+    chosen = step_examples[run.rank::world_size]
     batches = []
     for i in range(run.grad_accum):
         batch = data.collate_train(chosen[i * args.batch_size:(i + 1) * args.batch_size], run.pad_id)
@@ -266,17 +270,17 @@ def micro_batches(examples, step, args, run, student=None, tokenizer=None):
     return batches
 
 
-def on_policy_example(student, tokenizer, example, args, step):
-    """`example` with its response replaced by one the student samples (eval mode) from its prompt."""
-    prompt = example["prompt_ids"]
+def on_policy_responses(student, tokenizer, chosen, args, step):
+    """The student's responses (eval mode) to the prompts of `chosen`, all ranks' examples of the step in
+    global order: --gen_batch_size chunks, chunk c sampled by rank c mod W with seed (seed, step, c) and
+    gathered (evaluate.generate_ids), each cut at its first EOS and at its own length limit (Choice T8)."""
+    limits = [min(args.max_new_tokens, args.max_total - len(e["prompt_ids"])) for e in chosen]
     was_training = student.training
     student.eval()
-    response = evaluate.sample_response(student, prompt, (args.seed * 1_000_003 + step) * 1_000_003 + example["index"],
-                                        min(args.max_new_tokens, args.max_total - len(prompt)),
-                                        tokenizer.eos_token_id, tokenizer.pad_token_id)
+    responses = evaluate.generate_ids(student, tokenizer, [e["prompt_ids"] for e in chosen], args.seed * 1_000_003 + step,
+                                      args.gen_batch_size, max(limits, default=1), progress=False)
     student.train(was_training)
-    return {"index": example["index"], "prompt_ids": prompt, "input_ids": prompt + response,
-            "labels": [IGNORE_INDEX] * len(prompt) + response}
+    return [r[:limit] for r, limit in zip(responses, limits)]
 
 
 def build_seqkd_data(teacher, tokenizer, args, out_dir, part_size=256):

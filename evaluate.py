@@ -41,22 +41,15 @@ METRICS = ("rougeL", "exact_match", "bertscore_f1")
 # Sampling
 
 
-@torch.no_grad()
-def sample_response(model, prompt_ids, seed, max_new_tokens, eos_id, pad_id):
-    """One response (token ids, EOS included when sampled) to one prompt with the settings of
-    docs/method.md 6, alone in its batch so that nothing else in a batch can change it; the
-    caller's random state is left alone. For training on the student's own outputs (--sgo_ratio)."""
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=torch.tensor([prompt_ids], device=device), **GENERATION,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
-    return out[0, len(prompt_ids):].tolist()
-
-
-@torch.no_grad()
 def generate(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_tokens=MAX_NEW_TOKENS, progress=True):
-    """Sampled responses (strings, in the order of prompt_ids) with the settings of docs/method.md 6. Whole
+    """Sampled responses (strings, in the order of prompt_ids) with the settings of docs/method.md 6."""
+    responses = generate_ids(model, tokenizer, prompt_ids, seed, batch_size, max_new_tokens, progress)
+    return [t.strip() for t in tokenizer.batch_decode(responses, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_tokens=MAX_NEW_TOKENS, progress=True):
+    """Sampled responses (token lists, each cut after its first EOS by position, the EOS kept). Whole
     batches are sharded over ranks, the predictions gathered on every rank. Under FSDP2 every forward is a
     collective: each rank takes as many batches (the last again) and runs until all are done (synced_gpus)."""
     from torch.distributed.fsdp import FSDPModule
@@ -77,9 +70,9 @@ def generate(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_tokens=M
             torch.manual_seed(seed * 1_000_003 + b)
             out = model.generate(**batch, **GENERATION, max_new_tokens=max_new_tokens, synced_gpus=synced,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        if b < len(batches):
-            new_tokens = out[:, batch["input_ids"].shape[1]:]
-            mine[b] = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        if b < len(batches):            # after its EOS a row holds padding (GPT-2's pad is its EOS: cut by position)
+            rows = out[:, batch["input_ids"].shape[1]:].tolist()
+            mine[b] = [r[:r.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in r else r for r in rows]
     if world_size > 1:       # every rank needs every prediction, in dataset order
         parts = [None] * world_size
         dist.all_gather_object(parts, mine)

@@ -1810,7 +1810,7 @@ def _step_gradients(rank, world_size, port, pair, grad_accum, out_file, method="
     LoRA's too; "sgo": KD with half of the responses sampled by the student)."""
     if world_size > 1:
         _join_gloo(rank, world_size, port)
-    sgo = ["--sgo_ratio", "0.5", "--max_new_tokens", "8"] if method == "sgo" else []
+    sgo = ["--sgo_ratio", "0.5", "--max_new_tokens", "8", "--gen_batch_size", "3"] if method == "sgo" else []
     args, run, tokenizer, student, teacher, examples = setup_run(train_argv(
         pair, os.path.dirname(out_file), "--method", "kd" if method == "sgo" else method, "--strategy", "fixed:0.3",
         "--lm_weight", "0.5", "--grad_accum", str(grad_accum), "--grad_clip", "1e9", "--okd_rank", "4", *sgo))
@@ -1933,7 +1933,8 @@ def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(pair, tmp_path):
     from safetensors.torch import load_file
     plain = {k: v for k, v in pair.items() if k != "tokenizer"}
     common = ("--strategy", "arkd", "--grad_accum", "2", "--max_steps", "6", "--eval_every", "3", "--val_examples", "3",
-              "--gen_batch_size", "1", "--policy_buffer", "2")      # 3 prompts on 2 ranks: one rank generates twice
+              "--gen_batch_size", "3", "--policy_buffer", "2",      # 3 prompts on 2 ranks: rank 1 has none
+              "--sgo_ratio", "0.5", "--max_new_tokens", "8")        # 8 student responses a step: 3 chunks, rank 0 two
     runs = {"ddp": [], "fsdp": ["--shard", "fsdp"], "first": ["--shard", "fsdp", "--stop_after", "4"],
             "resumed": ["--shard", "fsdp", "--resume"]}
     for name, extra in runs.items():
@@ -2786,12 +2787,12 @@ def test_every_model_is_in_the_mode_its_phase_needs(pair, tmp_path, monkeypatch)
     reward forward) in train mode, samples (validation, student-generated responses) in eval mode and is
     back in train mode after; the teacher stays in eval mode throughout."""
     seen = []
-    forward, generate, sample = arkd.forward, evaluate.generate, evaluate.sample_response
+    forward, generate, sample = arkd.forward, evaluate.generate, evaluate.generate_ids
     monkeypatch.setattr(arkd, "forward", lambda model, batch, run: seen.append(
         ("forward", getattr(model, "module", model).config.n_embd, model.training)) or forward(model, batch, run))
     monkeypatch.setattr(evaluate, "generate", lambda model, *a, **k: seen.append(
         ("generate", model.config.n_embd, model.training)) or generate(model, *a, **k))
-    monkeypatch.setattr(evaluate, "sample_response", lambda model, *a, **k: seen.append(
+    monkeypatch.setattr(evaluate, "generate_ids", lambda model, *a, **k: seen.append(
         ("sample", model.config.n_embd, model.training)) or sample(model, *a, **k))
     result = arkd.main(train_argv(pair, tmp_path, "--strategy", "arkd", "--sgo_ratio", "0.5", "--eval_every", "2",
                                   "--max_steps", "4", "--policy_buffer", "2"))
@@ -2799,10 +2800,11 @@ def test_every_model_is_in_the_mode_its_phase_needs(pair, tmp_path, monkeypatch)
     assert {mode for kind, width, mode in seen if kind == "forward" and width == student} == {True}
     assert {mode for kind, width, mode in seen if width == teacher} == {False}
     assert {mode for kind, width, mode in seen if kind in ("generate", "sample")} == {False}
-    assert [kind for kind, _, _ in seen].count("generate") == 2 and "sample" in [kind for kind, _, _ in seen]
+    sgo = [i for i, (kind, _, _) in enumerate(seen) if kind == "sample" and seen[i - 1][0] != "generate"]   # not validation's
+    assert [kind for kind, _, _ in seen].count("generate") == 2 and len(sgo) == 4      # one batched call a step
     assert result["student"].training and not result["teacher"].training
     forwards = [i for i, (kind, width, _) in enumerate(seen) if kind == "forward" and width == student]
-    assert forwards[-1] > max(i for i, (kind, _, _) in enumerate(seen) if kind == "sample")   # training went on after
+    assert forwards[-1] > max(sgo)                                # training went on after
 
 
 def capture_figures(monkeypatch):

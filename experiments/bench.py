@@ -25,6 +25,7 @@ run's sizes (reduced without CUDA) with evaluation prompts per second (experimen
     python -m experiments.bench --akl --n 1024 --repeats 5
     python -m experiments.bench --against HEAD~1 --n 1024 --repeats 5
     python -m experiments.bench --step --teacher_size 24,1024 --student_size 12,768 --step_batch 8   # GPT-2 shapes
+    python -m experiments.bench --sgo --repeats 5      # student-generated responses: batched vs one at a time
     python -m experiments.bench --gpu_check --out runs/gpu_check      # gpu_check.json and gpu_check.md
 """
 import argparse
@@ -333,7 +334,7 @@ def generation_speed(layers, width, new_tokens, prompts=64, batch=32):
 
         @staticmethod
         def batch_decode(ids, skip_special_tokens=True):
-            return [" ".join(map(str, row.tolist())) for row in ids]
+            return [" ".join(map(str, row)) for row in ids]
     prompt_ids = torch.randint(0, 50000, (prompts, 100)).tolist()
     start_memory_window(device)
     start = time.perf_counter()
@@ -342,6 +343,30 @@ def generation_speed(layers, width, new_tokens, prompts=64, batch=32):
     return {"layers": layers, "width": width, "new_tokens": new_tokens, "prompts": prompts, "batch": batch,
             "prompts_per_second": prompts / seconds,
             "peak_bytes": peak_memory_bytes(device)}
+
+
+def sgo_benchmark(args):
+    """Seconds per generated token of one step's 8 student-generated responses (arkd.on_policy_responses)
+    batched (--gen_batch_size 8) against one example at a time (1), in alternating rounds, for a random
+    GPT-2 of --student_size (vocabulary 50257, 100-token prompts, 32 new tokens: no early EOS)."""
+    import arkd
+    from transformers import GPT2Config, GPT2LMHeadModel
+    layers, width = map(int, args.student_size.split(","))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=layers, n_head=max(1, width // 64), bos_token_id=50256,
+                                       eos_token_id=50256)).eval()
+    tokenizer = argparse.Namespace(pad_token_id=50256, eos_token_id=50256)
+    examples = [{"prompt_ids": p} for p in torch.randint(0, 50000, (8, 100)).tolist()]
+    per_token = {1: [], 8: []}
+    for round_ in range(args.repeats):
+        for size, times in per_token.items():
+            settings = argparse.Namespace(max_new_tokens=32, max_total=512, seed=round_, gen_batch_size=size)
+            start = time.perf_counter()
+            responses = arkd.on_policy_responses(model, tokenizer, examples, settings, step=0)
+            times.append((time.perf_counter() - start) / sum(map(len, responses)))
+    medians = {size: statistics.median(times) for size, times in per_token.items()}
+    return {"seconds_per_token": medians, "speedup": medians[1] / medians[8], "student": args.student_size,
+            "device": f"CPU, {torch.get_num_threads()} thread(s)"}
 
 
 def gpu_check(args):
@@ -403,6 +428,8 @@ def main():
     parser.add_argument("--gpu_check", action="store_true", help="the GPU checklist (reduced sizes without CUDA); "
                         "writes --out/gpu_check.json and .md")
     parser.add_argument("--step", action="store_true", help="step benchmark: ARKD step over FKL step in arkd.py")
+    parser.add_argument("--sgo", action="store_true", help="a step's 8 student-generated responses batched against "
+                        "one at a time (--student_size, --repeats)")
     parser.add_argument("--steps", type=int, default=43, help="--step: optimizer steps per run")
     parser.add_argument("--step_variants", default=STEP_VARIANTS, help="--step: comma-separated strategies with any "
                         "further arkd.py flags, each timed against fkl")
@@ -438,6 +465,13 @@ def main():
         return print(json.dumps(summary, indent=1)) if args.json else print_step(summary)
     if args.gpu_check:
         return gpu_check(args)
+    if args.sgo:
+        torch.set_num_threads(args.threads)
+        s = sgo_benchmark(args)
+        return print(json.dumps(s, indent=1) if args.json else f"student-generated responses, 8 a step ({s['device']}): "
+                     f"{1e3 * s['seconds_per_token'][8]:.2f} ms per generated token batched (--gen_batch_size 8), "
+                     f"{1e3 * s['seconds_per_token'][1]:.2f} one at a time: {s['speedup']:.2f}x fewer seconds per token "
+                     f"(baseline: one example at a time)")
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or "naive" not in variants:

@@ -700,6 +700,8 @@ BENCH_FLAGS = {   # flag: (argv, check(run, tmp_path))
     "--gpu_check": (["--gpu_check", "--out", "OUT"], lambda r, t: len(r["gpu_check"]) == 1),
     "--out": (["--gpu_check", "--out", "OUT"], lambda r, t: r["gpu_check"][0][0][0].out == str(t / "OUT")),
     "--step": (["--step"], lambda r, t: r["models"] and not r["launched"] or "arkd.py" in r["launched"][0]),
+    "--sgo": (["--sgo", "--repeats", "1", "--student_size", "1,32"], lambda r, t: "fewer seconds per token (baseline: "
+              "one example at a time)" in r["printed"]),
     "--teacher_size": (["--step", "--teacher_size", "1,32"], lambda r, t: r["models"][0][0][2:4] == (32, 1)),
     "--student_size": (["--step", "--student_size", "3,48"], lambda r, t: r["models"][1][0][2:4] == (48, 3)),
 }
