@@ -57,7 +57,7 @@ def parse_args(argv=None):
                    "seqkd: CE on teacher samples; kd: alpha FKL + (1 - alpha) RKL; okd: FKL against a teacher "
                    "whose LoRA trains alongside")
     p.add_argument("--strategy", default="arkd", help="kd only: fkl, rkl, fixed:A, linear:A0,A1, greedy, akl, arkd, "
-                   "atkd, lookahead (ours), replay (--alpha_schedule), jsd:B, tvd, skl:A, srkl:A")
+                   "atkd, lookahead (ours), replay (--alpha_schedule), jsd:B, tvd, skl:A, srkl:A, ab:A,B")
     p.add_argument("--teacher", default="MiniLLM/teacher-gpt2-1.5B", help="teacher model (kd, seqkd)")
     p.add_argument("--student", default="MiniLLM/init-gpt2-120M", help="student initialisation")
     p.add_argument("--data_dir", default=None, help="MiniLLM data: a folder in the Hub layout, a folder holding a "
@@ -449,7 +449,7 @@ def kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer,
     out = kd_pass(logits, teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size, args.chunk_tokens,
                   target_ids=targets, inplace_grad=teacher_optimizer is None and not two_backward, atkd=kind == "atkd",
                   akl=kind == "akl" or state_read,
-                  divergence=(kind, numbers[0] if numbers else 0.0) if kind in DIVERGENCES else None)
+                  divergence=(kind, numbers if kind == "ab" else numbers[0] if numbers else 0.0) if kind in DIVERGENCES else None)
     return out, teacher_logits
 
 

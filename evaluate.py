@@ -98,15 +98,10 @@ def rouge_l(prediction, references):
     return 100 * max(_ROUGE.score(ref, prediction)["rougeL"].fmeasure for ref in references)
 
 
-def _normalise(text):
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return " ".join(text.split())
-
-
 def exact_match(prediction, references):
-    """100 if the prediction equals a reference after normalisation (Choice E2), else 0."""
-    return 100.0 * any(_normalise(prediction) == _normalise(ref) for ref in references) \
-        if prediction.strip() else 0.0
+    """100 if the prediction equals a reference lower-cased, without punctuation, whitespace collapsed (E2), else 0."""
+    normalise = lambda text: " ".join(text.lower().translate(str.maketrans("", "", string.punctuation)).split())  # noqa: E731
+    return 100.0 * any(normalise(prediction) == normalise(ref) for ref in references) if prediction.strip() else 0.0
 
 
 class BERTScore:

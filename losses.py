@@ -35,7 +35,7 @@ IGNORE_INDEX = -100
 STAT_NAMES = ("tokens", "fkl", "rkl", "teacher_entropy", "student_entropy",
               "akl_alpha", "top1_agreement", "student_ce")
 STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "arkd", "atkd", "lookahead", "replay",
-                  "jsd:B", "tvd", "skl:A", "srkl:A")
+                  "jsd:B", "tvd", "skl:A", "srkl:A", "ab:A,B")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,6 +51,8 @@ def _check_divergence(kind, c):
     # jsd at 0 or 1 is 0 (TRL then switches to FKL or RKL: use those); a skew of 1 makes m = p (or q).
     if kind not in DIVERGENCES:
         raise ValueError(f"unknown divergence {kind!r}; valid: {', '.join(DIVERGENCES)}")
+    if kind == "ab" and not (len(c) == 2 and min(c) >= 0 and sum(c) > 0 and all(map(math.isfinite, c))):
+        raise ValueError(f"divergence ab: (a, b) = {c} must have a, b >= 0 and a + b > 0 (Choice 8.2)")
     if (kind == "jsd" and not 0 < c < 1) or (kind in ("skl", "srkl") and not 0 <= c < 1):
         raise ValueError(f"divergence {kind}: coefficient {c} must lie in (0, 1) for jsd, [0, 1) for skl and srkl")
 
@@ -86,20 +88,16 @@ def log_probs(logits, tau=1.0):
 
 
 def forward_kl(student_logits, teacher_logits, tau=1.0, vocab_size=None):
-    """FKL_t = tau^2 * sum_v p(v) (log p(v) - log q(v)), p teacher, q student.
-
-    [..., V] x [..., V] -> [...]; differentiable in student_logits; >= 0, and 0 only when p == q.
-    """
+    """FKL_t = tau^2 * sum_v p(v) (log p(v) - log q(v)), p teacher, q student. [..., V] x [..., V] -> [...];
+    differentiable in student_logits; >= 0, and 0 only when p == q."""
     student_logits, teacher_logits = _cut_vocab(student_logits, teacher_logits, vocab_size)
     log_q, log_p = log_probs(student_logits, tau), log_probs(teacher_logits, tau)
     return tau ** 2 * (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def reverse_kl(student_logits, teacher_logits, tau=1.0, vocab_size=None):
-    """RKL_t = tau^2 * sum_v q(v) (log q(v) - log p(v)), p teacher, q student.
-
-    [..., V] x [..., V] -> [...]; differentiable in student_logits; >= 0, and 0 only when p == q.
-    """
+    """RKL_t = tau^2 * sum_v q(v) (log q(v) - log p(v)), p teacher, q student. [..., V] x [..., V] -> [...];
+    differentiable in student_logits; >= 0, and 0 only when p == q."""
     student_logits, teacher_logits = _cut_vocab(student_logits, teacher_logits, vocab_size)
     log_q, log_p = log_probs(student_logits, tau), log_probs(teacher_logits, tau)
     return tau ** 2 * (log_q.exp() * (log_q - log_p)).sum(-1)
@@ -324,10 +322,10 @@ def _atkd_grad(log_p, log_q, targets, nt_p, nt_q, g_tckd, g_nckd):
     return out.scatter_add_(1, t, (g_tckd * gap).unsqueeze(1))
 
 
-# The peers' divergences: JSD(beta) as TRL defines it, TVD, and DistiLLM's skew KL and skew reverse
-# KL. Each is a D(p, q) per row with its slope a = dD/dq per column; through the softmax,
-# dD/dz(u) = q(u) (a(u) - sum_v q(v) a(v)) / tau (the constant part of a cancels).
-DIVERGENCES = ("jsd", "tvd", "skl", "srkl")
+# The peers' divergences: JSD(beta) as TRL defines it, TVD, DistiLLM's skew KL and skew reverse KL, and
+# ABKD's alpha-beta divergence. Each is a D(p, q) per row with w = q dD/dq per column; through the
+# softmax, dD/dz(u) = (w(u) - q(u) sum_v w(v)) / tau (the part of dD/dq constant in v cancels).
+DIVERGENCES = ("jsd", "tvd", "skl", "srkl", "ab")
 
 
 def _log_mix(log_a, log_b, weight_a):
@@ -338,23 +336,40 @@ def _log_mix(log_a, log_b, weight_a):
 
 
 def _divergence_and_slope(kind, c, log_p, log_q, p, q, slope=True):
-    """(D [n], a = dD/dq [n, V]) for teacher p and student q (floored logs, Choice L1):
+    """(D [n], w = q dD/dq [n, V]) for teacher p and student q (floored logs, Choice L1):
 
-        jsd   m = c p + (1 - c) q   D = c KL(p || m) + (1 - c) KL(q || m)   a = (1 - c) log(q / m)
-        tvd                         D = 1/2 sum |p - q|                      a = 1/2 sign(q - p)
-        skl   m = c p + (1 - c) q   D = KL(p || m)                           a = -(1 - c) p / m
-        srkl  m = c q + (1 - c) p   D = KL(q || m)                           a = log(q / m) - c q / m (+ 1)
+        jsd   m = c p + (1 - c) q   D = c KL(p || m) + (1 - c) KL(q || m)   w = (1 - c) q log(q / m)
+        tvd                         D = 1/2 sum |p - q|                      w = 1/2 q sign(q - p)
+        skl   m = c p + (1 - c) q   D = KL(p || m)                           w = -(1 - c) q p / m
+        srkl  m = c q + (1 - c) p   D = KL(q || m)                           w = q log(q / m) - c q^2 / m
+        ab    c = (a, b)  D = -1/(a b) sum [p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)]    (ABKD, Wang et al. 2025)
+                          w = q^b (q^a - p^a) / a, and (q^a - p^a) / a -> log(q / p) at a = 0
+    ab at b = 0: 1/a^2 sum [a p^a log(p / q) - p^a + q^a] (FKL at (1, 0)); at a = 0 p, q and a, b swap (RKL at (0, 1)).
     """
+    if kind == "ab":                # per column from r = log p - log q with expm1 (Choice 8.3: fp32 keeps its digits)
+        (a, b), r = c, log_p - log_q
+        if a == 0 or b == 0:        # k^-2 [x^k (k s + expm1(-k s))] = k^-2 [k s x^k + y^k - x^k]: x = p, s = r at b = 0
+            k, s, log_x, log_y = (a, r, log_p, log_q) if b == 0 else (b, -r, log_q, log_p)
+            x_k = torch.exp(k * log_x)
+            value = torch.where(k * s > -1, x_k * (k * s + torch.expm1(-k * s)), k * s * x_k + torch.exp(k * log_y) - x_k)
+            value = value.sum(-1) / k ** 2
+        else:                       # r <= 0: q^(a+b) [a expm1((a+b) r) - (a+b) expm1(a r)] / (a b (a+b)); r > 0: its mirror
+            low = r <= 0
+            x, r_low = torch.where(low, r.new_tensor(a), r.new_tensor(b)), torch.where(low, r, -r)
+            value = (torch.exp((a + b) * torch.maximum(log_p, log_q)) * (x * torch.expm1((a + b) * r_low) - (a + b) *
+                     torch.expm1(x * r_low))).sum(-1) / (a * b * (a + b))
+        w = torch.exp(b * log_q) * ((torch.expm1(a * log_q) - torch.expm1(a * log_p)) / a if a else -r) if slope else None
+        return value, w
     if kind == "tvd":
-        return 0.5 * (p - q).abs().sum(-1), 0.5 * torch.sign(q - p) if slope else None
+        return 0.5 * (p - q).abs().sum(-1), 0.5 * q * torch.sign(q - p) if slope else None
     if kind == "srkl":
         log_m = _log_mix(log_q, log_p, c)
-        return (q * (log_q - log_m)).sum(-1), (log_q - log_m) - c * torch.exp(log_q - log_m) if slope else None
+        return (q * (log_q - log_m)).sum(-1), q * ((log_q - log_m) - c * torch.exp(log_q - log_m)) if slope else None
     log_m = _log_mix(log_p, log_q, c)
     if kind == "jsd":
         value = c * (p * (log_p - log_m)).sum(-1) + (1 - c) * (q * (log_q - log_m)).sum(-1)
-        return value, (1 - c) * (log_q - log_m) if slope else None
-    return (p * (log_p - log_m)).sum(-1), -(1 - c) * torch.exp(log_p - log_m) if slope else None
+        return value, (1 - c) * q * (log_q - log_m) if slope else None
+    return (p * (log_p - log_m)).sum(-1), -(1 - c) * q * torch.exp(log_p - log_m) if slope else None
 
 
 def _default_chunk_tokens(vocab, device):
@@ -469,10 +484,9 @@ class _KDPassFunction(torch.autograd.Function):
             log_q, log_p = zs, zt
             extra = _atkd_grad(log_p, log_q, targets[sl], nt_p[sl], nt_q[sl], g_tckd[sl], g_nckd[sl]) if atkd else None
             q, p = torch.exp(log_q, out=q), torch.exp(log_p, out=p)
-            if divergence:                                           # g_div * q (a - <q, a>), before log_q goes
-                slope = _divergence_and_slope(*divergence, log_p, log_q, p, q)[1]
-                extra = q * (slope - (q * slope).sum(-1, keepdim=True)) * (g_div[sl] * tau).unsqueeze(1) + \
-                    (extra if extra is not None else 0)
+            if divergence:                                           # g_div (w - q sum w), before log_q goes
+                w = _divergence_and_slope(*divergence, log_p, log_q, p, q)[1]
+                extra = (w - q * w.sum(-1, keepdim=True)) * (g_div[sl] * tau).unsqueeze(1) + (extra if extra is not None else 0)
             # dRKL: q * (log q - log p - RKL), weighted per row by g_rkl; built in log_q's buffer.
             g = log_q.sub_(log_p).sub_(rkl_unscaled[sl].unsqueeze(1)).mul_(q)
             g.mul_(g_rkl[sl].unsqueeze(1))
@@ -511,18 +525,16 @@ def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chun
             target_ids=None, mu=0.5, inplace_grad=False, atkd=False, akl=True, divergence=None):
     """The training pass: FKL, RKL (and CE) of every masked token plus the policy's statistics.
 
-    student_logits [..., V_s] (requires grad, any float dtype), teacher_logits [..., V_t],
-    mask [...] (bool: this position's next-token distribution is a response token),
-    target_ids [...] (optional, the reference next token of each position, see next_token_targets).
+    student_logits [..., V_s] (requires grad, any float dtype), teacher_logits [..., V_t], mask [...] (bool: this
+    position's next token is a response token), target_ids [...] (optional: the reference next tokens).
     vocab_size cuts padded columns (GPT-2: 50304 -> 50257) before any softmax; without it the shapes
-    must match. Rows are processed chunk_tokens at a time (default: about 1M elements on CPU,
-    32M on CUDA) in at least fp32.
+    must match. Rows go chunk_tokens at a time (default: about 1M elements on CPU, 32M on CUDA), in >= fp32.
 
     akl=False skips the AKL head search: akl_alpha is then None and its stats entry NaN (only the `akl`
     strategy and the ARKD policy's state need it). atkd=True also returns ATKD's TCKD, NCKD and 1 - p(g)
     (it needs target_ids and tau = 1). divergence=(kind, c) also returns a peer's divergence with its
     closed-form gradient: ("jsd", beta) TRL's generalized JSD, ("tvd", 0), ("skl", a), ("srkl", a)
-    DistiLLM's skew KLs (_divergence_and_slope). inplace_grad=True writes the gradient into
+    DistiLLM's skew KLs, ("ab", (a, b)) ABKD (_divergence_and_slope). inplace_grad=True writes the gradient into
     student_logits' storage, saving a [tokens, V] buffer, when nothing reads the logits after backward.
     Without target_ids the CE statistic is NaN (never a silent 0).
 
@@ -559,8 +571,9 @@ def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chun
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if atkd and (target_ids is None or tau != 1.0):
         raise ValueError("atkd=True needs target_ids and tau = 1 (ATKD is defined at temperature 1)")
-    if divergence is not None:
-        divergence = (divergence[0], float(divergence[1]))
+    if divergence is not None:              # c: a number, ab's a pair (a, b)
+        c = divergence[1]
+        divergence = (divergence[0], tuple(map(float, c)) if isinstance(c, (tuple, list)) else float(c))
         _check_divergence(*divergence)
     fkl, rkl, ce, akl_alpha, stats, tckd, nckd, unc, div = _KDPassFunction.apply(
         student, teacher, rows, targets, float(tau), vocab, float(mu), int(chunk), inplace_grad, bool(atkd), bool(akl),
@@ -623,7 +636,7 @@ def greedy_alpha(stats):
 # `atkd` weighs TCKD and NCKD per token (atkd_loss) instead of FKL and RKL; `lookahead` (ours) moves
 # alpha by a hypergradient (policy.lookahead_alpha). `replay` follows a given schedule, one alpha a
 # step (its numbers: the trainer reads them from a file; a schedule of another length is stretched).
-# The peers' divergences (jsd:B, tvd, skl:A, srkl:A) replace the mixture: kd_pass(divergence=...).
+# The peers' divergences (jsd:B, tvd, skl:A, srkl:A, ab:A,B) replace the mixture: kd_pass(divergence=...).
 STEP_RULES = {
     "fkl": lambda numbers, progress, stats: 1.0,
     "rkl": lambda numbers, progress, stats: 0.0,
@@ -633,7 +646,7 @@ STEP_RULES = {
     "replay": lambda numbers, progress, stats: numbers[round(progress * (len(numbers) - 1))],
 }
 STRATEGY_ARITY = {"fkl": 0, "rkl": 0, "fixed": 1, "linear": 2, "greedy": 0, "akl": 0, "arkd": 0, "atkd": 0,
-                  "lookahead": 0, "replay": 0, "jsd": 1, "tvd": 0, "skl": 1, "srkl": 1}
+                  "lookahead": 0, "replay": 0, "jsd": 1, "tvd": 0, "skl": 1, "srkl": 1, "ab": 2}
 
 
 def parse_strategy(text):
@@ -642,18 +655,18 @@ def parse_strategy(text):
     numbers = tuple(arguments.split(",")) if arguments else ()
     if kind not in STRATEGY_ARITY or len(numbers) != STRATEGY_ARITY[kind]:
         raise ValueError(f"unknown strategy {text!r}; valid: {', '.join(STRATEGY_NAMES)} "
-                         "(A, A0, A1 numbers in [0, 1])")
+                         "(A, A0, A1 numbers in [0, 1]; ab's a, b >= 0)")
     values = []
     for number in numbers:
         try:
             value = float(number)
         except ValueError:
             raise ValueError(f"strategy {text!r}: {number!r} is not a number") from None
-        if not 0.0 <= value <= 1.0:
+        if not 0.0 <= value <= 1.0 and kind != "ab":      # ab: any a, b >= 0 (_check_divergence)
             raise ValueError(f"strategy {text!r}: alpha {value} lies outside [0, 1]")
         values.append(value)
     if kind in DIVERGENCES:
-        _check_divergence(kind, values[0] if values else 0.0)
+        _check_divergence(kind, tuple(values) if kind == "ab" else values[0] if values else 0.0)
     return kind, tuple(values)
 
 

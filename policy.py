@@ -70,10 +70,6 @@ def broadcast_from_rank0(tensor):
     return _collective(tensor, lambda buffer: dist.broadcast(buffer, src=0))
 
 
-def _is_rank0():
-    return not _distributed() or dist.get_rank() == 0
-
-
 # ----------------------------------------------------------------------------------------------
 # State and reward
 
@@ -218,7 +214,7 @@ class ARKDPolicy:
         norm_state = self.norm.normalise(state)
         beta = self.distribution(norm_state)
         alpha = torch.zeros(())
-        if _is_rank0():     # one sample, shared: ranks must train with the same alpha
+        if not _distributed() or dist.get_rank() == 0:     # one sample, shared: ranks train with the same alpha
             with torch.random.fork_rng(devices=[]):
                 torch.set_rng_state(self.rng_state)
                 alpha = beta.sample()

@@ -44,7 +44,7 @@ if [[ $MODE == smoke ]]; then
   EVAL=(--batch_size 40 --max_new_tokens 24)
   TITLE="SMOKE RUN: tiny models on the offline toy task (columns are toy files in the layout of the named sets); says nothing about the paper"
 elif [[ $MODE == full ]]; then
-  STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.25 fixed:0.5 fixed:0.75 linear:0.9,0.1 linear:0.1,0.9 greedy akl atkd okd arkd}
+  STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.25 fixed:0.5 fixed:0.75 linear:0.9,0.1 linear:0.1,0.9 greedy akl atkd okd ab:0.2,0.7 arkd}
   PAIR=${PAIR:-gpt2-120M} OUT=${OUT:-runs/$PAIR} SEEDS=${SEEDS:-10,20,30,40,50} TRAIN_SEEDS=${TRAIN_SEEDS:-1}
   case $PAIR in
     gpt2-120M) TEACHER=${TEACHER-MiniLLM/teacher-gpt2-1.5B} TEACHER_BASE=gpt2-xl

@@ -456,7 +456,14 @@ def ref_divergence(kind, c, student_logits, teacher_logits, tau=1.0, vocab=None)
 
     def kl(a, log_a, b):
         return torch.where(a > 0, a * (log_a - b.log()), 0.0).sum(-1)
-    if kind == "tvd":
+    if kind == "ab" and 0 in c:                 # the limits, from their own formulas (the definition's log forms)
+        a, b = c
+        d = ((torch.where(p > 0, a * p ** a * (log_p - log_q), 0.0) - p ** a + q ** a) / a ** 2 if b == 0 else
+             (b * q ** b * (log_q - log_p) - q ** b + p ** b) / b ** 2).sum(-1)
+    elif kind == "ab":                            # ABKD's three powers, in float64
+        a, b = c
+        d = -(p ** a * q ** b - a / (a + b) * p ** (a + b) - b / (a + b) * q ** (a + b)).sum(-1) / (a * b)
+    elif kind == "tvd":
         d = 0.5 * (p - q).abs().sum(-1)
     elif kind == "jsd":
         m = c * p + (1 - c) * q
@@ -469,7 +476,8 @@ def ref_divergence(kind, c, student_logits, teacher_logits, tau=1.0, vocab=None)
 
 
 PEER_DIVERGENCES = [("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9), ("tvd", 0.0), ("skl", 0.1), ("skl", 0.0), ("srkl", 0.1),
-                    ("srkl", 0.0)]
+                    ("srkl", 0.0), ("ab", (0.2, 0.7)), ("ab", (1.5, 0.3)), ("ab", (0.5, 0.5)), ("ab", (0.7, 0.0)),
+                    ("ab", (0.0, 0.4))]
 
 
 @pytest.mark.parametrize("kind,c", PEER_DIVERGENCES)
@@ -491,6 +499,19 @@ def test_peer_divergences_and_gradients_match_the_definitions_with_padded_column
     assert torch.allclose(grad, expected, atol=1e-10) and grad[..., 11:].abs().max() == 0 and grad[~mask].abs().max() == 0
 
 
+def test_abkd_keeps_its_digits_in_fp32_on_a_real_vocabulary_where_it_is_small():
+    """Bug class (Choice 8.3): ABKD's three-power form in fp32 loses the digits of a small D over 50257
+    columns; the expm1 form around the larger side keeps them."""
+    g = torch.Generator().manual_seed(8)
+    teacher = torch.randn(2, 50257, generator=g) * 3
+    student = teacher + 0.01 * torch.randn(2, 50257, generator=g)
+    out = kd_pass(student, teacher, torch.ones(2, dtype=torch.bool), divergence=("ab", (0.2, 0.7))).div.double()
+    exact = ref_divergence("ab", (0.2, 0.7), student.double(), teacher.double())
+    p, q = teacher.softmax(-1), student.softmax(-1)                  # the direct form in fp32, for contrast
+    direct = (-(p ** 0.2 * q ** 0.7 - 0.2 / 0.9 * p ** 0.9 - 0.7 / 0.9 * q ** 0.9).sum(-1) / 0.14).double()
+    assert (exact < 2e-4).all() and ((out - exact) / exact).abs().max() < 1e-4 < 1e-2 < ((direct - exact) / exact).abs().max()
+
+
 @pytest.mark.parametrize("kind,c", PEER_DIVERGENCES)
 def test_peer_divergences_at_p_equals_q_one_hot_teachers_and_minus_inf_columns(kind, c):
     same = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
@@ -505,7 +526,7 @@ def test_peer_divergences_at_p_equals_q_one_hot_teachers_and_minus_inf_columns(k
     for teacher in (one_hot, minus_inf):
         out = kd_pass(student, teacher, torch.ones(3, dtype=torch.bool), divergence=(kind, c))
         reference = ref_divergence(kind, c, student, teacher)
-        if kind == "srkl" and c == 0 and teacher is minus_inf:   # = RKL: a large finite penalty (Choice L1)
+        if (kind, c) in (("srkl", 0.0), ("ab", (0.0, 0.4))) and teacher is minus_inf:   # RKL-like: a large finite penalty (L1)
             assert torch.isfinite(out.div).all() and (out.div > 100).all()
             continue
         assert torch.allclose(out.div, reference, atol=1e-9), teacher
@@ -526,9 +547,14 @@ def test_peer_divergences_in_bf16_and_their_limits():
     assert torch.allclose(kd_pass(student, teacher, mask, divergence=("skl", 0.0)).div, plain.fkl, atol=1e-5)
     assert torch.allclose(kd_pass(student, teacher, mask, divergence=("srkl", 0.0)).div, plain.rkl, atol=1e-5)
     assert (kd_pass(student, teacher, mask, divergence=("tvd", 0.0)).div <= 1).all()
-    for text in ("jsd:0", "jsd:1", "skl:1", "srkl:1", "jsd", "tvd:0.5"):
+    for text in ("jsd:0", "jsd:1", "skl:1", "srkl:1", "jsd", "tvd:0.5", "ab:0.2", "ab:0,0", "ab:-0.1,0.5", "ab:nan,1"):
         with pytest.raises(ValueError):
             parse_strategy(text)
+    assert parse_strategy("ab:1.5,0.3") == ("ab", (1.5, 0.3))              # a, b >= 0: not only [0, 1]
+    with pytest.raises(ValueError, match=r"divergence ab: \(a, b\) = \(-0.5, 1.0\) must have a, b >= 0"):
+        kd_pass(student, teacher, mask, divergence=("ab", (-0.5, 1.0)))
+    for limit, plain_kl in (((1.0, 0.0), plain.fkl), ((0.0, 1.0), plain.rkl)):   # ABKD's corners: FKL and RKL
+        assert torch.allclose(kd_pass(student, teacher, mask, divergence=("ab", limit)).div, plain_kl, atol=1e-5)
     with pytest.raises(ValueError, match="unknown divergence 'hellinger'"):
         kd_pass(student, teacher, mask, divergence=("hellinger", 0.0))
 
@@ -1307,7 +1333,8 @@ def train_argv(pair, out, *extra):
 @pytest.mark.parametrize("method,strategy", [("sft", "fkl"), ("kd", "fkl"), ("kd", "rkl"), ("kd", "fixed:0.3"),
                                              ("kd", "linear:0.9,0.1"), ("kd", "greedy"), ("kd", "akl"), ("kd", "arkd"),
                                              ("kd", "atkd"), ("kd", "lookahead"), ("kd", "jsd:0.5"), ("kd", "tvd"),
-                                             ("kd", "skl:0.1"), ("kd", "srkl:0.1"), ("kd", "arkd --sgo_ratio 0.5"),
+                                             ("kd", "skl:0.1"), ("kd", "srkl:0.1"), ("kd", "ab:0.2,0.7"),
+                                             ("kd", "arkd --sgo_ratio 0.5"),
                                              ("kd", "arkd --bf16 yes"), ("okd", "fkl")])
 def test_every_method_and_strategy_trains_and_lowers_its_loss(pair, tmp_path, method, strategy):
     strategy, *extra = strategy.split()
@@ -2958,3 +2985,16 @@ def test_the_small_rules_on_both_sides_of_their_edges():
     # The lookahead step moves alpha for any non-zero norms, a unit one included.
     assert policy.lookahead_alpha(0.5, 1.0, 1.0, 1.0, 0.1) == pytest.approx(0.6)
     assert policy.lookahead_alpha(0.5, 1.0, 0.0, 1.0, 0.1) == 0.5
+
+
+def test_abkd_is_a_strategy_of_run_sh_and_of_the_full_and_miniature_defaults(tmp_path):
+    """ABKD (issue 33): its stage and flag in a planned run; the full and miniature modes list it by default
+    (the full mode needs CUDA GPUs to plan, so its default is read from run.sh)."""
+    plan = run_sh_plan(tmp_path, "smoke", STRATEGIES="fkl ab:0.2,0.7")
+    assert "--strategy ab:0.2,0.7" in stage_line(plan, "train-ab-0.2-0.7")
+    text = open(os.path.join(HERE, "run.sh")).read()
+    full = text[text.index("elif [[ $MODE == full ]]"):]
+    assert " ab:0.2,0.7 " in full[:full.index("\n", full.index("STRATEGIES="))]
+    lab = open(os.path.join(HERE, "experiments", "lab.sh")).read()
+    mini = lab[lab.index("elif [[ $MODE == mini ]]"):]
+    assert " ab:0.2,0.7 " in mini[:mini.index("\n", mini.index("STRATEGIES="))]

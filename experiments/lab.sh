@@ -32,7 +32,7 @@ lab_settings() {
     EVAL=() EVAL_STAGES=no SEED_NAMES=yes LAB_STRATEGIES="arkd-lr0 fixed-avg"   # held-out metrics only
     TITLE="MINIATURE STUDY on the offline toy task with several right answers (tiny models)"
   elif [[ $MODE == mini ]]; then           # a real teacher; DATA_DIR is the user's MiniLLM data, OUT/data our subset
-    STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.5 linear:0.9,0.1 greedy akl atkd okd arkd lookahead}
+    STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.5 linear:0.9,0.1 greedy akl atkd okd ab:0.2,0.7 arkd lookahead}
     [[ -n ${DATA_DIR:-} ]] || die "run.sh mini reads the real MiniLLM data from DATA_DIR, in the Hub layout (dolly/raw.jsonl," \
       "dolly/valid.jsonl, self-inst/valid.jsonl, Vicuna/valid.jsonl; 'python data.py download --out DIR' writes it)"
     SOURCE_DIR=$DATA_DIR OUT=${OUT:-runs/mini}; DATA_DIR=$OUT/data
