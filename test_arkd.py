@@ -1461,6 +1461,15 @@ def test_student_generated_share_replaces_evenly_spread_responses_whatever_the_r
     # Rank 1 of two processes accumulating 2 holds the step's odd positions, with the same samples.
     run2 = arkd.Run(1, 2, run.device, False, 2, pad_id=run.pad_id)
     assert rows(arkd.micro_batches(examples, 3, args, run2, student, tokenizer)) == after[1::2]
+    # Seeded by the step; each response cut at its own limit (max_total - prompt) and after its first EOS.
+    chosen = examples[:6]
+    tight = argparse.Namespace(**{**vars(args), "max_total": len(chosen[0]["prompt_ids"]) + 3, "gen_batch_size": 4})
+    first, again, other = (arkd.on_policy_responses(student, tokenizer, chosen, tight, step) for step in (1, 1, 2))
+    assert first == again and first != other
+    for example, response in zip(chosen, first):
+        assert 0 < len(response) <= min(8, tight.max_total - len(example["prompt_ids"])) or len(example["prompt_ids"]) >= tight.max_total
+        assert tokenizer.eos_token_id not in response[:-1]
+    assert len(first[0]) <= 3 and max(map(len, first)) > 3
     with pytest.raises(SystemExit):
         arkd.parse_args(train_argv(pair, tmp_path, "--sgo_ratio", "1.5"))
     with pytest.raises(SystemExit):
