@@ -3007,3 +3007,20 @@ def test_abkd_is_a_strategy_of_run_sh_and_of_the_full_and_miniature_defaults(tmp
     lab = open(os.path.join(HERE, "experiments", "lab.sh")).read()
     mini = lab[lab.index("elif [[ $MODE == mini ]]"):]
     assert " ab:0.2,0.7 " in mini[:mini.index("\n", mini.index("STRATEGIES="))]
+
+
+def test_generate_ids_cuts_each_row_after_its_first_eos_by_position_and_keeps_it():
+    """Bug classes: the padding after an EOS kept (GPT-2's pad is its EOS: a response of EOS, EOS, EOS),
+    the EOS dropped, a row without EOS cut; the rows' order across batches."""
+    class FakeModel(torch.nn.Module):              # generate returns prompt + a fixed continuation per row
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, attention_mask, **kwargs):
+            tails = {5: [7, 0, 0, 0], 6: [8, 9, 3, 0], 4: [0, 0, 0, 0]}         # 0 is EOS and pad
+            return torch.cat([input_ids, torch.tensor([tails[int(row[-1])] for row in input_ids])], 1)
+    tokenizer = argparse.Namespace(eos_token_id=0, pad_token_id=0)
+    responses = evaluate.generate_ids(FakeModel(), tokenizer, [[1, 5], [2, 6], [3, 4]], seed=1, batch_size=2,
+                                      progress=False)
+    assert responses == [[7, 0], [8, 9, 3, 0], [0]]
