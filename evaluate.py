@@ -33,6 +33,7 @@ from plumbing import barrier, print0, world, write_atomic
 log = logging.getLogger("evaluate")
 
 GENERATION = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, no_repeat_ngram_size=6)
+GREEDY = dict(do_sample=False, no_repeat_ngram_size=6)     # score --greedy: the argmax, beside sampling at temperature 1
 MAX_NEW_TOKENS = 256
 METRICS = ("rougeL", "exact_match", "bertscore_f1")
 
@@ -41,14 +42,16 @@ METRICS = ("rougeL", "exact_match", "bertscore_f1")
 # Sampling
 
 
-def generate(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_tokens=MAX_NEW_TOKENS, progress=True):
+def generate(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_tokens=MAX_NEW_TOKENS, progress=True,
+             generation=GENERATION):
     """Sampled responses (strings, in the order of prompt_ids) with the settings of docs/method.md 6."""
-    responses = generate_ids(model, tokenizer, prompt_ids, seed, batch_size, max_new_tokens, progress)
+    responses = generate_ids(model, tokenizer, prompt_ids, seed, batch_size, max_new_tokens, progress, generation)
     return [t.strip() for t in tokenizer.batch_decode(responses, skip_special_tokens=True)]
 
 
 @torch.no_grad()
-def generate_ids(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_tokens=MAX_NEW_TOKENS, progress=True):
+def generate_ids(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_tokens=MAX_NEW_TOKENS, progress=True,
+                 generation=GENERATION):
     """Sampled responses (token lists, each cut after its first EOS by position, the EOS kept). Whole
     batches are sharded over ranks, the predictions gathered on every rank. Under FSDP2 every forward is a
     collective: each rank takes as many batches (the last again) and runs until all are done (synced_gpus)."""
@@ -68,7 +71,7 @@ def generate_ids(model, tokenizer, prompt_ids, seed, batch_size=16, max_new_toke
         # Seeded by batch, whatever the rank (Choice E1); the caller's random state (its dropout) left alone.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed * 1_000_003 + b)
-            out = model.generate(**batch, **GENERATION, max_new_tokens=max_new_tokens, synced_gpus=synced,
+            out = model.generate(**batch, **generation, max_new_tokens=max_new_tokens, synced_gpus=synced,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         if b < len(batches):            # after its EOS a row holds padding (GPT-2's pad is its EOS: cut by position)
             rows = out[:, batch["input_ids"].shape[1]:].tolist()
@@ -150,19 +153,17 @@ def mean_std(values):
 
 
 def evaluate_dataset(model, tokenizer, name, records, seed, out_dir, batch_size, max_new_tokens,
-                     bertscore=None, limits=(data.MAX_PROMPT_TOKENS, data.MAX_TOTAL_TOKENS)):
-    """Generates and scores one (dataset, seed); writes predictions jsonl and scores json.
-
-    Skips the pair when its scores file exists, so an interrupted evaluation resumes.
-    """
+                     bertscore=None, limits=(data.MAX_PROMPT_TOKENS, data.MAX_TOTAL_TOKENS), generation=GENERATION):
+    """Generates and scores one (dataset, seed); writes predictions jsonl and scores json. Skips the pair when
+    its scores file exists, so an interrupted evaluation resumes."""
     rank, _ = world()
     scores_path = os.path.join(out_dir, name, f"seed{seed}.json")
     if os.path.exists(scores_path):
         with open(scores_path) as f:
             return json.load(f)
     examples, counts = data.encode_records(tokenizer, records, name, *limits)
-    start = time.perf_counter()
-    predictions = generate(model, tokenizer, [e["prompt_ids"] for e in examples], seed, batch_size, max_new_tokens)
+    start, prompts = time.perf_counter(), [e["prompt_ids"] for e in examples]
+    predictions = generate(model, tokenizer, prompts, seed, batch_size, max_new_tokens, generation=generation)
     elapsed = time.perf_counter() - start
     kept = [records[e["index"]] for e in examples]
     result = None
@@ -181,9 +182,8 @@ def evaluate_dataset(model, tokenizer, name, records, seed, out_dir, batch_size,
                   "prompts_per_second": len(predictions) / elapsed,
                   "bertscore": bertscore.settings if bertscore is not None else None}
         write_atomic(scores_path, json.dumps(result, indent=1))
-        print0(f"{name} seed {seed}: Rouge-L {result['rougeL']:.2f}"
-               + (f" BERTScore {result['bertscore_f1']:.2f}" if bertscore is not None else "")
-               + f" ({len(predictions)} prompts, {result['prompts_per_second']:.3g} prompts/s)")
+        print0(f"{name} seed {seed}: Rouge-L {result['rougeL']:.2f}" + (f" BERTScore {result['bertscore_f1']:.2f}" if
+               bertscore else "") + f" ({len(predictions)} prompts, {result['prompts_per_second']:.3g} prompts/s)")
     barrier()
     return result
 
@@ -208,7 +208,7 @@ def run_evaluation(args, device):
     unknown = [d for d in datasets if d not in data.DATASETS]
     if unknown:
         raise ValueError(f"--datasets: unknown {unknown}; known: {', '.join(data.DATASETS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds, generation = [int(s) for s in args.seeds.split(",")], GREEDY if args.greedy else GENERATION
     records = {name: data.load_records(name, args.data_dir) for name in datasets}   # fail before work
     tokenizer = plumbing.load_tokenizer(args.model)
     model = plumbing.load_model(args.model, device, torch.bfloat16 if args.bf16 else torch.float32, len(tokenizer)).eval()
@@ -216,11 +216,11 @@ def run_evaluation(args, device):
                                                           args.bertscore_batch_size, args.bertscore_idf,
                                                           args.bertscore_rescale, device=str(device))
     results = [evaluate_dataset(model, tokenizer, name, records[name], seed, args.out, args.batch_size,
-                                args.max_new_tokens, bertscore, (args.max_prompt, args.max_total))
+                                args.max_new_tokens, bertscore, (args.max_prompt, args.max_total), generation)
                for name in datasets for seed in seeds]
     if rank == 0:
         summary = {"label": args.label or os.path.basename(os.path.normpath(args.model)),
-                   "model": args.model, "generation": {**GENERATION, "max_new_tokens": args.max_new_tokens,
+                   "model": args.model, "generation": {**generation, "max_new_tokens": args.max_new_tokens,
                                                        "batch_size": args.batch_size},
                    "bertscore": bertscore.settings if bertscore else None, "results": summarise(results)}
         write_atomic(os.path.join(args.out, "results.json"), json.dumps(summary, indent=1))
@@ -368,6 +368,7 @@ def parse_args(argv=None):
     score.add_argument("--batch_size", type=int, default=16, help="prompts per generation batch (fixes the results)")
     score.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS, help="tokens to sample per prompt")
     score.add_argument("--bf16", action="store_true", help="run the model in bfloat16 (CUDA)")
+    score.add_argument("--greedy", action="store_true", help="greedy decoding in place of sampling at temperature 1")
     # BERTScore
     score.add_argument("--bertscore_model", default="roberta-large", help="bert_score model name or local path")
     score.add_argument("--bertscore_layers", type=int, default=None, help="layer to use (required for a local path)")

@@ -2571,7 +2571,8 @@ def run_evaluation_traced(toy, out, *flags):
         patch.setattr(bert_score, "BERTScorer", FakeBERTScorer)
         load, generate = plumbing.load_model, evaluate.generate
         patch.setattr(plumbing, "load_model", lambda *a, **k: calls["load_model"].append(a) or load(*a, **k))
-        patch.setattr(evaluate, "generate", lambda *a, **k: calls["generate"].append(a) or generate(*a, **k))
+        patch.setattr(evaluate, "generate", lambda *a, **k: calls["generate"].append(a + (k.get("generation"),)) or
+                      generate(*a, **k))
         evaluate.main(argv)
     args = evaluate.parse_args(argv)
     summary = json.load(open(os.path.join(args.out, "results.json")))
@@ -2594,6 +2595,8 @@ EVALUATE_FLAGS = {
     "score --batch_size": ("7", lambda t, b: {c[4] for c in t.calls["generate"]} == {7}),
     "score --max_new_tokens": ("3", lambda t, b: {c[5] for c in t.calls["generate"]} == {3}),
     "score --bf16": (None, lambda t, b: t.calls["load_model"][0][2] == torch.bfloat16 and b.calls["load_model"][0][2] == torch.float32),
+    "score --greedy": (None, lambda t, b: t.summary["generation"]["do_sample"] is False and b.summary["generation"]["do_sample"]
+                       and t.calls["generate"][0][-1] == evaluate.GREEDY and b.calls["generate"][0][-1] == evaluate.GENERATION),
     "score --bertscore_model": ("other-model", lambda t, b: t.scorer[0]["model_type"] == "other-model"),
     "score --bertscore_layers": ("3", lambda t, b: t.scorer[0]["num_layers"] == 3 and b.scorer[0]["num_layers"] is None),
     "score --bertscore_batch_size": ("5", lambda t, b: t.scorer[0]["batch_size"] == 5),
@@ -2721,7 +2724,8 @@ RUN_SH_SETTINGS = {
     "STUDENT_STEPS": ("mini", "5", lambda p, b, o: "--max_steps 5 " in stage_line(p, "student-sft")),
     "TEMPLATE": ("mini", "minillm", lambda p, b, o: "--template minillm" in stage_line(p, "data") and "--template chat" in stage_line(p, "data-chat")),
     "MINI_TRAIN": ("mini", "100", lambda p, b, o: "--train 100 " in stage_line(p, "data")),
-    "MINI_TEST": ("mini", "7", lambda p, b, o: "--test 7 " in stage_line(p, "data")),
+    "MINI_TEST": ("mini", "7", lambda p, b, o: "--test 7 " in stage_line(p, "data") and " --greedy" in stage_line(
+        p, "eval-greedy-fkl-s1") and "--seeds 10 " in stage_line(p, "eval-greedy-fkl-s1") and "eval-greedy-fkl-s1" in b),
     "MINI_STEPS": ("mini", "3", lambda p, b, o: "--max_steps 3 " in stage_line(p, "train-fkl-s1")
                    and "--train_examples 24" in stage_line(p, "train-seqkd-s1")),
     "LAYERS": ("mini", "4", lambda p, b, o: "--layers 4 " in stage_line(p, "student-init")),

@@ -16,7 +16,7 @@
 # MINI_TRAIN, MINI_TEST, TEMPLATE, NEW_TOKENS, PROBE_BATCHES (mini); TEACHER_ARCH, TEACHER_SFT_ARCH,
 # STUDENT_ARCH (name[:blocks kept] of experiments.rehearsal's ARCHITECTURES), REAL_BATCH, NEW_TOKENS,
 # BF16 (rehearsal).
-HELDOUT=()
+HELDOUT=() greedy_evals=()
 
 lab_settings() {
   if [[ $MODE == study ]]; then
@@ -105,6 +105,11 @@ lab_measure() {   # lab_measure NAME MODEL: the held-out metrics (study, mini) o
     return 0
   fi
   heldouts+=("$1")
+  if [[ $MODE == mini ]]; then    # greedy decoding beside temperature 1: mode-seeking told apart from sharpness
+    stage "eval-greedy-$1" $PY evaluate.py score --model "$2" --data_dir "$DATA_DIR" --seeds "${SEEDS%%,*}" \
+      --out "$OUT/eval-greedy/$1" --label "$1" "${EVAL[@]}" --greedy
+    greedy_evals+=("$1")
+  fi
   stage "heldout-$1" $PY -m experiments.study heldout --model "$2" --teacher "$TEACHER" --data_dir "$DATA_DIR" \
     --teacher_samples "$OUT/teacher_samples.json" --out "$OUT/heldout/$1" "${HELDOUT[@]}"
 }
@@ -125,7 +130,10 @@ print(f'{sum(a) / len(a):.4f}')" "$OUT/runs/arkd-s$2")") ;;
 lab_after() {
   if [[ $MODE == study ]]; then
     stage figure1 $PY -m experiments.figure1 --out "$OUT/figure1" --figure1_seeds "$TRAIN_SEEDS" --figure1_steps "$FIGURE1_STEPS"
-  elif [[ $MODE == mini && ( -d $OUT/runs/fkl-s$first_seed/last || -n $DRY_RUN ) ]]; then   # from the FKL run's weights and AdamW moments
+  elif [[ $MODE == mini ]]; then
+    [[ -n $DRY_RUN || ${#greedy_evals[@]} == 0 ]] || $PY evaluate.py report --runs "${greedy_evals[@]/#/$OUT/eval-greedy/}" \
+      --out "$OUT/report/greedy" --title "$TITLE: greedy decoding"
+    [[ -d $OUT/runs/fkl-s$first_seed/last || -n $DRY_RUN ]] || return 0   # the probe: from the FKL run's weights and AdamW moments
     stage probe $PY -m experiments.probe --probe_batches "$PROBE_BATCHES" --probe_alphas 0,1 -- --teacher "$TEACHER" \
       --student "$OUT/runs/fkl-s$first_seed/last" --data_dir "$DATA_DIR" --out "$OUT/probe" "${TRAIN[@]}" \
       --lr "$($PY -c "print($KD_LR / 2)")"                 # the cosine schedule's lr halfway

@@ -133,12 +133,17 @@ def study_report(run_dirs, train_dir, out_dir, title):
     seed); every adaptive method and control minus the best fixed alpha; the smallest difference the
     study can detect (the median paired half-width); results.md / results.json; every ARKD seed's
     alpha trajectory."""
-    scores = {}                                       # strategy -> seed -> heldout.json
+    scores, updates = {}, {}                          # strategy -> seed -> heldout.json; its REINFORCE updates
     for run in run_dirs:
-        match = re.fullmatch(r"(.+)-s(\d+)", os.path.basename(run.rstrip("/")))
-        strategy, seed = (match.group(1), match.group(2)) if match else (os.path.basename(run), "-")
+        name = os.path.basename(run.rstrip("/"))
+        match = re.fullmatch(r"(.+)-s(\d+)", name)
+        strategy, seed = (match.group(1), match.group(2)) if match else (name, "-")
         with open(os.path.join(run, "heldout.json")) as f:
             scores.setdefault(strategy, {})[seed] = json.load(f)
+        metrics = os.path.join(train_dir, name, "metrics.jsonl")
+        if os.path.isfile(metrics):                   # rows with policy_loss: one per REINFORCE update
+            with open(metrics, encoding="utf-8") as f:
+                updates.setdefault(strategy, []).append(sum('"policy_loss"' in line for line in f))
     table = {k: {m: mean_ci([s[m] for s in seeds.values()]) for m, _ in STUDY_METRICS} for k, seeds in scores.items()}
     fixed = [k for k in scores if k.startswith("fixed-") and k[6:].replace(".", "", 1).isdigit()]
     best = min(fixed, key=lambda k: table[k]["J"][0]) if fixed else None
@@ -151,11 +156,12 @@ def study_report(run_dirs, train_dir, out_dir, title):
     lines = [f"# {title}", "", "Held-out metrics (the DollyEval file, teacher-forced in eval mode): mean over training "
              "seeds +- half-width of the 95% t interval. J = FKL + RKL is the primary metric (lower is better); "
              "precision and coverage are mean log-probabilities per token (higher is better).", "",
-             "| run | seeds | " + " | ".join(m for m, _ in STUDY_METRICS) + " |",
-             "| --- | --- |" + " --- |" * len(STUDY_METRICS)]
+             "| run | seeds | " + " | ".join(m for m, _ in STUDY_METRICS) + " | policy updates per seed |",
+             "| --- | --- |" + " --- |" * (len(STUDY_METRICS) + 1)]
     for k, row in table.items():
         lines.append(f"| {k} | {len(scores[k])} | " + " | ".join(
-            f"{m:.4f}" + ("" if math.isnan(h) else f" +- {h:.4f}") for m, h in row.values()) + " |")
+            f"{m:.4f}" + ("" if math.isnan(h) else f" +- {h:.4f}") for m, h in row.values()) + " | " +
+            (", ".join(map(str, updates[k])) if any(updates.get(k, ())) else "-") + " |")
     if paired:
         lines += ["", f"Each run minus the best fixed alpha ({best}) on J, paired by training seed: mean +- 95% "
                   "half-width (negative: better; bold: the interval excludes 0).", "",
@@ -172,7 +178,8 @@ def study_report(run_dirs, train_dir, out_dir, title):
     os.makedirs(out_dir, exist_ok=True)
     plumbing.write_atomic(os.path.join(out_dir, "results.md"), "\n".join(lines) + "\n")
     plumbing.write_atomic(os.path.join(out_dir, "results.json"), json.dumps(
-        {"scores": scores, "mean_ci": table, "best_fixed": best, "minus_best_fixed": {k: list(v) for k, v in paired.items()}},
+        {"scores": scores, "mean_ci": table, "best_fixed": best, "minus_best_fixed": {k: list(v) for k, v in paired.items()},
+         "policy_updates": updates},
         indent=1))
     arkd_runs = sorted(glob.glob(os.path.join(train_dir, "arkd-s*")))
     if arkd_runs:

@@ -176,7 +176,12 @@ def test_study_report_pairs_by_seed_finds_the_best_fixed_alpha_and_checks_headro
             metrics = {m: 0.0 for m, _ in study.STUDY_METRICS}
             (run / "heldout.json").write_text(json.dumps({**metrics, "J": j}))
             runs.append(str(run))
-    table, paired = study.study_report(runs, str(tmp_path / "none"), str(tmp_path / "report"), "T")
+            train = tmp_path / "runs" / f"{name}-s{seed}"          # its training log: ARKD's seeds made 2, 0, 1 updates
+            train.mkdir(parents=True)
+            policy_rows = [2, 0, 1][seed - 1] if name == "arkd" else 0
+            (train / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1.0, **(
+                {"policy_loss": 0.5} if i < policy_rows else {})}) + "\n" for i in range(4)))
+    table, paired = study.study_report(runs, str(tmp_path / "runs"), str(tmp_path / "report"), "T")
     results = json.load(open(tmp_path / "report" / "results.json"))
     assert results["best_fixed"] == "fixed-0.5" and table["arkd"]["J"][0] == pytest.approx(6.3 / 3)
     diffs = [0.1, -0.1, 0.3]                                  # arkd minus fixed-0.5, seed by seed
@@ -184,6 +189,8 @@ def test_study_report_pairs_by_seed_finds_the_best_fixed_alpha_and_checks_headro
     assert paired["linear-0.9-0.1"][0] == pytest.approx(-0.1) and paired["linear-0.9-0.1"][1] < 1e-9
     text = open(tmp_path / "report" / "results.md").read()
     assert "Headroom: linear-0.9-0.1 beat the best fixed alpha" in text and "| arkd | 3 | " in text
+    assert results["policy_updates"]["arkd"] == [2, 0, 1] and text.count(" | 2, 0, 1 |") == 1     # every seed's count
+    assert text.splitlines()[[i for i, l in enumerate(text.splitlines()) if l.startswith("| fixed-1 |")][0]].endswith(" | - |")
 
 
 def test_confidence_intervals_on_hand_made_cases():
