@@ -91,9 +91,11 @@ def adam_step(theta, grad, m, v, step, lr):
 
 
 def run_arms(arms, seeds, steps, batch):
-    """Trains one row per (seed, arm) for `steps` steps; returns {arm: [final held-out RKL per seed]} and
-    {arm: [mean alpha per seed]}. An arm is ("fixed", a), ("switch", share), ("arkd", options),
-    ("lookahead", precondition) or ("oracle", None)."""
+    """Trains one row per (seed, arm) for `steps` steps; returns {arm: [final held-out RKL per seed]},
+    {arm: [mean alpha per seed]} and {ARKD arm: REINFORCE updates (its last seed's)}. An arm is ("fixed", a),
+    ("fixed_at", [a per seed]), ("switch", share), ("arkd", options), ("lookahead", "none" | "adam") or
+    ("oracle", None). The trainer's choices, in a toy's terms: the reward on the same batch after the step
+    (or the next batch), the state's statistics from the step's batch, the lookahead from g_J of this batch."""
     tasks = [make_task(s) for s in seeds]
     rows = [(i, arm) for i in range(len(seeds)) for arm in arms]
     seed_of = torch.tensor([i for i, _ in rows])
