@@ -2130,7 +2130,11 @@ def test_advantages_are_whitened_from_a_buffer_of_exactly_four_rewards():
     adv = torch.tensor(rewards, dtype=torch.float64) - sum(rewards) / 4
     adv = adv / (adv.std() + 1e-8)
     expected = -(adv.float() * beta.log_prob(torch.tensor(alphas))).mean() - 0.3 * beta.entropy().mean()
-    assert pol.update()["policy_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    info = pol.update()                                          # the diagnostics metrics.jsonl logs, by name
+    assert info["policy_loss"] == pytest.approx(expected.item(), rel=1e-5) and info["baseline"] == pytest.approx(0.4)
+    assert info["policy_entropy"] == pytest.approx(beta.entropy().mean().item(), rel=1e-6) and info["policy_grad_norm"] > 0
+    assert set(info) == {"policy_loss", "policy_entropy", "policy_grad_norm", "baseline"}
+    assert LookaheadAlpha(alpha=0.3).state_dict() == {"alpha": 0.3, "direction": None}       # before its first step
 
 
 def test_a_horizon_sums_each_action_s_reward_and_the_next_ones_and_a_fixed_scale_keeps_their_size():
