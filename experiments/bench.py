@@ -320,25 +320,32 @@ def print_step(summary):
     print("every variant's step / the FKL step: " + ", ".join(f"{v} {r:.3f}x" for v, r in summary["ratio_to_fkl"].items()))
 
 
-def generation_speed(layers, width, new_tokens, prompts=64, batch=32):
-    """Prompts per second of evaluate.generate for a random GPT-2 of the given shape (vocabulary 50257),
-    100-token prompts, `new_tokens` sampled (no EOS stops a random model early: the worst case)."""
-    import evaluate
+class RandomTokenizer:
+    """What generation needs of a tokenizer, for a random GPT-2 (EOS = pad = 50256)."""
+    pad_token_id = eos_token_id = 50256
+
+    @staticmethod
+    def batch_decode(ids, skip_special_tokens=True):
+        return [" ".join(map(str, row)) for row in ids]
+
+
+def random_gpt2(layers, width, device="cpu"):
+    """(a random GPT-2 of the given shape over 50257 tokens in eval mode, its tokenizer stand-in, 100-token
+    prompt ids for it): no EOS stops such a model early, the worst case for generation."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=layers, n_head=max(1, width // 64),
                                        bos_token_id=50256, eos_token_id=50256)).to(device).eval()
+    return model, RandomTokenizer(), lambda n: torch.randint(0, 50000, (n, 100)).tolist()
 
-    class Tokenizer:                                   # what generate needs of a tokenizer
-        pad_token_id = eos_token_id = 50256
 
-        @staticmethod
-        def batch_decode(ids, skip_special_tokens=True):
-            return [" ".join(map(str, row)) for row in ids]
-    prompt_ids = torch.randint(0, 50000, (prompts, 100)).tolist()
+def generation_speed(layers, width, new_tokens, prompts=64, batch=32):
+    """Prompts per second of evaluate.generate for random_gpt2, `new_tokens` sampled."""
+    import evaluate
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, prompt_ids = random_gpt2(layers, width, device)
     start_memory_window(device)
     start = time.perf_counter()
-    evaluate.generate(model, Tokenizer(), prompt_ids, 10, batch, new_tokens, progress=False)
+    evaluate.generate(model, tokenizer, prompt_ids(prompts), 10, batch, new_tokens, progress=False)
     seconds = time.perf_counter() - start
     return {"layers": layers, "width": width, "new_tokens": new_tokens, "prompts": prompts, "batch": batch,
             "prompts_per_second": prompts / seconds,
@@ -347,16 +354,12 @@ def generation_speed(layers, width, new_tokens, prompts=64, batch=32):
 
 def sgo_benchmark(args):
     """Seconds per generated token of one step's 8 student-generated responses (arkd.on_policy_responses)
-    batched (--gen_batch_size 8) against one example at a time (1), in alternating rounds, for a random
-    GPT-2 of --student_size (vocabulary 50257, 100-token prompts, 32 new tokens: no early EOS)."""
+    batched (--gen_batch_size 8) against one example at a time (1), in alternating rounds, for random_gpt2
+    of --student_size on the CPU, 32 new tokens."""
     import arkd
-    from transformers import GPT2Config, GPT2LMHeadModel
-    layers, width = map(int, args.student_size.split(","))
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=layers, n_head=max(1, width // 64), bos_token_id=50256,
-                                       eos_token_id=50256)).eval()
-    tokenizer = argparse.Namespace(pad_token_id=50256, eos_token_id=50256)
-    examples = [{"prompt_ids": p} for p in torch.randint(0, 50000, (8, 100)).tolist()]
+    model, tokenizer, prompt_ids = random_gpt2(*map(int, args.student_size.split(",")))
+    examples = [{"prompt_ids": p} for p in prompt_ids(8)]
     per_token = {1: [], 8: []}
     for round_ in range(args.repeats):
         for size, times in per_token.items():
