@@ -13,7 +13,7 @@ trained by the same loop, so the comparison is fair. train_step is one ARKD step
 
 Choices of docs/method.md made (and marked) here: one token-count denominator (T1), alpha from micro-batch 0
 (T2), replayed dropout masks (T3), skipped non-finite steps (T4), SeqKD (T5), the schedule (T6), the
-checkpoint (T7), SGO (T8), FSDP2 (T9), the held-out reward (R2), the preconditioned lookahead (H4); O3, O4.
+checkpoint (T7), SGO (T8), FSDP2 (T9), the held-out reward (R2); O3, O4.
 """
 import argparse
 import contextlib
@@ -36,14 +36,14 @@ from plumbing import barrier, print0, world, write_atomic
 from lora import add_lora, lora_parameters, lora_state_dict
 from losses import (DIVERGENCES, IGNORE_INDEX, STAT_NAMES, STEP_RULES, atkd_easy, atkd_loss, kd_pass, mix,
                     next_token_targets, parse_strategy, stat_means, strategy_alpha)
-from policy import ARKDPolicy, LookaheadAlpha, all_reduce_sum, immediate_reward, make_state
+from policy import ARKDPolicy, all_reduce_sum, immediate_reward, make_state
 
 # Flags that define a run: a checkpoint resumes only under the same values (and world size).
 RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "max_prompt", "max_total", "tau", "lm_weight", "lr",
                 "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "reward_every",
                 "policy_buffer", "policy_lr", "policy_entropy", "seqkd_data", "train_examples", "atkd_lam",
-                "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "lookahead_step", "alpha_schedule", "sgo_ratio", "shard",
-                "reward_batch", "reward_horizon", "policy_advantage", "lookahead_precondition", "gen_batch_size")
+                "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "alpha_schedule", "sgo_ratio", "shard",
+                "reward_batch", "reward_horizon", "policy_advantage", "gen_batch_size")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def parse_args(argv=None):
                    "seqkd: CE on teacher samples; kd: alpha FKL + (1 - alpha) RKL; okd: FKL against a teacher "
                    "whose LoRA trains alongside")
     p.add_argument("--strategy", default="arkd", help="kd only: fkl, rkl, fixed:A, linear:A0,A1, greedy, akl, arkd, "
-                   "atkd, lookahead (ours), replay (--alpha_schedule), jsd:B, tvd, skl:A, srkl:A, ab:A,B")
+                   "atkd, replay (--alpha_schedule), jsd:B, tvd, skl:A, srkl:A, ab:A,B")
     p.add_argument("--teacher", default="MiniLLM/teacher-gpt2-1.5B", help="teacher model (kd, seqkd)")
     p.add_argument("--student", default="MiniLLM/init-gpt2-120M", help="student initialisation")
     p.add_argument("--data_dir", default=None, help="MiniLLM data: a folder in the Hub layout, a folder holding a "
@@ -100,8 +100,6 @@ def parse_args(argv=None):
     p.add_argument("--reward_horizon", type=int, default=1, help="arkd: an action's return sums its reward and the next K - 1")
     p.add_argument("--policy_advantage", default="whitened", choices=("whitened", "fixed_scale"), help="arkd: "
                    "whitened per update, or scaled by the first 32 returns' spread")
-    p.add_argument("--lookahead_step", type=float, default=0.05, help="lookahead: alpha's move per step, eta")
-    p.add_argument("--lookahead_precondition", default="none", choices=("none", "adam"), help="lookahead: u or AdamW's step")
     p.add_argument("--alpha_schedule", default=None, help="replay: an ARKD run's metrics.jsonl (its mean alpha replayed)")
     # validation, checkpoints, logging
     p.add_argument("--eval_every", type=int, default=200, help="validate and checkpoint every N steps (0: at the end)")
@@ -120,8 +118,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.method == "kd":
         parse_strategy(args.strategy)                  # unknown names fail here, before any work
-    for name in ("lr", "batch_size", "epochs", "reward_every", "policy_buffer", "val_examples", "max_bad_steps",
-                 "lookahead_step", "max_prompt", "reward_horizon", "gen_batch_size"):
+    for name in ("lr", "batch_size", "epochs", "reward_every", "policy_buffer", "val_examples", "max_bad_steps", "max_prompt", "reward_horizon", "gen_batch_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be > 0")
     if args.max_total <= args.max_prompt:
@@ -132,13 +129,11 @@ def parse_args(argv=None):
         p.error("--sgo_ratio needs --method kd: the teacher's distribution is the target of a sampled response")
     if not (0 <= args.atkd_lam <= 1 and 0 <= args.okd_a_t <= 1) or args.okd_rank < 1:
         p.error("--atkd_lam and --okd_a_t must lie in [0, 1], --okd_rank must be >= 1")
-    if args.shard == "fsdp" and (args.method == "okd" or args.strategy == "lookahead"):
-        p.error("--shard fsdp trains --method sft, seqkd and kd, without --strategy lookahead (it reads full "
-                "gradients): use --shard ddp")
+    if args.shard == "fsdp" and args.method == "okd":
+        p.error("--shard fsdp trains --method sft, seqkd and kd: OKD's teacher LoRA is not sharded, use --shard ddp")
     strategy = args.strategy if args.method == "kd" else None     # signal options (docs/method.md 3) need theirs
-    if ((args.reward_batch, args.reward_horizon, args.policy_advantage) != ("same", 1, "whitened") and strategy != "arkd"
-            or args.lookahead_precondition != "none" and strategy != "lookahead"):
-        p.error("--reward_batch, --reward_horizon, --policy_advantage need --strategy arkd; --lookahead_precondition lookahead")
+    if (args.reward_batch, args.reward_horizon, args.policy_advantage) != ("same", 1, "whitened") and strategy != "arkd":
+        p.error("--reward_batch, --reward_horizon and --policy_advantage need --strategy arkd")
     if args.method == "kd" and args.strategy == "atkd" and args.tau != 1:
         p.error("--strategy atkd is defined at temperature 1: drop --tau")     # Choice A3
     return args
@@ -361,18 +356,15 @@ class RewardWindow:
         return step + 1 - self.step >= args.reward_every or step + 1 == run.total_steps
 
 
-def train_step(args, run, model, teacher, optimizer, adaptive, batches, step, window=None, teacher_optimizer=None,
+def train_step(args, run, model, teacher, optimizer, policy, batches, step, window=None, teacher_optimizer=None,
                held_out=None):
     """One optimizer step of any method. Returns (the step's log row, the open reward window).
 
-    adaptive: ARKD's policy, our lookahead alpha, or None (every other strategy's alpha is a rule);
+    policy: ARKD's policy, or None (every other strategy's alpha is a rule);
     held_out (--reward_batch next): micro-batch 0 of step + reward_every, read by a new action's reward.
     ARKD's step in order: the module docstring's.
     """
     student = getattr(model, "module", model)                  # DDP wraps it; FSDP2 shards it in place
-    lookahead = adaptive if isinstance(adaptive, LookaheadAlpha) else None      # ours, in the policy's place
-    policy = None if lookahead else adaptive
-    direction = None                                            # lookahead: u = g_FKL - g_RKL of this step
     n_tokens = step_token_count(batches)                        # all ranks, before any backward (T1)
     rng0 = rng_snapshot(run.device)                             # micro-batch 0's dropout masks (T3)
     stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=run.device)     # kd_pass's sums
@@ -382,15 +374,12 @@ def train_step(args, run, model, teacher, optimizer, adaptive, batches, step, wi
     for i, batch in accumulating(model, batches, run):          # DDP syncs gradients after the last one
         logits = forward(model, batch, run)
         state_read = policy is not None and i == 0 and window is None     # a new action: its state needs AKL
-        out, teacher_logits = kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer,
-                                         two_backward=lookahead is not None)
+        out, teacher_logits = kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer)
         if i == 0 and out is not None:                          # alpha is needed before the first backward (T2)
             alpha, window = choose_alpha(run, policy, window, all_reduce_sum(out.stats), step,
                                          (rng0, batch, teacher_logits), row)
             if state_read and window is not None and held_out is not None:
                 window = held_out_window(args, run, student, teacher, step, held_out)
-        if lookahead is not None:                               # g_RKL to .grad now, u to its own buffer
-            alpha, direction = 0.0, add_direction(direction, student, out, run.world_size / n_tokens)
         loss = micro_batch_loss(args, run, logits, batch, out, alpha)    # summed over its response tokens
         if teacher_optimizer is not None:                       # OKD: the LoRA's own loss, from the same forward
             teacher_loss = okd_teacher_loss(logits, teacher_logits, batch["targets"].to(run.device), args, run)
@@ -400,9 +389,6 @@ def train_step(args, run, model, teacher, optimizer, adaptive, batches, step, wi
         stats += out.stats if out is not None else 0
         totals["loss"] += loss.detach().double()
         totals["positions"] += float(batch["attention_mask"].sum())
-    if lookahead is not None:                                   # alpha from g_J and the last u: g_RKL + alpha u
-        alpha = lookahead_alpha_step(args, run, student, optimizer, lookahead, direction)
-        totals["loss"] += alpha * (stats[STAT_NAMES.index("fkl")] - stats[STAT_NAMES.index("rkl")])   # the loss at alpha
     grad_norm = clip_and_step(args, run, student, teacher, optimizer, teacher_optimizer)
     if window is not None and window.closes_after(step, args, run):
         row.update(close_reward_window(args, run, student, policy, window))
@@ -437,7 +423,7 @@ def accumulating(model, batches, run):
             yield i, batch
 
 
-def kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer, two_backward=False):
+def kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer):
     """(kd_pass of the student's logits against the teacher's, the teacher's logits); (None, None) for SFT and
     SeqKD. The AKL head search runs where it is read: `akl`, and ARKD's new action's state (state_read)."""
     if args.method in ("sft", "seqkd"):
@@ -447,7 +433,7 @@ def kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer,
     targets = batch["targets"].to(run.device)
     kind, numbers = run.strategy
     out = kd_pass(logits, teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size, args.chunk_tokens,
-                  target_ids=targets, inplace_grad=teacher_optimizer is None and not two_backward, atkd=kind == "atkd",
+                  target_ids=targets, inplace_grad=teacher_optimizer is None, atkd=kind == "atkd",
                   akl=kind == "akl" or state_read,
                   divergence=(kind, numbers if kind == "ab" else numbers[0] if numbers else 0.0) if kind in DIVERGENCES else None)
     return out, teacher_logits
@@ -459,7 +445,7 @@ def choose_alpha(run, policy, window, stats0, step, reward_batch, row):
     action on the state, held for --reward_every steps by the window it opens; that window keeps
     reward_batch (the random state before micro-batch 0's forward, the batch, its teacher logits)."""
     if policy is None:
-        rule = run.strategy[0] in STEP_RULES              # akl, atkd weigh each token; lookahead comes later
+        rule = run.strategy[0] in STEP_RULES              # akl, atkd weigh each token
         return (strategy_alpha(run.strategy, step, run.total_steps, stats0) if rule else None), window
     if window is not None or not torch.isfinite(stats0).all():
         return policy.last_alpha, window                        # the open action holds
@@ -483,41 +469,6 @@ def micro_batch_loss(args, run, logits, batch, out, alpha):
     else:
         per_token = mix(out.fkl, out.rkl, out.akl_alpha if alpha is None else alpha)
     return per_token.sum() + args.lm_weight * out.ce.sum()
-
-
-def add_direction(direction, student, out, scale):
-    """lookahead: direction + d(scale * sum(FKL - RKL)) / d(parameters), by a backward of its own
-    that keeps the graph for the step's backward (Choice H3); `.grad` is left alone. kd_pass's gradients
-    then run twice: it must not write them into the logits (two_backward in kd_outputs)."""
-    params = [p for p in student.parameters() if p.requires_grad]
-    grads = torch.autograd.grad((out.fkl - out.rkl).sum() * scale, params, retain_graph=True)
-    return list(grads) if direction is None else [d.add_(g) for d, g in zip(direction, grads)]
-
-
-def lookahead_alpha_step(args, run, student, optimizer, lookahead, direction):
-    """lookahead (ours, docs/method.md 9): u averaged over ranks as DDP averages .grad (= g_RKL);
-    g_J = g_FKL + g_RKL = 2 g_RKL + u; the step's alpha from g_J and the last step's u
-    (policy.lookahead_alpha); then .grad becomes g_RKL + alpha u, the gradient of the step's mix. With
-    --lookahead_precondition adam the next step reads u / (sqrt(v_hat) + eps), AdamW's step (Choice H4)."""
-    params = [p for p in student.parameters() if p.requires_grad]
-    if run.world_size > 1:
-        flat = all_reduce_sum(torch.cat([u.flatten() for u in direction])) / run.world_size
-        direction = [f.view_as(u) for f, u in zip(flat.split([u.numel() for u in direction]), direction)]
-    kept = direction if args.lookahead_precondition == "none" else [
-        u * adam_scale(optimizer, p) for p, u in zip(params, direction)]
-    alpha = lookahead.choose([2 * p.grad + u for p, u in zip(params, direction)], kept)
-    for p, u in zip(params, direction):
-        p.grad.add_(u, alpha=alpha)
-    return alpha
-
-
-def adam_scale(optimizer, p):
-    """1 / (sqrt(v_hat) + eps): how (Adam)W scales p's gradient in its step (1 before its first step)."""
-    state, group = optimizer.state.get(p, {}), optimizer.param_groups[0]
-    if "exp_avg_sq" not in state:
-        return 1.0
-    v_hat = state["exp_avg_sq"] / (1 - group["betas"][1] ** float(state["step"]))
-    return 1 / (v_hat.sqrt() + group["eps"])
 
 
 def clip_and_step(args, run, student, teacher, optimizer, teacher_optimizer):
@@ -670,7 +621,7 @@ def resume(checkpoint, args, run, model, teacher, optimizer, policy, teacher_opt
 
 def build_training(args, run, student, teacher):
     """(the student, DDP-wrapped or FSDP2-sharded on several processes; its optimizer; OKD's LoRA optimizer;
-    the adaptive alpha: ARKD's policy or the lookahead alpha, else None)."""
+    ARKD's policy, else None)."""
     if run.world_size > 1 and args.shard == "fsdp":         # Choice T9: FSDP2, each block its own unit
         model = plumbing.shard(student)
     else:
@@ -682,8 +633,6 @@ def build_training(args, run, student, teacher):
     policy = ARKDPolicy(buffer_size=args.policy_buffer, lr=args.policy_lr, entropy_coef=args.policy_entropy, seed=args.seed,
                         horizon=args.reward_horizon, advantage=args.policy_advantage) \
         if args.method == "kd" and args.strategy == "arkd" else None
-    if args.method == "kd" and args.strategy == "lookahead":       # ours: in the policy's place (method.md 9)
-        policy = LookaheadAlpha(step_size=args.lookahead_step)
     return model, optimizer, teacher_optimizer, policy
 
 
@@ -733,10 +682,10 @@ def main(argv=None):
         build_seqkd_data(teacher, tokenizer, args, train_dir)
         teacher = None                                  # the steps hold no teacher
     examples, val_examples, val_records = load_training_data(args, run, tokenizer, train_dir)
-    model, optimizer, teacher_optimizer, adaptive = build_training(args, run, student, teacher)
+    model, optimizer, teacher_optimizer, policy = build_training(args, run, student, teacher)
     progress, window = Progress(), None
     if checkpoint:
-        progress, window = resume(checkpoint, args, run, model, teacher, optimizer, adaptive, teacher_optimizer)
+        progress, window = resume(checkpoint, args, run, model, teacher, optimizer, policy, teacher_optimizer)
     metrics = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master,
                                   os.path.join(args.out, "tensorboard") if args.report_to == "tensorboard" else None)
     line = plumbing.ProgressLine(run, f"kd {args.strategy}" if args.method == "kd" else args.method)
@@ -747,7 +696,7 @@ def main(argv=None):
         batches = micro_batches(examples, progress.step, args, run, student, tokenizer)
         held_out = micro_batches(examples, progress.step + args.reward_every, args, run)[0] \
             if args.reward_batch == "next" else None     # its dataset responses, also with --sgo_ratio
-        row, window = train_step(args, run, model, teacher, optimizer, adaptive, batches, progress.step, window,
+        row, window = train_step(args, run, model, teacher, optimizer, policy, batches, progress.step, window,
                                  teacher_optimizer, held_out)
         stop, seconds = count_bad_step(row, progress, args), time.perf_counter() - started
         row.update(lr=optimizer.param_groups[0]["lr"], skipped_steps=progress.skipped, step_seconds=seconds,
@@ -765,12 +714,12 @@ def main(argv=None):
             row["val_rougeL"] = validate(args, run, student, tokenizer, val_examples, val_records, progress, metrics)
         if scheduled or stopping:
             metrics.flush()                             # the log never lags its checkpoint
-            save_checkpoint(args, run, student, tokenizer, optimizer, adaptive, progress, window, teacher, teacher_optimizer)
+            save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, window, teacher, teacher_optimizer)
         if stopping:
             print0(f"stopping after step {progress.step} as asked (--stop_after): continue with --resume")
             break
     finish(args, run, metrics, progress)
-    return {"student": student, "teacher": teacher, "policy": adaptive, "history": history, "best": progress.best,
+    return {"student": student, "teacher": teacher, "policy": policy, "history": history, "best": progress.best,
             "run": run}
 
 

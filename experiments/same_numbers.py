@@ -23,7 +23,7 @@ from experiments import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = ("sft -", "seqkd -", "okd fkl", "kd fkl", "kd rkl", "kd fixed:0.3", "kd linear:0.9,0.1", "kd greedy", "kd akl",
-        "kd atkd", "kd arkd", "kd lookahead", "kd jsd:0.5", "kd tvd", "kd skl:0.1", "kd srkl:0.1", "kd arkd --sgo_ratio 0.5")
+        "kd atkd", "kd arkd", "kd jsd:0.5", "kd tvd", "kd skl:0.1", "kd srkl:0.1", "kd arkd --sgo_ratio 0.5")
 TIMINGS = ("step_seconds", "tokens_per_second")
 
 

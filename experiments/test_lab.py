@@ -748,7 +748,7 @@ def test_bench_step_flags_reach_the_arkd_runs(pair, tmp_path, monkeypatch):
                               step_batch=3, threads=1)
     summary = bench.step_benchmark(args)
     strategies = [c[c.index("--strategy") + 1] for c in launched]
-    assert sorted(strategies) == ["arkd", "fkl", "lookahead", "tvd"] and summary["batch"] == 3
+    assert sorted(strategies) == ["arkd", "fkl", "tvd"] and summary["batch"] == 3
     assert all(c[c.index("--max_steps") + 1] == "7" and c[c.index("--batch_size") + 1] == "3" for c in launched)
 
 
@@ -959,3 +959,11 @@ def test_headroom_akl_by_sort_equals_the_reference_akl_alpha():
     torch.manual_seed(3)
     s, t = torch.randn(5, 7, 64, dtype=torch.float64) * 2, torch.randn(5, 7, 64, dtype=torch.float64) * 3
     assert torch.allclose(headroom.akl_by_sort(s.softmax(-1), t.softmax(-1)), akl_alpha(s, t), atol=1e-12)
+
+
+def test_headroom_lookahead_alpha_steps_by_the_cosine_and_clips():
+    """Bug classes: the raw product in place of the cosine, no clip at 0 and 1, a move when a norm is 0."""
+    assert headroom.lookahead_alpha(0.5, 1.0, 1.0, 1.0, 0.1) == pytest.approx(0.6)          # unit norms move it
+    assert headroom.lookahead_alpha(0.5, 3.0, 2.0, 3.0, 0.1) == pytest.approx(0.55)          # cos = 0.5
+    assert headroom.lookahead_alpha(0.9, 3.0, 1.0, 2.0, 0.5) == 1.0 and headroom.lookahead_alpha(0.1, -3.0, 1.0, 3.0, 0.5) == 0.0
+    assert headroom.lookahead_alpha(0.3, 1.0, 0.0, 2.0, 0.5) == 0.3 and headroom.lookahead_alpha(0.3, 1.0, 2.0, 0.0, 0.5) == 0.3
