@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,7 @@ RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "max_pro
                 "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "reward_every",
                 "policy_buffer", "policy_lr", "policy_entropy", "seqkd_data", "train_examples", "atkd_lam",
                 "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "alpha_schedule", "sgo_ratio", "shard",
-                "reward_batch", "reward_horizon", "policy_advantage", "gen_batch_size")
+                "reward_batch", "reward_horizon", "policy_advantage", "gen_batch_size", "sgo_adaptive", "sgo_init", "sgo_buffer")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,6 +71,11 @@ def parse_args(argv=None):
     p.add_argument("--lm_weight", type=float, default=0.0, help="weight of the reference CE added to KD")
     p.add_argument("--sgo_ratio", type=float, default=0.0, help="kd: share of each step's examples whose response "
                    "the student samples itself (on-policy, as GKD's lambda); the teacher's distribution is the target")
+    p.add_argument("--sgo_adaptive", action="store_true", help="kd: DistiLLM's adaptive share, from --sgo_init up 0.1 "
+                   "at an epoch's end when the dev CE has risen 0.1 since the last rise (Choice 8.4)")
+    p.add_argument("--sgo_init", type=float, default=0.0, help="--sgo_adaptive: the share at the start")
+    p.add_argument("--sgo_buffer", type=int, default=0, help="kd: a replay buffer of the last C student responses "
+                   "(DistiLLM: 1000); once full, a share k / K of step k's are drawn from it (Choice 8.5)")
     p.add_argument("--chunk_tokens", type=int, default=None, help="kd_pass chunk (default: by device)")
     p.add_argument("--atkd_lam", type=float, default=0.2, help="atkd: weight of the easy tokens' NCKD (lambda)")
     # OKD: the teacher's LoRA
@@ -125,8 +130,12 @@ def parse_args(argv=None):
         p.error(f"--max_total ({args.max_total}) must exceed --max_prompt ({args.max_prompt}): responses need room")
     if args.tau <= 0 or args.lm_weight < 0 or not 0 <= args.warmup_ratio < 1 or not 0 <= args.sgo_ratio <= 1:
         p.error("--tau must be > 0, --lm_weight >= 0, --warmup_ratio in [0, 1), --sgo_ratio in [0, 1]")
-    if args.sgo_ratio and args.method != "kd":
-        p.error("--sgo_ratio needs --method kd: the teacher's distribution is the target of a sampled response")
+    if (args.sgo_ratio or args.sgo_adaptive) and args.method != "kd":
+        p.error("--sgo_ratio and --sgo_adaptive need --method kd: the teacher's distribution is a sampled response's target")
+    if args.sgo_adaptive and args.sgo_ratio or args.sgo_init and not args.sgo_adaptive or not 0 <= args.sgo_init <= 1:
+        p.error("--sgo_init (in [0, 1]) sets --sgo_adaptive's starting share, which takes the place of --sgo_ratio")
+    if args.sgo_buffer < 0 or args.sgo_buffer and not (args.sgo_ratio or args.sgo_adaptive):
+        p.error("--sgo_buffer must be >= 0 and holds student responses: it needs --sgo_ratio or --sgo_adaptive")
     if not (0 <= args.atkd_lam <= 1 and 0 <= args.okd_a_t <= 1) or args.okd_rank < 1:
         p.error("--atkd_lam and --okd_a_t must lie in [0, 1], --okd_rank must be >= 1")
     if args.shard == "fsdp" and args.method == "okd":
@@ -152,6 +161,7 @@ class Run:
     pad_id: int = 0
     total_steps: int = 0
     warmup_steps: int = 0
+    steps_per_epoch: int = 0
 
     @property
     def master(self):               # rank 0 logs, checkpoints and plots
@@ -195,6 +205,8 @@ def start(args):
             raise ValueError(f"global batch 32 is not a multiple of --batch_size {args.batch_size} x "
                              f"{world_size} processes: set --grad_accum")
         grad_accum = 32 // (args.batch_size * world_size)
+    if 0 < args.sgo_buffer < args.batch_size * grad_accum * world_size:
+        raise ValueError(f"--sgo_buffer {args.sgo_buffer} holds less than one step's {args.batch_size * grad_accum * world_size} examples")
     bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
     # OKD's student learns by FKL alone (method.md 8); SFT and SeqKD have no strategy.
     strategy = parse_strategy(args.strategy) if args.method == "kd" else ("fkl", ()) if args.method == "okd" else None
@@ -234,28 +246,24 @@ def load_training_data(args, run, tokenizer, train_dir):
     steps_per_epoch = len(examples) // (args.batch_size * run.grad_accum * run.world_size)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(examples)} training examples are fewer than one global batch")
-    run.total_steps = args.max_steps or args.epochs * steps_per_epoch
+    run.total_steps, run.steps_per_epoch = args.max_steps or args.epochs * steps_per_epoch, steps_per_epoch
     run.warmup_steps = int(args.warmup_ratio * run.total_steps)
     return examples, val_examples, val_records
 
 
-def micro_batches(examples, step, args, run, student=None, tokenizer=None):
-    """The micro-batches of step `step` on this rank, a pure function of the step (and with --sgo_ratio of
-    the student). Each epoch has a seeded order; rank r takes every world_size-th example (1 process x 4
-    micro-batches and 2 x 2 see the same step). --sgo_ratio: the examples at global positions j with
-    floor((j + 1) lambda) > floor(j lambda) get the student's own response (on_policy_responses): T8."""
+def micro_batches(examples, step, args, run, student=None, tokenizer=None, progress=None):
+    """The micro-batches of step `step` on this rank, a pure function of the step (and with student-generated
+    data of the student and the buffer). Each epoch has a seeded order; rank r takes every world_size-th
+    example (1 process x 4 micro-batches and 2 x 2 see the same step). A share lambda (--sgo_ratio, or
+    the adaptive share) of the examples, spread evenly (shared_positions), get the student's own
+    response (on_policy_responses: T8); with --sgo_buffer a share k / K of those replay buffered ones."""
     per_step, world_size = args.batch_size * run.grad_accum, run.world_size
     epoch, within = divmod(step, len(examples) // (per_step * world_size))
     order = data.epoch_order(len(examples), args.seed, epoch)[within * per_step * world_size:]
     step_examples = [examples[j] for j in order[:per_step * world_size]]     # global position j: rank j % world_size
-    if student is not None and args.sgo_ratio > 0:
-        lam = args.sgo_ratio
-        positions = [j for j in range(len(step_examples)) if math.floor((j + 1) * lam) > math.floor(j * lam)]
-        for j, response in zip(positions, on_policy_responses(student, tokenizer, [step_examples[j] for j in positions],
-                                                              args, step)):
-            prompt = step_examples[j]["prompt_ids"]
-            step_examples[j] = {"index": step_examples[j]["index"], "prompt_ids": prompt, "input_ids": prompt + response,
-                                "labels": [IGNORE_INDEX] * len(prompt) + response}
+    progress = progress or Progress(sgo_share=args.sgo_ratio)          # the run's share and buffer, or --sgo_ratio's
+    if student is not None and progress.sgo_share > 0:
+        student_generated(step_examples, step, args, run, student, tokenizer, progress)
     chosen = step_examples[run.rank::world_size]
     batches = []
     for i in range(run.grad_accum):
@@ -263,6 +271,32 @@ def micro_batches(examples, step, args, run, student=None, tokenizer=None):
         batch["targets"] = next_token_targets(batch.pop("labels"))
         batches.append(batch)
     return batches
+
+
+def shared_positions(n, share):
+    """The positions j < n with floor((j + 1) share) > floor(j share): a share of n, spread evenly (T8)."""
+    return [j for j in range(n) if math.floor((j + 1) * share) > math.floor(j * share)]
+
+
+def student_generated(step_examples, step, args, run, student, tokenizer, progress):
+    """Gives the student's responses to step_examples (all ranks', in global order) at the shared positions,
+    in place. With --sgo_buffer C, once C are held, a share k / K of them (spread evenly) are instead
+    drawn from the buffer without replacement, seeded by (seed, step), and the fresh ones join it, oldest
+    out first: one buffer, the same on every rank (Choice 8.5)."""
+    positions = shared_positions(len(step_examples), progress.sgo_share)
+    fresh, replayed = positions, []
+    if args.sgo_buffer and len(progress.sgo_buffer) >= args.sgo_buffer:
+        kept = set(shared_positions(len(positions), 1 - step / run.total_steps))
+        fresh, replayed = ([j for i, j in enumerate(positions) if (i in kept) == keep] for keep in (True, False))
+    draws = torch.randperm(len(progress.sgo_buffer), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+    pairs = [progress.sgo_buffer[d] for d in draws[:len(replayed)].tolist()]
+    pairs += [(step_examples[j]["prompt_ids"], response) for j, response in zip(fresh, on_policy_responses(
+        student, tokenizer, [step_examples[j] for j in fresh], args, step))]
+    for j, (prompt, response) in zip(replayed + fresh, pairs):
+        step_examples[j] = {"index": step_examples[j]["index"], "prompt_ids": prompt, "input_ids": prompt + response,
+                            "labels": [IGNORE_INDEX] * len(prompt) + response}
+    if args.sgo_buffer:
+        progress.sgo_buffer = (progress.sgo_buffer + pairs[len(replayed):])[-args.sgo_buffer:]
 
 
 def on_policy_responses(student, tokenizer, chosen, args, step):
@@ -460,8 +494,7 @@ def micro_batch_loss(args, run, logits, batch, out, alpha):
     SeqKD), ATKD's per-token loss, a peer's divergence (jsd, tvd, skl, srkl) or alpha FKL +
     (1 - alpha) RKL (+ lm_weight CE)."""
     if out is None:
-        return F.cross_entropy(logits[..., :run.vocab_size].flatten(0, 1).float(), batch["targets"].to(run.device).flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return reference_ce(logits, batch["targets"].to(run.device), run)
     if run.strategy[0] == "atkd":
         per_token = atkd_loss(out.tckd, out.nckd, atkd_easy(out.unc), args.atkd_lam)
     elif run.strategy[0] in DIVERGENCES:                  # a peer's divergence in place of the mixture
@@ -561,11 +594,29 @@ def reward_stats(student, window, args, run):
 
 @dataclass
 class Progress:
-    """The counters a checkpoint carries besides models, optimizers and random states."""
+    """What a checkpoint carries besides models, optimizers and random states: counters, and the
+    student-generated share with the dev loss it last rose at and the replay buffer (Choices 8.4, 8.5)."""
     step: int = 0
     best: float = -1.0
     bad_steps: int = 0
     skipped: int = 0
+    sgo_share: float = 0.0
+    dev_loss_ref: float = math.nan
+    sgo_buffer: list = field(default_factory=list)       # (prompt ids, response ids) pairs, oldest first
+
+
+def pack_pairs(pairs):
+    """[(prompt ids, response ids)] as plain tensors: the ids end to end and each pair's two lengths."""
+    return {"ids": torch.tensor([t for prompt, response in pairs for t in prompt + response], dtype=torch.int64),
+            "lengths": torch.tensor([[len(prompt), len(response)] for prompt, response in pairs], dtype=torch.int64).view(-1, 2)}
+
+
+def unpack_pairs(packed):
+    ids, pairs, at = packed["ids"].tolist(), [], 0
+    for prompt, response in packed["lengths"].tolist():
+        pairs.append((ids[at:at + prompt], ids[at + prompt:at + prompt + response]))
+        at += prompt + response
+    return pairs
 
 
 def save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, window, teacher=None, teacher_optimizer=None):
@@ -580,7 +631,7 @@ def save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, 
     weights, optimizer_state = plumbing.full_state(student, optimizer)    # FSDP2: gathered on rank 0
     if run.master:
         okd = teacher_optimizer is not None          # OKD: the teacher's LoRA and its optimizer too
-        state = {**vars(progress), "optimizer": optimizer_state, "ranks": ranks,
+        state = {**vars(progress), "sgo_buffer": pack_pairs(progress.sgo_buffer), "optimizer": optimizer_state, "ranks": ranks,
                  "policy": policy.state_dict() if policy is not None else None,
                  "lora": lora_state_dict(teacher) if okd else None,
                  "teacher_optimizer": teacher_optimizer.state_dict() if okd else None,
@@ -612,7 +663,9 @@ def resume(checkpoint, args, run, model, teacher, optimizer, policy, teacher_opt
             teacher_logits = forward(teacher, batch0, run)
         window = RewardWindow(state["window"]["step"], state["window"]["before"], mine["window_rng"], batch0, teacher_logits)
     print0(f"resumed from {checkpoint} at step {state['step']}")
-    return Progress(state["step"], state["best"], state["bad_steps"], state["skipped"]), window
+    progress = Progress(**{f.name: state[f.name] for f in fields(Progress)})
+    progress.sgo_buffer = unpack_pairs(progress.sgo_buffer)
+    return progress, window
 
 
 # ----------------------------------------------------------------------------------------------
@@ -656,6 +709,35 @@ def validate(args, run, student, tokenizer, val_examples, val_records, progress,
     return score
 
 
+def reference_ce(logits, targets, run):
+    """CE of the logits (real vocabulary, float32) on the targets, summed over the response tokens."""
+    return F.cross_entropy(logits[..., :run.vocab_size].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+@torch.no_grad()
+def dev_loss(student, val_examples, args, run):
+    """The student's CE on the dev references, a token mean: DistiLLM's L (Choice 8.4). Every rank computes
+    it whole (the same number everywhere; under FSDP2 the same forwards on every rank)."""
+    student.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(val_examples), args.batch_size):
+        batch = data.collate_train(val_examples[start:start + args.batch_size], run.pad_id)
+        targets = next_token_targets(batch.pop("labels")).to(run.device)
+        total += float(reference_ce(forward(student, batch, run), targets, run))
+        count += int((targets != IGNORE_INDEX).sum())
+    student.train()
+    return total / max(count, 1)
+
+
+def adapt_sgo_share(progress, loss):
+    """DistiLLM's rule (Choice 8.4): a dev loss 0.1 above the one of the last rise (at first, before
+    training) raises the share by 0.1, at most to 1, and becomes the new reference. Returns the log row."""
+    if loss >= progress.dev_loss_ref + 0.1:
+        progress.sgo_share, progress.dev_loss_ref = min(round(progress.sgo_share + 0.1, 9), 1.0), loss
+    return {"step": progress.step, "dev_loss": loss, "sgo_share": progress.sgo_share}
+
+
 def count_bad_step(row, progress, args):
     """Choice T4: a non-finite gradient made no update; the error once --max_bad_steps come in a row."""
     if math.isfinite(row["grad_norm"]):
@@ -683,9 +765,11 @@ def main(argv=None):
         teacher = None                                  # the steps hold no teacher
     examples, val_examples, val_records = load_training_data(args, run, tokenizer, train_dir)
     model, optimizer, teacher_optimizer, policy = build_training(args, run, student, teacher)
-    progress, window = Progress(), None
+    progress, window = Progress(sgo_share=args.sgo_init if args.sgo_adaptive else args.sgo_ratio), None
     if checkpoint:
         progress, window = resume(checkpoint, args, run, model, teacher, optimizer, policy, teacher_optimizer)
+    elif args.sgo_adaptive:                             # the reference loss, before training (Choice 8.4)
+        progress.dev_loss_ref = dev_loss(student, val_examples, args, run)
     metrics = plumbing.MetricsLog(os.path.join(args.out, "metrics.jsonl"), progress.step if checkpoint else None, run.master,
                                   os.path.join(args.out, "tensorboard") if args.report_to == "tensorboard" else None)
     line = plumbing.ProgressLine(run, f"kd {args.strategy}" if args.method == "kd" else args.method)
@@ -693,7 +777,7 @@ def main(argv=None):
     while progress.step < run.total_steps:
         started = time.perf_counter()
         set_lr(progress.step, args, run, optimizer, teacher_optimizer)
-        batches = micro_batches(examples, progress.step, args, run, student, tokenizer)
+        batches = micro_batches(examples, progress.step, args, run, student, tokenizer, progress)
         held_out = micro_batches(examples, progress.step + args.reward_every, args, run)[0] \
             if args.reward_batch == "next" else None     # its dataset responses, also with --sgo_ratio
         row, window = train_step(args, run, model, teacher, optimizer, policy, batches, progress.step, window,
@@ -701,6 +785,8 @@ def main(argv=None):
         stop, seconds = count_bad_step(row, progress, args), time.perf_counter() - started
         row.update(lr=optimizer.param_groups[0]["lr"], skipped_steps=progress.skipped, step_seconds=seconds,
                    tokens_per_second=row.pop("step_tokens") / seconds)
+        if args.sgo_adaptive or args.sgo_buffer:
+            row.update(sgo_share=progress.sgo_share, sgo_buffer=len(progress.sgo_buffer))
         history.append(row)
         metrics.write(row)
         if stop:
@@ -708,6 +794,8 @@ def main(argv=None):
             raise RuntimeError(stop)
         line.update(row)
         progress.step += 1
+        if args.sgo_adaptive and progress.step % run.steps_per_epoch == 0 and progress.step < run.total_steps:
+            metrics.write(adapt_sgo_share(progress, dev_loss(student, val_examples, args, run)))
         scheduled = progress.step == run.total_steps or (args.eval_every and progress.step % args.eval_every == 0)
         stopping = bool(args.stop_after) and progress.step - first_step >= args.stop_after
         if scheduled:

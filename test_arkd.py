@@ -1413,6 +1413,70 @@ def test_student_generated_share_replaces_evenly_spread_responses_whatever_the_r
         arkd.parse_args(train_argv(pair, tmp_path, "--method", "sft", "--sgo_ratio", "0.5"))
 
 
+def test_adaptive_share_rises_by_distillm_s_rule_on_the_dev_loss(pair, tmp_path, monkeypatch):
+    """Choice 8.4. Bug classes: a rise on any change or on a fall, the reference not moved (or moved without a
+    rise), no cap at 1, the dev loss not a token mean of the reference CE, the share not used by the next step."""
+    progress = arkd.Progress(sgo_share=0.9, dev_loss_ref=2.0)
+    for loss, share, ref in ((2.05, 0.9, 2.0), (1.5, 0.9, 2.0), (2.1, 1.0, 2.1), (2.3, 1.0, 2.3), (2.35, 1.0, 2.3)):
+        assert arkd.adapt_sgo_share(progress, loss)["sgo_share"] == share and progress.dev_loss_ref == ref, loss
+    args, run, tokenizer, student, _, _ = setup_run(train_argv(pair, tmp_path, "--val_examples", "5", "--batch_size", "2"))
+    _, val_examples, _ = arkd.load_training_data(args, run, tokenizer, args.data_dir)
+    total = count = 0.0
+    for e in val_examples:                                      # one example at a time, its response tokens
+        with torch.no_grad():
+            logits = student(torch.tensor([e["input_ids"]])).logits[0, :-1].log_softmax(-1)
+        for position, label in enumerate(e["labels"][1:]):
+            if label != losses.IGNORE_INDEX:
+                total, count = total - float(logits[position, label]), count + 1
+    student.train()
+    assert arkd.dev_loss(student, val_examples, args, run) == pytest.approx(total / count, rel=1e-5) and student.training
+    losses_seen = iter([1.0, 1.2, 1.25, 1.4])                  # before training, then at the ends of epochs 1-3
+    monkeypatch.setattr(arkd, "dev_loss", lambda *a: next(losses_seen))
+    spied = []
+    monkeypatch.setattr(arkd, "student_generated", lambda *a: spied.append((a[1], a[6].sgo_share)))
+    result = arkd.main(train_argv(pair, tmp_path / "run", "--sgo_adaptive", "--train_examples", "16", "--max_steps", "8"))
+    assert [r["sgo_share"] for r in result["history"]] == [0, 0, 0.1, 0.1, 0.1, 0.1, 0.2, 0.2]
+    assert spied == [(k, share) for k, share in zip(range(2, 8), (0.1, 0.1, 0.1, 0.1, 0.2, 0.2))]
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if "dev_loss" in line]
+    assert [(r["step"], r["dev_loss"], r["sgo_share"]) for r in rows] == [(2, 1.2, 0.1), (4, 1.25, 0.1), (6, 1.4, 0.2)]
+
+
+def test_the_buffer_replays_a_share_k_over_K_drawn_without_replacement_and_keeps_the_newest(pair, tmp_path):
+    """Choice 8.5. Bug classes: replay before the buffer is full, the share k / K turned around, draws with
+    replacement or not seeded by the step, replayed responses added again, the oldest kept, --sgo_buffer 0 ignored."""
+    args, run, tokenizer, student, _, examples = setup_run(train_argv(pair, tmp_path, "--sgo_ratio", "1", "--sgo_buffer",
+                                                                      "8", "--max_new_tokens", "4", "--max_steps", "4"))
+    run.total_steps = 4
+    held = [([900 + i], [800 + i]) for i in range(8)]           # token ids no prompt or response holds
+    for step, buffered, fresh_at in ((2, held[:7], list(range(8))), (1, held, [1, 2, 3, 5, 6, 7]), (3, held, [3, 7])):
+        progress = arkd.Progress(sgo_share=1.0, sgo_buffer=list(buffered))
+        step_examples = [dict(e) for e in examples[:8]]
+        arkd.student_generated(step_examples, step, args, run, student, tokenizer, progress)
+        from_buffer = [j for j, e in enumerate(step_examples) if e["prompt_ids"][0] >= 900]
+        fresh = [j for j in range(8) if j not in from_buffer]
+        replayed = len(from_buffer)
+        assert fresh == fresh_at, step          # all fresh until 8 are held, then a share 1 - k / K spread evenly
+        draws = torch.randperm(len(buffered), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+        assert [tuple(step_examples[j]["input_ids"]) for j in from_buffer] == [
+            tuple(held[d][0] + held[d][1]) for d in draws[:replayed].tolist()]
+        new = [(step_examples[j]["prompt_ids"], step_examples[j]["labels"][len(step_examples[j]["prompt_ids"]):]) for j in fresh]
+        assert all(p == examples[j]["prompt_ids"] for (p, _), j in zip(new, fresh))
+        assert progress.sgo_buffer == (list(buffered) + new)[-8:]
+    none = arkd.Progress(sgo_share=1.0)
+    arkd.student_generated([dict(e) for e in examples[:8]], 1, argparse.Namespace(**{**vars(args), "sgo_buffer": 0}), run,
+                           student, tokenizer, none)
+    assert none.sgo_buffer == []
+    packed = arkd.pack_pairs(held[:3] + [([1, 2], [])])
+    assert set(packed) == {"ids", "lengths"} and arkd.unpack_pairs(packed) == held[:3] + [([1, 2], [])]
+    assert arkd.unpack_pairs(arkd.pack_pairs([])) == []
+    for flags in (("--sgo_init", "0.5"), ("--sgo_adaptive", "--sgo_ratio", "0.5"), ("--sgo_buffer", "8"),
+                  ("--method", "sft", "--sgo_adaptive"), ("--sgo_adaptive", "--sgo_init", "2"), ("--sgo_ratio", "0.5", "--sgo_buffer", "-1")):
+        with pytest.raises(SystemExit):
+            arkd.parse_args(train_argv(pair, tmp_path, *flags))
+    with pytest.raises(ValueError, match="--sgo_buffer 7 holds less than one step's 8 examples"):
+        arkd.main(train_argv(pair, tmp_path / "small", "--sgo_ratio", "0.5", "--sgo_buffer", "7"))
+
+
 def test_seqkd_samples_teacher_responses_then_trains(pair, tmp_path):
     result = arkd.main(train_argv(pair, tmp_path, "--method", "seqkd", "--train_examples", "40", "--max_steps", "3"))
     samples = data.load_records("dolly_train", str(tmp_path / "seqkd_data"))
@@ -1438,7 +1502,8 @@ def test_seqkd_samples_teacher_responses_then_trains(pair, tmp_path):
 
 @pytest.mark.parametrize("sgo", [[], ["--sgo_ratio", "0.5", "--max_new_tokens", "8"], [
     "--reward_batch", "next", "--reward_horizon", "2", "--policy_advantage", "fixed_scale", "--policy_buffer", "2",
-    "--reward_every", "1"]])
+    "--reward_every", "1"], ["--sgo_adaptive", "--sgo_init", "0.5", "--sgo_buffer", "8", "--max_new_tokens", "8",
+                             "--train_examples", "24"]])
 def test_exact_resume_continues_as_if_never_stopped(pair, tmp_path, sgo):
     common = ("--method", "kd", "--strategy", "arkd", "--reward_every", "2", "--eval_every", "3", "--max_steps", "7", *sgo)
     straight = arkd.main(train_argv(pair, tmp_path / "straight", *common))
@@ -2318,6 +2383,14 @@ def first_batch(trace):
     return trace.calls["batches"][0][0]["input_ids"]
 
 
+def repeated_rows(trace):
+    """How many of the last step's sequences (unpadded) appeared in an earlier step."""
+    def rows(step):
+        return [tuple(b["input_ids"][i][b["attention_mask"][i].bool()].tolist()) for b in step for i in range(len(b["input_ids"]))]
+    earlier = {row for step in trace.calls["batches"][:-1] for row in rows(step)}
+    return sum(row in earlier for row in rows(trace.calls["batches"][-1]))
+
+
 def lora_of(trace):
     return {n: p.detach() for n, p in trace.result["teacher"].named_parameters() if n.endswith((".down", ".up"))}
 
@@ -2356,6 +2429,12 @@ ARKD_FLAGS = {
         b.steps[0]["loss"] + 0.5 * b.steps[0]["student_ce"], rel=1e-5)),
     "--sgo_ratio": (("kd", "fkl"), (), "0.5", lambda t, b: t.steps[0]["loss"] != b.steps[0]["loss"]
                     and (first_batch(t).shape != first_batch(b).shape or not torch.equal(first_batch(t), first_batch(b)))),
+    "--sgo_adaptive": (("kd", "fkl"), ("--train_examples", "16"), "ON", lambda t, b: [r["step"] for r in t.rows if "dev_loss"
+                       in r] == [2] and {r["sgo_share"] for r in t.steps} == {0.0} and "sgo_share" not in b.steps[0]),
+    "--sgo_init": (("kd", "fkl"), ("--sgo_adaptive",), "0.5", lambda t, b: t.steps[0]["sgo_share"] == 0.5 and (
+        first_batch(t).shape != first_batch(b).shape or not torch.equal(first_batch(t), first_batch(b)))),
+    "--sgo_buffer": (("kd", "fkl"), ("--sgo_ratio", "0.5"), "8", lambda t, b: [r["sgo_buffer"] for r in t.steps] == [4, 8, 8, 8]
+                     and repeated_rows(t) == 3 and repeated_rows(b) == 0),     # step 3 of 4: 3 of its 4 replayed
     "--chunk_tokens": (("kd", "fkl"), (), "3", lambda t, b: set(t.calls["kd_pass"]) == {3} and set(b.calls["kd_pass"]) == {None}),
     "--atkd_lam": (("kd", "atkd"), (), "0.9", lambda t, b: t.steps[0]["loss"] != pytest.approx(b.steps[0]["loss"], rel=1e-4)),
     "--okd_rank": (("okd", "fkl"), (), "4", lambda t, b: {p.shape[0] for n, p in lora_of(t).items() if n.endswith(".up")} == {4}),
@@ -2449,7 +2528,7 @@ def test_each_arkd_flag_changes_what_it_names(flag, pair, other_models, base_tra
     else:
         value = (other_models[value[6:]] if value.startswith("OTHER:") else str(tmp_path / value[4:]) if
                  value.startswith("TMP:") else write_schedule(tmp_path / "m.jsonl") if value == "SCHEDULE" else value)
-        flags = [flag, value] + (["--strategy", "replay"] if flag == "--alpha_schedule" else [])
+        flags = [flag] + ([value] if value != "ON" else []) + (["--strategy", "replay"] if flag == "--alpha_schedule" else [])
     base = base_traces(method, strategy) if not extra else run_traced(pair, tmp_path / "base", *extra, method=method,
                                                                        strategy=strategy)
     out = tmp_path / "run" if flag != "--out" else tmp_path / "ignored"
