@@ -18,6 +18,8 @@ checkpoint (T7), SGO (T8), FSDP2 (T9), the held-out reward (R2); O3, O4.
 import argparse
 import contextlib
 import functools
+import glob
+import hashlib
 import json
 import math
 import os
@@ -35,7 +37,7 @@ import plumbing
 from plumbing import barrier, print0, world, write_atomic
 from lora import add_lora, lora_parameters, lora_state_dict
 from losses import (DIVERGENCES, IGNORE_INDEX, STAT_NAMES, STEP_RULES, atkd_easy, atkd_loss, kd_pass, mix,
-                    next_token_targets, parse_strategy, stat_means, strategy_alpha)
+                    cached_teacher_logits, next_token_targets, parse_strategy, stat_means, strategy_alpha, teacher_summary)
 from policy import ARKDPolicy, all_reduce_sum, immediate_reward, make_state
 
 # Flags that define a run: a checkpoint resumes only under the same values (and world size).
@@ -43,7 +45,8 @@ RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "max_pro
                 "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "reward_every",
                 "policy_buffer", "policy_lr", "policy_entropy", "seqkd_data", "train_examples", "atkd_lam",
                 "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "alpha_schedule", "sgo_ratio", "shard",
-                "reward_batch", "reward_horizon", "policy_advantage", "gen_batch_size", "sgo_adaptive", "sgo_init", "sgo_buffer")
+                "reward_batch", "reward_horizon", "policy_advantage", "gen_batch_size", "sgo_adaptive", "sgo_init", "sgo_buffer",
+                "teacher_cache")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,9 +56,12 @@ RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "max_pro
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="ARKD / KD / SFT training (see the module docstring).")
     # what to train
-    p.add_argument("--method", default="kd", choices=("sft", "seqkd", "kd", "okd"), help="sft: CE on references; "
+    p.add_argument("--method", default="kd", choices=("sft", "seqkd", "kd", "okd", "cache"), help="sft: CE on references; "
                    "seqkd: CE on teacher samples; kd: alpha FKL + (1 - alpha) RKL; okd: FKL against a teacher "
-                   "whose LoRA trains alongside")
+                   "whose LoRA trains alongside; cache: the teacher's top-k over the training data into --out, once")
+    p.add_argument("--teacher_cache", default=None, help="kd: distil from a --method cache folder, no teacher loaded "
+                   "(--teacher names the cache's teacher; Choices 8.6-8.8)")
+    p.add_argument("--cache_k", type=int, default=64, help="cache: teacher log-probs kept per position")
     p.add_argument("--strategy", default="arkd", help="kd only: fkl, rkl, fixed:A, linear:A0,A1, greedy, akl, arkd, "
                    "atkd, replay (--alpha_schedule), jsd:B, tvd, skl:A, srkl:A, ab:A,B")
     p.add_argument("--teacher", default="MiniLLM/teacher-gpt2-1.5B", help="teacher model (kd, seqkd)")
@@ -123,7 +129,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.method == "kd":
         parse_strategy(args.strategy)                  # unknown names fail here, before any work
-    for name in ("lr", "batch_size", "epochs", "reward_every", "policy_buffer", "val_examples", "max_bad_steps", "max_prompt", "reward_horizon", "gen_batch_size"):
+    for name in ("lr", "batch_size", "epochs", "reward_every", "policy_buffer", "val_examples", "max_bad_steps", "max_prompt",
+                 "reward_horizon", "gen_batch_size", "cache_k"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be > 0")
     if args.max_total <= args.max_prompt:
@@ -143,6 +150,10 @@ def parse_args(argv=None):
     strategy = args.strategy if args.method == "kd" else None     # signal options (docs/method.md 3) need theirs
     if (args.reward_batch, args.reward_horizon, args.policy_advantage) != ("same", 1, "whitened") and strategy != "arkd":
         p.error("--reward_batch, --reward_horizon and --policy_advantage need --strategy arkd")
+    if args.teacher_cache and (args.method != "kd" or args.tau != 1 or args.sgo_ratio or args.sgo_adaptive
+                               or args.strategy.startswith("ab:")):
+        p.error("--teacher_cache trains --method kd at --tau 1 on the data's responses (no --sgo_*), every strategy but "
+                "ab (its sum over the tail is not the tail bucket's): docs/method.md 8.8")
     if args.method == "kd" and args.strategy == "atkd" and args.tau != 1:
         p.error("--strategy atkd is defined at temperature 1: drop --tau")     # Choice A3
     return args
@@ -157,6 +168,7 @@ class Run:
     bf16: bool
     grad_accum: int
     strategy: tuple = None          # parsed --strategy (kd only)
+    cache: object = None            # --teacher_cache: a TeacherCache
     vocab_size: int = 0
     pad_id: int = 0
     total_steps: int = 0
@@ -193,7 +205,7 @@ def start(args):
     """Joins the other processes (torchrun) and fixes the run's device, precision and accumulation."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()       # one bar per run is enough: ours
-    models = [args.student] + ([args.teacher] if args.method != "sft" else [])
+    models = [args.student] + ([args.teacher] if args.method != "sft" and not args.teacher_cache else [])
     for path in models:                            # missing paths fail in seconds, before any load
         plumbing.check_model_path(path)
     if args.data_dir is not None:
@@ -224,7 +236,7 @@ def load_models(args, run, checkpoint=None):
     tokenizer = plumbing.load_tokenizer(args.student)
     run.vocab_size, run.pad_id = len(tokenizer), tokenizer.pad_token_id
     teacher = None
-    if args.method != "sft":
+    if args.method != "sft" and not args.teacher_cache:
         teacher_tokenizer = plumbing.load_tokenizer(args.teacher)
         if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"teacher {args.teacher} ({len(teacher_tokenizer)} tokens) and student {args.student} "
@@ -269,6 +281,7 @@ def micro_batches(examples, step, args, run, student=None, tokenizer=None, progr
     for i in range(run.grad_accum):
         batch = data.collate_train(chosen[i * args.batch_size:(i + 1) * args.batch_size], run.pad_id)
         batch["targets"] = next_token_targets(batch.pop("labels"))
+        batch["index"] = torch.tensor([e["index"] for e in chosen[i * args.batch_size:(i + 1) * args.batch_size]])
         batches.append(batch)
     return batches
 
@@ -463,7 +476,7 @@ def kd_outputs(args, run, teacher, logits, batch, state_read, teacher_optimizer)
     if args.method in ("sft", "seqkd"):
         return None, None
     with torch.no_grad() if teacher_optimizer is None else contextlib.nullcontext():   # OKD: the LoRA learns
-        teacher_logits = forward(teacher, batch, run)
+        teacher_logits = teacher_forward(teacher, batch, run, logits)
     targets = batch["targets"].to(run.device)
     kind, numbers = run.strategy
     out = kd_pass(logits, teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size, args.chunk_tokens,
@@ -569,7 +582,7 @@ def held_out_window(args, run, student, teacher, step, batch):
     """--reward_batch next (Choice R2): the window of a new action reads a batch it never trains on;
     its statistics before the update come from a forward now, with the dropout masks of its rerun."""
     with torch.no_grad():
-        teacher_logits = forward(teacher, batch, run)
+        teacher_logits = forward(teacher, batch, run) if run.cache is None else None      # a cache's: from the rerun
     window = RewardWindow(step, None, rng_snapshot(run.device), batch, teacher_logits)
     window.before = stat_means(reward_stats(student, window, args, run))
     return window
@@ -583,9 +596,116 @@ def reward_stats(student, window, args, run):
         restore_rng(window.rng, run.device)
         logits = forward(student, window.batch, run)
     targets = window.batch["targets"].to(run.device)
+    teacher_logits = window.teacher_logits if run.cache is None else teacher_forward(None, window.batch, run, logits)
     # Summed over ranks: the reward, like the state, belongs to the whole micro-batch 0.
-    return all_reduce_sum(kd_pass(logits, window.teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size,
+    return all_reduce_sum(kd_pass(logits, teacher_logits, targets != IGNORE_INDEX, args.tau, run.vocab_size,
                                   args.chunk_tokens, target_ids=targets, akl=False).stats)   # FKL' and RKL' only
+
+
+# ----------------------------------------------------------------------------------------------
+# A cached teacher (Choices 8.6-8.8): built once by --method cache, read by --teacher_cache
+
+CACHE_FIELDS = ("top_logp", "top_ids", "target_logp", "tail_logp")        # losses.teacher_summary's, per position
+
+
+def teacher_forward(teacher, batch, run, student_logits):
+    """The teacher's logits on a batch: its forward, or from the cache around the student's (8.6)."""
+    return forward(teacher, batch, run) if run.cache is None else run.cache.teacher_logits(batch, student_logits, run)
+
+
+def cache_key(args, tokenizer):
+    """What a cache depends on (8.8): the teacher (the digest of its weight files where they are on this
+    machine, a folder or the Hub's cache; else None: not checked), the tokenizer, the training data file
+    and the lengths that cut it."""
+    def digest(paths):
+        h = hashlib.sha256()
+        for path in paths:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+        return h.hexdigest()
+    folder = args.teacher
+    if not os.path.isdir(folder):
+        try:
+            from huggingface_hub import snapshot_download
+            folder = snapshot_download(args.teacher, local_files_only=True)
+        except Exception:                   # not downloaded (or not a Hub id): nothing here to check
+            folder = ""
+    weights = sorted(glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, "*.bin")))
+    return {"teacher": digest(weights) if weights else None,
+            "tokenizer": hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest(),
+            "data": digest([data.dataset_file("dolly_train", args.data_dir)]), "max_prompt": args.max_prompt,
+            "max_total": args.max_total, "train_examples": args.train_examples}
+
+
+@torch.no_grad()
+def build_teacher_cache(args, run, teacher, examples, key, shard_examples=1024):
+    """--method cache (8.6): losses.teacher_summary of every response position of the training examples,
+    in safetensors shards of shard_examples examples (shard i by rank i mod W), each written whole: a
+    shard on disk is kept, so a stopped build resumes. OUT/key.json says what it holds. Returns the
+    number of shards this rank wrote."""
+    from safetensors.torch import save_file
+    key, key_path, written = {**key, "k": args.cache_k}, os.path.join(args.out, "key.json"), 0
+    if os.path.exists(key_path) and json.load(open(key_path, encoding="utf-8")) != key:
+        raise ValueError(f"{key_path} belongs to another teacher, tokenizer, data, lengths or --cache_k: choose another --out")
+    barrier()
+    if run.master:
+        write_atomic(key_path, json.dumps(key, indent=1))
+    for shard, start in enumerate(range(0, len(examples), shard_examples)):
+        path = os.path.join(args.out, f"{shard:05d}.safetensors")
+        if shard % run.world_size != run.rank or os.path.exists(path):
+            continue
+        chunk, parts = examples[start:start + shard_examples], []
+        for i in range(0, len(chunk), args.batch_size):
+            batch = data.collate_train(chunk[i:i + args.batch_size], run.pad_id)
+            targets = next_token_targets(batch.pop("labels")).to(run.device)
+            mask = targets != IGNORE_INDEX
+            summary = teacher_summary(forward(teacher, batch, run)[mask], targets[mask], args.cache_k, run.vocab_size)
+            parts.append([x.cpu() for x in summary] + [mask.sum(1).cpu()])
+        tensors = dict(zip(CACHE_FIELDS + ("positions",), (torch.cat(column) for column in zip(*parts))))
+        tensors.update(top_ids=tensors["top_ids"].int(), index=torch.tensor([e["index"] for e in chunk]))
+        save_file(tensors, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        written += 1
+    barrier()
+    return written
+
+
+class TeacherCache:
+    """A --method cache folder, checked against this run's key (8.8) and read whole into CPU memory;
+    teacher_logits rebuilds a batch's teacher from it (losses.cached_teacher_logits)."""
+
+    def __init__(self, folder, key, examples):
+        from safetensors.torch import load_file
+        with open(os.path.join(folder, "key.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        differ = [name for name, value in key.items() if value is not None and saved.get(name) != value]
+        if key["teacher"] is None:
+            print0(f"note: no teacher weights here to check --teacher_cache {folder} against: it is trusted")
+        if differ:
+            raise ValueError(f"--teacher_cache {folder} was built for another {', '.join(differ)}: build it again "
+                             "with --method cache")
+        self.rows, self.tail_mass, self.tail_positions = {}, 0.0, 0
+        for name in sorted(n for n in os.listdir(folder) if n.endswith(".safetensors")):
+            shard = load_file(os.path.join(folder, name))
+            ends = shard["positions"].cumsum(0).tolist()
+            for index, end, count in zip(shard["index"].tolist(), ends, shard["positions"].tolist()):
+                self.rows[index] = [shard[field_name][end - count:end] for field_name in CACHE_FIELDS]
+        missing = sum(e["index"] not in self.rows for e in examples)
+        if missing:
+            raise ValueError(f"--teacher_cache {folder} lacks {missing} of the {len(examples)} training examples: "
+                             "finish it with --method cache")
+
+    def teacher_logits(self, batch, student_logits, run):
+        targets = batch["targets"].to(run.device)
+        mask = targets != IGNORE_INDEX
+        top_logp, top_ids, target_logp, tail_logp = (torch.cat(column).to(run.device) for column in zip(
+            *(self.rows[i] for i in batch["index"].tolist())))
+        self.tail_mass, self.tail_positions = self.tail_mass + float(tail_logp.exp().sum()), self.tail_positions + len(tail_logp)
+        teacher = torch.zeros(*targets.shape, run.vocab_size, device=run.device)
+        teacher[mask] = cached_teacher_logits(student_logits[mask], top_logp, top_ids.long(), targets[mask], target_logp,
+                                              tail_logp, run.vocab_size)
+        return teacher
 
 
 # ----------------------------------------------------------------------------------------------
@@ -660,7 +780,7 @@ def resume(checkpoint, args, run, model, teacher, optimizer, policy, teacher_opt
     if state["window"] is not None:         # the window's batch as it was, and its teacher logits again
         batch0 = mine["window_batch"]
         with torch.no_grad():
-            teacher_logits = forward(teacher, batch0, run)
+            teacher_logits = forward(teacher, batch0, run) if run.cache is None else None
         window = RewardWindow(state["window"]["step"], state["window"]["before"], mine["window_rng"], batch0, teacher_logits)
     print0(f"resumed from {checkpoint} at step {state['step']}")
     progress = Progress(**{f.name: state[f.name] for f in fields(Progress)})
@@ -764,6 +884,13 @@ def main(argv=None):
         build_seqkd_data(teacher, tokenizer, args, train_dir)
         teacher = None                                  # the steps hold no teacher
     examples, val_examples, val_records = load_training_data(args, run, tokenizer, train_dir)
+    if args.method == "cache":                          # the teacher once over the training data (8.6)
+        written = build_teacher_cache(args, run, teacher, examples, cache_key(args, tokenizer))
+        print0(f"cache: {args.out} holds the teacher's top {args.cache_k} for {len(examples)} training examples")
+        finish(args, run, None, None)
+        return {"shards_written": written}
+    if args.teacher_cache:
+        run.cache = TeacherCache(args.teacher_cache, cache_key(args, tokenizer), examples)
     model, optimizer, teacher_optimizer, policy = build_training(args, run, student, teacher)
     progress, window = Progress(sgo_share=args.sgo_init if args.sgo_adaptive else args.sgo_ratio), None
     if checkpoint:
@@ -787,6 +914,9 @@ def main(argv=None):
                    tokens_per_second=row.pop("step_tokens") / seconds)
         if args.sgo_adaptive or args.sgo_buffer:
             row.update(sgo_share=progress.sgo_share, sgo_buffer=len(progress.sgo_buffer))
+        if run.cache is not None:                       # rank 0's positions this step (Choice 8.7)
+            row["teacher_tail_mass"] = run.cache.tail_mass / max(run.cache.tail_positions, 1)
+            run.cache.tail_mass, run.cache.tail_positions = 0.0, 0
         history.append(row)
         metrics.write(row)
         if stop:
@@ -820,7 +950,7 @@ def set_lr(step, args, run, optimizer, teacher_optimizer):
 
 def finish(args, run, metrics, progress):
     """Closes the log, draws the KD plots (rank 0) and leaves the process group."""
-    if run.master:
+    if run.master and metrics is not None:
         metrics.close()
         if metrics.nonfinite_rows:
             print0(f"warning: {metrics.nonfinite_rows} rows of {metrics.path} held non-finite values, written as null")

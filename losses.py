@@ -11,8 +11,9 @@ copied into any trainer. Teacher p, student q, response position t:
 Public API: the plain definitions forward_kl, reverse_kl, entropy, top1_agreement, akl_alpha (Wu et
 al. 2024) and ATKD's atkd_terms, atkd_easy, atkd_loss (Zhong et al. 2024), for logits [..., V] -> [...];
 kd_pass, the one chunked pass training uses (per-token FKL / RKL / CE with closed-form gradients, plus
-the statistics the ARKD policy reads); the strategies parse_strategy, strategy_alpha, STEP_RULES;
-response_targets (the shifted targets and the response mask), next_token_targets, stat_means, mix.
+the statistics the ARKD policy reads); the strategies parse_strategy, strategy_alpha, STEP_RULES; a
+cached teacher's teacher_summary and cached_teacher_logits; response_targets (the shifted targets and
+the response mask), next_token_targets, stat_means, mix.
 
 Our choices where the paper is vague (listed in docs/method.md; each marked "Choice X" where it is made):
 L1. Log-probabilities are floored at LOG_FLOOR = -1e4: 0 * log 0 is 0 without a branch, and a token
@@ -582,6 +583,36 @@ def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chun
         stats[7] = float("nan")                                  # not computed: never a silent 0
     return KDPassResult(fkl, rkl, ce if target_ids is not None else None, akl_alpha if akl else None, stats,
                         *((tckd, nckd, unc) if atkd else (None, None, None)), div if divergence else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# A cached teacher (docs/method.md 8.6, 8.7): its top-k, the reference token and the rest as one bucket
+
+
+def teacher_summary(teacher_logits, target_ids, k, vocab_size=None):
+    """What a cache keeps of the teacher per position (tau = 1, real vocabulary): (log-probs [..., k] and ids
+    [..., k] of its top k, log p(g) of the reference token g, log of the mass outside the top k and g)."""
+    log_p = teacher_logits[..., :vocab_size].to(_compute_dtype(teacher_logits.dtype)).log_softmax(-1)
+    top_logp, top_ids = log_p.topk(k, dim=-1)
+    kept = torch.zeros_like(log_p, dtype=torch.bool).scatter_(-1, top_ids, True).scatter_(-1, target_ids[..., None], True)
+    return top_logp, top_ids, log_p.gather(-1, target_ids[..., None])[..., 0], log_p.masked_fill(kept, -math.inf).logsumexp(-1)
+
+
+def cached_teacher_logits(student_logits, top_logp, top_ids, target_ids, target_logp, tail_logp, vocab_size=None):
+    """Teacher log-probs [..., V] rebuilt from teacher_summary: exact at the top-k ids and at g, and the
+    tail's mass p_tail spread over the other columns as the student spreads its own:
+
+        log p_v = log p_tail + log q_v - log q_tail        (q_tail: the student's mass on those columns)
+
+    p_v / q_v is then one constant over the tail, so every divergence sum_v q_v f(p_v / q_v) (FKL, RKL,
+    JSD, TVD, the skews) and its gradient with the teacher held fixed equal the same divergence over the
+    buckets (the exact columns, the tail as one): the student's tail moves only as a whole. Both KLs are
+    lower bounds of the true ones (docs/method.md 8.7). student_logits detached; g may be in the top k."""
+    log_q = student_logits[..., :vocab_size].detach().to(_compute_dtype(student_logits.dtype)).log_softmax(-1)
+    kept = torch.zeros_like(log_q, dtype=torch.bool).scatter_(-1, top_ids, True).scatter_(-1, target_ids[..., None], True)
+    log_q_tail = log_q.masked_fill(kept, -math.inf).logsumexp(-1, keepdim=True).clamp_min(LOG_FLOOR)
+    rebuilt = tail_logp[..., None] + log_q - log_q_tail
+    return rebuilt.scatter(-1, target_ids[..., None], target_logp[..., None]).scatter(-1, top_ids, top_logp)
 
 
 def response_targets(input_ids, prompt_lengths, attention_mask=None):

@@ -535,6 +535,38 @@ def test_peer_divergences_at_p_equals_q_one_hot_teachers_and_minus_inf_columns(k
         assert torch.allclose(grad, expected, atol=1e-8)
 
 
+def test_a_cached_teacher_gives_the_divergences_over_its_buckets_values_and_gradients():
+    """Choice 8.6 against a direct float64 computation: FKL and RKL over the buckets (the top k, the reference
+    token, the rest as one) and their gradients; with a reference token inside or outside the top k, a
+    one-hot teacher (no tail), bf16 student logits, padded columns; never above the full KLs (8.7)."""
+    torch.manual_seed(0)
+    V, k = 50, 5
+    t = torch.cat([torch.randn(5, V, dtype=torch.float64) * 3, torch.full((1, V), -math.inf, dtype=torch.float64)])
+    t[5, 7] = 0.0                                                  # one-hot: the tail holds nothing
+    s = torch.randn(6, V + 3, dtype=torch.float64, requires_grad=True)       # 3 padded columns
+    g = torch.tensor([int(t[0].argmax()), 1, 2, 3, 4, 9])
+    summary = losses.teacher_summary(torch.cat([t, torch.full((6, 3), 9.0, dtype=torch.float64)], -1), g, k, V)
+    assert torch.allclose(summary[0], t.log_softmax(-1).topk(k).values) and summary[3][5] == -math.inf
+    rebuilt = losses.cached_teacher_logits(s, *summary[:2], g, *summary[2:], vocab_size=V)
+    assert rebuilt.shape == (6, V) and torch.allclose(rebuilt.logsumexp(-1), torch.zeros(6, dtype=torch.float64))
+    p, q = t.softmax(-1), s[:, :V].softmax(-1)
+    for r in range(6):
+        kept = sorted(set(t[r].topk(k).indices.tolist()) | {int(g[r])})
+        tail = [v for v in range(V) if v not in kept]
+        pb, qb = (torch.cat([x[r, kept], x[r, tail].sum()[None]]) for x in (p, q))
+        fkl, rkl = (pb * (pb.clamp_min(1e-300).log() - qb.log())).sum(), (qb * (qb.log() - pb.clamp_min(1e-300).log())).sum()
+        got_f, got_r = losses.forward_kl(s[r, :V], rebuilt[r]), losses.reverse_kl(s[r, :V], rebuilt[r])     # rebuilt: held fixed
+        want_grad = torch.autograd.grad(fkl + 0.3 * (rkl if r < 5 else 0), s, retain_graph=True)[0][r]
+        got_grad = torch.autograd.grad(got_f + 0.3 * (got_r if r < 5 else 0), s, retain_graph=True)[0][r]
+        assert float(got_f) == pytest.approx(float(fkl), abs=1e-12) and torch.allclose(got_grad, want_grad, atol=1e-12), r
+        if r < 5:                                                  # one-hot: RKL is LOG_FLOOR-sized on the tail
+            assert float(got_r) == pytest.approx(float(rkl), abs=1e-12), r
+            assert float(fkl) <= float(losses.forward_kl(s[r, :V], t[r])) and float(rkl) <= float(losses.reverse_kl(s[r, :V], t[r]))
+    stored = [x.float() if x.is_floating_point() else x.int().long() for x in summary]       # as the cache keeps them
+    half = losses.cached_teacher_logits(s.detach().bfloat16(), *stored[:2], g, *stored[2:], vocab_size=V)
+    assert half.dtype == torch.float32 and torch.allclose(half[:5].double(), rebuilt[:5].detach(), atol=0.1)
+
+
 def test_peer_divergences_in_bf16_and_their_limits():
     g = torch.Generator().manual_seed(5)
     student, teacher = torch.randn(6, 40, generator=g), torch.randn(6, 40, generator=g)
@@ -1475,6 +1507,44 @@ def test_the_buffer_replays_a_share_k_over_K_drawn_without_replacement_and_keeps
             arkd.parse_args(train_argv(pair, tmp_path, *flags))
     with pytest.raises(ValueError, match="--sgo_buffer 7 holds less than one step's 8 examples"):
         arkd.main(train_argv(pair, tmp_path / "small", "--sgo_ratio", "0.5", "--sgo_buffer", "7"))
+
+
+def test_training_from_a_cached_teacher_equals_the_live_teacher_when_it_keeps_every_column(pair, tmp_path):
+    """Choices 8.6-8.8 end to end. Bug classes: a batch's rows taken from other examples or positions, the reward
+    rerun against the live teacher's logits, a teacher loaded anyway, a stale or partial cache used, a
+    stopped build not resumed, a resume that loses the open window; the refusals of 8.8."""
+    vocab = len(plumbing.load_tokenizer(pair["student"]))
+    common = ("--strategy", "arkd", "--reward_every", "2", "--max_steps", "5")
+    for k, folder in ((vocab, "full"), (4, "top4")):
+        built = arkd.main(train_argv(pair, tmp_path / folder, "--method", "cache", "--cache_k", str(k)))
+        assert built["shards_written"] == 1 and os.path.isfile(tmp_path / folder / "00000.safetensors")
+    assert arkd.main(train_argv(pair, tmp_path / "full", "--method", "cache", "--cache_k", str(vocab)))["shards_written"] == 0
+    live = arkd.main(train_argv(pair, tmp_path / "live", *common))
+    cached = arkd.main(train_argv(pair, tmp_path / "cached", *common, "--teacher_cache", str(tmp_path / "full"),
+                                  "--teacher", str(tmp_path / "gone")))           # never loaded: only named in the key
+    assert cached["teacher"] is None
+    for a, b in zip(live["history"], cached["history"]):
+        for name in ("loss", "fkl", "rkl", "teacher_entropy", "alpha", "reward"):
+            assert (a.get(name) is None) == (b.get(name) is None) and (a.get(name) is None or b[name] == pytest.approx(
+                a[name], rel=1e-4, abs=1e-6)), (a["step"], name)
+        assert b["teacher_tail_mass"] == 0.0
+    top4 = arkd.main(train_argv(pair, tmp_path / "c4", *common, "--teacher_cache", str(tmp_path / "top4")))
+    first, whole = top4["history"][0], live["history"][0]                     # the same weights at step 0
+    assert first["fkl"] < whole["fkl"] and first["rkl"] < whole["rkl"] and 0 < first["teacher_tail_mass"] < 1
+    arkd.main(train_argv(pair, tmp_path / "c4r", *common, "--teacher_cache", str(tmp_path / "top4"), "--stop_after", "3"))
+    resumed = arkd.main(train_argv(pair, tmp_path / "c4r", *common, "--teacher_cache", str(tmp_path / "top4"), "--resume"))
+    assert [r.get("reward") for r in resumed["history"]] == pytest.approx([r.get("reward") for r in top4["history"][3:]])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(top4["student"].parameters(), resumed["student"].parameters()))
+    with pytest.raises(ValueError, match="built for another max_prompt"):
+        arkd.main(train_argv(pair, tmp_path / "x", "--teacher_cache", str(tmp_path / "top4"), "--max_prompt", "200"))
+    with pytest.raises(ValueError, match="key.json belongs to another"):
+        arkd.main(train_argv(pair, tmp_path / "top4", "--method", "cache", "--cache_k", "8"))
+    os.remove(tmp_path / "top4" / "00000.safetensors")
+    with pytest.raises(ValueError, match="lacks 160 of the 160 training examples"):
+        arkd.main(train_argv(pair, tmp_path / "y", "--teacher_cache", str(tmp_path / "top4")))
+    for flags in (("--tau", "2"), ("--sgo_ratio", "0.5"), ("--strategy", "ab:0.2,0.7"), ("--method", "okd")):
+        with pytest.raises(SystemExit):
+            arkd.parse_args(train_argv(pair, tmp_path / "z", "--teacher_cache", str(tmp_path / "full"), *flags))
 
 
 def test_seqkd_samples_teacher_responses_then_trains(pair, tmp_path):
@@ -2495,8 +2565,10 @@ def tensorboard_scalars(out, tag):
     return [e.value for e in events.Scalars(tag)]
 # Read by count_bad_step alone (a run with non-finite steps: test_non_finite_steps_stop_the_run_only_when_in_a_row).
 ARKD_FLAGS_BY_FUNCTION = {"--max_bad_steps"}
-# Flags whose effect needs what one process cannot show, each with the test that shows it.
-ARKD_FLAGS_ELSEWHERE = {"--shard": "FSDP2 needs two processes: test_fsdp2_trains_as_ddp_does_and_resumes_exactly"}
+# Flags whose effect a run of the table cannot show (two processes; a cache built first), each with the test that shows it.
+ARKD_FLAGS_ELSEWHERE = {"--shard": "FSDP2 needs two processes: test_fsdp2_trains_as_ddp_does_and_resumes_exactly",
+                        **dict.fromkeys(("--teacher_cache", "--cache_k"), "test_training_from_a_cached_teacher_equals_the_live_"
+                                        "teacher_when_it_keeps_every_column")}
 
 
 @pytest.fixture(scope="session")
