@@ -44,7 +44,7 @@ from policy import ARKDPolicy, all_reduce_sum, immediate_reward, make_state
 RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "max_prompt", "max_total", "tau", "lm_weight", "lr",
                 "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "reward_every",
                 "policy_buffer", "policy_lr", "policy_entropy", "seqkd_data", "train_examples", "atkd_lam",
-                "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "alpha_schedule", "sgo_ratio", "shard",
+                "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "sgo_ratio", "shard",
                 "reward_batch", "reward_horizon", "policy_advantage", "gen_batch_size", "sgo_adaptive", "sgo_init", "sgo_buffer",
                 "teacher_cache")
 
@@ -63,7 +63,7 @@ def parse_args(argv=None):
                    "(--teacher names the cache's teacher; Choices 8.6-8.8)")
     p.add_argument("--cache_k", type=int, default=64, help="cache: teacher log-probs kept per position")
     p.add_argument("--strategy", default="arkd", help="kd only: fkl, rkl, fixed:A, linear:A0,A1, greedy, akl, arkd, "
-                   "atkd, replay (--alpha_schedule), jsd:B, tvd, skl:A, srkl:A, ab:A,B")
+                   "atkd, jsd:B, tvd, skl:A, srkl:A, ab:A,B")
     p.add_argument("--teacher", default="MiniLLM/teacher-gpt2-1.5B", help="teacher model (kd, seqkd)")
     p.add_argument("--student", default="MiniLLM/init-gpt2-120M", help="student initialisation")
     p.add_argument("--data_dir", default=None, help="MiniLLM data: a folder in the Hub layout, a folder holding a "
@@ -111,7 +111,6 @@ def parse_args(argv=None):
     p.add_argument("--reward_horizon", type=int, default=1, help="arkd: an action's return sums its reward and the next K - 1")
     p.add_argument("--policy_advantage", default="whitened", choices=("whitened", "fixed_scale"), help="arkd: "
                    "whitened per update, or scaled by the first 32 returns' spread")
-    p.add_argument("--alpha_schedule", default=None, help="replay: an ARKD run's metrics.jsonl (its mean alpha replayed)")
     # validation, checkpoints, logging
     p.add_argument("--eval_every", type=int, default=200, help="validate and checkpoint every N steps (0: at the end)")
     p.add_argument("--val_examples", type=int, default=500, help="dev prompts used for validation Rouge-L")
@@ -183,24 +182,6 @@ class Run:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
-def read_alpha_schedule(path):
-    """The mean alpha a / (a + b) of an ARKD run's policy at each step, from its metrics.jsonl."""
-    if path is None or not os.path.isfile(path):
-        raise ValueError(f"--strategy replay needs --alpha_schedule, an ARKD run's metrics.jsonl: {path} is not a file")
-    rows = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                row = json.loads(line) if line.strip() else {}
-            except json.JSONDecodeError:
-                raise ValueError(f"--alpha_schedule {path} line {number}: not JSON") from None
-            if row.get("beta_a") and row.get("beta_b"):
-                rows[row["step"]] = row["beta_a"] / (row["beta_a"] + row["beta_b"])
-    if not rows:
-        raise ValueError(f"--alpha_schedule {path} has no ARKD policy rows (beta_a, beta_b)")
-    return tuple(rows[k] for k in sorted(rows))
-
-
 def start(args):
     """Joins the other processes (torchrun) and fixes the run's device, precision and accumulation."""
     from transformers.utils import logging as hf_logging
@@ -222,8 +203,6 @@ def start(args):
     bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
     # OKD's student learns by FKL alone (method.md 8); SFT and SeqKD have no strategy.
     strategy = parse_strategy(args.strategy) if args.method == "kd" else ("fkl", ()) if args.method == "okd" else None
-    if strategy is not None and strategy[0] == "replay":
-        strategy = ("replay", read_alpha_schedule(args.alpha_schedule))
     return Run(rank, world_size, device, bf16, grad_accum, strategy)
 
 
@@ -722,21 +701,7 @@ class Progress:
     skipped: int = 0
     sgo_share: float = 0.0
     dev_loss_ref: float = math.nan
-    sgo_buffer: list = field(default_factory=list)       # (prompt ids, response ids) pairs, oldest first
-
-
-def pack_pairs(pairs):
-    """[(prompt ids, response ids)] as plain tensors: the ids end to end and each pair's two lengths."""
-    return {"ids": torch.tensor([t for prompt, response in pairs for t in prompt + response], dtype=torch.int64),
-            "lengths": torch.tensor([[len(prompt), len(response)] for prompt, response in pairs], dtype=torch.int64).view(-1, 2)}
-
-
-def unpack_pairs(packed):
-    ids, pairs, at = packed["ids"].tolist(), [], 0
-    for prompt, response in packed["lengths"].tolist():
-        pairs.append((ids[at:at + prompt], ids[at + prompt:at + prompt + response]))
-        at += prompt + response
-    return pairs
+    sgo_buffer: list = field(default_factory=list)       # (prompt ids, response ids) pairs of ints, oldest first
 
 
 def save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, window, teacher=None, teacher_optimizer=None):
@@ -751,7 +716,7 @@ def save_checkpoint(args, run, student, tokenizer, optimizer, policy, progress, 
     weights, optimizer_state = plumbing.full_state(student, optimizer)    # FSDP2: gathered on rank 0
     if run.master:
         okd = teacher_optimizer is not None          # OKD: the teacher's LoRA and its optimizer too
-        state = {**vars(progress), "sgo_buffer": pack_pairs(progress.sgo_buffer), "optimizer": optimizer_state, "ranks": ranks,
+        state = {**vars(progress), "optimizer": optimizer_state, "ranks": ranks,
                  "policy": policy.state_dict() if policy is not None else None,
                  "lora": lora_state_dict(teacher) if okd else None,
                  "teacher_optimizer": teacher_optimizer.state_dict() if okd else None,
@@ -783,9 +748,7 @@ def resume(checkpoint, args, run, model, teacher, optimizer, policy, teacher_opt
             teacher_logits = forward(teacher, batch0, run) if run.cache is None else None
         window = RewardWindow(state["window"]["step"], state["window"]["before"], mine["window_rng"], batch0, teacher_logits)
     print0(f"resumed from {checkpoint} at step {state['step']}")
-    progress = Progress(**{f.name: state[f.name] for f in fields(Progress)})
-    progress.sgo_buffer = unpack_pairs(progress.sgo_buffer)
-    return progress, window
+    return Progress(**{f.name: state[f.name] for f in fields(Progress)}), window
 
 
 # ----------------------------------------------------------------------------------------------

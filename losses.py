@@ -35,7 +35,7 @@ IGNORE_INDEX = -100
 # Sums returned by kd_pass, in this order ("tokens" is the count the others are divided by).
 STAT_NAMES = ("tokens", "fkl", "rkl", "teacher_entropy", "student_entropy",
               "akl_alpha", "top1_agreement", "student_ce")
-STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "arkd", "atkd", "replay", "jsd:B",
+STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "arkd", "atkd", "jsd:B",
                   "tvd", "skl:A", "srkl:A", "ab:A,B")
 
 
@@ -664,8 +664,8 @@ def greedy_alpha(stats):
 
 # alpha for a whole step from (the strategy's numbers, progress in [0, 1], the step's summed stats).
 # `akl` has no step rule (kd_pass gives one alpha per token, akl_alpha), `arkd` asks its policy, and
-# `atkd` weighs TCKD and NCKD per token (atkd_loss) instead of FKL and RKL. `replay` follows a given
-# schedule, one alpha a step (the trainer reads it from a file; a schedule of another length is stretched).
+# `atkd` weighs TCKD and NCKD per token (atkd_loss) instead of FKL and RKL. A trainer may add rules of
+# its own to STEP_RULES and STRATEGY_ARITY (the laboratory's `replay` does: experiments/replay.py).
 # The peers' divergences (jsd:B, tvd, skl:A, srkl:A, ab:A,B) replace the mixture: kd_pass(divergence=...).
 STEP_RULES = {
     "fkl": lambda numbers, progress, stats: 1.0,
@@ -673,10 +673,9 @@ STEP_RULES = {
     "fixed": lambda numbers, progress, stats: numbers[0],
     "linear": lambda numbers, progress, stats: numbers[0] + (numbers[1] - numbers[0]) * progress,
     "greedy": lambda numbers, progress, stats: greedy_alpha(stats),
-    "replay": lambda numbers, progress, stats: numbers[round(progress * (len(numbers) - 1))],
 }
 STRATEGY_ARITY = {"fkl": 0, "rkl": 0, "fixed": 1, "linear": 2, "greedy": 0, "akl": 0, "arkd": 0, "atkd": 0,
-                  "replay": 0, "jsd": 1, "tvd": 0, "skl": 1, "srkl": 1, "ab": 2}
+                  "jsd": 1, "tvd": 0, "skl": 1, "srkl": 1, "ab": 2}
 
 
 def parse_strategy(text):
@@ -706,8 +705,6 @@ def strategy_alpha(strategy, step, total_steps, stats=None):
     kind, numbers = strategy
     if kind not in STEP_RULES:
         raise ValueError(f"strategy {kind!r} has no step rule: akl and atkd weigh each token, arkd asks its policy")
-    if kind == "replay" and not numbers:
-        raise ValueError("strategy 'replay' needs its schedule: one alpha per step")
     if kind == "greedy" and stats is None:
         raise ValueError("strategy 'greedy' needs the step's stats")
     progress = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)

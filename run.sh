@@ -124,7 +124,7 @@ launch() {  # one process offline, torchrun on GPUs
 train() {   # train RUN_DIR ARKD_ARGS...: resumes a run an interruption left behind
   local dir=$1; shift
   local resume=(); [[ -e $dir/last/training_state.pt ]] && resume=(--resume)
-  launch arkd.py --data_dir "$DATA_DIR" --out "$dir" --lm_weight "$LM_WEIGHT" "${TRAIN[@]}" "$@" "${resume[@]}"
+  launch "${script[@]:-arkd.py}" --data_dir "$DATA_DIR" --out "$dir" --lm_weight "$LM_WEIGHT" "${TRAIN[@]}" "$@" "${resume[@]}"
 }
 toy_models() {  # toy_models COMMAND...: the toy task's data (COMMAND writes it) and tiny random GPT-2s
   stage data "$@"
@@ -162,7 +162,7 @@ measure teacher "$TEACHER"
 first_seed=${TRAIN_SEEDS%% *}
 for seed in $TRAIN_SEEDS; do
   for strategy in $STRATEGIES; do
-    name=${strategy//[:,]/-} method=kd extra=()
+    name=${strategy//[:,]/-} method=kd extra=() script=(arkd.py)
     [[ $SEED_NAMES == no && $TRAIN_SEEDS == "$first_seed" ]] || name=$name-s$seed   # a name per seed
     lab_strategy "$strategy" "$seed" || case $strategy in      # the laboratory's controls set `extra` themselves
       sft)   [[ $seed == "$first_seed" ]] && measure sft "$STUDENT"; continue ;;   # the SFT student itself

@@ -1390,24 +1390,6 @@ def test_every_method_and_strategy_trains_and_lowers_its_loss(pair, tmp_path, me
     assert result["run"].bf16 == ("--bf16" in extra)
 
 
-def test_replay_follows_an_arkd_runs_mean_alpha_and_names_a_bad_schedule(pair, tmp_path):
-    arkd.main(train_argv(pair, tmp_path / "arkd", "--strategy", "arkd"))
-    schedule = str(tmp_path / "arkd" / "metrics.jsonl")
-    rows = [json.loads(line) for line in open(schedule) if '"beta_a"' in line]
-    replay = arkd.main(train_argv(pair, tmp_path / "replay", "--strategy", "replay", "--alpha_schedule", schedule))
-    means = [r["beta_a"] / (r["beta_a"] + r["beta_b"]) for r in rows]
-    assert [r["alpha"] for r in replay["history"]] == pytest.approx(means) and len(set(means)) > 1
-    with pytest.raises(ValueError, match="needs --alpha_schedule"):
-        arkd.main(train_argv(pair, tmp_path / "r1", "--strategy", "replay"))
-    arkd.main(train_argv(pair, tmp_path / "fkl", "--strategy", "fkl", "--max_steps", "1"))
-    with pytest.raises(ValueError, match="metrics.jsonl has no ARKD policy rows"):
-        arkd.main(train_argv(pair, tmp_path / "r2", "--strategy", "replay", "--alpha_schedule", str(tmp_path / "fkl" / "metrics.jsonl")))
-    (tmp_path / "bad.jsonl").write_text(open(schedule).readline() + "{oops\n")
-    with pytest.raises(ValueError, match="bad.jsonl line 2: not JSON"):
-        arkd.main(train_argv(pair, tmp_path / "r3", "--strategy", "replay", "--alpha_schedule", str(tmp_path / "bad.jsonl")))
-    assert not os.path.exists(tmp_path / "r3" / "last")
-
-
 def test_student_generated_share_replaces_evenly_spread_responses_whatever_the_ranks(pair, tmp_path):
     args, run, tokenizer, student, _, examples = setup_run(train_argv(pair, tmp_path, "--sgo_ratio", "0.25", "--grad_accum",
                                                                       "4", "--batch_size", "4", "--max_new_tokens", "8"))
@@ -1498,9 +1480,6 @@ def test_the_buffer_replays_a_share_k_over_K_drawn_without_replacement_and_keeps
     arkd.student_generated([dict(e) for e in examples[:8]], 1, argparse.Namespace(**{**vars(args), "sgo_buffer": 0}), run,
                            student, tokenizer, none)
     assert none.sgo_buffer == []
-    packed = arkd.pack_pairs(held[:3] + [([1, 2], [])])
-    assert set(packed) == {"ids", "lengths"} and arkd.unpack_pairs(packed) == held[:3] + [([1, 2], [])]
-    assert arkd.unpack_pairs(arkd.pack_pairs([])) == []
     for flags in (("--sgo_init", "0.5"), ("--sgo_adaptive", "--sgo_ratio", "0.5"), ("--sgo_buffer", "8"),
                   ("--method", "sft", "--sgo_adaptive"), ("--sgo_adaptive", "--sgo_init", "2"), ("--sgo_ratio", "0.5", "--sgo_buffer", "-1")):
         with pytest.raises(SystemExit):
@@ -2477,14 +2456,6 @@ def other_models(toy, tmp_path_factory):
             "data_dir": data.write_synthetic(str(root / "data"), seed=7)}
 
 
-def write_schedule(path):
-    with open(path, "w") as f:
-        for step, (a, b) in enumerate([(1.0, 3.0), (3.0, 1.0), (1.0, 1.0), (2.0, 6.0)]):
-            f.write(json.dumps({"step": step, "beta_a": a, "beta_b": b}) + "\n")
-    return str(path)
-
-
-# flag: (context: method, strategy; extra flags; the flag's value; check(trace, base trace of the context))
 ARKD_FLAGS = {
     "--method": (("kd", "arkd"), (), "sft", lambda t, b: "fkl" not in t.steps[0] and "fkl" in b.steps[0]),
     "--strategy": (("kd", "arkd"), (), "fixed:0.3", lambda t, b: {r["alpha"] for r in t.steps} == {0.3}),
@@ -2535,7 +2506,6 @@ ARKD_FLAGS = {
     "--reward_horizon": (("kd", "arkd"), (), "3", lambda t, b: len(t.result["policy"].open) == 2 and not b.result["policy"].open),
     "--policy_advantage": (("kd", "arkd"), ("--policy_buffer", "2"), "fixed_scale", lambda t, b: t.steps[1][
         "policy_loss"] != pytest.approx(b.steps[1]["policy_loss"], rel=1e-3)),
-    "--alpha_schedule": (("kd", "fkl"), (), "SCHEDULE", lambda t, b: [r["alpha"] for r in t.steps] == [0.25, 0.75, 0.5, 0.25]),
     "--eval_every": (("kd", "fkl"), (), "2", lambda t, b: [r["step"] for r in t.rows if "val_rougeL" in r] == [2, 4]),
     "--val_examples": (("kd", "fkl"), (), "2", lambda t, b: {n for n, _, _ in t.calls["generate"]} == {2}),
     "--max_new_tokens": (("kd", "fkl"), (), "2", lambda t, b: {m for _, _, m in t.calls["generate"]} == {2}),
@@ -2599,8 +2569,8 @@ def test_each_arkd_flag_changes_what_it_names(flag, pair, other_models, base_tra
         flags = ["--resume_previous", "--eval_every", "1"]
     else:
         value = (other_models[value[6:]] if value.startswith("OTHER:") else str(tmp_path / value[4:]) if
-                 value.startswith("TMP:") else write_schedule(tmp_path / "m.jsonl") if value == "SCHEDULE" else value)
-        flags = [flag] + ([value] if value != "ON" else []) + (["--strategy", "replay"] if flag == "--alpha_schedule" else [])
+                 value.startswith("TMP:") else value)
+        flags = [flag] + ([value] if value != "ON" else [])
     base = base_traces(method, strategy) if not extra else run_traced(pair, tmp_path / "base", *extra, method=method,
                                                                        strategy=strategy)
     out = tmp_path / "run" if flag != "--out" else tmp_path / "ignored"

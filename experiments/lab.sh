@@ -29,7 +29,7 @@ lab_settings() {
     TEACHER=${TEACHER:-} STUDENT=${STUDENT:-} LR=${LR:-3e-3} KD_LR=${KD_LR:-1e-3}
     TEACHER_STEPS=$(( STUDY_STEPS * 15 / 4 )) STUDENT_STEPS=$(( STUDY_STEPS * 3 / 8 )) KD_STEPS=$STUDY_STEPS
     TRAIN=(--batch_size 16 --grad_accum 1 --eval_every 0 --val_examples 16 --max_new_tokens 24 --gen_batch_size 64)
-    EVAL=() EVAL_STAGES=no SEED_NAMES=yes LAB_STRATEGIES="arkd-lr0 fixed-avg"   # held-out metrics only
+    EVAL=() EVAL_STAGES=no SEED_NAMES=yes LAB_STRATEGIES="arkd-lr0 replay fixed-avg"   # held-out metrics only
     TITLE="MINIATURE STUDY on the offline toy task with several right answers (tiny models)"
   elif [[ $MODE == mini ]]; then           # a real teacher; DATA_DIR is the user's MiniLLM data, OUT/data our subset
     STRATEGIES=${STRATEGIES:-sft seqkd fkl rkl fixed:0.5 linear:0.9,0.1 greedy akl atkd okd ab:0.2,0.7 arkd}
@@ -114,12 +114,12 @@ lab_measure() {   # lab_measure NAME MODEL: the held-out metrics (study, mini) o
     --teacher_samples "$OUT/teacher_samples.json" --out "$OUT/heldout/$1" "${HELDOUT[@]}"
 }
 
-lab_strategy() {  # lab_strategy STRATEGY SEED: the study's controls of ARKD (sets `extra`); 1 for any other
+lab_strategy() {  # lab_strategy STRATEGY SEED: the study's controls of ARKD (set `extra`, `script`); 1 for any other
   case $1 in
     arkd)      [[ $MODE == rehearsal ]] || return 1     # one GPU's micro-batch
                extra=(--strategy arkd --reward_every "$REWARD_EVERY" --batch_size "$REAL_BATCH") ;;
     arkd-lr0)  extra=(--strategy arkd --reward_every "$REWARD_EVERY" --policy_lr 0) ;;
-    replay)    extra=(--strategy replay --alpha_schedule "$OUT/runs/arkd-s$2/metrics.jsonl") ;;
+    replay)    script=(-m experiments.replay "$OUT/runs/arkd-s$2/metrics.jsonl") ;;    # arkd.py with its strategy
     fixed-avg) [[ -z $DRY_RUN ]] || { extra=(--strategy "fixed:ARKD_MEAN"); return 0; }     # its alpha: ARKD's run
                extra=(--strategy "fixed:$($PY -c "import sys, evaluate; a = [r['alpha'] for r in evaluate.read_metrics(sys.argv[1])]
 print(f'{sum(a) / len(a):.4f}')" "$OUT/runs/arkd-s$2")") ;;

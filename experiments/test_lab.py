@@ -18,7 +18,7 @@ import data
 import evaluate
 import losses
 import plumbing
-from experiments import figure1, mini, rehearsal, study, usage
+from experiments import figure1, mini, rehearsal, replay, study, usage
 from test_arkd import HERE, gpt2_tokenizer, pair, run_sh, shared_file, toy, train_argv  # noqa: F401 (fixtures)
 
 def bench_variants():
@@ -967,3 +967,24 @@ def test_headroom_lookahead_alpha_steps_by_the_cosine_and_clips():
     assert headroom.lookahead_alpha(0.5, 3.0, 2.0, 3.0, 0.1) == pytest.approx(0.55)          # cos = 0.5
     assert headroom.lookahead_alpha(0.9, 3.0, 1.0, 2.0, 0.5) == 1.0 and headroom.lookahead_alpha(0.1, -3.0, 1.0, 3.0, 0.5) == 0.0
     assert headroom.lookahead_alpha(0.3, 1.0, 0.0, 2.0, 0.5) == 0.3 and headroom.lookahead_alpha(0.3, 1.0, 2.0, 0.0, 0.5) == 0.3
+
+
+def test_replay_follows_an_arkd_runs_mean_alpha_and_names_a_bad_schedule(pair, tmp_path):
+    """experiments.replay: its strategy reaches arkd.py's step rules; each step takes the ARKD run's mean
+    alpha a / (a + b) of that step; a schedule file without policy rows or with a broken line is named."""
+    arkd.main(train_argv(pair, tmp_path / "arkd", "--strategy", "arkd"))
+    schedule = str(tmp_path / "arkd" / "metrics.jsonl")
+    rows = [json.loads(line) for line in open(schedule) if '"beta_a"' in line]
+    replayed = replay.main([schedule] + train_argv(pair, tmp_path / "replay"))
+    means = [r["beta_a"] / (r["beta_a"] + r["beta_b"]) for r in rows]
+    assert [r["alpha"] for r in replayed["history"]] == pytest.approx(means) and len(set(means)) > 1
+    assert json.load(open(tmp_path / "replay" / "last" / "info.json"))["strategy"] == "replay"
+    arkd.main(train_argv(pair, tmp_path / "fkl", "--strategy", "fkl", "--max_steps", "1"))
+    with pytest.raises(ValueError, match="metrics.jsonl has no ARKD policy rows"):
+        replay.main([str(tmp_path / "fkl" / "metrics.jsonl")] + train_argv(pair, tmp_path / "r2"))
+    (tmp_path / "bad.jsonl").write_text(open(schedule).readline() + "{oops\n")
+    with pytest.raises(ValueError, match="bad.jsonl line 2: not JSON"):
+        replay.main([str(tmp_path / "bad.jsonl")] + train_argv(pair, tmp_path / "r3"))
+    with pytest.raises(ValueError, match="usage"):
+        replay.main(train_argv(pair, tmp_path / "r4"))
+    assert not os.path.exists(tmp_path / "r3" / "last")
