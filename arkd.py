@@ -13,7 +13,7 @@ trained by the same loop, so the comparison is fair. train_step is one ARKD step
 
 Choices of docs/method.md made (and marked) here: one token-count denominator (T1), alpha from micro-batch 0
 (T2), replayed dropout masks (T3), skipped non-finite steps (T4), SeqKD (T5), the schedule (T6), the
-checkpoint (T7), SGO (T8), FSDP2 (T9), the held-out reward (R2); O3, O4.
+checkpoint (T7), SGO (T8), FSDP2 (T9); O3, O4; the cached teacher (8.6-8.8).
 """
 import argparse
 import contextlib
@@ -45,7 +45,7 @@ RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "max_pro
                 "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "reward_every",
                 "policy_buffer", "policy_lr", "policy_entropy", "seqkd_data", "train_examples", "atkd_lam",
                 "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "sgo_ratio", "shard",
-                "reward_batch", "reward_horizon", "policy_advantage", "gen_batch_size", "sgo_adaptive", "sgo_init", "sgo_buffer",
+                "reward_horizon", "policy_advantage", "gen_batch_size", "sgo_adaptive", "sgo_init", "sgo_buffer",
                 "teacher_cache")
 
 
@@ -107,7 +107,6 @@ def parse_args(argv=None):
     p.add_argument("--policy_buffer", type=int, default=8, help="actions per REINFORCE update (M)")
     p.add_argument("--policy_lr", type=float, default=3e-3, help="policy Adam learning rate")
     p.add_argument("--policy_entropy", type=float, default=0.1, help="entropy bonus c_H")
-    p.add_argument("--reward_batch", default="same", choices=("same", "next"), help="arkd: the action's batch or the next")
     p.add_argument("--reward_horizon", type=int, default=1, help="arkd: an action's return sums its reward and the next K - 1")
     p.add_argument("--policy_advantage", default="whitened", choices=("whitened", "fixed_scale"), help="arkd: "
                    "whitened per update, or scaled by the first 32 returns' spread")
@@ -147,8 +146,8 @@ def parse_args(argv=None):
     if args.shard == "fsdp" and args.method == "okd":
         p.error("--shard fsdp trains --method sft, seqkd and kd: OKD's teacher LoRA is not sharded, use --shard ddp")
     strategy = args.strategy if args.method == "kd" else None     # signal options (docs/method.md 3) need theirs
-    if (args.reward_batch, args.reward_horizon, args.policy_advantage) != ("same", 1, "whitened") and strategy != "arkd":
-        p.error("--reward_batch, --reward_horizon and --policy_advantage need --strategy arkd")
+    if (args.reward_horizon, args.policy_advantage) != (1, "whitened") and strategy != "arkd":
+        p.error("--reward_horizon and --policy_advantage need --strategy arkd")
     if args.teacher_cache and (args.method != "kd" or args.tau != 1 or args.sgo_ratio or args.sgo_adaptive
                                or args.strategy.startswith("ab:")):
         p.error("--teacher_cache trains --method kd at --tau 1 on the data's responses (no --sgo_*), every strategy but "
@@ -382,13 +381,11 @@ class RewardWindow:
         return step + 1 - self.step >= args.reward_every or step + 1 == run.total_steps
 
 
-def train_step(args, run, model, teacher, optimizer, policy, batches, step, window=None, teacher_optimizer=None,
-               held_out=None):
+def train_step(args, run, model, teacher, optimizer, policy, batches, step, window=None, teacher_optimizer=None):
     """One optimizer step of any method. Returns (the step's log row, the open reward window).
 
-    policy: ARKD's policy, or None (every other strategy's alpha is a rule);
-    held_out (--reward_batch next): micro-batch 0 of step + reward_every, read by a new action's reward.
-    ARKD's step in order: the module docstring's.
+    policy: ARKD's policy, or None (every other strategy's alpha is a rule). ARKD's step in order: the
+    module docstring's.
     """
     student = getattr(model, "module", model)                  # DDP wraps it; FSDP2 shards it in place
     n_tokens = step_token_count(batches)                        # all ranks, before any backward (T1)
@@ -404,8 +401,6 @@ def train_step(args, run, model, teacher, optimizer, policy, batches, step, wind
         if i == 0 and out is not None:                          # alpha is needed before the first backward (T2)
             alpha, window = choose_alpha(run, policy, window, all_reduce_sum(out.stats), step,
                                          (rng0, batch, teacher_logits), row)
-            if state_read and window is not None and held_out is not None:
-                window = held_out_window(args, run, student, teacher, step, held_out)
         loss = micro_batch_loss(args, run, logits, batch, out, alpha)    # summed over its response tokens
         if teacher_optimizer is not None:                       # OKD: the LoRA's own loss, from the same forward
             teacher_loss = okd_teacher_loss(logits, teacher_logits, batch["targets"].to(run.device), args, run)
@@ -555,16 +550,6 @@ def step_lora(teacher, teacher_optimizer, args, run):
             p.grad.copy_(g.view_as(p))
     torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     teacher_optimizer.step()
-
-
-def held_out_window(args, run, student, teacher, step, batch):
-    """--reward_batch next (Choice R2): the window of a new action reads a batch it never trains on;
-    its statistics before the update come from a forward now, with the dropout masks of its rerun."""
-    with torch.no_grad():
-        teacher_logits = forward(teacher, batch, run) if run.cache is None else None      # a cache's: from the rerun
-    window = RewardWindow(step, None, rng_snapshot(run.device), batch, teacher_logits)
-    window.before = stat_means(reward_stats(student, window, args, run))
-    return window
 
 
 @torch.no_grad()
@@ -868,10 +853,8 @@ def main(argv=None):
         started = time.perf_counter()
         set_lr(progress.step, args, run, optimizer, teacher_optimizer)
         batches = micro_batches(examples, progress.step, args, run, student, tokenizer, progress)
-        held_out = micro_batches(examples, progress.step + args.reward_every, args, run)[0] \
-            if args.reward_batch == "next" else None     # its dataset responses, also with --sgo_ratio
         row, window = train_step(args, run, model, teacher, optimizer, policy, batches, progress.step, window,
-                                 teacher_optimizer, held_out)
+                                 teacher_optimizer)
         stop, seconds = count_bad_step(row, progress, args), time.perf_counter() - started
         row.update(lr=optimizer.param_groups[0]["lr"], skipped_steps=progress.skipped, step_seconds=seconds,
                    tokens_per_second=row.pop("step_tokens") / seconds)

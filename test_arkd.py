@@ -1550,7 +1550,7 @@ def test_seqkd_samples_teacher_responses_then_trains(pair, tmp_path):
 
 
 @pytest.mark.parametrize("sgo", [[], ["--sgo_ratio", "0.5", "--max_new_tokens", "8"], [
-    "--reward_batch", "next", "--reward_horizon", "2", "--policy_advantage", "fixed_scale", "--policy_buffer", "2",
+    "--reward_horizon", "2", "--policy_advantage", "fixed_scale", "--policy_buffer", "2",
     "--reward_every", "1"], ["--sgo_adaptive", "--sgo_init", "0.5", "--sgo_buffer", "8", "--max_new_tokens", "8",
                              "--train_examples", "24"]])
 def test_exact_resume_continues_as_if_never_stopped(pair, tmp_path, sgo):
@@ -1579,7 +1579,7 @@ def test_bad_settings_fail_before_training(pair, tmp_path):
         arkd.main(train_argv(pair, tmp_path, "--data_dir", str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         arkd.main(train_argv(pair, tmp_path / "fresh", "--resume"))
-    for flags in (("--reward_horizon", "0"), ("--strategy", "fkl", "--reward_batch", "next"),
+    for flags in (("--reward_horizon", "0"), ("--strategy", "fkl", "--reward_horizon", "3"),
                   ("--method", "sft", "--reward_horizon", "2"), ("--strategy", "fkl", "--policy_advantage", "fixed_scale")):
         with pytest.raises(SystemExit):                         # a signal option without its strategy: never ignored
             arkd.parse_args(train_argv(pair, tmp_path, *flags))
@@ -2500,9 +2500,6 @@ ARKD_FLAGS = {
         t.result["policy"].net.state_dict().values(), ARKDPolicy(buffer_size=4, seed=1).net.state_dict().values()))),
     "--policy_entropy": (("kd", "arkd"), (), "5.0", lambda t, b: not all(torch.equal(p, q) for p, q in zip(
         t.result["policy"].net.state_dict().values(), b.result["policy"].net.state_dict().values()))),
-    "--reward_batch": (("kd", "arkd"), (), "next", lambda t, b: all(torch.equal(x, y) for x, y in zip(t.calls["reward"], [
-        t.calls["batches"][s + 1][0]["input_ids"] for s in range(3) for _ in "ba"])) and len(t.calls["reward"]) == 8
-        and all(torch.equal(x, y[0]["input_ids"]) for x, y in zip(b.calls["reward"], b.calls["batches"]))),
     "--reward_horizon": (("kd", "arkd"), (), "3", lambda t, b: len(t.result["policy"].open) == 2 and not b.result["policy"].open),
     "--policy_advantage": (("kd", "arkd"), ("--policy_buffer", "2"), "fixed_scale", lambda t, b: t.steps[1][
         "policy_loss"] != pytest.approx(b.steps[1]["policy_loss"], rel=1e-3)),
