@@ -1,7 +1,5 @@
-"""ARKD training: SFT, SeqKD and KD with every alpha strategy (ARKD included), on one GPU or many.
-
-The method, its equations and every choice made where the paper is vague are in docs/method.md;
-this file is its training loop on top of losses.py and policy.py (the maths). Every strategy is
+"""ARKD training: SFT, SeqKD and KD with every alpha strategy (ARKD included), on one GPU or many: the
+training loop of docs/method.md on top of losses.py and policy.py (the maths). Every strategy is
 trained by the same loop, so the comparison is fair. train_step is one ARKD step, top to bottom:
 
     token count -> micro-batch 0's statistics -> choose_alpha (a strategy rule, or policy.act)
@@ -45,7 +43,7 @@ RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "max_pro
                 "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "reward_every",
                 "policy_buffer", "policy_lr", "policy_entropy", "seqkd_data", "train_examples", "atkd_lam",
                 "okd_rank", "okd_scale", "okd_lr", "okd_a_t", "sgo_ratio", "shard",
-                "reward_horizon", "policy_advantage", "gen_batch_size", "sgo_adaptive", "sgo_init", "sgo_buffer",
+                "gen_batch_size", "sgo_adaptive", "sgo_init", "sgo_buffer",
                 "teacher_cache")
 
 
@@ -56,18 +54,14 @@ RUN_DEFINING = ("method", "strategy", "teacher", "student", "data_dir", "max_pro
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="ARKD / KD / SFT training (see the module docstring).")
     # what to train
-    p.add_argument("--method", default="kd", choices=("sft", "seqkd", "kd", "okd", "cache"), help="sft: CE on references; "
-                   "seqkd: CE on teacher samples; kd: alpha FKL + (1 - alpha) RKL; okd: FKL against a teacher "
-                   "whose LoRA trains alongside; cache: the teacher's top-k over the training data into --out, once")
-    p.add_argument("--teacher_cache", default=None, help="kd: distil from a --method cache folder, no teacher loaded "
-                   "(--teacher names the cache's teacher; Choices 8.6-8.8)")
+    p.add_argument("--method", default="kd", choices=("sft", "seqkd", "kd", "okd", "cache"), help="sft, seqkd: CE on "
+                   "references, teacher samples; kd; okd: the teacher's LoRA trains too; cache: the teacher's top-k, once")
+    p.add_argument("--teacher_cache", default=None, help="kd: from a --method cache folder, no teacher loaded (8.6-8.8)")
     p.add_argument("--cache_k", type=int, default=64, help="cache: teacher log-probs kept per position")
-    p.add_argument("--strategy", default="arkd", help="kd only: fkl, rkl, fixed:A, linear:A0,A1, greedy, akl, arkd, "
-                   "atkd, jsd:B, tvd, skl:A, srkl:A, ab:A,B")
+    p.add_argument("--strategy", default="arkd", help="kd: fkl, rkl, fixed:A, linear:A0,A1, akl, arkd, ...")
     p.add_argument("--teacher", default="MiniLLM/teacher-gpt2-1.5B", help="teacher model (kd, seqkd)")
     p.add_argument("--student", default="MiniLLM/init-gpt2-120M", help="student initialisation")
-    p.add_argument("--data_dir", default=None, help="MiniLLM data: a folder in the Hub layout, a folder holding a "
-                   "set's file, or one JSONL file (it then trains and validates); default: the Hub")
+    p.add_argument("--data_dir", default=None, help="MiniLLM data (a folder, a file); default: the Hub")
     p.add_argument("--max_prompt", type=int, default=data.MAX_PROMPT_TOKENS, help="longer prompts are dropped (counted)")
     p.add_argument("--max_total", type=int, default=data.MAX_TOTAL_TOKENS, help="prompt + response cut at this (counted)")
     p.add_argument("--seqkd_data", default=None, help="seqkd: where teacher samples go (default OUT/seqkd_data)")
@@ -75,13 +69,10 @@ def parse_args(argv=None):
     # objective
     p.add_argument("--tau", type=float, default=1.0, help="temperature; the KD loss is scaled by tau^2")
     p.add_argument("--lm_weight", type=float, default=0.0, help="weight of the reference CE added to KD")
-    p.add_argument("--sgo_ratio", type=float, default=0.0, help="kd: share of each step's examples whose response "
-                   "the student samples itself (on-policy, as GKD's lambda); the teacher's distribution is the target")
-    p.add_argument("--sgo_adaptive", action="store_true", help="kd: DistiLLM's adaptive share, from --sgo_init up 0.1 "
-                   "at an epoch's end when the dev CE has risen 0.1 since the last rise (Choice 8.4)")
+    p.add_argument("--sgo_ratio", type=float, default=0.0, help="kd: share of responses the student samples (GKD's lambda)")
+    p.add_argument("--sgo_adaptive", action="store_true", help="kd: DistiLLM's adaptive share (Choice 8.4)")
     p.add_argument("--sgo_init", type=float, default=0.0, help="--sgo_adaptive: the share at the start")
-    p.add_argument("--sgo_buffer", type=int, default=0, help="kd: a replay buffer of the last C student responses "
-                   "(DistiLLM: 1000); once full, a share k / K of step k's are drawn from it (Choice 8.5)")
+    p.add_argument("--sgo_buffer", type=int, default=0, help="kd: replay the last C student responses (DistiLLM: 1000; 8.5)")
     p.add_argument("--chunk_tokens", type=int, default=None, help="kd_pass chunk (default: by device)")
     p.add_argument("--atkd_lam", type=float, default=0.2, help="atkd: weight of the easy tokens' NCKD (lambda)")
     # OKD: the teacher's LoRA
@@ -99,27 +90,21 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=8, help="sequences per device per micro-batch")
     p.add_argument("--grad_accum", type=int, default=0, help="micro-batches per step (0: global batch 32)")
     p.add_argument("--bf16", default="auto", choices=("auto", "yes", "no"), help="bf16 autocast (auto: on CUDA)")
-    p.add_argument("--shard", default="ddp", choices=("ddp", "fsdp"), help="with several processes: ddp (a full "
-                   "student per rank) or fsdp (PyTorch FSDP2: weights, gradients and AdamW state sharded)")
+    p.add_argument("--shard", default="ddp", choices=("ddp", "fsdp"), help="several processes: DDP, or FSDP2 (T9)")
     p.add_argument("--seed", type=int, default=1, help="seed of data order, dropout and the policy")
     # ARKD policy
     p.add_argument("--reward_every", type=int, default=1, help="steps one action spans (Choice R1)")
     p.add_argument("--policy_buffer", type=int, default=8, help="actions per REINFORCE update (M)")
     p.add_argument("--policy_lr", type=float, default=3e-3, help="policy Adam learning rate")
     p.add_argument("--policy_entropy", type=float, default=0.1, help="entropy bonus c_H")
-    p.add_argument("--reward_horizon", type=int, default=1, help="arkd: an action's return sums its reward and the next K - 1")
-    p.add_argument("--policy_advantage", default="whitened", choices=("whitened", "fixed_scale"), help="arkd: "
-                   "whitened per update, or scaled by the first 32 returns' spread")
     # validation, checkpoints, logging
     p.add_argument("--eval_every", type=int, default=200, help="validate and checkpoint every N steps (0: at the end)")
     p.add_argument("--val_examples", type=int, default=500, help="dev prompts used for validation Rouge-L")
     p.add_argument("--max_new_tokens", type=int, default=256, help="tokens sampled per prompt (validation, SeqKD)")
     p.add_argument("--gen_batch_size", type=int, default=16, help="prompts per generate call (validation, SeqKD, SGO)")
     p.add_argument("--train_examples", type=int, default=0, help="use the first N training records (0: all)")
-    p.add_argument("--keep_checkpoints", type=int, default=2, choices=(1, 2), help="training checkpoints kept (each "
-                   "holds weights and AdamW: 12 bytes a parameter): OUT/last, and with 2 OUT/last.old too")
-    p.add_argument("--report_to", default="none", choices=("none", "tensorboard"), help="tensorboard: the rows of "
-                   "metrics.jsonl also as scalars under OUT/tensorboard")
+    p.add_argument("--keep_checkpoints", type=int, default=2, choices=(1, 2), help="OUT/last, and OUT/last.old")
+    p.add_argument("--report_to", default="none", choices=("none", "tensorboard"), help="metrics also in OUT/tensorboard")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
     p.add_argument("--resume_previous", action="store_true", help="continue from OUT/last.old (OUT/last does not load)")
     p.add_argument("--stop_after", type=int, default=0, help="leave, checkpointed, after N steps (a job's time limit)")
@@ -128,7 +113,7 @@ def parse_args(argv=None):
     if args.method == "kd":
         parse_strategy(args.strategy)                  # unknown names fail here, before any work
     for name in ("lr", "batch_size", "epochs", "reward_every", "policy_buffer", "val_examples", "max_bad_steps", "max_prompt",
-                 "reward_horizon", "gen_batch_size", "cache_k"):
+                 "gen_batch_size", "cache_k"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be > 0")
     if args.max_total <= args.max_prompt:
@@ -145,9 +130,6 @@ def parse_args(argv=None):
         p.error("--atkd_lam and --okd_a_t must lie in [0, 1], --okd_rank must be >= 1")
     if args.shard == "fsdp" and args.method == "okd":
         p.error("--shard fsdp trains --method sft, seqkd and kd: OKD's teacher LoRA is not sharded, use --shard ddp")
-    strategy = args.strategy if args.method == "kd" else None     # signal options (docs/method.md 3) need theirs
-    if (args.reward_horizon, args.policy_advantage) != (1, "whitened") and strategy != "arkd":
-        p.error("--reward_horizon and --policy_advantage need --strategy arkd")
     if args.teacher_cache and (args.method != "kd" or args.tau != 1 or args.sgo_ratio or args.sgo_adaptive
                                or args.strategy.startswith("ab:")):
         p.error("--teacher_cache trains --method kd at --tau 1 on the data's responses (no --sgo_*), every strategy but "
@@ -197,8 +179,9 @@ def start(args):
             raise ValueError(f"global batch 32 is not a multiple of --batch_size {args.batch_size} x "
                              f"{world_size} processes: set --grad_accum")
         grad_accum = 32 // (args.batch_size * world_size)
-    if 0 < args.sgo_buffer < args.batch_size * grad_accum * world_size:
-        raise ValueError(f"--sgo_buffer {args.sgo_buffer} holds less than one step's {args.batch_size * grad_accum * world_size} examples")
+    if 0 < args.sgo_buffer < args.batch_size * grad_accum * world_size:      # Choice 8.5
+        raise ValueError(f"--sgo_buffer {args.sgo_buffer} holds less than one step's {args.batch_size * grad_accum * world_size}"
+                         " examples")
     bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda")
     # OKD's student learns by FKL alone (method.md 8); SFT and SeqKD have no strategy.
     strategy = parse_strategy(args.strategy) if args.method == "kd" else ("fkl", ()) if args.method == "okd" else None
@@ -481,7 +464,8 @@ def micro_batch_loss(args, run, logits, batch, out, alpha):
     SeqKD), ATKD's per-token loss, a peer's divergence (jsd, tvd, skl, srkl) or alpha FKL +
     (1 - alpha) RKL (+ lm_weight CE)."""
     if out is None:
-        return reference_ce(logits, batch["targets"].to(run.device), run)
+        return F.cross_entropy(logits[..., :run.vocab_size].flatten(0, 1).float(), batch["targets"].to(run.device).flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
     if run.strategy[0] == "atkd":
         per_token = atkd_loss(out.tckd, out.nckd, atkd_easy(out.unc), args.atkd_lam)
     elif run.strategy[0] in DIVERGENCES:                  # a peer's divergence in place of the mixture
@@ -578,9 +562,8 @@ def teacher_forward(teacher, batch, run, student_logits):
 
 
 def cache_key(args, tokenizer):
-    """What a cache depends on (8.8): the teacher (the digest of its weight files where they are on this
-    machine, a folder or the Hub's cache; else None: not checked), the tokenizer, the training data file
-    and the lengths that cut it."""
+    """What a cache depends on (8.8): the teacher (its weight files' digest when --teacher is a folder here;
+    else None: not checked), the tokenizer, the training data file and the lengths that cut it."""
     def digest(paths):
         h = hashlib.sha256()
         for path in paths:
@@ -588,38 +571,28 @@ def cache_key(args, tokenizer):
                 for block in iter(lambda: f.read(1 << 24), b""):
                     h.update(block)
         return h.hexdigest()
-    folder = args.teacher
-    if not os.path.isdir(folder):
-        try:
-            from huggingface_hub import snapshot_download
-            folder = snapshot_download(args.teacher, local_files_only=True)
-        except Exception:                   # not downloaded (or not a Hub id): nothing here to check
-            folder = ""
-    weights = sorted(glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, "*.bin")))
-    return {"teacher": digest(weights) if weights else None,
+    weights = sorted(glob.glob(os.path.join(args.teacher, "*.safetensors")) + glob.glob(os.path.join(args.teacher, "*.bin")))
+    return {"teacher": digest(weights) if weights else None, "data": digest([data.dataset_file("dolly_train", args.data_dir)]),
             "tokenizer": hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest(),
-            "data": digest([data.dataset_file("dolly_train", args.data_dir)]), "max_prompt": args.max_prompt,
-            "max_total": args.max_total, "train_examples": args.train_examples}
+            **{name: getattr(args, name) for name in ("max_prompt", "max_total", "train_examples")}}
 
 
 @torch.no_grad()
 def build_teacher_cache(args, run, teacher, examples, key, shard_examples=1024):
-    """--method cache (8.6): losses.teacher_summary of every response position of the training examples,
-    in safetensors shards of shard_examples examples (shard i by rank i mod W), each written whole: a
-    shard on disk is kept, so a stopped build resumes. OUT/key.json says what it holds. Returns the
-    number of shards this rank wrote."""
+    """--method cache (8.6): losses.teacher_summary at every response position of the training examples, in
+    safetensors shards of shard_examples examples (shard i by rank i mod W), each written whole: a shard
+    on disk is kept, so a stopped build resumes. OUT/key.json says what the cache holds."""
     from safetensors.torch import save_file
-    key, key_path, written = {**key, "k": args.cache_k}, os.path.join(args.out, "key.json"), 0
+    key, key_path = {**key, "k": args.cache_k}, os.path.join(args.out, "key.json")
     if os.path.exists(key_path) and json.load(open(key_path, encoding="utf-8")) != key:
-        raise ValueError(f"{key_path} belongs to another teacher, tokenizer, data, lengths or --cache_k: choose another --out")
+        raise ValueError(f"{key_path} belongs to another teacher, data, tokenizer, length or k: choose another --out")
     barrier()
     if run.master:
         write_atomic(key_path, json.dumps(key, indent=1))
     for shard, start in enumerate(range(0, len(examples), shard_examples)):
-        path = os.path.join(args.out, f"{shard:05d}.safetensors")
+        path, chunk, parts = os.path.join(args.out, f"{shard:05d}.safetensors"), examples[start:start + shard_examples], []
         if shard % run.world_size != run.rank or os.path.exists(path):
             continue
-        chunk, parts = examples[start:start + shard_examples], []
         for i in range(0, len(chunk), args.batch_size):
             batch = data.collate_train(chunk[i:i + args.batch_size], run.pad_id)
             targets = next_token_targets(batch.pop("labels")).to(run.device)
@@ -630,9 +603,7 @@ def build_teacher_cache(args, run, teacher, examples, key, shard_examples=1024):
         tensors.update(top_ids=tensors["top_ids"].int(), index=torch.tensor([e["index"] for e in chunk]))
         save_file(tensors, path + ".tmp")
         os.replace(path + ".tmp", path)
-        written += 1
     barrier()
-    return written
 
 
 class TeacherCache:
@@ -644,28 +615,26 @@ class TeacherCache:
         with open(os.path.join(folder, "key.json"), encoding="utf-8") as f:
             saved = json.load(f)
         differ = [name for name, value in key.items() if value is not None and saved.get(name) != value]
-        if key["teacher"] is None:
-            print0(f"note: no teacher weights here to check --teacher_cache {folder} against: it is trusted")
         if differ:
-            raise ValueError(f"--teacher_cache {folder} was built for another {', '.join(differ)}: build it again "
-                             "with --method cache")
-        self.rows, self.tail_mass, self.tail_positions = {}, 0.0, 0
+            raise ValueError(f"--teacher_cache {folder} was built for another {', '.join(differ)}: build it again")
+        if key["teacher"] is None:
+            print0(f"note: --teacher is not a folder here: the teacher of --teacher_cache {folder} is not checked")
+        self.rows, self.tail = {}, [0.0, 0]         # tail: the tail mass summed, its positions
         for name in sorted(n for n in os.listdir(folder) if n.endswith(".safetensors")):
             shard = load_file(os.path.join(folder, name))
-            ends = shard["positions"].cumsum(0).tolist()
-            for index, end, count in zip(shard["index"].tolist(), ends, shard["positions"].tolist()):
+            ends, counts = shard["positions"].cumsum(0).tolist(), shard["positions"].tolist()
+            for index, end, count in zip(shard["index"].tolist(), ends, counts):
                 self.rows[index] = [shard[field_name][end - count:end] for field_name in CACHE_FIELDS]
         missing = sum(e["index"] not in self.rows for e in examples)
         if missing:
-            raise ValueError(f"--teacher_cache {folder} lacks {missing} of the {len(examples)} training examples: "
-                             "finish it with --method cache")
+            raise ValueError(f"--teacher_cache {folder} lacks {missing} of the {len(examples)} training examples: finish it")
 
     def teacher_logits(self, batch, student_logits, run):
         targets = batch["targets"].to(run.device)
         mask = targets != IGNORE_INDEX
         top_logp, top_ids, target_logp, tail_logp = (torch.cat(column).to(run.device) for column in zip(
             *(self.rows[i] for i in batch["index"].tolist())))
-        self.tail_mass, self.tail_positions = self.tail_mass + float(tail_logp.exp().sum()), self.tail_positions + len(tail_logp)
+        self.tail = [self.tail[0] + float(tail_logp.exp().sum()), self.tail[1] + len(tail_logp)]
         teacher = torch.zeros(*targets.shape, run.vocab_size, device=run.device)
         teacher[mask] = cached_teacher_logits(student_logits[mask], top_logp, top_ids.long(), targets[mask], target_logp,
                                               tail_logp, run.vocab_size)
@@ -751,8 +720,7 @@ def build_training(args, run, student, teacher):
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     teacher_optimizer = torch.optim.AdamW(lora_parameters(teacher), lr=args.okd_lr or args.lr, weight_decay=0.0) \
         if args.method == "okd" else None                   # its own state: other parameters (Choice O4)
-    policy = ARKDPolicy(buffer_size=args.policy_buffer, lr=args.policy_lr, entropy_coef=args.policy_entropy, seed=args.seed,
-                        horizon=args.reward_horizon, advantage=args.policy_advantage) \
+    policy = ARKDPolicy(buffer_size=args.policy_buffer, lr=args.policy_lr, entropy_coef=args.policy_entropy, seed=args.seed) \
         if args.method == "kd" and args.strategy == "arkd" else None
     return model, optimizer, teacher_optimizer, policy
 
@@ -777,12 +745,6 @@ def validate(args, run, student, tokenizer, val_examples, val_records, progress,
     return score
 
 
-def reference_ce(logits, targets, run):
-    """CE of the logits (real vocabulary, float32) on the targets, summed over the response tokens."""
-    return F.cross_entropy(logits[..., :run.vocab_size].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-
-
 @torch.no_grad()
 def dev_loss(student, val_examples, args, run):
     """The student's CE on the dev references, a token mean: DistiLLM's L (Choice 8.4). Every rank computes
@@ -791,9 +753,9 @@ def dev_loss(student, val_examples, args, run):
     total, count = 0.0, 0
     for start in range(0, len(val_examples), args.batch_size):
         batch = data.collate_train(val_examples[start:start + args.batch_size], run.pad_id)
-        targets = next_token_targets(batch.pop("labels")).to(run.device)
-        total += float(reference_ce(forward(student, batch, run), targets, run))
-        count += int((targets != IGNORE_INDEX).sum())
+        batch["targets"] = next_token_targets(batch.pop("labels"))
+        total += float(micro_batch_loss(args, run, forward(student, batch, run), batch, None, None))    # the CE sum
+        count += int((batch["targets"] != IGNORE_INDEX).sum())
     student.train()
     return total / max(count, 1)
 
@@ -833,10 +795,10 @@ def main(argv=None):
         teacher = None                                  # the steps hold no teacher
     examples, val_examples, val_records = load_training_data(args, run, tokenizer, train_dir)
     if args.method == "cache":                          # the teacher once over the training data (8.6)
-        written = build_teacher_cache(args, run, teacher, examples, cache_key(args, tokenizer))
+        build_teacher_cache(args, run, teacher, examples, cache_key(args, tokenizer))
         print0(f"cache: {args.out} holds the teacher's top {args.cache_k} for {len(examples)} training examples")
         finish(args, run, None, None)
-        return {"shards_written": written}
+        return {"cache": args.out}
     if args.teacher_cache:
         run.cache = TeacherCache(args.teacher_cache, cache_key(args, tokenizer), examples)
     model, optimizer, teacher_optimizer, policy = build_training(args, run, student, teacher)
@@ -861,8 +823,7 @@ def main(argv=None):
         if args.sgo_adaptive or args.sgo_buffer:
             row.update(sgo_share=progress.sgo_share, sgo_buffer=len(progress.sgo_buffer))
         if run.cache is not None:                       # rank 0's positions this step (Choice 8.7)
-            row["teacher_tail_mass"] = run.cache.tail_mass / max(run.cache.tail_positions, 1)
-            run.cache.tail_mass, run.cache.tail_positions = 0.0, 0
+            row["teacher_tail_mass"], run.cache.tail = run.cache.tail[0] / max(run.cache.tail[1], 1), [0.0, 0]
         history.append(row)
         metrics.write(row)
         if stop:

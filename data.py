@@ -1,12 +1,8 @@
 """MiniLLM-format instruction data: the sets, the prompt template, tokenisation, batching, the toy task.
 
-Section 5 of docs/method.md: the protocol MiniLLM, DistiLLM, GKD and ARKD share. Every file is JSON
-lines with `instruction`, `input`, `output` (a string, or for S-NI a list of references) and usually
-`prompt`, read from a local directory in the Hub layout (DATA_DIR/dolly/raw.jsonl, ...) or downloaded.
-
-Our choices D1-D4 where the paper is vague (docs/method.md 5) are marked "Choice X" where made: long
-prompts dropped and long responses cut, both counted (D1); prompt and response tokenised apart (D2);
-the sets' slices (D3); a record's own `prompt` field before the template (D4).
+Section 5 of docs/method.md (choices D1-D4, marked where made): the protocol MiniLLM, DistiLLM, GKD and
+ARKD share. JSON lines with `instruction`, `input`, `output` (a string, or a list of references) and
+usually `prompt`, from a local directory in the Hub layout (DATA_DIR/dolly/raw.jsonl, ...) or the Hub.
 
     python data.py download --out DIR      # the MiniLLM sets from the Hub
     python data.py synthetic --out DIR     # the offline toy task in the same layout, and DIR/tokenizer

@@ -8,9 +8,8 @@ Section 6 of docs/method.md, as a library (arkd.py validates and samples SeqKD d
     python evaluate.py report --runs DIR [DIR ...] --out DIR
     python evaluate.py plot RUN          # alpha.png and reward.png of a KD run (the paper's figures 5, 6)
 
-Our choices E1-E5 where the paper is vague (docs/method.md 6) are marked "Choice X" where made:
-sampling seeds by batch, not rank (E1); exact match normalised (E2); the best of several references
-(E3); an empty prediction scores 0 (E4); the sample standard deviation over seeds (E5).
+Choices E1-E5 (docs/method.md 6), marked where made: seeds by batch (E1), exact match normalised (E2),
+the best of several references (E3), an empty prediction scores 0 (E4), sample std over seeds (E5).
 """
 import argparse
 import json

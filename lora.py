@@ -1,7 +1,5 @@
-"""LoRA on a teacher's attention query and value projections, for OKD (online knowledge distillation).
-
-docs/method.md section 8. OKD keeps the teacher's weights frozen and trains a small low-rank module
-on its W_q and W_v together with the student (torch and the standard library only):
+"""LoRA on a teacher's attention query and value projections, for OKD (docs/method.md 8): the teacher's
+weights stay frozen, a low-rank module on its W_q and W_v trains with the student (torch only):
 
     params = add_lora(teacher, rank=32, scale=1.0)     # W_up starts at zero: the teacher is unchanged
     teacher_optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

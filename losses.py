@@ -9,11 +9,9 @@ copied into any trainer. Teacher p, student q, response position t:
     L_KD  = alpha * FKL + (1 - alpha) * RKL
 
 Public API: the plain definitions forward_kl, reverse_kl, entropy, top1_agreement, akl_alpha (Wu et
-al. 2024) and ATKD's atkd_terms, atkd_easy, atkd_loss (Zhong et al. 2024), for logits [..., V] -> [...];
-kd_pass, the one chunked pass training uses (per-token FKL / RKL / CE with closed-form gradients, plus
-the statistics the ARKD policy reads); the strategies parse_strategy, strategy_alpha, STEP_RULES; a
-cached teacher's teacher_summary and cached_teacher_logits; response_targets (the shifted targets and
-the response mask), next_token_targets, stat_means, mix.
+al. 2024), ATKD's atkd_easy and atkd_loss (Zhong et al. 2024); kd_pass, the one chunked pass
+training uses (closed-form gradients, the policy's statistics); the strategies (parse_strategy,
+strategy_alpha, STEP_RULES); a cached teacher (teacher_summary, cached_teacher_logits); response_targets.
 
 Our choices where the paper is vague (listed in docs/method.md; each marked "Choice X" where it is made):
 L1. Log-probabilities are floored at LOG_FLOOR = -1e4: 0 * log 0 is 0 without a branch, and a token
@@ -35,8 +33,7 @@ IGNORE_INDEX = -100
 # Sums returned by kd_pass, in this order ("tokens" is the count the others are divided by).
 STAT_NAMES = ("tokens", "fkl", "rkl", "teacher_entropy", "student_entropy",
               "akl_alpha", "top1_agreement", "student_ce")
-STRATEGY_NAMES = ("fkl", "rkl", "fixed:A", "linear:A0,A1", "greedy", "akl", "arkd", "atkd", "jsd:B",
-                  "tvd", "skl:A", "srkl:A", "ab:A,B")
+STRATEGY_NAMES = "fkl, rkl, fixed:A, linear:A0,A1, greedy, akl, arkd, atkd, jsd:B, tvd, skl:A, srkl:A, ab:A,B"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,46 +86,29 @@ def log_probs(logits, tau=1.0):
 
 
 def forward_kl(student_logits, teacher_logits, tau=1.0, vocab_size=None):
-    """FKL_t = tau^2 * sum_v p(v) (log p(v) - log q(v)), p teacher, q student. [..., V] x [..., V] -> [...];
-    differentiable in student_logits; >= 0, and 0 only when p == q."""
+    """FKL_t = tau^2 sum_v p(v) (log p(v) - log q(v)), p teacher, q student: [..., V] x [..., V] -> [...]."""
     student_logits, teacher_logits = _cut_vocab(student_logits, teacher_logits, vocab_size)
     log_q, log_p = log_probs(student_logits, tau), log_probs(teacher_logits, tau)
     return tau ** 2 * (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def reverse_kl(student_logits, teacher_logits, tau=1.0, vocab_size=None):
-    """RKL_t = tau^2 * sum_v q(v) (log q(v) - log p(v)), p teacher, q student. [..., V] x [..., V] -> [...];
-    differentiable in student_logits; >= 0, and 0 only when p == q."""
+    """RKL_t = tau^2 sum_v q(v) (log q(v) - log p(v)), p teacher, q student: [..., V] x [..., V] -> [...]."""
     student_logits, teacher_logits = _cut_vocab(student_logits, teacher_logits, vocab_size)
     log_q, log_p = log_probs(student_logits, tau), log_probs(teacher_logits, tau)
     return tau ** 2 * (log_q.exp() * (log_q - log_p)).sum(-1)
 
 
 def entropy(logits, tau=1.0):
-    """H_t = -sum_v p(v) log p(v), p = softmax(logits / tau) (Choice L2: the divergences' tau).
-    [..., V] -> [...]. Policy features 3 (teacher) and 4 (student): kd_pass sums the same."""
+    """H_t = -sum_v p(v) log p(v), p = softmax(logits / tau) (Choice L2): policy features 3 and 4. [..., V] -> [...]."""
     log_p = log_probs(logits, tau)
     return -(log_p.exp() * log_p).sum(-1)
 
 
 def top1_agreement(student_logits, teacher_logits):
-    """1.0 where some token is a maximum of both the teacher's and the student's logits (a tie on either
-    side counts: Choice L5), else 0.0. [..., V] x [..., V] -> [...]. Policy feature 6: kd_pass sums it."""
+    """1.0 where some token is a maximum of both models' logits (ties count: Choice L5), else 0.0: feature 6."""
     teacher_top = teacher_logits == teacher_logits.amax(-1, keepdim=True)
     return (teacher_top & (student_logits == student_logits.amax(-1, keepdim=True))).any(-1).to(torch.float32)
-
-
-def atkd_terms(student_logits, teacher_logits, target_ids, vocab_size=None):
-    """ATKD's two terms at tau = 1, g the reference token of each position: (TCKD, NCKD) [...] each,
-    TCKD_t = KL([p(g), 1 - p(g)] || [q(g), 1 - q(g)]) and NCKD_t = KL(p_hat || q_hat), p_hat and q_hat =
-    p and q renormalised over the non-target tokens, from the non-target logits directly (finite as
-    p(g) -> 1; 0 only when every non-target teacher logit is -inf). FKL = TCKD + (1 - p(g)) NCKD."""
-    student_logits, teacher_logits = _cut_vocab(student_logits, teacher_logits, vocab_size)
-    log_q, log_p = (log_probs(z).reshape(-1, z.shape[-1]) for z in (student_logits, teacher_logits))
-    rows = target_ids.reshape(-1)
-    nt_p, nt_q = _non_target_lse(log_p, rows), _non_target_lse(log_q, rows)
-    return (_tckd_from_logs(log_p, log_q, rows, nt_p, nt_q).reshape(target_ids.shape),
-            _nckd_from_logs(log_p - log_q, log_q, rows, nt_p, nt_q).reshape(target_ids.shape))
 
 
 def atkd_easy(unc):
@@ -152,13 +132,9 @@ def _head_share(g_head, g_all):
 
 
 def _akl_alpha(p, abs_err, mu):
-    """g_head / (g_head + g_tail) [n] for p, abs_err = |p - q|: [n, V].
-
-    The head is every token before the cumulative mass first exceeds mu in the teacher's descending
-    order (ties: the lower index first, as a stable sort), and always the top-1. It is found without
-    sorting the vocabulary: where the top-1 alone exceeds mu (a confident teacher) the head is the
-    top-1; the other rows go through _head_error_by_bins, a few passes linear in V.
-    """
+    """g_head / (g_head + g_tail) [n] for p, abs_err = |p - q|: [n, V]. The head (akl_alpha; ties: the lower
+    index first, as a stable sort) is found without sorting the vocabulary: where the top-1 alone exceeds
+    mu it is the top-1; the other rows go through _head_error_by_bins, a few passes linear in V."""
     top_p = p.amax(-1)
     rows = (top_p <= mu).nonzero().squeeze(1)
     if len(rows) == len(p):                                      # a flat teacher: every row, no copy
@@ -506,11 +482,9 @@ class _KDPassFunction(torch.autograd.Function):
 
 @dataclass
 class KDPassResult:
-    """Output of kd_pass, per masked token [N]: fkl, rkl (times tau^2) and ce (at tau = 1; None without
-    target_ids), differentiable; akl_alpha, the AKL weight on FKL (None with akl=False); ATKD's tckd,
-    nckd (differentiable) and unc = 1 - p(g) (atkd=True only); div, the asked-for peer divergence.
-    stats: float64 [len(STAT_NAMES)], the token count and every statistic's sum: add over
-    micro-batches, all-reduce over ranks, then divide (stat_means)."""
+    """kd_pass's output per masked token [N]: fkl, rkl (times tau^2), ce (tau = 1), akl_alpha, ATKD's tckd,
+    nckd, unc = 1 - p(g), div (None where not asked for); stats: float64 [len(STAT_NAMES)], the token
+    count and every statistic's sum: add over micro-batches, all-reduce over ranks, then stat_means."""
     fkl: torch.Tensor
     rkl: torch.Tensor
     ce: torch.Tensor | None
@@ -526,18 +500,16 @@ def kd_pass(student_logits, teacher_logits, mask, tau=1.0, vocab_size=None, chun
             target_ids=None, mu=0.5, inplace_grad=False, atkd=False, akl=True, divergence=None):
     """The training pass: FKL, RKL (and CE) of every masked token plus the policy's statistics.
 
-    student_logits [..., V_s] (requires grad, any float dtype), teacher_logits [..., V_t], mask [...] (bool: this
-    position's next token is a response token), target_ids [...] (optional: the reference next tokens).
-    vocab_size cuts padded columns (GPT-2: 50304 -> 50257) before any softmax; without it the shapes
-    must match. Rows go chunk_tokens at a time (default: about 1M elements on CPU, 32M on CUDA), in >= fp32.
+    student_logits [..., V_s] (requires grad), teacher_logits [..., V_t], mask [...] (bool: this position's
+    next token is a response token), target_ids [...] (optional: the reference next tokens; without them
+    the CE statistic is NaN). vocab_size cuts padded columns (GPT-2: 50304 -> 50257) before any softmax.
+    Rows go chunk_tokens at a time (default: about 1M elements on CPU, 32M on CUDA), in >= fp32.
 
-    akl=False skips the AKL head search: akl_alpha is then None and its stats entry NaN (only the `akl`
-    strategy and the ARKD policy's state need it). atkd=True also returns ATKD's TCKD, NCKD and 1 - p(g)
-    (it needs target_ids and tau = 1). divergence=(kind, c) also returns a peer's divergence with its
-    closed-form gradient: ("jsd", beta) TRL's generalized JSD, ("tvd", 0), ("skl", a), ("srkl", a)
-    DistiLLM's skew KLs, ("ab", (a, b)) ABKD (_divergence_and_slope). inplace_grad=True writes the gradient into
-    student_logits' storage, saving a [tokens, V] buffer, when nothing reads the logits after backward.
-    Without target_ids the CE statistic is NaN (never a silent 0).
+    akl=False skips the AKL head search (akl_alpha None, its statistic NaN). atkd=True also returns ATKD's
+    TCKD, NCKD and 1 - p(g) (target_ids, tau = 1). divergence=(kind, c) also returns a peer's divergence
+    with its closed-form gradient: ("jsd", beta) TRL's generalized JSD, ("tvd", 0), ("skl", a), ("srkl", a)
+    DistiLLM's skew KLs, ("ab", (a, b)) ABKD. inplace_grad=True writes the gradient into student_logits'
+    storage, saving a [tokens, V] buffer, when nothing reads the logits after backward.
 
     Typical loss for an optimizer step with global response-token count n_global:
         out = kd_pass(...); loss = mix(out.fkl, out.rkl, alpha).sum() / n_global
@@ -683,7 +655,7 @@ def parse_strategy(text):
     kind, _, arguments = str(text).strip().partition(":")
     numbers = tuple(arguments.split(",")) if arguments else ()
     if kind not in STRATEGY_ARITY or len(numbers) != STRATEGY_ARITY[kind]:
-        raise ValueError(f"unknown strategy {text!r}; valid: {', '.join(STRATEGY_NAMES)} "
+        raise ValueError(f"unknown strategy {text!r}; valid: {STRATEGY_NAMES} "
                          "(A, A0, A1 numbers in [0, 1]; ab's a, b >= 0)")
     values = []
     for number in numbers:

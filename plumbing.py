@@ -1,14 +1,6 @@
-"""Plumbing the training and evaluation scripts run on; nothing here is the method (losses.py,
-policy.py and arkd.py's train_step are).
-
-    processes     world, init_processes, barrier, print0: the nanoGPT pattern, so the same code runs under
-                  `python` and torchrun (the policy's collectives live in policy.py, copyable alone)
-    files         write_atomic: a file or a directory replaced only once complete
-    models        check_model_path, load_tokenizer, load_model, save_model, FSDP2's shard,
-                  full_state, load_optimizer_state; tiny offline models: train_tokenizer, tiny_model
-    checkpoints   find_checkpoint, checkpoint_to_resume, checkpoint_problem (Choice T7 of docs/method.md:
-                  what a checkpoint holds is arkd.py's save_checkpoint)
-    logs          MetricsLog (metrics.jsonl), ProgressLine
+"""Plumbing the training and evaluation scripts run on, none of it the method: processes (the nanoGPT
+pattern: the same code under `python` and torchrun), atomic files, models (loading, saving, FSDP2, tiny
+offline ones), checkpoint files (Choice T7; what one holds is arkd.py's save_checkpoint), logs.
 
     python plumbing.py tiny --tokenizer DIR --out MODEL [--n_embd 64 --n_layer 2 --n_head 2]
 """
@@ -106,11 +98,8 @@ def load_tokenizer(path):
 
 
 def load_model(path, device, dtype=torch.float32, vocab_size=None):
-    """A causal LM from a local directory or a Hub id; a clear error before any work.
-
-    vocab_size: the tokenizer's size; a model with fewer output columns is refused (more is fine:
-    padded columns are cut by kd_pass).
-    """
+    """A causal LM from a local directory or a Hub id; a clear error before any work. A model with fewer
+    output columns than vocab_size (the tokenizer's) is refused; more is fine: kd_pass cuts the padding."""
     from transformers import AutoModelForCausalLM
     check_model_path(path)
     try:

@@ -24,8 +24,6 @@ P5. The policy samples from its own random stream (in its state_dict): a resumed
 P6. All ranks run the same update; rank 0's parameters are then broadcast: the policies never drift.
 P7. Defaults M = 8, Adam lr 3e-3, c_H = 0.1, chosen on synthetic bandits (docs/method.md 3).
 P8. Normaliser statistics from the first 32 states, then frozen; only the reward is standardised.
-Signal options (docs/method.md 3): horizon K sums an action's reward and the next K - 1 (its return);
-advantage="fixed_scale" scales by the first 32 returns' spread, not each window's: weak signal, small update.
 """
 import copy
 import math
@@ -168,11 +166,10 @@ class ARKDPolicy:
     """
 
     def __init__(self, n_features=len(FEATURE_NAMES), hidden=64, buffer_size=8, lr=3e-3,
-                 entropy_coef=0.1, max_grad_norm=1.0, seed=0, horizon=1, advantage="whitened"):
-        if buffer_size < 1 or horizon < 1 or advantage not in ("whitened", "fixed_scale"):
-            raise ValueError(f"buffer_size and horizon must be >= 1, advantage whitened or fixed_scale; got "
-                             f"{buffer_size}, {horizon}, {advantage!r}")
-        self.n_features, self.buffer_size, self.horizon, self.advantage = n_features, buffer_size, horizon, advantage
+                 entropy_coef=0.1, max_grad_norm=1.0, seed=0):
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        self.n_features, self.buffer_size = n_features, buffer_size
         self.entropy_coef, self.max_grad_norm = entropy_coef, max_grad_norm     # Choice P7
         with torch.random.fork_rng(devices=[]):    # seeded, and the global RNG is left alone
             torch.manual_seed(seed)
@@ -183,10 +180,8 @@ class ARKDPolicy:
             self.rng_state = torch.get_rng_state()  # Choice P5: the policy's own sampling stream
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
         self.norm = RunningNorm(n_features, FEATURE_KINDS if n_features == len(FEATURE_NAMES) else None)
-        self.transitions = []                      # [(normalised state, alpha, return)], < M
-        self.open = []                             # [(normalised state, alpha, [rewards])]: < horizon rewards yet
+        self.transitions = []                      # [(normalised state, alpha, reward)], < M
         self.pending = None                        # (normalised state, alpha) awaiting its reward
-        self.return_norm = RunningNorm(1)          # advantage="fixed_scale": the first 32 returns' spread
         self.last_alpha, self.last_reward = 0.5, 0.0
         self.last_beta = (1 + math.log(2), 1 + math.log(2))
         self.updates = 0
@@ -231,22 +226,13 @@ class ARKDPolicy:
         return float(self.distribution(self.norm.normalise(self._check(state))).mean)
 
     def store_reward(self, reward):
-        """Pairs `reward` (the same on every rank) with the pending action.
-
-        The reward also joins the returns of the horizon - 1 actions before it; an action becomes a
-        transition once its return is complete. True when M transitions are stored: then run update().
-        """
+        """Pairs `reward` (the same on every rank) with the pending action; True when M transitions are
+        stored: then run update()."""
         if self.pending is None:
             raise RuntimeError("store_reward() called without a pending act()")
         if not math.isfinite(reward):
             raise ValueError(f"reward must be finite, got {reward}")
-        self.open.append((*self.pending, []))
-        for _, _, rewards in self.open:
-            rewards.append(float(reward))
-        while self.open and len(self.open[0][2]) == self.horizon:
-            norm_state, alpha, rewards = self.open.pop(0)
-            self.transitions.append((norm_state, alpha, sum(rewards)))
-            self.return_norm.update(torch.tensor([sum(rewards)]))
+        self.transitions.append((*self.pending, float(reward)))
         self.pending, self.last_reward = None, float(reward)
         return len(self.transitions) >= self.buffer_size
 
@@ -260,12 +246,7 @@ class ARKDPolicy:
         alphas = torch.tensor([a for _, a, _ in self.transitions])                 # (M,)
         rewards = torch.tensor([r for _, _, r in self.transitions], dtype=torch.float64)
         baseline = float(rewards.mean())                                            # Choice P2
-        advantages = rewards - baseline
-        if self.advantage == "fixed_scale":     # the update's size follows the window's signal
-            advantages = advantages / math.sqrt(float(self.return_norm.m2[0]) / self.return_norm.count + 1e-8)
-        elif len(rewards) >= 4:             # whitened: the update's size does not follow the reward's scale
-            advantages = advantages / (advantages.std() + 1e-8)
-
+        advantages = self.advantages(rewards - baseline)
         beta = self.distribution(states)    # log pi with the current parameters
         entropy = beta.entropy().mean()
         loss = -(advantages.float() * beta.log_prob(alphas)).mean() - self.entropy_coef * entropy
@@ -282,12 +263,15 @@ class ARKDPolicy:
         return {"policy_loss": float(loss.detach()), "policy_entropy": float(entropy.detach()),
                 "policy_grad_norm": float(grad_norm), "baseline": baseline}
 
+    def advantages(self, centred):
+        """Whitened from 4 stored rewards on: an update's size does not follow the reward's scale."""
+        return centred / (centred.std() + 1e-8) if len(centred) >= 4 else centred
+
     def state_dict(self):
         """Everything a resumed run needs to continue exactly."""
         return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "norm": self.norm.state_dict(), "rng_state": self.rng_state.clone(),
                 "transitions": [(s.clone(), a, r) for s, a, r in self.transitions],
-                "open": [(s.clone(), a, list(r)) for s, a, r in self.open], "return_norm": self.return_norm.state_dict(),
                 "pending": None if self.pending is None else (self.pending[0].clone(), self.pending[1]),
                 "last_alpha": self.last_alpha,
                 "last_reward": self.last_reward, "last_beta": self.last_beta, "updates": self.updates}
@@ -298,8 +282,6 @@ class ARKDPolicy:
         self.norm.load_state_dict(state["norm"])
         self.rng_state = state["rng_state"].clone()
         self.transitions = [(s.clone(), a, r) for s, a, r in state["transitions"]]
-        self.open = [(s.clone(), a, list(r)) for s, a, r in state["open"]]
-        self.return_norm.load_state_dict(state["return_norm"])
         self.pending = None if state["pending"] is None else (state["pending"][0].clone(), state["pending"][1])
         self.last_alpha, self.last_reward = state["last_alpha"], state["last_reward"]
         self.last_beta, self.updates = tuple(state["last_beta"]), state["updates"]

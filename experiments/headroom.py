@@ -25,7 +25,7 @@ from scipy import stats
 
 from arkd import cosine_lr
 from losses import entropy, forward_kl, reverse_kl, top1_agreement
-from policy import ARKDPolicy, immediate_reward, make_state
+from policy import ARKDPolicy, RunningNorm, immediate_reward, make_state
 from experiments import cli
 
 VOCAB, FEATURES, CONTEXTS, LR, BETAS, EPS = 64, 3, 256, 0.1, (0.9, 0.999), 1e-8
@@ -44,6 +44,40 @@ def lookahead_alpha(alpha, dot, norm_objective, norm_direction, step_size):
     if norm_objective == 0 or norm_direction == 0:
         return alpha
     return min(max(alpha + step_size * dot / (norm_objective * norm_direction), 0.0), 1.0)
+
+
+
+class SignalPolicy(ARKDPolicy):
+    """ARKD's policy with two signal options (docs/method.md 3; in policy.py until 29d4e11): an action's
+    return is its reward plus the next horizon - 1; advantage="fixed_scale" divides the centred returns
+    by the spread of the first 32 returns (then frozen) instead of whitening each update's, so that a
+    window of weak signal makes a small update."""
+
+    def __init__(self, horizon=1, advantage="whitened", **kwargs):
+        if horizon < 1 or advantage not in ("whitened", "fixed_scale"):
+            raise ValueError(f"horizon must be >= 1, advantage whitened or fixed_scale; got {horizon}, {advantage!r}")
+        super().__init__(**kwargs)
+        self.horizon, self.advantage, self.open, self.return_norm = horizon, advantage, [], RunningNorm(1)
+
+    def store_reward(self, reward):
+        """The reward joins the returns of the horizon - 1 actions before it; an action becomes a transition
+        once its return is complete."""
+        if self.pending is None or not math.isfinite(reward):
+            raise ValueError(f"store_reward needs a pending action and a finite reward, got {reward}")
+        self.open.append((*self.pending, []))
+        for _, _, rewards in self.open:
+            rewards.append(float(reward))
+        while self.open and len(self.open[0][2]) == self.horizon:
+            norm_state, alpha, rewards = self.open.pop(0)
+            self.transitions.append((norm_state, alpha, sum(rewards)))
+            self.return_norm.update(torch.tensor([sum(rewards)]))
+        self.pending, self.last_reward = None, float(reward)
+        return len(self.transitions) >= self.buffer_size
+
+    def advantages(self, centred):
+        if self.advantage == "whitened":
+            return super().advantages(centred)
+        return centred / math.sqrt(float(self.return_norm.m2[0]) / self.return_norm.count + 1e-8)
 
 
 def make_task(seed):
@@ -114,8 +148,8 @@ def run_arms(arms, seeds, steps, batch):
                          for s in seeds])[seed_of]                                   # [R, steps + 1, B]
     theta = torch.zeros(len(rows), 2, FEATURES + 1, dtype=torch.float64)
     m, v = torch.zeros_like(theta), torch.zeros_like(theta)
-    policies = {r: ARKDPolicy(seed=seeds[i], lr=0.0 if opt.get("lr0") else 3e-3, horizon=opt.get("horizon", 1),
-                              advantage=opt.get("advantage", "whitened"))
+    policies = {r: SignalPolicy(seed=seeds[i], lr=0.0 if opt.get("lr0") else 3e-3, horizon=opt.get("horizon", 1),
+                                advantage=opt.get("advantage", "whitened"))
                 for r, (i, (kind, opt)) in enumerate(rows) if kind == "arkd"}
     looks = {r: [0.5, None] for r, (_, (kind, _)) in enumerate(rows) if kind == "lookahead"}
     oracle = [r for r, (_, (kind, _)) in enumerate(rows) if kind == "oracle"]

@@ -988,3 +988,38 @@ def test_replay_follows_an_arkd_runs_mean_alpha_and_names_a_bad_schedule(pair, t
     with pytest.raises(ValueError, match="usage"):
         replay.main(train_argv(pair, tmp_path / "r4"))
     assert not os.path.exists(tmp_path / "r3" / "last")
+
+
+def test_headroom_signal_policy_sums_a_horizon_of_rewards_and_a_fixed_scale_keeps_their_size():
+    """Bug classes (issue 30's signal options): the horizon ignored (each action's own reward), a return
+    paired with the wrong action, a window's returns whitened in spite of advantage="fixed_scale", the
+    scale taken from the window alone, or not frozen after 32 returns."""
+    rewards = [0.1, 0.4, 0.2, 0.9, -0.3, 0.5, 0.0, 0.7, 0.3, 0.6]
+    pol = headroom.SignalPolicy(buffer_size=4, horizon=3, advantage="fixed_scale", seed=3)
+    actions, stored_returns, losses = [], [], []
+    for r in rewards:
+        actions.append((pol.act(torch.randn(10)), pol.pending[0]))
+        if pol.store_reward(r):
+            stored_returns += [t[2] for t in pol.transitions]
+            states = torch.stack([s for s, _, _ in pol.transitions])
+            returns = torch.tensor([t[2] for t in pol.transitions], dtype=torch.float64)
+            beta = pol.distribution(states)
+            log_pi = beta.log_prob(torch.tensor([a for _, a, _ in pol.transitions]))
+            scale = torch.tensor(stored_returns, dtype=torch.float64).std(unbiased=False)    # all returns so far
+            adv = (returns - returns.mean()) / scale
+            expected = -(adv.float() * log_pi).mean() - 0.1 * beta.entropy().mean()
+            losses.append((pol.update()["policy_loss"], expected.item()))
+    expected_returns = [sum(rewards[i:i + 3]) for i in range(8)]            # 8 complete returns of 10 rewards
+    assert stored_returns == pytest.approx(expected_returns) and len(losses) == 2
+    assert len(pol.open) == 2 and pol.open[0][1] == actions[8][0] and pol.open[0][2] == pytest.approx(rewards[8:])
+    for got, want in losses:
+        assert got == pytest.approx(want, rel=1e-5)
+    frozen = headroom.SignalPolicy(buffer_size=40, advantage="fixed_scale")
+    for r in range(40):
+        frozen.act(torch.zeros(10))
+        frozen.store_reward(float(r))
+    assert frozen.return_norm.count == 32 and float(frozen.return_norm.mean[0]) == pytest.approx(15.5)
+    with pytest.raises(ValueError, match="horizon"):
+        headroom.SignalPolicy(horizon=0)
+    with pytest.raises(ValueError, match="advantage"):
+        headroom.SignalPolicy(advantage="raw")
