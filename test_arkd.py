@@ -2077,6 +2077,30 @@ def _world_worker(rank, world_size, port, argv, out_file):
         os._exit(0)                 # see _two_rank_policy_worker
 
 
+def _cache_worker(rank, world_size, port, argv):
+    if world_size > 1:
+        _join_gloo(rank, world_size, port)
+    arkd.build_teacher_cache.__wrapped__.__defaults__ = (64,)          # shards of 64 examples: 3
+    arkd.main(argv)
+    if world_size > 1:
+        os._exit(0)                 # see _two_rank_policy_worker
+
+
+@pytest.mark.slow
+def test_two_ranks_build_the_same_teacher_cache_as_one(pair, tmp_path):
+    """Shard i by rank i mod 2 (rank 0 writes shards 0 and 2, rank 1 shard 1): the same files as one process."""
+    from safetensors.torch import load_file
+    def argv(out):
+        return train_argv(pair, out, "--method", "cache", "--cache_k", "8")
+    _cache_worker(0, 1, 0, argv(tmp_path / "one"))
+    mp.spawn(_cache_worker, args=(2, free_port(), argv(tmp_path / "two")), nprocs=2)
+    names = sorted(os.listdir(tmp_path / "one"))
+    assert names == sorted(os.listdir(tmp_path / "two")) == [f"0000{i}.safetensors" for i in range(3)] + ["key.json"]
+    for name in names[:3]:
+        one, two = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        assert one.keys() == two.keys() and all(torch.allclose(one[k].double(), two[k].double(), atol=1e-6) for k in one)
+
+
 @pytest.mark.slow
 def test_arkd_on_two_ranks_with_batch_b_equals_one_process_with_batch_2b(pair, tmp_path):
     tokenizer_dir = str(tmp_path / "tok")

@@ -1023,3 +1023,32 @@ def test_headroom_signal_policy_sums_a_horizon_of_rewards_and_a_fixed_scale_keep
         headroom.SignalPolicy(horizon=0)
     with pytest.raises(ValueError, match="advantage"):
         headroom.SignalPolicy(advantage="raw")
+
+
+# ----------------------------------------------------------------------------------------------
+# The cached teacher measured (docs/method.md 8.6-8.8)
+
+from experiments import cache  # noqa: E402
+
+
+def test_cache_error_is_nothing_when_the_cache_keeps_every_column_and_a_lower_bound_below(pair, tmp_path, capsys):
+    """Bug classes: the gaps taken the wrong way round, the live sums mixed with a k's, the cosine not
+    normalised, the --examples, --ks flags not read."""
+    vocab = len(plumbing.load_tokenizer(pair["student"]))
+    result = cache.main(["error", "--teacher", pair["teacher"], "--student", pair["student"], "--data_dir",
+                         pair["data_dir"], "--examples", "6", "--ks", f"3,{vocab}"])
+    whole, few = result["cache"][vocab], result["cache"][3]
+    assert result["examples"] == 6 and result["positions"] > 20 and json.loads(capsys.readouterr().out)["vocab"] == vocab
+    assert abs(whole["fkl_gap"]) < 1e-5 and abs(whole["rkl_gap"]) < 1e-5 and whole["gradient_cosine"] == pytest.approx(1, abs=1e-5)
+    assert whole["tail_mass"] == 0 and whole["fkl"] == pytest.approx(result["live"]["fkl"], rel=1e-5)
+    assert few["fkl_gap"] < 0 and few["rkl_gap"] < 0 and 0 < few["tail_mass"] < 1 and 0 < few["gradient_cosine"] < 1
+
+
+@pytest.mark.slow
+def test_cache_speed_times_the_live_and_the_cached_teacher_side_by_side(pair, tmp_path):
+    result = cache.main(["speed", "--teacher", pair["teacher"], "--student", pair["student"], "--data_dir", pair["data_dir"],
+                         "--out", str(tmp_path), "--examples", "32", "--steps", "3", "--k", "5", "--rounds", "1"])
+    assert json.load(open(tmp_path / "cache" / "key.json"))["k"] == 5
+    assert sorted(os.listdir(tmp_path)) == ["cache", "cache-0", "live-0"]
+    assert result["cache_over_live_time"] > 0 and result["live"]["step_peak_gb"] > 0
+    assert result["memory_saved_gb"] == pytest.approx(result["live"]["step_peak_gb"] - result["cache"]["step_peak_gb"])
