@@ -579,9 +579,18 @@ def test_a_cached_teacher_gives_the_divergences_over_its_buckets_values_and_grad
         if r < 5:                                                  # one-hot: RKL is LOG_FLOOR-sized on the tail
             assert float(got_r) == pytest.approx(float(rkl), abs=1e-12), r
             assert float(fkl) <= float(losses.forward_kl(s[r, :V], t[r])) and float(rkl) <= float(losses.reverse_kl(s[r, :V], t[r]))
+    # Any leading shape (here [2, 3]); bf16 logits computed in float32, as the same values in float32 are.
+    grid = [x.reshape(2, 3, *x.shape[1:]) for x in (t, s.detach(), g)]
+    summary3 = losses.teacher_summary(grid[0].bfloat16(), grid[2], k)
+    assert all(torch.equal(a, b) for a, b in zip(summary3, losses.teacher_summary(grid[0].bfloat16().float(), grid[2], k)))
+    assert summary3[0].dtype == torch.float32 and torch.equal(summary3[1].flatten(0, 1), losses.teacher_summary(
+        t.bfloat16().float(), g, k)[1])
     stored = [x.float() if x.is_floating_point() else x.int().long() for x in summary]       # as the cache keeps them
-    half = losses.cached_teacher_logits(s.detach().bfloat16(), *stored[:2], g, *stored[2:], vocab_size=V)
-    assert half.dtype == torch.float32 and torch.allclose(half[:5].double(), rebuilt[:5].detach(), atol=0.1)
+    stored3 = [x.reshape(2, 3, *x.shape[1:]) for x in stored]
+    half = losses.cached_teacher_logits(grid[1].bfloat16(), *stored3[:2], grid[2], *stored3[2:], vocab_size=V)
+    assert half.dtype == torch.float32 and torch.allclose(half, losses.cached_teacher_logits(
+        grid[1].bfloat16().float(), *stored3[:2], grid[2], *stored3[2:], vocab_size=V), atol=1e-6)
+    assert torch.allclose(half.flatten(0, 1).double()[:5], rebuilt[:5].detach(), atol=0.1)
 
 
 def test_peer_divergences_in_bf16_and_their_limits():
