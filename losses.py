@@ -581,6 +581,10 @@ def cached_teacher_logits(student_logits, top_logp, top_ids, target_ids, target_
     buckets (the exact columns, the tail as one): the student's tail moves only as a whole. Both KLs are
     lower bounds of the true ones (docs/method.md 8.7). student_logits detached; g may be in the top k."""
     log_q = student_logits[..., :vocab_size].detach().to(_compute_dtype(student_logits.dtype)).log_softmax(-1)
+    if not (top_logp.shape == top_ids.shape and top_ids.shape[:-1] == log_q.shape[:-1] == target_ids.shape
+            == target_logp.shape == tail_logp.shape) or len(top_ids) and int(top_ids.max()) >= log_q.shape[-1]:
+        raise ValueError(f"cached_teacher_logits: student logits {tuple(log_q.shape)} (vocabulary cut), top-k "
+                         f"{tuple(top_ids.shape)}, targets {tuple(target_ids.shape)}: shapes or ids do not match")
     kept = torch.zeros_like(log_q, dtype=torch.bool).scatter_(-1, top_ids, True).scatter_(-1, target_ids[..., None], True)
     log_q_tail = log_q.masked_fill(kept, -math.inf).logsumexp(-1, keepdim=True).clamp_min(LOG_FLOOR)
     rebuilt = tail_logp[..., None] + log_q - log_q_tail
