@@ -2017,10 +2017,12 @@ def test_two_ranks_train_with_the_same_alpha_and_end_identical(pair, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_rank_resume_inside_an_open_reward_window_with_dropout_is_exact(pair, tmp_path):
+@pytest.mark.parametrize("sgo", [[], ["--sgo_adaptive", "--sgo_init", "0.5", "--sgo_buffer", "8", "--max_new_tokens", "8",
+                                     "--train_examples", "24"]])     # epochs of 3 steps: the dev loss is read at the stop
+def test_two_rank_resume_inside_an_open_reward_window_with_dropout_is_exact(pair, tmp_path, sgo):
     plain = {k: v for k, v in pair.items() if k != "tokenizer"}
     common = ("--strategy", "arkd", "--grad_accum", "1", "--max_steps", "7", "--reward_every", "2",
-              "--eval_every", "0")
+              "--eval_every", "0", *sgo)
     runs = {"straight": [], "first": ["--stop_after", "3"], "resumed": ["--resume"]}   # stops with step 2's window open
     for name, extra in runs.items():
         out = tmp_path / ("straight" if name == "straight" else "resumed")
