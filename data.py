@@ -205,11 +205,8 @@ def collate_prompts(prompt_ids, pad_id):
 
 
 def epoch_order(n, seed, epoch):
-    """A deterministic permutation of range(n) for (seed, epoch), the same on every rank.
-
-    Each rank then takes every world-size-th element (as DistributedSampler does), so the order
-    depends on nothing but the seed and the epoch, and a resumed run can skip what it consumed.
-    """
+    """A permutation of range(n) for (seed, epoch), the same on every rank (each takes every world-size-th
+    element, as DistributedSampler does): a resumed run can skip what it consumed."""
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order
@@ -252,13 +249,9 @@ def synthetic_record(rng, task, length):
 
 
 def write_synthetic(data_dir, seed=0, splits=SYNTHETIC_SPLITS, make_record=synthetic_record, tokenizer=False):
-    """Writes the toy task in the MiniLLM Hub layout under data_dir (and with tokenizer=True a BPE
-    trained on it in data_dir/tokenizer), for offline end-to-end runs.
-
-    It exists so that the whole pipeline (training, every strategy, evaluation, report) runs in
-    minutes on any CPU with tiny models; its scores say nothing about the paper. The evaluation
-    files mix the training tasks with longer lists, so they are partly out of distribution.
-    """
+    """The toy task in the MiniLLM Hub layout under data_dir (tokenizer=True: a BPE trained on it in
+    data_dir/tokenizer): the whole pipeline runs in minutes on a CPU with tiny models; its scores say
+    nothing about the paper. The evaluation files add longer lists: partly out of distribution."""
     rng = random.Random(seed)
     for relative, (count, tasks, lengths) in splits.items():
         lines = []

@@ -58,11 +58,8 @@ class LinearWithLoRA(nn.Module):
 
 
 def add_lora(model, rank=32, scale=1.0):
-    """Wraps every attention q / v projection of `model` in place; freezes everything else.
-
-    Returns the LoRA parameters (the only ones that require grad). Raises ValueError naming the
-    model class and the module names it found when no layout is recognised.
-    """
+    """Wraps every attention q / v projection of `model` in place, freezes everything else and returns the
+    LoRA parameters; an unknown layout is a ValueError naming the model class and its modules."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     model.requires_grad_(False)
