@@ -578,6 +578,11 @@ def test_a_cached_teacher_gives_the_divergences_over_its_buckets_values_and_grad
         assert float(got_f) == pytest.approx(float(fkl), abs=1e-12) and torch.allclose(got_grad, want_grad, atol=1e-12), r
         if r < 5:                                                  # one-hot: RKL is LOG_FLOOR-sized on the tail
             assert float(got_r) == pytest.approx(float(rkl), abs=1e-12), r
+            mb = 0.3 * pb + 0.7 * qb                               # other f-divergences: JSD(0.3), TVD
+            for divergence, want in ((("jsd", 0.3), 0.3 * (pb * (pb / mb).log()).sum() + 0.7 * (qb * (qb / mb).log()).sum()),
+                                     (("tvd", 0.0), 0.5 * (pb - qb).abs().sum())):
+                got = kd_pass(s[r:r + 1, :V], rebuilt[r:r + 1].detach(), torch.ones(1, dtype=torch.bool), divergence=divergence)
+                assert float(got.div[0]) == pytest.approx(float(want), abs=1e-10), (r, divergence)
             assert float(fkl) <= float(losses.forward_kl(s[r, :V], t[r])) and float(rkl) <= float(losses.reverse_kl(s[r, :V], t[r]))
     # Any leading shape (here [2, 3]); bf16 logits computed in float32, as the same values in float32 are.
     grid = [x.reshape(2, 3, *x.shape[1:]) for x in (t, s.detach(), g)]
