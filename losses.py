@@ -565,6 +565,9 @@ def teacher_summary(teacher_logits, target_ids, k, vocab_size=None):
     """What a cache keeps of the teacher per position (tau = 1, real vocabulary): (log-probs [..., k] and ids
     [..., k] of its top k, log p(g) of the reference token g, log of the mass outside the top k and g)."""
     log_p = teacher_logits[..., :vocab_size].to(_compute_dtype(teacher_logits.dtype)).log_softmax(-1)
+    if not 0 < k <= log_p.shape[-1] or target_ids.shape != log_p.shape[:-1]:
+        raise ValueError(f"teacher_summary: k = {k} must lie in 1..{log_p.shape[-1]}, target_ids {tuple(target_ids.shape)} "
+                         f"match the logits {tuple(log_p.shape)} but the last axis")
     top_logp, top_ids = log_p.topk(k, dim=-1)
     kept = torch.zeros_like(log_p, dtype=torch.bool).scatter_(-1, top_ids, True).scatter_(-1, target_ids[..., None], True)
     return top_logp, top_ids, log_p.gather(-1, target_ids[..., None])[..., 0], log_p.masked_fill(kept, -math.inf).logsumexp(-1)

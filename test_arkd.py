@@ -596,6 +596,9 @@ def test_a_cached_teacher_gives_the_divergences_over_its_buckets_values_and_grad
     assert half.dtype == torch.float32 and torch.allclose(half, losses.cached_teacher_logits(
         grid[1].bfloat16().float(), *stored3[:2], grid[2], *stored3[2:], vocab_size=V), atol=1e-6)
     assert torch.allclose(half.flatten(0, 1).double()[:5], rebuilt[:5].detach(), atol=0.1)
+    for bad_k, bad_g in ((0, g), (V + 1, g), (k, g[:5])):
+        with pytest.raises(ValueError, match="teacher_summary: k ="):
+            losses.teacher_summary(t, bad_g, bad_k)
     for bad in ((s[:5], *summary[:2], g, *summary[2:]), (s, summary[0][:, :3], summary[1], g, *summary[2:]),
                 (s, summary[0], summary[1] + V, g, *summary[2:])):           # rows, k and ids that do not match
         with pytest.raises(ValueError, match="shapes or ids do not match"):
