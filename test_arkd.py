@@ -911,16 +911,6 @@ def test_reinforce_update_matches_a_hand_written_step():
         assert torch.allclose(p_ours, p_ref, atol=1e-6)
 
 
-def test_advantages_are_whitened_from_four_rewards_on_and_only_centred_below():
-    """The boundary of Choice P2's whitening: 3 stored rewards are centred only, 4 are also divided by their std."""
-    for m in (3, 4):
-        pol, rewards = ARKDPolicy(buffer_size=m, seed=1), [0.3, -0.2, 0.5, 0.1][:m]
-        centred = torch.tensor(rewards, dtype=torch.float64) - sum(rewards) / m
-        want = centred / (centred.std() + 1e-8) if m == 4 else centred
-        assert torch.allclose(pol.advantages(centred.clone()), want), m
-        assert not torch.allclose(centred, centred / (centred.std() + 1e-8))      # the two differ here
-
-
 def bandit_run(targets, snr, seed, actions=1000):
     """The default policy on a bandit: reward -(alpha - t)^2 scaled to a range of 1 over [0, 1], plus
     Gaussian noise of std 1 / snr, with noisy, realistic state features. Returns the mean alpha
@@ -2245,8 +2235,10 @@ def test_sft_cross_entropy_ignores_padded_vocabulary_columns():
 
 
 def test_advantages_are_whitened_from_a_buffer_of_exactly_four_rewards():
-    """Bug classes: whitening only above 4 rewards (> instead of >=), or never; the entropy bonus c_H
-    (here 0.3, not the default) dropped or of the wrong sign."""
+    """Bug classes: whitening only above 4 rewards (> instead of >=), never, or below 4 too; the entropy
+    bonus c_H (here 0.3, not the default) dropped or of the wrong sign."""
+    centred = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64) - 0.2
+    assert torch.equal(ARKDPolicy(buffer_size=3).advantages(centred.clone()), centred)      # 3 rewards: centred only
     pol = ARKDPolicy(buffer_size=4, entropy_coef=0.3, seed=3)
     states, alphas, rewards = [], [], [0.1, 0.4, 0.2, 0.9]
     for r in rewards:
