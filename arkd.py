@@ -211,7 +211,7 @@ def load_models(args, run, checkpoint=None):
 
 
 def load_training_data(args, run, tokenizer, train_dir):
-    """(training examples, dev examples, dev records); fixes run.total_steps and run.warmup_steps."""
+    """(training examples, dev examples, dev records); fixes run's step counts."""
     records = data.load_records("dolly_train", train_dir)[:args.train_examples or None]
     examples, _ = data.encode_records(tokenizer, records, "dolly_train", args.max_prompt, args.max_total)
     val_records = data.load_records("dolly_dev", args.data_dir)[:args.val_examples]
@@ -225,11 +225,10 @@ def load_training_data(args, run, tokenizer, train_dir):
 
 
 def micro_batches(examples, step, args, run, student=None, tokenizer=None, progress=None):
-    """The micro-batches of step `step` on this rank, a pure function of the step (and with student-generated
-    data of the student and the buffer). Each epoch has a seeded order; rank r takes every world_size-th
-    example (1 process x 4 micro-batches and 2 x 2 see the same step). A share lambda (--sgo_ratio, or
-    the adaptive share) of the examples, spread evenly (shared_positions), get the student's own
-    response (on_policy_responses: T8); with --sgo_buffer a share k / K of those replay buffered ones."""
+    """The micro-batches of step `step` on this rank, a pure function of the step (with student-generated data,
+    of the student and the buffer too). Each epoch has a seeded order; rank r takes every world_size-th
+    example (1 process x 4 micro-batches and 2 x 2 see the same step). A share of the examples, spread
+    evenly, get the student's own response (student_generated: T8, 8.4, 8.5)."""
     per_step, world_size = args.batch_size * run.grad_accum, run.world_size
     epoch, within = divmod(step, len(examples) // (per_step * world_size))
     order = data.epoch_order(len(examples), args.seed, epoch)[within * per_step * world_size:]
@@ -253,10 +252,9 @@ def shared_positions(n, share):
 
 
 def student_generated(step_examples, step, args, run, student, tokenizer, progress):
-    """Gives the student's responses to step_examples (all ranks', in global order) at the shared positions,
-    in place. With --sgo_buffer C, once C are held, a share k / K of them (spread evenly) are instead
-    drawn from the buffer without replacement, seeded by (seed, step), and the fresh ones join it, oldest
-    out first: one buffer, the same on every rank (Choice 8.5)."""
+    """The student's responses at the shared positions of step_examples (all ranks', global order), in place.
+    With --sgo_buffer C, once C are held, a share k / K of them (spread evenly) are drawn from the buffer
+    without replacement, seeded by (seed, step); fresh ones join it, oldest out (8.5: one buffer, all ranks)."""
     positions = shared_positions(len(step_examples), progress.sgo_share)
     fresh, replayed = positions, []
     if args.sgo_buffer and len(progress.sgo_buffer) >= args.sgo_buffer:
@@ -506,7 +504,7 @@ def close_reward_window(args, run, student, policy, window):
 
 def kd_log(stats, alpha, policy, akl):
     """The KD part of a step's log row: alpha (AKL: its mean weight; ATKD: none), every statistic's token
-    mean, the policy's Beta (ARKD: akl_alpha is its state's, the only place its head search runs)."""
+    mean (ARKD's akl_alpha: its state's, where its head search runs), the policy's Beta."""
     means = stat_means(stats)
     if not akl:                             # the step's AKL weights were not all computed (kd_pass akl=False)
         del means["akl_alpha"]
@@ -562,8 +560,8 @@ def teacher_forward(teacher, batch, run, student_logits):
 
 
 def cache_key(args, tokenizer):
-    """What a cache depends on (8.8): the teacher (its weight files' digest when --teacher is a folder here;
-    else None: not checked), the tokenizer, the training data file and the lengths that cut it."""
+    """What a cache depends on (8.8): the teacher's weight files' digest (None, not checked, unless --teacher
+    is a folder here), the tokenizer, the training data file and the lengths."""
     def digest(paths):
         h = hashlib.sha256()
         for path in paths:
@@ -584,7 +582,7 @@ def build_teacher_cache(args, run, teacher, examples, key, shard_examples=1024):
     on disk is kept, so a stopped build resumes. OUT/key.json says what the cache holds."""
     from safetensors.torch import save_file
     key, key_path = {**key, "k": args.cache_k}, os.path.join(args.out, "key.json")
-    if os.path.exists(key_path) and json.load(open(key_path, encoding="utf-8")) != key:
+    if os.path.exists(key_path) and read_cache_file(key_path) != key:
         raise ValueError(f"{key_path} belongs to another teacher, data, tokenizer, length or k: choose another --out")
     barrier()
     if run.master:
@@ -606,14 +604,21 @@ def build_teacher_cache(args, run, teacher, examples, key, shard_examples=1024):
     barrier()
 
 
+def read_cache_file(path):
+    """A cache's key.json or a shard's tensors; anything unreadable is a ValueError naming the file."""
+    from safetensors.torch import load_file
+    try:
+        return json.loads(open(path, encoding="utf-8").read()) if path.endswith(".json") else load_file(path)
+    except Exception as err:             # missing, truncated, not JSON, not safetensors
+        raise ValueError(f"teacher cache file {path} does not load ({type(err).__name__}: {str(err)[:200]})") from None
+
+
 class TeacherCache:
     """A --method cache folder, checked against this run's key (8.8) and read whole into CPU memory;
     teacher_logits rebuilds a batch's teacher from it (losses.cached_teacher_logits)."""
 
     def __init__(self, folder, key, examples):
-        from safetensors.torch import load_file
-        with open(os.path.join(folder, "key.json"), encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = read_cache_file(os.path.join(folder, "key.json"))
         differ = [name for name, value in key.items() if value is not None and saved.get(name) != value]
         if differ:
             raise ValueError(f"--teacher_cache {folder} was built for another {', '.join(differ)}: build it again")
@@ -621,7 +626,7 @@ class TeacherCache:
             print0(f"note: --teacher is not a folder here: the teacher of --teacher_cache {folder} is not checked")
         self.rows, self.tail = {}, [0.0, 0]         # tail: the tail mass summed, its positions
         for name in sorted(n for n in os.listdir(folder) if n.endswith(".safetensors")):
-            shard = load_file(os.path.join(folder, name))
+            shard = read_cache_file(os.path.join(folder, name))
             ends, counts = shard["positions"].cumsum(0).tolist(), shard["positions"].tolist()
             for index, end, count in zip(shard["index"].tolist(), ends, counts):
                 self.rows[index] = [shard[field_name][end - count:end] for field_name in CACHE_FIELDS]

@@ -50,9 +50,9 @@ def print0(*args):
 
 
 def write_atomic(path, content, keep_old=False):
-    """Replaces `path` only once its new content is complete: a string (a file's text) or write(tmp), which
-    fills the directory tmp. A directory goes through two renames (path -> path.old, tmp -> path); a crash
-    between them leaves path.old, which find_checkpoint reads. keep_old keeps path.old (the last checkpoint)."""
+    """Replaces `path` once its new content is complete: a string (a file's text) or write(tmp) filling the
+    directory tmp, then two renames (path -> path.old, tmp -> path; find_checkpoint reads path.old after a
+    crash between them). keep_old keeps path.old (the last checkpoint)."""
     tmp, old = path + ".tmp", path + ".old"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if isinstance(content, str):
@@ -78,8 +78,7 @@ def write_atomic(path, content, keep_old=False):
 
 
 def check_model_path(path):
-    """A path-like model name (absolute, ./..., or an existing file) must be a directory; anything
-    else is taken as a Hub id."""
+    """A path-like model name (absolute, ./..., an existing file) must be a directory; the rest are Hub ids."""
     if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith(".") or os.path.exists(path)):
         raise FileNotFoundError(f"model {path!r}: no such directory")
 

@@ -1560,8 +1560,15 @@ def test_training_from_a_cached_teacher_equals_the_live_teacher_when_it_keeps_ev
         arkd.main(train_argv(pair, tmp_path / "x", "--teacher_cache", str(tmp_path / "top4"), "--max_prompt", "200"))
     with pytest.raises(ValueError, match="key.json belongs to another"):
         arkd.main(train_argv(pair, tmp_path / "top4", "--method", "cache", "--cache_k", "8"))
-    os.remove(tmp_path / "top4" / "00002.safetensors")
+    shard = tmp_path / "top4" / "00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])                     # truncated: named, not a traceback
+    with pytest.raises(ValueError, match="00002.safetensors does not load"):
+        arkd.main(train_argv(pair, tmp_path / "y", "--teacher_cache", str(tmp_path / "top4")))
+    os.remove(shard)
     with pytest.raises(ValueError, match="lacks 32 of the 160 training examples"):
+        arkd.main(train_argv(pair, tmp_path / "y", "--teacher_cache", str(tmp_path / "top4")))
+    (tmp_path / "top4" / "key.json").write_text("{oops")
+    with pytest.raises(ValueError, match="key.json does not load"):
         arkd.main(train_argv(pair, tmp_path / "y", "--teacher_cache", str(tmp_path / "top4")))
     for flags in (("--tau", "2"), ("--sgo_ratio", "0.5"), ("--strategy", "ab:0.2,0.7"), ("--method", "okd")):
         with pytest.raises(SystemExit):
