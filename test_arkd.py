@@ -2071,7 +2071,8 @@ def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(pair, tmp_path):
     plain = {k: v for k, v in pair.items() if k != "tokenizer"}
     common = ("--strategy", "arkd", "--grad_accum", "2", "--max_steps", "6", "--eval_every", "3", "--val_examples", "3",
               "--gen_batch_size", "3", "--policy_buffer", "2",      # 3 prompts on 2 ranks: rank 1 has none
-              "--sgo_ratio", "0.5", "--max_new_tokens", "8")        # 8 student responses a step: 3 chunks, rank 0 two
+              "--sgo_adaptive", "--sgo_init", "0.5", "--sgo_buffer", "16", "--train_examples", "32",   # DistiLLM's
+              "--max_new_tokens", "8")        # share: 8 student slots a step (3 chunks), replayed from step 2, dev CE at 2, 4
     runs = {"ddp": [], "fsdp": ["--shard", "fsdp"], "first": ["--shard", "fsdp", "--stop_after", "4"],
             "resumed": ["--shard", "fsdp", "--resume"]}
     for name, extra in runs.items():
