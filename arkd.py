@@ -258,8 +258,9 @@ def student_generated(step_examples, step, args, run, student, tokenizer, progre
     positions = shared_positions(len(step_examples), progress.sgo_share)
     fresh, replayed = positions, []
     if args.sgo_buffer and len(progress.sgo_buffer) >= args.sgo_buffer:
-        kept = set(shared_positions(len(positions), 1 - step / run.total_steps))
-        fresh, replayed = ([j for i, j in enumerate(positions) if (i in kept) == keep] for keep in (True, False))
+        kept = set(shared_positions(len(positions), 1 - step / run.total_steps))     # a share 1 - k / K fresh
+        fresh = [j for i, j in enumerate(positions) if i in kept]
+        replayed = [j for i, j in enumerate(positions) if i not in kept]
     draws = torch.randperm(len(progress.sgo_buffer), generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step))
     pairs = [progress.sgo_buffer[d] for d in draws[:len(replayed)].tolist()]
     pairs += [(step_examples[j]["prompt_ids"], response) for j, response in zip(fresh, on_policy_responses(
