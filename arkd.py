@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -238,10 +239,10 @@ def micro_batches(examples, step, args, run, student=None, tokenizer=None, progr
         student_generated(step_examples, step, args, run, student, tokenizer, progress)
     chosen = step_examples[run.rank::world_size]
     batches = []
-    for i in range(run.grad_accum):
-        batch = data.collate_train(chosen[i * args.batch_size:(i + 1) * args.batch_size], run.pad_id)
+    for part in (chosen[i * args.batch_size:(i + 1) * args.batch_size] for i in range(run.grad_accum)):
+        batch = data.collate_train(part, run.pad_id)
         batch["targets"] = next_token_targets(batch.pop("labels"))
-        batch["index"] = torch.tensor([e["index"] for e in chosen[i * args.batch_size:(i + 1) * args.batch_size]])
+        batch["index"] = torch.tensor([e["index"] for e in part])            # the cache's key of each row
         batches.append(batch)
     return batches
 
@@ -561,8 +562,7 @@ def teacher_forward(teacher, batch, run, student_logits):
 
 
 def cache_key(args, tokenizer):
-    """What a cache depends on (8.8): the teacher's weight files' digest (None, not checked, unless --teacher
-    is a folder here), the tokenizer, the training data file and the lengths."""
+    """What a cache depends on (8.8): teacher weights (when a folder here), tokenizer, data file, lengths."""
     def digest(paths):
         h = hashlib.sha256()
         for path in paths:
@@ -609,14 +609,13 @@ def read_cache_file(path):
     """A cache's key.json or a shard's tensors; anything unreadable is a ValueError naming the file."""
     from safetensors.torch import load_file
     try:
-        return json.loads(open(path, encoding="utf-8").read()) if path.endswith(".json") else load_file(path)
+        return json.loads(pathlib.Path(path).read_text(encoding="utf-8")) if path.endswith(".json") else load_file(path)
     except Exception as err:             # missing, truncated, not JSON, not safetensors
         raise ValueError(f"teacher cache file {path} does not load ({type(err).__name__}: {str(err)[:200]})") from None
 
 
 class TeacherCache:
-    """A --method cache folder, checked against this run's key (8.8) and read whole into CPU memory;
-    teacher_logits rebuilds a batch's teacher from it (losses.cached_teacher_logits)."""
+    """A --method cache folder checked against this run's key (8.8), read whole into CPU memory."""
 
     def __init__(self, folder, key, examples):
         saved = read_cache_file(os.path.join(folder, "key.json"))
@@ -625,7 +624,7 @@ class TeacherCache:
             raise ValueError(f"--teacher_cache {folder} was built for another {', '.join(differ)}: build it again")
         if key["teacher"] is None:
             print0(f"note: --teacher is not a folder here: the teacher of --teacher_cache {folder} is not checked")
-        self.rows, self.tail = {}, [0.0, 0]         # tail: the tail mass summed, its positions
+        self.rows = {}
         for name in sorted(n for n in os.listdir(folder) if n.endswith(".safetensors")):
             shard = read_cache_file(os.path.join(folder, name))
             ends, counts = shard["positions"].cumsum(0).tolist(), shard["positions"].tolist()
@@ -635,12 +634,16 @@ class TeacherCache:
         if missing:
             raise ValueError(f"--teacher_cache {folder} lacks {missing} of the {len(examples)} training examples: finish it")
 
+    def tail_mass(self, batches):
+        """The mean p_tail of these batches' response positions (Choice 8.7), from the cache alone."""
+        tails = torch.cat([self.rows[i][3] for batch in batches for i in batch["index"].tolist()])
+        return float(tails.exp().sum()) / max(len(tails), 1)
+
     def teacher_logits(self, batch, student_logits, run):
         targets = batch["targets"].to(run.device)
         mask = targets != IGNORE_INDEX
         top_logp, top_ids, target_logp, tail_logp = (torch.cat(column).to(run.device) for column in zip(
             *(self.rows[i] for i in batch["index"].tolist())))
-        self.tail = [self.tail[0] + float(tail_logp.exp().sum()), self.tail[1] + len(tail_logp)]
         teacher = torch.zeros(*targets.shape, run.vocab_size, device=run.device)
         teacher[mask] = cached_teacher_logits(student_logits[mask], top_logp, top_ids.long(), targets[mask], target_logp,
                                               tail_logp, run.vocab_size)
@@ -653,8 +656,7 @@ class TeacherCache:
 
 @dataclass
 class Progress:
-    """What a checkpoint carries besides models, optimizers and random states: counters, and the
-    student-generated share with the dev loss it last rose at and the replay buffer (Choices 8.4, 8.5)."""
+    """What a checkpoint carries besides models, optimizers and random states (8.4, 8.5: SGO's share and buffer)."""
     step: int = 0
     best: float = -1.0
     bad_steps: int = 0
@@ -829,7 +831,7 @@ def main(argv=None):
         if args.sgo_adaptive or args.sgo_buffer:
             row.update(sgo_share=progress.sgo_share, sgo_buffer=len(progress.sgo_buffer))
         if run.cache is not None:                       # rank 0's positions this step (Choice 8.7)
-            row["teacher_tail_mass"], run.cache.tail = run.cache.tail[0] / max(run.cache.tail[1], 1), [0.0, 0]
+            row["teacher_tail_mass"] = run.cache.tail_mass(batches)
         history.append(row)
         metrics.write(row)
         if stop:
